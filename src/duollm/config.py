@@ -1,0 +1,262 @@
+"""Nested dataclass configs: preset defaults < YAML file < ``key=value`` overrides.
+
+Strict: an unknown key or a value of the wrong type is a one-line ValueError. The
+resolved config is saved as ``config.yaml`` in every run folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .model import ModelConfig
+
+
+@dataclass
+class DataConfig:
+    spec: str = "builtin:pydoc"  # builtin:pydoc | file:PATH | hf:NAME[:CONFIG]
+    tokenizer: str = "bpe"  # "bpe": byte-level BPE trained on the corpus; otherwise a pretrained name/path
+    val_fraction: float = 0.1  # share of the corpus (in chunks) held out for validation
+    split_chunk_chars: int = 4000  # the corpus is cut into chunks of this size; every k-th goes to validation
+    text_column: str = "text"  # column of a Hugging Face dataset
+    max_chars: int = 0  # cap on corpus characters read (0: no cap), for streaming large datasets
+    seed: int = 0  # seed of the train/validation assignment
+
+
+@dataclass
+class RoutingConfig:
+    """Random routing during pretraining (paper section 3.1: big or small with probability 0.5)."""
+
+    p_skip: float = 0.0
+    p_small: float = 0.5
+    p_big: float = 0.5
+    per: str = "token"  # "token" (each token and layer draws) or "sequence" (one pattern per sequence)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 16  # sequences per optimizer step (global, across processes and accumulation)
+    grad_accum: int = 1
+    seq_len: int = 128
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_every: int = 200
+    eval_tokens: int = 16384  # validation tokens per periodic evaluation
+    save_every: int = 200
+    log_every: int = 10
+    seed: int = 1337
+    dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16
+    compile: bool = False
+    tensorboard: bool = False
+    wandb: bool = False
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+
+@dataclass
+class EvalConfig:
+    max_tokens: int = 8192  # evaluation tokens for `eval` and `oracle` (canonical order, same cap)
+
+
+@dataclass
+class RunConfig:
+    preset: str = "cpu"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# ----------------------------------------------------------------------------- presets
+
+PRESETS: dict[str, dict] = {
+    # tests: a few seconds on one CPU core
+    "tiny": {
+        "model": dict(vocab_size=512, n_layers=4, d_model=32, n_heads=2, d_ff_big=64, d_ff_small=4, max_seq_len=64),
+        "data": dict(split_chunk_chars=2000),
+        "train": dict(steps=30, batch_size=8, seq_len=32, lr=3e-3, min_lr=3e-4, warmup_steps=5,
+                      eval_every=15, eval_tokens=1024, save_every=15, log_every=5),
+        "eval": dict(max_tokens=1024),
+    },
+    # the default study: 12 layers like the paper, trains in minutes on two CPU cores
+    "cpu": {
+        "model": dict(vocab_size=2048, n_layers=12, d_model=128, n_heads=4, d_ff_big=512, d_ff_small=32,
+                      max_seq_len=128),
+        "train": dict(steps=1200, batch_size=32, seq_len=128, lr=3e-3, min_lr=3e-4, warmup_steps=60,
+                      eval_every=300, eval_tokens=16384, save_every=300, log_every=20),
+        "eval": dict(max_tokens=8192),
+    },
+    # the paper's 1.4B model (section 2 of the brief): 12 x 2560, FFN 10240 / 640, 32k vocab, tied
+    "paper": {
+        "model": dict(vocab_size=32000, n_layers=12, d_model=2560, n_heads=20, d_ff_big=10240, d_ff_small=640,
+                      max_seq_len=1024, tie_embeddings=True),
+        "train": dict(steps=100000, batch_size=256, seq_len=1024, lr=3e-4, min_lr=3e-5, warmup_steps=2000,
+                      eval_every=1000, eval_tokens=262144, save_every=1000, log_every=50, dtype="auto"),
+        "eval": dict(max_tokens=262144),
+    },
+}
+
+
+# ----------------------------------------------------------------------------- strict (de)serialisation
+
+
+def _check_type(value, tp, key: str):
+    """Coerce ``value`` to annotation ``tp`` or raise a one-line ValueError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            if arg is type(None) and value is None:
+                return None
+            try:
+                return _check_type(value, arg, key)
+            except ValueError:
+                pass
+        raise ValueError(f"config key {key}: {value!r} is not a valid {tp}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"config key {key} expects true/false; got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ValueError(f"config key {key} expects an integer; got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ValueError(f"config key {key} expects a number; got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ValueError(f"config key {key} expects a string; got {value!r}")
+    return value
+
+
+def from_dict(cls, data: dict, prefix: str = ""):
+    """Build dataclass ``cls`` from a nested dict, strictly."""
+    if not isinstance(data, dict):
+        raise ValueError(f"config section {prefix or '<root>'} must be a mapping; got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"unknown config key {prefix}{unknown[0]} (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        tp, value = hints[f.name], data[f.name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[f.name] = from_dict(tp, value, f"{prefix}{f.name}.")
+        else:
+            kwargs[f.name] = _check_type(value, tp, prefix + f.name)
+    return cls(**kwargs)
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _parse_override(item: str) -> tuple[list[str], object]:
+    if "=" not in item:
+        raise ValueError(f"override {item!r} must look like key=value (e.g. train.steps=100)")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def load_config(config: str | None = None, overrides: list[str] | tuple = ()) -> RunConfig:
+    """Preset name or YAML file, then ``key=value`` overrides; strict about keys and types."""
+    config = config or "cpu"
+    if config in PRESETS:
+        data = _merge(to_dict(RunConfig()), {"preset": config, **PRESETS[config]})
+    elif config.endswith((".yaml", ".yml")) or os.path.sep in config:
+        path = Path(config)
+        if not path.is_file():
+            raise ValueError(f"config file {config} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"config file {config} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(loaded, dict):
+            raise ValueError(f"config file {config} must hold a mapping")
+        preset = loaded.get("preset", "cpu")
+        if preset not in PRESETS:
+            raise ValueError(f"config file {config}: unknown preset {preset!r} (known: {', '.join(PRESETS)})")
+        data = _merge(_merge(to_dict(RunConfig()), {"preset": preset, **PRESETS[preset]}), loaded)
+    else:
+        raise ValueError(f"unknown preset {config!r} (known: {', '.join(PRESETS)}; or a .yaml file)")
+    for item in overrides:
+        keys, value = _parse_override(item)
+        node = data
+        for i, k in enumerate(keys[:-1]):
+            if not isinstance(node.get(k), dict):
+                raise ValueError(f"unknown config key {'.'.join(keys[: i + 1])}")
+            node = node[k]
+        if keys[-1] not in node or isinstance(node[keys[-1]], dict):
+            raise ValueError(f"unknown config key {'.'.join(keys)}")
+        node[keys[-1]] = value
+    cfg = from_dict(RunConfig, data)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    from .routing import RouteProbs
+
+    RouteProbs(cfg.routing.p_skip, cfg.routing.p_small, cfg.routing.p_big)
+    if cfg.routing.per not in ("token", "sequence"):
+        raise ValueError(f"routing.per must be 'token' or 'sequence'; got {cfg.routing.per!r}")
+    t = cfg.train
+    if t.seq_len > cfg.model.max_seq_len:
+        raise ValueError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
+    for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_every", "save_every", "log_every"):
+        if getattr(t, name) <= 0:
+            raise ValueError(f"train.{name} must be positive; got {getattr(t, name)}")
+    if t.batch_size % t.grad_accum:
+        raise ValueError(f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
+    if t.dtype not in ("auto", "float32", "bfloat16"):
+        raise ValueError(f"train.dtype must be auto, float32 or bfloat16; got {t.dtype!r}")
+    if not 0.0 < cfg.data.val_fraction < 1.0:
+        raise ValueError(f"data.val_fraction must be in (0, 1); got {cfg.data.val_fraction}")
+
+
+def save_config(cfg: RunConfig, path: Path) -> None:
+    from .io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def load_run_config(run: Path) -> RunConfig:
+    path = Path(run) / "config.yaml"
+    if not path.is_file():
+        raise ValueError(f"{run} is not a run folder (no config.yaml)")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    return from_dict(RunConfig, data)

@@ -1,0 +1,380 @@
+"""The Duo model: a Llama-style decoder whose every FFN is a big/small/skip unit.
+
+Paper: Alizadeh et al., "Duo-LLM", arXiv 2410.10846, section 3. Every layer keeps one
+attention block and two SwiGLU FFNs side by side; each token takes one route per layer:
+skip (no FFN, the residual passes), small, or big. Attention always runs (unless
+``skip_mode="block"``, where a skipped token also drops its attention output).
+
+Tensor name legend (torchtitan style, the suffix carries the shape):
+    B  batch                 T  sequence positions (query)     S  key positions
+    D  model width           H  query heads                    K  key/value heads
+    E  head dimension        F  FFN inner width                V  vocabulary
+    L  layers                R  routes (skip, small, big)      N  flattened tokens
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Protocol, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .routing import BIG, SKIP, SMALL, FlopModel, parse_pattern
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 2048
+    n_layers: int = 12
+    d_model: int = 128
+    n_heads: int = 4
+    n_kv_heads: int = 0  # 0: same as n_heads (full multi-head attention, the paper's choice)
+    d_ff_big: int = 512
+    d_ff_small: int = 32  # 16x narrower than big, as in the paper
+    max_seq_len: int = 128
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    skip_mode: str = "ffn"  # "ffn": skip drops the FFN only (default); "block": attention output too
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        if self.d_model % self.n_heads:
+            raise ValueError(f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}")
+        if self.n_kv_heads < 0 or self.n_heads % self.kv_heads:
+            raise ValueError(f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads={self.n_kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head dimension {self.head_dim} must be even for RoPE")
+        if self.skip_mode not in ("ffn", "block"):
+            raise ValueError(f"model.skip_mode must be 'ffn' or 'block'; got {self.skip_mode!r}")
+        for name in ("vocab_size", "n_layers", "d_model", "n_heads", "d_ff_big", "d_ff_small", "max_seq_len"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"model.{name} must be positive; got {getattr(self, name)}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+
+# ----------------------------------------------------------------------------- routing input
+
+
+class RoutingPolicy(Protocol):
+    """Decides routes layer by layer from the hidden state entering the FFN (paper section 3.3).
+
+    Returns either hard routes ``route_BT`` (int64: 0 skip, 1 small, 2 big) or soft route
+    weights ``prob_BTR`` (float, summing to 1 over R), in which case the layer output is
+    the probability-weighted mix of the routes (router training).
+    """
+
+    def __call__(self, layer: int, x_BTD: torch.Tensor) -> torch.Tensor: ...
+
+
+Routes = Union[None, str, torch.Tensor, RoutingPolicy]
+
+
+def route_fn(routes: Routes, n_layers: int, B: int, T: int, device) -> Callable[[int, torch.Tensor], torch.Tensor]:
+    """Normalise every accepted form of ``routes`` into ``f(layer, x_BTD) -> route_BT | prob_BTR``.
+
+    Accepted: None (all big: the dense model), a pattern string, ``route_L`` (one
+    pattern for every token), ``route_LBT``, or a policy object.
+    """
+    if routes is None:
+        routes = "B" * n_layers
+    if isinstance(routes, str):
+        routes = torch.tensor(parse_pattern(routes, n_layers), device=device)
+    if isinstance(routes, torch.Tensor):
+        if routes.dim() == 1:
+            if routes.numel() != n_layers:
+                raise ValueError(f"route_L has {routes.numel()} entries for {n_layers} layers")
+            route_LBT = routes.view(n_layers, 1, 1).expand(n_layers, B, T)
+        else:
+            if routes.shape != (n_layers, B, T):
+                raise ValueError(f"route_LBT has shape {tuple(routes.shape)}, expected {(n_layers, B, T)}")
+            route_LBT = routes
+        route_LBT = route_LBT.to(device=device, dtype=torch.long)
+        return lambda layer, x_BTD: route_LBT[layer]
+    if callable(routes):
+        return routes
+    raise ValueError(f"routes must be None, a pattern, a tensor or a policy; got {type(routes).__name__}")
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_f = x.float()
+        return (x_f * torch.rsqrt(x_f.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def rope_tables(cfg: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos_TE, sin_TE for positions 0..max_seq_len-1 (rotate-half convention, as in Llama/HF)."""
+    E = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, E, 2, dtype=torch.float32, device=device) / E))
+    t = torch.arange(cfg.max_seq_len, dtype=torch.float32, device=device)
+    freqs_TE = torch.outer(t, inv_freq).repeat(1, 2)
+    return freqs_TE.cos(), freqs_TE.sin()
+
+
+def apply_rope(x_BHTE: torch.Tensor, cos_TE: torch.Tensor, sin_TE: torch.Tensor) -> torch.Tensor:
+    half = x_BHTE.shape[-1] // 2
+    rot = torch.cat((-x_BHTE[..., half:], x_BHTE[..., :half]), dim=-1)
+    return (x_BHTE * cos_TE + rot * sin_TE).type_as(x_BHTE)
+
+
+class KVCache:
+    """Keys and values of past positions, one entry per layer (generation)."""
+
+    def __init__(self, n_layers: int):
+        self.k = [None] * n_layers
+        self.v = [None] * n_layers
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k[0] is None else self.k[0].shape[2]
+
+    def update(self, layer: int, k_BKTE: torch.Tensor, v_BKTE: torch.Tensor):
+        if self.k[layer] is not None:
+            k_BKTE = torch.cat([self.k[layer], k_BKTE], dim=2)
+            v_BKTE = torch.cat([self.v[layer], v_BKTE], dim=2)
+        self.k[layer], self.v[layer] = k_BKTE, v_BKTE
+        return k_BKTE, v_BKTE
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        D, E = cfg.d_model, cfg.head_dim
+        self.q_proj = nn.Linear(D, cfg.n_heads * E, bias=False)
+        self.k_proj = nn.Linear(D, cfg.kv_heads * E, bias=False)
+        self.v_proj = nn.Linear(D, cfg.kv_heads * E, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * E, D, bias=False)
+
+    def qkv(self, x_BTD, cos_TE, sin_TE):
+        B, T, _ = x_BTD.shape
+        q_BHTE = self.q_proj(x_BTD).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k_BKTE = self.k_proj(x_BTD).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v_BKTE = self.v_proj(x_BTD).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        return apply_rope(q_BHTE, cos_TE, sin_TE), apply_rope(k_BKTE, cos_TE, sin_TE), v_BKTE
+
+    def forward(self, x_BTD, cos_TE, sin_TE, cache: KVCache | None = None, layer: int = 0):
+        B, T, _ = x_BTD.shape
+        q_BHTE, k_BKTE, v_BKTE = self.qkv(x_BTD, cos_TE, sin_TE)
+        past = 0
+        if cache is not None:
+            past = cache.length if cache.k[layer] is not None else 0
+            k_BKTE, v_BKTE = cache.update(layer, k_BKTE, v_BKTE)
+        if past == 0:
+            y_BHTE = F.scaled_dot_product_attention(
+                q_BHTE, k_BKTE, v_BKTE, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads
+            )
+        else:  # queries at positions past..past+T-1 see keys 0..past+t
+            S = k_BKTE.shape[2]
+            mask_TS = torch.ones(T, S, dtype=torch.bool, device=x_BTD.device).tril(diagonal=past)
+            y_BHTE = F.scaled_dot_product_attention(
+                q_BHTE, k_BKTE, v_BKTE, attn_mask=mask_TS, enable_gqa=self.n_kv_heads != self.n_heads
+            )
+        return self.o_proj(y_BHTE.transpose(1, 2).reshape(B, T, -1))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, d_model: int, d_ff: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(d_model, d_ff, bias=False)
+        self.up_proj = nn.Linear(d_model, d_ff, bias=False)
+        self.down_proj = nn.Linear(d_ff, d_model, bias=False)
+
+    def forward(self, x_ND: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x_ND)) * self.up_proj(x_ND))
+
+
+class DuoFFN(nn.Module):
+    """The Duo unit: a big and a small SwiGLU side by side; route per token (paper section 3)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.big = SwiGLU(cfg.d_model, cfg.d_ff_big)
+        self.small = SwiGLU(cfg.d_model, cfg.d_ff_small)
+
+    def masked(self, x_BTD: torch.Tensor, route_BT: torch.Tensor) -> torch.Tensor:
+        """Reference path: run both modules on every token, keep the chosen output."""
+        big_BT1 = (route_BT == BIG).unsqueeze(-1).type_as(x_BTD)
+        small_BT1 = (route_BT == SMALL).unsqueeze(-1).type_as(x_BTD)
+        return big_BT1 * self.big(x_BTD) + small_BT1 * self.small(x_BTD)
+
+    def routed(self, x_BTD: torch.Tensor, route_BT: torch.Tensor) -> torch.Tensor:
+        """Fast path: each module runs only on the tokens sent to it (gather, compute, scatter)."""
+        x_ND = x_BTD.reshape(-1, x_BTD.shape[-1])
+        route_N = route_BT.reshape(-1)
+        out_ND = None
+        for route, module in ((BIG, self.big), (SMALL, self.small)):
+            idx = (route_N == route).nonzero().squeeze(1)
+            if idx.numel() == route_N.numel():  # everyone takes this route: no gather needed
+                return module(x_BTD)
+            if idx.numel() == 0:
+                continue
+            y_ND = module(x_ND.index_select(0, idx))
+            out_ND = torch.zeros_like(x_ND) if out_ND is None else out_ND
+            out_ND = out_ND.index_copy(0, idx, y_ND)
+        if out_ND is None:  # everyone skips
+            return torch.zeros_like(x_BTD)
+        return out_ND.view_as(x_BTD)
+
+    def soft(self, x_BTD: torch.Tensor, prob_BTR: torch.Tensor) -> torch.Tensor:
+        """Probability-weighted mix of the routes (router training, paper section 3.3)."""
+        p = prob_BTR.type_as(x_BTD)
+        return p[..., BIG : BIG + 1] * self.big(x_BTD) + p[..., SMALL : SMALL + 1] * self.small(x_BTD)
+
+
+class DuoBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.skip_mode = cfg.skip_mode
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.ffn = DuoFFN(cfg)
+
+    def forward(self, h_BTD, decide, layer, cos_TE, sin_TE, cache=None, path="routed"):
+        """One layer. ``decide(layer, x_BTD)`` returns ``route_BT`` or ``prob_BTR``.
+
+        Returns the new hidden state and the hard routes taken (argmax for soft weights).
+        """
+        if self.skip_mode == "block":  # the route is decided before the block it may skip
+            route = decide(layer, h_BTD)
+            keep_BT1 = self._keep(route).unsqueeze(-1)
+            h_BTD = h_BTD + keep_BT1 * self.attn(self.attn_norm(h_BTD), cos_TE, sin_TE, cache, layer)
+            x_BTD = self.ffn_norm(h_BTD)
+        else:  # attention always runs; the router sees the hidden state entering the FFN
+            h_BTD = h_BTD + self.attn(self.attn_norm(h_BTD), cos_TE, sin_TE, cache, layer)
+            x_BTD = self.ffn_norm(h_BTD)
+            route = decide(layer, x_BTD)
+
+        # --- the routing decision: big, small or skip, per token ---
+        if route.is_floating_point():
+            ffn_BTD, route_BT = self.ffn.soft(x_BTD, route), route.argmax(-1)
+        elif path == "masked":
+            ffn_BTD, route_BT = self.ffn.masked(x_BTD, route), route
+        else:
+            ffn_BTD, route_BT = self.ffn.routed(x_BTD, route), route
+        return h_BTD + ffn_BTD, route_BT
+
+    @staticmethod
+    def _keep(route: torch.Tensor) -> torch.Tensor:
+        if route.is_floating_point():
+            return 1.0 - route[..., SKIP]
+        return (route != SKIP).float()
+
+
+@dataclass
+class DuoOutput:
+    logits: torch.Tensor | None  # logits_BTV (None when only the loss was asked for)
+    loss: torch.Tensor | None  # mean next-token cross-entropy over the targets
+    loss_BT: torch.Tensor | None  # per-token cross-entropy
+    route_LBT: torch.Tensor  # hard routes taken (argmax where the mix was soft)
+    flops_BT: torch.Tensor  # forward FLOPs spent per token (cost model of routing.FlopModel)
+    aux: dict = field(default_factory=dict)
+
+
+class DuoModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(DuoBlock(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        cos_TE, sin_TE = rope_tables(cfg)
+        self.register_buffer("rope_cos", cos_TE, persistent=False)
+        self.register_buffer("rope_sin", sin_TE, persistent=False)
+        self.flop_model = FlopModel.from_config(cfg)
+        self.apply(self._init)
+        # GPT-2 style: scale residual-branch outputs with depth
+        for name, p in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, std=cfg.init_std / math.sqrt(2 * cfg.n_layers))
+
+    def _init(self, m: nn.Module):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=self.cfg.init_std)
+
+    def init_rope(self):
+        """Recompute the RoPE tables (after building on the meta device and moving to a real one)."""
+        self.rope_cos, self.rope_sin = rope_tables(self.cfg, device=self.embed.weight.device)
+
+    def forward(
+        self,
+        idx_BT: torch.Tensor,
+        targets_BT: torch.Tensor | None = None,
+        routes: Routes = None,
+        *,
+        path: str = "routed",
+        cache: KVCache | None = None,
+        return_logits: bool = True,
+    ) -> DuoOutput:
+        """Run the model under ``routes`` (None = all big). ``path``: "routed" or "masked"."""
+        B, T = idx_BT.shape
+        past = cache.length if cache is not None else 0
+        if past + T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {past + T} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        decide = route_fn(routes, self.cfg.n_layers, B, T, idx_BT.device)
+        cos_TE, sin_TE = self.rope_cos[past : past + T], self.rope_sin[past : past + T]
+        h_BTD = self.embed(idx_BT)
+        routes_taken = []
+        for layer, block in enumerate(self.layers):
+            h_BTD, route_BT = block(h_BTD, decide, layer, cos_TE, sin_TE, cache, path)
+            routes_taken.append(route_BT.expand(B, T))
+        logits_BTV = self.lm_head(self.norm(h_BTD))
+        loss = loss_BT = None
+        if targets_BT is not None:
+            loss_BT = F.cross_entropy(
+                logits_BTV.float().flatten(0, 1), targets_BT.flatten(), reduction="none"
+            ).view(B, T)
+            loss = loss_BT.mean()
+        route_LBT = torch.stack(routes_taken)
+        return DuoOutput(
+            logits=logits_BTV if return_logits else None,
+            loss=loss,
+            loss_BT=loss_BT,
+            route_LBT=route_LBT,
+            flops_BT=self.flop_model.of_routes(route_LBT),
+        )
+
+
+def param_counts(model: DuoModel) -> dict[str, int]:
+    """Parameters by part (tied embeddings counted once), DESIGN section 2."""
+    parts = {"embeddings": 0, "attention": 0, "big_ffn": 0, "small_ffn": 0, "norms": 0}
+    seen = set()
+    for name, p in model.named_parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        if name.startswith(("embed", "lm_head")):
+            key = "embeddings"
+        elif ".attn." in name:
+            key = "attention"
+        elif ".ffn.big." in name:
+            key = "big_ffn"
+        elif ".ffn.small." in name:
+            key = "small_ffn"
+        else:
+            key = "norms"
+        parts[key] += p.numel()
+    parts["total"] = sum(parts.values())
+    return parts
