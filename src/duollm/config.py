@@ -94,8 +94,8 @@ PRESETS: dict[str, dict] = {
     "cpu": {
         "model": dict(vocab_size=2048, n_layers=12, d_model=128, n_heads=4, d_ff_big=512, d_ff_small=32,
                       max_seq_len=128),
-        "train": dict(steps=1200, batch_size=32, seq_len=128, lr=3e-3, min_lr=3e-4, warmup_steps=60,
-                      eval_every=300, eval_tokens=16384, save_every=300, log_every=20),
+        "train": dict(steps=600, batch_size=32, seq_len=128, lr=3e-3, min_lr=3e-4, warmup_steps=30,
+                      eval_every=200, eval_tokens=8192, save_every=100, log_every=10),
         "eval": dict(max_tokens=8192),
     },
     # the paper's 1.4B model (section 2 of the brief): 12 x 2560, FFN 10240 / 640, 32k vocab, tied

@@ -1,0 +1,239 @@
+"""The ``duollm`` command (DESIGN section 5). User mistakes exit non-zero with one line, no traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def _fmt_int(n: float) -> str:
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.3g}{unit}"
+    return f"{n:.0f}"
+
+
+# ----------------------------------------------------------------------------- train
+
+
+def cmd_train(args) -> None:
+    from .config import load_config
+    from .train import pretrain
+
+    out = Path(args.out or f"runs/{args.config or 'cpu'}")
+    overrides = list(args.set or [])
+    if args.data:
+        overrides.append(f"data.spec={args.data}")
+    if args.resume and (out / "config.yaml").is_file():
+        cfg = load_config(str(out / "config.yaml"), overrides)  # the run's own config, plus overrides
+    else:
+        cfg = load_config(args.config, overrides)
+    pretrain(cfg, out, resume=args.resume)
+    print(out)
+
+
+# ----------------------------------------------------------------------------- eval
+
+
+def _routing_from_args(args, n_layers: int, n_seq: int, seq_len: int):
+    """(name, routes) pairs to evaluate, from --pattern / --random-big (default: the standard table)."""
+    from .evaluate import random_routes
+    from .routing import parse_pattern
+
+    if args.pattern and args.random_big is not None:
+        raise ValueError("give either --pattern or --random-big, not both")
+    if args.pattern:
+        parse_pattern(args.pattern, n_layers)
+        return [(args.pattern, args.pattern)]
+    if args.random_big is not None:
+        if not 0.0 <= args.random_big <= 1.0:
+            raise ValueError(f"--random-big must be in [0, 1]; got {args.random_big}")
+        return [(f"random-big-{args.random_big:g}", random_routes(n_layers, n_seq, seq_len, args.random_big))]
+    return [
+        ("all-big", "B" * n_layers),
+        ("all-small", "S" * n_layers),
+        ("random-big-0.5", random_routes(n_layers, n_seq, seq_len, 0.5)),
+    ]
+
+
+def evaluation_table(run: Path, args) -> list[dict]:
+    from .checkpoint import load_model
+    from .data import eval_tokens
+    from .evaluate import per_token_loss, summarize
+
+    model, cfg = load_model(run)
+    idx_ST, tgt_ST = eval_tokens(run, cfg, args.data, args.max_tokens)
+    rows = []
+    for name, routes in _routing_from_args(args, cfg.model.n_layers, *idx_ST.shape):
+        res = per_token_loss(model, idx_ST, tgt_ST, routes, progress=True, desc=name)
+        rows.append({"routing": name, **summarize(res, model.flop_model.all_big()), "_loss_ST": res["loss_ST"]})
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"{'routing':<22} {'loss':>8} {'ppl':>9} {'big':>6} {'compute':>8} {'tokens':>8}")
+    for r in rows:
+        print(f"{r['routing']:<22} {r['loss']:8.4f} {r['ppl']:9.2f} {r['big_fraction']:6.2f} "
+              f"{r['compute']:8.2f} {r['tokens']:8d}")
+
+
+def cmd_eval(args) -> None:
+    from .io import atomic_path
+
+    rows = evaluation_table(Path(args.run), args)
+    if args.per_token:
+        with atomic_path(args.per_token) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, rows[0]["_loss_ST"].numpy().astype(np.float32).reshape(-1))
+    for r in rows:
+        r.pop("_loss_ST")
+    if args.json:
+        out = dict(rows[0])
+        if len(rows) > 1:
+            out["table"] = rows
+        print(json.dumps(out))
+    else:
+        print_table(rows)
+
+
+# ----------------------------------------------------------------------------- info
+
+
+def model_info(cfg) -> dict:
+    import torch
+
+    from .model import DuoModel, param_counts
+
+    with torch.device("meta"):  # counts without allocating weights (the paper preset is 1.4B)
+        model = DuoModel(cfg.model)
+    fm = model.flop_model
+    return {
+        "preset": cfg.preset,
+        "model": vars(cfg.model),
+        "params": param_counts(model),
+        "flops_per_token": {
+            "per_layer": fm.per_route(),
+            "lm_head": fm.head,
+            "all_big": fm.all_big(),
+            "all_small": fm.pattern([1] * cfg.model.n_layers),
+            "all_skip": fm.pattern([0] * cfg.model.n_layers),
+            "context": cfg.model.max_seq_len,
+        },
+    }
+
+
+def cmd_info(args) -> None:
+    from .config import load_config, load_run_config
+
+    if args.run and args.config:
+        raise ValueError("give either a run folder or --config, not both")
+    if args.run:
+        if not Path(args.run).is_dir():
+            raise ValueError(f"run folder {args.run} does not exist")
+        cfg = load_run_config(Path(args.run))
+    else:
+        cfg = load_config(args.config)
+    info = model_info(cfg)
+    if args.json:
+        print(json.dumps(info))
+        return
+    m = cfg.model
+    print(f"preset {cfg.preset}: {m.n_layers} layers, width {m.d_model}, {m.n_heads} heads "
+          f"({m.kv_heads} kv), FFN big {m.d_ff_big} / small {m.d_ff_small}, vocab {m.vocab_size}, "
+          f"context {m.max_seq_len}, tied embeddings {m.tie_embeddings}")
+    print("parameters:")
+    for k, v in info["params"].items():
+        print(f"  {k:<11} {v:>14,}  ({_fmt_int(v)})")
+    f = info["flops_per_token"]
+    print(f"forward FLOPs per token (attention at mean causal context of {f['context']} / 2):")
+    for route, v in f["per_layer"].items():
+        print(f"  one layer, {route:<5} {_fmt_int(v):>8}  ({v / f['per_layer']['big']:.2f} of big)")
+    print(f"  LM head          {_fmt_int(f['lm_head']):>8}")
+    for k in ("all_big", "all_small", "all_skip"):
+        print(f"  whole model, {k.replace('all_', 'all-'):<9} {_fmt_int(f[k]):>8}  ({f[k] / f['all_big']:.2f} of all-big)")
+
+
+# ----------------------------------------------------------------------------- run (the whole study)
+
+
+def cmd_run(args) -> None:
+    from .checkpoint import latest_checkpoint, load_state
+    from .config import load_config
+    from .train import pretrain
+
+    out = Path(args.out or f"runs/{args.config or 'cpu'}")
+    overrides = [f"data.spec={args.data}"] if args.data else []
+    cfg = load_config(args.config, overrides)
+    ckpt = latest_checkpoint(out)
+    if ckpt is None or load_state(ckpt)["step"] < cfg.train.steps:
+        print(f"[1/2] training the {cfg.preset} preset on {cfg.data.spec} into {out}", flush=True)
+        pretrain(cfg, out, resume=ckpt is not None)
+    else:
+        print(f"[1/2] {out} is already trained ({cfg.train.steps} steps); reusing it", flush=True)
+    print("[2/2] evaluation on the validation split", flush=True)
+    ns = argparse.Namespace(pattern=None, random_big=None, data=None, max_tokens=None)
+    rows = evaluation_table(out, ns)
+    print_table(rows)
+    print(out)
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="duollm", description="Duo-LLM: adaptive computation in language models")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="stage 1: random-routing pretraining")
+    t.add_argument("--config", help="preset (tiny, cpu, paper) or YAML file")
+    t.add_argument("--data", help="builtin:pydoc | file:PATH | hf:NAME[:CONFIG]")
+    t.add_argument("--out", help="run folder (default runs/<preset>)")
+    t.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.steps=100")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="perplexity of a run under a routing")
+    e.add_argument("run")
+    e.add_argument("--pattern", help="one route per layer over B, S, _ (e.g. SSSSBBBBSSSS)")
+    e.add_argument("--random-big", type=float, help="random routing, big with this probability (else small)")
+    e.add_argument("--data", help="evaluate on this data spec instead of the run's validation split")
+    e.add_argument("--max-tokens", type=int, help="cap on evaluation tokens (default eval.max_tokens)")
+    e.add_argument("--per-token", help="write float32 per-token losses (canonical order) to this .npy")
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.set_defaults(func=cmd_eval)
+
+    i = sub.add_parser("info", help="parameter counts and FLOPs per token")
+    i.add_argument("run", nargs="?")
+    i.add_argument("--config", help="preset or YAML file")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=cmd_info)
+
+    r = sub.add_parser("run", help="the whole study, end to end")
+    r.add_argument("--config", help="preset (default cpu) or YAML file")
+    r.add_argument("--data", help="data spec (default builtin:pydoc)")
+    r.add_argument("--out", help="run folder (default runs/<preset>)")
+    r.set_defaults(func=cmd_run)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except ValueError as e:
+        print(f"duollm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"duollm {args.command}: interrupted; completed work is saved, rerun (with --resume for train) to continue",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,336 @@
+"""Corpora, tokenizer, token cache and the deterministic train/validation split.
+
+Data specs (DESIGN section 5):
+    builtin:pydoc         the English prose of the Python documentation shipped with the standard library:
+                          the reference manual topics (``pydoc_data.topics``, ~465K characters) followed by
+                          the module, class and function docstrings of the stdlib sources (~1.4M characters)
+    builtin:pydoc-topics  the reference manual topics alone
+    file:PATH             a text file, a folder (every file under it, sorted) or a glob
+    hf:NAME[:CONFIG]      a Hugging Face dataset through ``datasets`` (streamed, capped by data.max_chars)
+
+Split: the corpus text is cut into chunks of ``data.split_chunk_chars`` characters and every
+k-th chunk (k = round(1 / val_fraction)) goes to validation, so validation is disjoint from
+training and spread over the whole corpus. The BPE tokenizer is trained on the training
+chunks only. Token ids are cached in the run folder as memmaps.
+
+Tensor name legend: S sequences, T positions, B batch.
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .io import atomic_path, atomic_write_json
+
+EOS = "<|endoftext|>"
+
+
+# ----------------------------------------------------------------------------- corpora
+
+
+def read_corpus(spec: str, text_column: str = "text", max_chars: int = 0) -> str:
+    """The text of a data spec; ValueError with a one-line reason on bad specs or empty corpora."""
+    kind, _, arg = spec.partition(":")
+    if kind == "builtin":
+        if arg not in ("pydoc", "pydoc-topics"):
+            raise ValueError(f"unknown builtin corpus {arg!r} (known: pydoc, pydoc-topics)")
+        from pydoc_data.topics import topics
+
+        text = "\n\n".join(topics[k].strip() for k in sorted(topics))
+        if arg == "pydoc":
+            text += "\n\n" + "\n\n".join(stdlib_docstrings())
+    elif kind == "file":
+        text = "\n\n".join(_read_file(p) for p in _expand_path(arg))
+    elif kind == "hf":
+        text = _read_hf(arg, text_column, max_chars)
+    else:
+        raise ValueError(f"data spec {spec!r} must start with builtin:, file: or hf:")
+    if max_chars:
+        text = text[:max_chars]
+    if not text.strip():
+        raise ValueError(f"corpus {spec} is empty")
+    return text
+
+
+def stdlib_docstrings(min_chars: int = 80) -> list[str]:
+    """Docstrings of the standard library sources, read with ``ast`` (nothing is imported).
+
+    The 465K characters of ``pydoc_data.topics`` alone are too few tokens for the ``cpu``
+    preset's training budget (the model would see them ~20 times); the docstrings are the
+    same kind of English technical prose and triple the corpus. Test suites are left out.
+    """
+    import ast
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"test", "tests", "idlelib", "site-packages", "dist-packages", "lib2to3", "turtledemo"}
+    docs = []
+    for path in sorted(root.rglob("*.py")):
+        if skip & set(path.relative_to(root).parts):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) >= min_chars:
+                    docs.append(doc)
+    return docs
+
+
+def _expand_path(arg: str) -> list[Path]:
+    if not arg:
+        raise ValueError("data spec file: needs a path, e.g. file:corpus.txt")
+    path = Path(arg).expanduser()
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+        if not files:
+            raise ValueError(f"folder {arg} holds no files")
+        return files
+    matches = sorted(Path(p) for p in globlib.glob(os.path.expanduser(arg), recursive=True) if Path(p).is_file())
+    if not matches:
+        raise ValueError(f"no file matches {arg}")
+    return matches
+
+
+def _read_file(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text") from None
+
+
+def _read_hf(arg: str, text_column: str, max_chars: int) -> str:
+    name, _, config = arg.partition(":")
+    if not name:
+        raise ValueError("data spec hf: needs a dataset name, e.g. hf:wikitext:wikitext-2-raw-v1")
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError("hf: data needs the datasets package: pip install 'duollm[hf]'") from None
+    try:
+        ds = datasets.load_dataset(name, config or None, split="train", streaming=True)
+        parts, total = [], 0
+        for row in ds:
+            if text_column not in row:
+                raise ValueError(f"dataset {name} has no column {text_column!r} (set data.text_column)")
+            parts.append(row[text_column])
+            total += len(row[text_column])
+            if max_chars and total >= max_chars:
+                break
+    except ValueError:
+        raise
+    except Exception as e:  # offline, unknown dataset, ...: one line, no traceback
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"cannot load Hugging Face dataset {arg}: {first}") from None
+    return "\n\n".join(parts)
+
+
+def split_text(text: str, chunk_chars: int, val_fraction: float, seed: int = 0) -> tuple[list[str], list[str]]:
+    """Deterministic split into training and validation chunks (every k-th chunk validates)."""
+    k = max(2, round(1 / val_fraction))
+    chunks = [text[i : i + chunk_chars] for i in range(0, len(text), chunk_chars)]
+    train = [c for i, c in enumerate(chunks) if i % k != seed % k]
+    val = [c for i, c in enumerate(chunks) if i % k == seed % k]
+    if not val:  # a corpus shorter than k chunks: hold out its last fraction instead
+        cut = int(len(text) * (1 - val_fraction))
+        train, val = [text[:cut]], [text[cut:]]
+    return train, val
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+class TextTokenizer:
+    """Thin wrapper over a ``tokenizers.Tokenizer`` or a transformers tokenizer."""
+
+    def __init__(self, backend, kind: str):
+        self.backend, self.kind = backend, kind
+
+    @property
+    def vocab_size(self) -> int:
+        if self.kind == "bpe":
+            return self.backend.get_vocab_size()
+        return len(self.backend)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        if self.kind == "bpe":
+            return [e.ids for e in self.backend.encode_batch(texts)]
+        return [self.backend(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_batch([text])[0]
+
+    def decode(self, ids) -> str:
+        return self.backend.decode(list(map(int, ids)))
+
+    def token_strings(self, ids) -> list[str]:
+        """Per-token text (for per-token tables and coloured-token figures)."""
+        return [self.decode([i]) for i in ids]
+
+    def save(self, run: Path) -> None:
+        if self.kind == "bpe":
+            with atomic_path(Path(run) / "tokenizer.json") as tmp:
+                self.backend.save(str(tmp))
+        else:
+            self.backend.save_pretrained(str(Path(run) / "tokenizer"))
+
+
+def train_bpe(texts: list[str], vocab_size: int) -> TextTokenizer:
+    """Byte-level BPE trained offline on ``texts`` (no network)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    return TextTokenizer(tok, "bpe")
+
+
+def pretrained_tokenizer(name: str) -> TextTokenizer:
+    try:
+        from transformers import AutoTokenizer
+
+        return TextTokenizer(AutoTokenizer.from_pretrained(name), "pretrained")
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"cannot load tokenizer {name}: {first}") from None
+
+
+def load_tokenizer(run: Path) -> TextTokenizer:
+    run = Path(run)
+    if (run / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer
+
+        try:
+            return TextTokenizer(Tokenizer.from_file(str(run / "tokenizer.json")), "bpe")
+        except Exception:
+            raise ValueError(f"{run / 'tokenizer.json'} is corrupt") from None
+    if (run / "tokenizer").is_dir():
+        return pretrained_tokenizer(str(run / "tokenizer"))
+    raise ValueError(f"{run} has no tokenizer (tokenizer.json or tokenizer/)")
+
+
+# ----------------------------------------------------------------------------- token cache
+
+
+def _dtype_for(vocab: int):
+    return np.uint16 if vocab <= 65535 else np.uint32
+
+
+def _write_tokens(path: Path, ids: np.ndarray) -> None:
+    with atomic_path(path) as tmp:
+        ids.tofile(tmp)
+
+
+def prepare_data(cfg, run: Path, log=print) -> dict:
+    """Read the corpus, train/load the tokenizer, write ``RUN/data/{train,val}.bin``. Idempotent."""
+    run = Path(run)
+    meta_path = run / "data" / "meta.json"
+    fingerprint = hashlib.sha256(json.dumps([cfg.data.__dict__, cfg.model.vocab_size]).encode()).hexdigest()[:16]
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        if meta.get("fingerprint") == fingerprint and (run / "data" / "train.bin").is_file():
+            return meta
+    text = read_corpus(cfg.data.spec, cfg.data.text_column, cfg.data.max_chars)
+    train_chunks, val_chunks = split_text(text, cfg.data.split_chunk_chars, cfg.data.val_fraction, cfg.data.seed)
+    if cfg.data.tokenizer == "bpe":
+        log(f"training a byte-level BPE tokenizer ({cfg.model.vocab_size} tokens) on {sum(map(len, train_chunks)):,} characters")
+        tok = train_bpe(train_chunks, cfg.model.vocab_size)
+    else:
+        tok = pretrained_tokenizer(cfg.data.tokenizer)
+    if tok.vocab_size > cfg.model.vocab_size:
+        raise ValueError(
+            f"tokenizer {cfg.data.tokenizer} has {tok.vocab_size} tokens but model.vocab_size={cfg.model.vocab_size}; "
+            f"set model.vocab_size={tok.vocab_size} or larger"
+        )
+    tok.save(run)
+    dtype = _dtype_for(cfg.model.vocab_size)
+    counts = {}
+    for split, chunks in (("train", train_chunks), ("val", val_chunks)):
+        ids = np.fromiter((i for seq in tok.encode_batch(chunks) for i in seq), dtype=np.int64)
+        _write_tokens(run / "data" / f"{split}.bin", ids.astype(dtype))
+        counts[split] = int(ids.size)
+    meta = {
+        "fingerprint": fingerprint,
+        "spec": cfg.data.spec,
+        "tokenizer": cfg.data.tokenizer,
+        "tokenizer_vocab": tok.vocab_size,
+        "chars": len(text),
+        "train_tokens": counts["train"],
+        "val_tokens": counts["val"],
+        "dtype": np.dtype(dtype).name,
+    }
+    atomic_write_json(meta_path, meta)
+    return meta
+
+
+def load_tokens(run: Path, split: str) -> np.ndarray:
+    run = Path(run)
+    meta_path = run / "data" / "meta.json"
+    path = run / "data" / f"{split}.bin"
+    if not meta_path.is_file() or not path.is_file():
+        raise ValueError(f"{run} has no {split} token cache (data/{split}.bin); train the run first")
+    meta = json.loads(meta_path.read_text())
+    return np.memmap(path, dtype=np.dtype(meta["dtype"]), mode="r")
+
+
+def check_length(tokens: np.ndarray, seq_len: int, what: str) -> None:
+    if len(tokens) < seq_len + 1:
+        raise ValueError(
+            f"corpus too short: the {what} split has {len(tokens)} tokens, need at least {seq_len + 1} "
+            f"for one sequence of train.seq_len={seq_len}"
+        )
+
+
+def sample_batch(tokens: np.ndarray, batch: int, seq_len: int, generator: torch.Generator):
+    """Random windows (``idx_BT``, ``tgt_BT``) drawn with ``generator`` (seeded per step by the trainer)."""
+    starts = torch.randint(0, len(tokens) - seq_len, (batch,), generator=generator).tolist()
+    windows = np.stack([np.asarray(tokens[s : s + seq_len + 1], dtype=np.int64) for s in starts])
+    w = torch.from_numpy(windows)
+    return w[:, :-1], w[:, 1:]
+
+
+def sequences(tokens: np.ndarray, seq_len: int, max_tokens: int | None = None):
+    """Canonical evaluation sequences: consecutive non-overlapping windows (``idx_ST``, ``tgt_ST``).
+
+    The canonical token order is row-major over [S, T]; ``max_tokens`` caps S * T.
+    """
+    check_length(tokens, seq_len, "evaluation")
+    n_seq = (len(tokens) - 1) // seq_len
+    if max_tokens:
+        n_seq = max(1, min(n_seq, max_tokens // seq_len))
+    flat = torch.from_numpy(np.asarray(tokens[: n_seq * seq_len + 1], dtype=np.int64))
+    return flat[:-1].view(n_seq, seq_len), flat[1:].view(n_seq, seq_len)
+
+
+def eval_tokens(run: Path, cfg, spec: str | None = None, max_tokens: int | None = None):
+    """The evaluation tokens shared by ``eval`` and ``oracle``: (``idx_ST``, ``tgt_ST``).
+
+    ``spec`` None: the run's validation split; otherwise the whole text of ``spec`` encoded
+    with the run's tokenizer. ``max_tokens`` None: ``cfg.eval.max_tokens``.
+    """
+    if spec is None:
+        tokens = load_tokens(run, "val")
+    else:
+        tok = load_tokenizer(run)
+        tokens = np.asarray(tok.encode(read_corpus(spec, cfg.data.text_column, cfg.data.max_chars)), dtype=np.int64)
+    cap = cfg.eval.max_tokens if max_tokens is None else max_tokens
+    return sequences(tokens, cfg.train.seq_len, cap)

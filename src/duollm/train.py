@@ -1,0 +1,312 @@
+"""One training loop, shared by random-routing pretraining (stage 1) and router training (stage 3).
+
+An ``Objective`` says what is trained (``module``), how a global batch gets its extras
+(``make_batch``: e.g. random routes), how a micro-batch becomes a loss (``loss``) and how
+to validate (``evaluate``). The loop owns everything else: AdamW, warm-up + cosine,
+gradient accumulation and clipping, bf16 autocast on CUDA, DDP under torchrun, NaN
+checks, metrics (JSON lines, TensorBoard, W&B), atomic checkpoints and exact resume.
+
+Exact resume: the batch and the routes of step s are drawn from a generator seeded by
+(seed, s) for the *global* batch, which each process then slices. A resumed run, or a run
+on another number of processes, therefore sees exactly the same data and routes.
+
+Tensor name legend: B batch, T positions, L layers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from .checkpoint import latest_checkpoint, load_state, load_weights, save_checkpoint
+from .config import RunConfig, TrainConfig, save_config
+from .io import atomic_write_text
+
+
+@dataclass
+class Objective:
+    module: torch.nn.Module  # the trainable parameters live here; it is checkpointed and DDP-wrapped
+    loss: Callable[[torch.nn.Module, dict], torch.Tensor]  # (possibly wrapped) module, micro-batch -> loss
+    make_batch: Callable[[torch.Tensor, torch.Tensor, torch.Generator], dict] | None = None
+    evaluate: Callable[[torch.nn.Module], dict] | None = None  # periodic validation metrics
+
+
+# ----------------------------------------------------------------------------- distributed
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: torch.device) -> Dist:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"train.device={name} but CUDA is not available")
+    return torch.device(name)
+
+
+def autocast(device: torch.device, dtype: str):
+    """bf16 autocast on CUDA by default (DESIGN 4.1); on CPU only when asked (train.dtype=bfloat16)."""
+    if dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------------------- schedule and logging
+
+
+def lr_at(step: int, t: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay from ``lr`` to ``min_lr`` at ``steps``."""
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
+    return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_optimizer(module: torch.nn.Module, t: TrainConfig) -> torch.optim.AdamW:
+    params = [p for p in module.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]  # no weight decay on norms and biases
+    no_decay = [p for p in params if p.dim() < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=t.lr,
+        betas=(t.beta1, t.beta2),
+    )
+
+
+class MetricsLog:
+    """``metrics.jsonl`` always; TensorBoard and Weights & Biases (offline) when enabled."""
+
+    def __init__(self, out: Path, t: TrainConfig, resume_step: int, enabled: bool, run_config: dict):
+        self.path = Path(out) / "metrics.jsonl"
+        self.enabled = enabled
+        self.tb = self.wandb = None
+        if not enabled:
+            return
+        if self.path.is_file():  # drop what a killed run logged after its last checkpoint
+            kept = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= resume_step]
+            atomic_write_text(self.path, "".join(ln + "\n" for ln in kept))
+        if t.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ValueError("train.tensorboard=true needs tensorboard: pip install 'duollm[tensorboard]'") from None
+            self.tb = SummaryWriter(str(Path(out) / "tb"), purge_step=resume_step + 1)
+        if t.wandb:
+            try:
+                import wandb
+            except ImportError:
+                raise ValueError("train.wandb=true needs wandb: pip install 'duollm[wandb]'") from None
+            os.environ.setdefault("WANDB_MODE", "offline")
+            self.wandb = wandb.init(dir=str(out), config=run_config, name=Path(out).name, resume="allow")
+
+    def write(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        for k, v in metrics.items():
+            if self.tb is not None:
+                self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def train_loop(
+    objective: Objective,
+    t: TrainConfig,
+    train_tokens: np.ndarray,
+    out: Path,
+    *,
+    device: torch.device,
+    resume: bool = False,
+    desc: str = "train",
+    run_config: dict | None = None,
+) -> dict:
+    """Train ``objective.module`` for ``t.steps`` steps; checkpoints go to ``out``. Returns final metrics."""
+    from .data import sample_batch
+
+    out = Path(out)
+    ddp = init_distributed(device)
+    if t.batch_size % (ddp.world * t.grad_accum):
+        raise ValueError(
+            f"train.batch_size={t.batch_size} is not divisible by processes x grad_accum = {ddp.world} x {t.grad_accum}"
+        )
+    micro = t.batch_size // (ddp.world * t.grad_accum)
+    module = objective.module.to(device)
+    optimizer = make_optimizer(module, t)
+    start = 0
+    ckpt = latest_checkpoint(out)
+    if ckpt is not None and resume:
+        load_weights(module, ckpt)
+        state = load_state(ckpt)
+        optimizer.load_state_dict(state["optimizer"])
+        start = state["step"]
+    elif ckpt is not None:
+        raise ValueError(f"{out} already holds a checkpoint; pass --resume to continue it or choose another --out")
+    wrapped = module
+    if ddp.world > 1:
+        # Random routing leaves some parameters without a gradient on a step (DESIGN 4.6)
+        wrapped = torch.nn.parallel.DistributedDataParallel(
+            module, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True
+        )
+    if t.compile:
+        wrapped = torch.compile(wrapped)
+    log = MetricsLog(out, t, start, ddp.main, run_config or {})
+    last = {}
+    bar = tqdm(total=t.steps, initial=start, desc=desc, disable=not ddp.main, dynamic_ncols=True)
+    tokens_per_step = t.batch_size * t.seq_len
+    tick = time.perf_counter()
+    try:
+        for step in range(start, t.steps):
+            lr = lr_at(step, t)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            gen = step_generator(t.seed, step)
+            idx_BT, tgt_BT = sample_batch(train_tokens, t.batch_size, t.seq_len, gen)
+            batch = {"idx_BT": idx_BT, "tgt_BT": tgt_BT}
+            if objective.make_batch is not None:
+                batch.update(objective.make_batch(idx_BT, tgt_BT, gen))
+            module.train()
+            loss_sum = torch.zeros((), device=device)
+            for m in range(t.grad_accum):
+                lo = (ddp.rank * t.grad_accum + m) * micro
+                mb = {k: v[lo : lo + micro].to(device) for k, v in batch.items()}  # every tensor is batch-first
+                sync = m == t.grad_accum - 1 or ddp.world == 1
+                ctx = contextlib.nullcontext() if sync else wrapped.no_sync()
+                with ctx, autocast(device, t.dtype):
+                    loss = objective.loss(wrapped, mb)
+                (loss / t.grad_accum).backward()
+                loss_sum += loss.detach().float()
+            if ddp.world > 1:
+                dist.all_reduce(loss_sum)
+            train_loss = loss_sum.item() / (t.grad_accum * ddp.world)
+            if not math.isfinite(train_loss):
+                kept = latest_checkpoint(out)
+                where = f"the last good checkpoint ({kept.name}) is kept" if kept else "no checkpoint was written yet"
+                raise ValueError(f"training diverged: loss is {train_loss} at step {step + 1}; {where} in {out}")
+            grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), t.grad_clip).item()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            done = step + 1
+            bar.update(1)
+            if done % t.log_every == 0 or done == t.steps:
+                now = time.perf_counter()
+                n = t.log_every if done % t.log_every == 0 else done - start
+                last = {"train/loss": train_loss, "lr": lr, "grad_norm": grad_norm,
+                        "tokens_per_s": n * tokens_per_step / max(now - tick, 1e-9)}
+                tick = now
+                log.write(done, last)
+                bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
+            if objective.evaluate is not None and (done % t.eval_every == 0 or done == t.steps) and ddp.main:
+                val = objective.evaluate(module)
+                log.write(done, val)
+                last.update(val)
+                bar.write(f"step {done}: " + "  ".join(f"{k} {v:.4f}" for k, v in val.items()))
+            if done % t.save_every == 0 or done == t.steps:
+                if ddp.main:
+                    save_checkpoint(out, module, {"step": done, "optimizer": optimizer.state_dict()})
+                if ddp.world > 1:
+                    dist.barrier()
+    finally:
+        bar.close()
+        log.close()
+    return last
+
+
+# ----------------------------------------------------------------------------- stage 1: pretraining
+
+
+def pretrain_objective(model, cfg: RunConfig, val_idx_ST, val_tgt_ST) -> Objective:
+    """Random routing (paper section 3.1): each token independently big or small at every layer."""
+    from .evaluate import validation_metrics
+    from .routing import RouteProbs, sample_routes
+
+    probs = RouteProbs(cfg.routing.p_skip, cfg.routing.p_small, cfg.routing.p_big)
+    L = cfg.model.n_layers
+
+    def make_batch(idx_BT, tgt_BT, gen):
+        route_LBT = sample_routes(probs, L, *idx_BT.shape, per=cfg.routing.per, generator=gen)
+        return {"route_BLT": route_LBT.transpose(0, 1)}
+
+    def loss(module, mb):
+        return module(mb["idx_BT"], mb["tgt_BT"], mb["route_BLT"].transpose(0, 1), return_logits=False).loss
+
+    def evaluate(module):
+        return validation_metrics(module, val_idx_ST, val_tgt_ST, p_big=cfg.routing.p_big)
+
+    return Objective(module=model, loss=loss, make_batch=make_batch, evaluate=evaluate)
+
+
+def pretrain(cfg: RunConfig, out: Path, *, resume: bool = False, log=print) -> dict:
+    """Stage 1 end to end: data and tokenizer into the run folder, then the training loop."""
+    from .data import check_length, load_tokens, prepare_data, sequences
+    from .model import DuoModel
+
+    out = Path(out)
+    device = resolve_device(cfg.train.device)
+    ddp = init_distributed(device)
+    if resume:
+        if not (out / "config.yaml").is_file():
+            raise ValueError(f"cannot resume: {out} is not a run folder (no config.yaml)")
+    if ddp.main:
+        out.mkdir(parents=True, exist_ok=True)
+        meta = prepare_data(cfg, out, log=log)
+        save_config(cfg, out / "config.yaml")
+        log(f"corpus {cfg.data.spec}: {meta['train_tokens']:,} training and {meta['val_tokens']:,} validation tokens")
+    if ddp.world > 1:
+        dist.barrier()
+    train_tokens = load_tokens(out, "train")
+    check_length(train_tokens, cfg.train.seq_len, "training")
+    val_idx, val_tgt = sequences(load_tokens(out, "val"), cfg.train.seq_len, cfg.train.eval_tokens)
+    torch.manual_seed(cfg.train.seed)
+    model = DuoModel(cfg.model)
+    objective = pretrain_objective(model, cfg, val_idx, val_tgt)
+    from .config import to_dict
+
+    return train_loop(objective, cfg.train, train_tokens, out, device=device, resume=resume,
+                      desc="pretrain", run_config=to_dict(cfg))
