@@ -85,7 +85,7 @@ PRESETS: dict[str, dict] = {
     # tests: a few seconds on one CPU core
     "tiny": {
         "model": dict(vocab_size=512, n_layers=4, d_model=32, n_heads=2, d_ff_big=64, d_ff_small=4, max_seq_len=64),
-        "data": dict(split_chunk_chars=2000),
+        "data": dict(spec="builtin:pydoc-topics", split_chunk_chars=2000),
         "train": dict(steps=30, batch_size=8, seq_len=32, lr=3e-3, min_lr=3e-4, warmup_steps=5,
                       eval_every=15, eval_tokens=1024, save_every=15, log_every=5),
         "eval": dict(max_tokens=1024),
@@ -135,6 +135,11 @@ def _check_type(value, tp, key: str):
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ValueError(f"config key {key} expects a number; got {value!r}")
     if tp is str:
         if isinstance(value, str):

@@ -261,13 +261,16 @@ def prepare_data(cfg, run: Path, log=print) -> dict:
             f"tokenizer {cfg.data.tokenizer} has {tok.vocab_size} tokens but model.vocab_size={cfg.model.vocab_size}; "
             f"set model.vocab_size={tok.vocab_size} or larger"
         )
+    splits = {}
+    for split, chunks in (("train", train_chunks), ("val", val_chunks)):
+        splits[split] = np.fromiter((i for seq in tok.encode_batch(chunks) for i in seq), dtype=np.int64)
+        check_length(splits[split], cfg.train.seq_len, {"train": "training", "val": "validation"}[split])
+    # only now, with the corpus known to be usable, does anything go into the run folder
     tok.save(run)
     dtype = _dtype_for(cfg.model.vocab_size)
-    counts = {}
-    for split, chunks in (("train", train_chunks), ("val", val_chunks)):
-        ids = np.fromiter((i for seq in tok.encode_batch(chunks) for i in seq), dtype=np.int64)
+    for split, ids in splits.items():
         _write_tokens(run / "data" / f"{split}.bin", ids.astype(dtype))
-        counts[split] = int(ids.size)
+    counts = {split: int(ids.size) for split, ids in splits.items()}
     meta = {
         "fingerprint": fingerprint,
         "spec": cfg.data.spec,

@@ -294,7 +294,6 @@ def pretrain(cfg: RunConfig, out: Path, *, resume: bool = False, log=print) -> d
         if not (out / "config.yaml").is_file():
             raise ValueError(f"cannot resume: {out} is not a run folder (no config.yaml)")
     if ddp.main:
-        out.mkdir(parents=True, exist_ok=True)
         meta = prepare_data(cfg, out, log=log)
         save_config(cfg, out / "config.yaml")
         log(f"corpus {cfg.data.spec}: {meta['train_tokens']:,} training and {meta['val_tokens']:,} validation tokens")
