@@ -78,3 +78,19 @@ def test_prepare_data_caches_tokens(tmp_path):
     idx_ST, tgt_ST = data.eval_tokens(tmp_path, cfg, max_tokens=320)
     assert idx_ST.shape == (10, cfg.train.seq_len)
     assert (idx_ST[:, 1:] == tgt_ST[:, :-1]).all() and (idx_ST[1:, 0] == tgt_ST[:-1, -1]).all()
+
+
+def test_pretrained_tokenizer_from_a_local_folder(tmp_path):
+    """data.tokenizer may name a pretrained tokenizer (a Hub name, or here a local folder: no network)."""
+    transformers = pytest.importorskip("transformers")
+    bpe = data.train_bpe([data.read_corpus("builtin:pydoc-topics")[:30_000]], 300)
+    transformers.PreTrainedTokenizerFast(tokenizer_object=bpe.backend).save_pretrained(tmp_path / "tok")
+    tok = data.pretrained_tokenizer(str(tmp_path / "tok"))
+    assert tok.encode("def f(x): return x") == bpe.encode("def f(x): return x")
+    cfg = load_config("tiny", [f"data.tokenizer={tmp_path / 'tok'}", "model.vocab_size=512"])
+    run = tmp_path / "run"
+    data.prepare_data(cfg, run, log=lambda *_: None)
+    assert data.load_tokenizer(run).encode("hello") == bpe.encode("hello")
+    too_small = load_config("tiny", [f"data.tokenizer={tmp_path / 'tok'}", "model.vocab_size=100"])
+    with pytest.raises(ValueError, match="model.vocab_size=100"):
+        data.prepare_data(too_small, tmp_path / "run2", log=lambda *_: None)
