@@ -1,0 +1,42 @@
+"""Stage 2 of Duo-LLM: the oracle engine (paper section 3.2, DESIGN 4.2).
+
+- ``run_oracle_command`` / ``add_arguments``: the ``duollm oracle`` command.
+- ``run_oracle``: a model + tokens + ``OracleSpec`` -> the output folder (chunks, resume, sharding).
+- ``walk_tree`` (tree evaluator), ``naive_losses`` (one forward per pattern), ``beam_search``.
+- ``pattern_losses``: every pattern's per-token loss for small problems (tests, notebooks).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .command import add_arguments, build_spec, kwargs_from_args, run_oracle_command
+from .context import FrozenContext, SharedContext, make_context
+from .naive import naive_losses
+from .plan import OracleSpec, Plan, build_plan
+from .runner import run_oracle
+from .search import beam_search
+from .tree import naive_flops, tree_flops, walk_tree
+
+
+@torch.no_grad()
+def pattern_losses(model, idx_ST, tgt_ST, route_PL, *, context="shared", reference=None) -> torch.Tensor:
+    """``loss_PST`` of every pattern with the tree evaluator — holds the full matrix, so for small
+    problems only (the engine itself streams reductions instead)."""
+    route_PL = np.asarray(route_PL, dtype=np.int8)
+    out = torch.empty(len(route_PL), *idx_ST.shape)
+    ctx = make_context(model, context, idx_ST, reference)
+
+    def consume(p_R, loss_RST):
+        out[torch.as_tensor(p_R)] = loss_RST.float().cpu()
+
+    walk_tree(model, ctx, route_PL, model.embed(idx_ST), tgt_ST, consume)
+    return out
+
+
+__all__ = [
+    "FrozenContext", "OracleSpec", "Plan", "SharedContext", "add_arguments", "beam_search", "build_plan",
+    "build_spec", "kwargs_from_args", "make_context", "naive_flops", "naive_losses", "pattern_losses",
+    "run_oracle", "run_oracle_command", "tree_flops", "walk_tree",
+]

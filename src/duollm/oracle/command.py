@@ -1,0 +1,164 @@
+"""``duollm oracle RUN ...``: the command-line entry to the oracle engine (DESIGN section 5).
+
+The CLI calls ``add_arguments(parser)`` to get the flags and
+``run_oracle_command(Path(args.run), **kwargs_from_args(args))``, which returns the output name
+that the CLI prints as its last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..routing import CandidateSpace, parse_budgets
+from .plan import OracleSpec, normalize_reference
+from .runner import DTYPES, run_oracle
+
+# flag dest -> keyword of run_oracle_command (kept in one place so the two cannot drift)
+KEYWORDS = (
+    "budgets", "options", "skips", "skips_mode", "budget_mode", "context", "reference", "max_tokens", "data",
+    "search", "beam_width", "name", "batch_tokens", "dtype", "patterns", "seed", "save_matrix", "device",
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the oracle's flags (not the RUN positional) to an argparse (sub)parser."""
+    a = parser.add_argument
+    a("--budgets", default="all", help="budgets k (big layers per token): all (default), a range 0-12, or a list 4,6,8")
+    a("--options", default="SB", help="per-layer routes to search: SB (default), B_ (big or skip), SB_")
+    a("--skips", type=int, default=None, help="number of skipped layers (the paper's skip study: --options B_ --skips 6)")
+    a("--skips-mode", dest="skips_mode", choices=("exact", "max"), default="exact",
+      help="--skips counts exactly (default) or at most")
+    a("--budget-mode", dest="budget_mode", choices=("exact", "max"), default="exact",
+      help="budget k means exactly k big layers (default, the paper) or at most k")
+    a("--context", default="shared", help="shared (the pattern routes the whole sequence; default) or frozen "
+      "(context tokens keep --reference, only the scored token's routes vary)")
+    a("--reference", default=None, help="frozen context routing: B (all big, default), S (all small) or a pattern")
+    a("--max-tokens", dest="max_tokens", type=int, default=None, help="cap on evaluation tokens (default eval.max_tokens)")
+    a("--data", default=None, help="data spec to score instead of the run's validation split")
+    a("--search", default="exhaustive", help="exhaustive (default), beam, or greedy (beam of width 1)")
+    a("--beam-width", dest="beam_width", type=int, default=4, help="prefixes kept per budget cell (default 4)")
+    a("--name", default=None, help="output folder name under RUN/oracle/ (default from the options, e.g. SB-shared)")
+    a("--batch-tokens", dest="batch_tokens", type=int, default=4096,
+      help="tokens per chunk: the matrix-product size, the memory bound and the resume granularity")
+    a("--dtype", default="float32", help="float32 (default, exact) or bfloat16 (faster on AMX CPUs and GPUs)")
+    a("--patterns", default=None, help="explicit candidate patterns, comma-separated (replaces --options/--budgets)")
+    a("--seed", type=int, default=0, help="seed of the 100 random patterns per budget")
+    a("--save-matrix", dest="save_matrix", action="store_true",
+      help="also write loss_matrix.npy [patterns, tokens] (large; off by default)")
+    a("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
+
+
+def kwargs_from_args(args: argparse.Namespace) -> dict:
+    """The keyword arguments of ``run_oracle_command`` from parsed flags."""
+    return {k: getattr(args, k) for k in KEYWORDS if hasattr(args, k)}
+
+
+def build_spec(
+    n_layers: int,
+    *,
+    budgets="all",
+    options: str = "SB",
+    skips: int | None = None,
+    skips_mode: str = "exact",
+    budget_mode: str = "exact",
+    context: str = "shared",
+    reference=None,
+    search: str = "exhaustive",
+    beam_width: int = 4,
+    patterns=None,
+    seed: int = 0,
+) -> OracleSpec:
+    """Validate the user's choices into an ``OracleSpec`` (one-line ValueErrors)."""
+    if context not in ("shared", "frozen"):
+        raise ValueError(f"unknown context {context!r}; use shared or frozen")
+    if isinstance(patterns, str):
+        patterns = tuple(p.strip() for p in patterns.split(",") if p.strip())
+    if patterns is not None:
+        changed = [flag for flag, value, default in (
+            ("--budgets", budgets, "all"), ("--options", options, "SB"), ("--skips", skips, None),
+            ("--budget-mode", budget_mode, "exact")) if value != default]
+        if changed:
+            raise ValueError(f"--patterns lists the candidates itself; drop {', '.join(changed)}")
+        space = CandidateSpace(n_layers, options="SB_")
+    else:
+        space = CandidateSpace(
+            n_layers, options=options, budgets=parse_budgets(budgets, n_layers), budget_mode=budget_mode,
+            skips=skips, skips_mode=skips_mode,
+        )
+    if context == "frozen":
+        reference = normalize_reference(reference, n_layers)
+    return OracleSpec(space, context=context, reference=reference, search=search, beam_width=beam_width,
+                      seed=seed, patterns=patterns)
+
+
+def _device(device: str):
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N; got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device} requested but CUDA is not available")
+    return device
+
+
+def run_oracle_command(
+    run_dir: Path,
+    *,
+    budgets: str = "all",
+    options: str = "SB",
+    skips: int | None = None,
+    skips_mode: str = "exact",
+    budget_mode: str = "exact",
+    context: str = "shared",
+    reference: str | None = None,
+    max_tokens: int | None = None,
+    data: str | None = None,
+    search: str = "exhaustive",
+    beam_width: int = 4,
+    name: str | None = None,
+    batch_tokens: int = 4096,
+    dtype: str = "float32",
+    patterns: str | None = None,
+    seed: int = 0,
+    save_matrix: bool = False,
+    device: str = "auto",
+    progress: bool = True,
+) -> str:
+    """Run the oracle on a trained run and write ``RUN/oracle/<name>/``; return ``<name>``.
+
+    Scores the same tokens as ``duollm eval`` (the validation split, ``eval.max_tokens``) unless
+    ``data``/``max_tokens`` say otherwise. Raises ValueError with a one-line message on bad input:
+    budget outside 0..L, options not a subset of SB_, impossible constraints, unknown context or
+    search, malformed reference pattern, missing or corrupt run.
+    """
+    from ..checkpoint import load_model
+    from ..config import load_run_config
+    from ..data import eval_tokens
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ValueError(f"run folder {run_dir} does not exist")
+    cfg = load_run_config(run_dir)
+    spec = build_spec(
+        cfg.model.n_layers, budgets=budgets, options=options, skips=skips, skips_mode=skips_mode,
+        budget_mode=budget_mode, context=context, reference=reference, search=search, beam_width=beam_width,
+        patterns=patterns, seed=seed,
+    )
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be float32 or bfloat16; got {dtype!r}")
+    if max_tokens is not None and max_tokens < 1:
+        raise ValueError(f"--max-tokens must be positive; got {max_tokens}")
+    if name is not None and (not name or "/" in name or name.startswith(".")):
+        raise ValueError(f"--name must be a plain folder name; got {name!r}")
+    name = name or spec.name()
+    model, cfg = load_model(run_dir, _device(device))
+    idx_ST, tgt_ST = eval_tokens(run_dir, cfg, spec=data, max_tokens=max_tokens)
+    run_oracle(
+        model, idx_ST, tgt_ST, spec, run_dir / "oracle" / name, batch_tokens=batch_tokens, dtype=dtype,
+        keep_matrix=save_matrix, progress=progress,
+        meta={"name": name, "data": data or "validation split", "dtype": dtype},
+    )
+    return name

@@ -1,0 +1,178 @@
+"""Context policies: how the tokens around a scored token are routed while the oracle varies its route.
+
+The paper (section 3.2) applies a candidate pattern to the sequence and keeps, per token, the
+pattern with the lowest loss; it does not say how the *context* tokens are routed meanwhile
+(DESIGN section 2, "unknown in the paper"). We offer both readings and name the one used in
+every output:
+
+- ``shared``: the candidate pattern routes every token of the sequence; each token then keeps
+  its own best pattern (our reading of the paper). A prefix state is a whole sequence.
+- ``frozen``: the context keeps a reference routing (all-big, all-small, a pattern, a router)
+  and only the scored token's own route varies; its attention at layer l reads the reference
+  keys/values of earlier positions and its own key/value. This is the causally consistent
+  oracle: every token's choice is realisable given the context's.
+
+Both classes expose ``attend(layer, h_BTMD) -> a_BTMD``: the attention output (to be added to
+the residual) for M independent hidden-state variants per position. ``shared`` treats each
+variant m as its own sequence (variant m of every position shares one prefix); ``frozen``
+treats every (position, variant) as its own scored token.
+
+Tensor name legend: B sequences, T positions (queries), S key positions, M variants (prefixes)
+per position, D model width, H query heads, K key/value heads, E head dim, L layers, V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..model import DuoModel
+from ..routing import SKIP, parse_pattern
+
+CONTEXTS = ("shared", "frozen")
+
+
+def _rope(x_XTE: torch.Tensor, cos_TE: torch.Tensor, sin_TE: torch.Tensor) -> torch.Tensor:
+    """RoPE with the model's formula (model.apply_rope), broadcast over any leading dims."""
+    half = x_XTE.shape[-1] // 2
+    rot = torch.cat((-x_XTE[..., half:], x_XTE[..., :half]), dim=-1)
+    return (x_XTE * cos_TE + rot * sin_TE).type_as(x_XTE)
+
+
+class SharedContext:
+    """Variant m of every position belongs to one sequence routed by one prefix (``shared``)."""
+
+    name = "shared"
+
+    def __init__(self, model: DuoModel, T: int):
+        self.model = model
+        self.cos_TE, self.sin_TE = model.rope_cos[:T], model.rope_sin[:T]
+
+    def attend(self, layer: int, h_BTMD: torch.Tensor) -> torch.Tensor:
+        block = self.model.layers[layer]
+        B, T, M, D = h_BTMD.shape
+        h_XTD = h_BTMD.permute(0, 2, 1, 3).reshape(B * M, T, D)  # a view when M == 1
+        a_XTD = block.attn(block.attn_norm(h_XTD), self.cos_TE, self.sin_TE)
+        return a_XTD.view(B, M, T, D).permute(0, 2, 1, 3)
+
+
+def reference_routes(model: DuoModel, idx_BT: torch.Tensor, reference) -> torch.Tensor:
+    """The context's routes ``route_LBT`` under a reference: a pattern string or a policy object.
+
+    A policy decides from the hidden state, so we run it once; causality makes its decisions at
+    positions < t independent of what token t does later (the frozen oracle varies t only).
+    """
+    L = model.cfg.n_layers
+    B, T = idx_BT.shape
+    if isinstance(reference, str):
+        route_L = torch.tensor(parse_pattern(reference, L), device=idx_BT.device)
+        return route_L.view(L, 1, 1).expand(L, B, T)
+    if not callable(reference):
+        raise ValueError(f"reference must be a pattern or a routing policy; got {type(reference).__name__}")
+    soft = []
+
+    def recording(layer, x_BTD):
+        route = reference(layer, x_BTD)
+        soft.append(route.is_floating_point())
+        return route
+
+    out = model(idx_BT, None, recording, return_logits=False)
+    if any(soft):
+        raise ValueError("a frozen-context reference must route hard (route_BT), not with soft weights")
+    return out.route_LBT
+
+
+class FrozenContext:
+    """Every (position, variant) is a scored token attending to the reference context (``frozen``)."""
+
+    name = "frozen"
+
+    def __init__(self, model: DuoModel, idx_BT: torch.Tensor, reference):
+        self.model = model
+        cfg = model.cfg
+        B, T = idx_BT.shape
+        self.cos_TE, self.sin_TE = model.rope_cos[:T], model.rope_sin[:T]
+        self.route_LBT = reference_routes(model, idx_BT, reference)
+        self.k_ref, self.v_ref = self._reference_kv(idx_BT)
+        self.scale = 1.0 / math.sqrt(cfg.head_dim)
+        self.strict_TS = torch.ones(T, T, dtype=torch.bool, device=idx_BT.device).tril(-1)
+
+    @torch.no_grad()
+    def _reference_kv(self, idx_BT):
+        """Keys/values (post-RoPE) of every layer under the reference routing: the model's forward,
+        step by step, keeping what the scored tokens will read."""
+        model = self.model
+        h_BTD = model.embed(idx_BT)
+        k_ref, v_ref = [], []
+        for layer, block in enumerate(model.layers):
+            x_BTD = block.attn_norm(h_BTD)
+            attn = block.attn
+            q_BHTE, k_BKTE, v_BKTE = attn.qkv(x_BTD, self.cos_TE, self.sin_TE)
+            k_ref.append(k_BKTE)
+            v_ref.append(v_BKTE)
+            y_BHTE = F.scaled_dot_product_attention(
+                q_BHTE, k_BKTE, v_BKTE, is_causal=True, enable_gqa=attn.n_kv_heads != attn.n_heads
+            )
+            a_BTD = attn.o_proj(y_BHTE.transpose(1, 2).reshape(*h_BTD.shape[:2], -1))
+            route_BT = self.route_LBT[layer]
+            if block.skip_mode == "block":
+                a_BTD = a_BTD * (route_BT != SKIP).unsqueeze(-1).type_as(a_BTD)
+            h_BTD = h_BTD + a_BTD
+            h_BTD = h_BTD + block.ffn.routed(block.ffn_norm(h_BTD), route_BT)
+        return k_ref, v_ref
+
+    def attend(self, layer: int, h_BTMD: torch.Tensor) -> torch.Tensor:
+        block = self.model.layers[layer]
+        attn = block.attn
+        B, T, M, D = h_BTMD.shape
+        H, K, E = attn.n_heads, attn.n_kv_heads, attn.head_dim
+        x_BTMD = block.attn_norm(h_BTMD)
+        cos_T11E, sin_T11E = self.cos_TE[:, None, None, :], self.sin_TE[:, None, None, :]
+        q_BTMHE = _rope(attn.q_proj(x_BTMD).view(B, T, M, H, E), cos_T11E, sin_T11E)
+        k_BTMKE = _rope(attn.k_proj(x_BTMD).view(B, T, M, K, E), cos_T11E, sin_T11E)
+        v_BTMKE = attn.v_proj(x_BTMD).view(B, T, M, K, E)
+        if K != H:  # grouped KV heads: query head h reads KV head h // (H / K), as SDPA's enable_gqa
+            k_BTMHE = k_BTMKE.repeat_interleave(H // K, dim=3)
+            v_BTMHE = v_BTMKE.repeat_interleave(H // K, dim=3)
+            k_BHSE = self.k_ref[layer].repeat_interleave(H // K, dim=1)
+            v_BHSE = self.v_ref[layer].repeat_interleave(H // K, dim=1)
+        else:
+            k_BTMHE, v_BTMHE, k_BHSE, v_BHSE = k_BTMKE, v_BTMKE, self.k_ref[layer], self.v_ref[layer]
+        q_BHXE = q_BTMHE.permute(0, 3, 1, 2, 4).reshape(B, H, T * M, E)  # X = (position, variant)
+        # context: reference keys of strictly earlier positions; self: the token's own key
+        ctx_BHXS = (q_BHXE @ k_BHSE.transpose(-1, -2)).float() * self.scale
+        mask_XS = self.strict_TS.repeat_interleave(M, dim=0)
+        ctx_BHXS = ctx_BHXS.masked_fill(~mask_XS, float("-inf"))
+        own_BHX = (q_BTMHE * k_BTMHE).sum(-1).permute(0, 3, 1, 2).reshape(B, H, T * M).float() * self.scale
+        p_BHXS1 = torch.softmax(torch.cat([ctx_BHXS, own_BHX.unsqueeze(-1)], -1), dim=-1).to(q_BHXE.dtype)
+        y_BHXE = p_BHXS1[..., :T] @ v_BHSE
+        v_own_BHXE = v_BTMHE.permute(0, 3, 1, 2, 4).reshape(B, H, T * M, E)
+        y_BHXE = y_BHXE + p_BHXS1[..., T:] * v_own_BHXE
+        y_BTMD = y_BHXE.view(B, H, T, M, E).permute(0, 2, 3, 1, 4).reshape(B, T, M, H * E)
+        return attn.o_proj(y_BTMD)
+
+
+def make_context(model: DuoModel, context: str, idx_BT: torch.Tensor, reference=None):
+    if context == "shared":
+        return SharedContext(model, idx_BT.shape[1])
+    if context == "frozen":
+        return FrozenContext(model, idx_BT, reference if reference is not None else "B" * model.cfg.n_layers)
+    raise ValueError(f"unknown context {context!r}; use shared or frozen")
+
+
+def head_loss(model: DuoModel, h_XD: torch.Tensor, tgt_X: torch.Tensor, rows: int = 2048) -> torch.Tensor:
+    """Next-token cross-entropy (float32) of final hidden states: final norm, LM head, log-sum-exp.
+
+    Row blocks keep the logits of one block in cache; the loss is computed in float32 whatever
+    the compute dtype, as the model does (``logits.float()``).
+    """
+    shape = h_XD.shape[:-1]
+    h_ND = h_XD.reshape(-1, h_XD.shape[-1])
+    tgt_N = tgt_X.reshape(-1)
+    out_N = torch.empty(h_ND.shape[0], dtype=torch.float32, device=h_ND.device)
+    for a in range(0, h_ND.shape[0], rows):
+        logits_nV = model.lm_head(model.norm(h_ND[a : a + rows])).float()
+        out_N[a : a + rows] = torch.logsumexp(logits_nV, -1) - logits_nV.gather(1, tgt_N[a : a + rows, None]).squeeze(1)
+    return out_N.view(shape)

@@ -1,0 +1,239 @@
+"""Streaming reductions: what the oracle keeps of every (pattern, token) loss as it goes.
+
+Per chunk of tokens (``ChunkReducer``): per budget group the best loss and best pattern of each
+token; per pattern the summed loss; per budget the per-token best among its random draws; the
+all-big and all-small losses. Nothing of size patterns x tokens is kept (DESIGN 4.2).
+
+After all chunks (``finalize``): oracle@k (mean of per-token best), fixed@k (the one pattern
+with the lowest mean loss, paper section 4.1), random@k (mean over candidates of the per-pattern
+mean loss), best of 100 random patterns in both readings, compute relative to all-big,
+position-varying budgets (paper section 4.2: falling 6->2, rising 2->6, constant 4), and the
+layer x position usage of the oracle's routes for the heatmaps (paper figures 3-5).
+
+Tensor name legend: P evaluated patterns, J reported budgets, G exact-bigs groups,
+N tokens (of a chunk, or all), L layers, T positions, R routes (skip, small, big).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from ..routing import BIG, SKIP, FlopModel, code_strings, decode_codes
+from .plan import Plan
+
+
+class ChunkReducer:
+    """Consumes ``(pattern indices, loss_R...)`` for one chunk of N tokens."""
+
+    def __init__(self, plan: Plan, n_tokens: int, device, matrix_cb=None):
+        self.plan = plan
+        N, G, J, P = n_tokens, len(plan.group_bigs), len(plan.budgets), len(plan.code_P)
+        inf = float("inf")
+        self.best_GN = torch.full((G, N), inf, device=device)
+        self.arg_GN = torch.full((G, N), -1, dtype=torch.long, device=device)
+        self.sub_JN = torch.full((J, N), inf, device=device)
+        self.sum_P = torch.zeros(P, dtype=torch.float64, device=device)
+        self.seen_P = np.zeros(P, dtype=bool)
+        self.base = {}
+        self.samples_of = [np.flatnonzero(plan.sample_JP[:, p]) for p in range(P)]
+        self.matrix_cb = matrix_cb
+
+    def consume(self, p_R: np.ndarray, loss_R: torch.Tensor) -> None:
+        loss_RN = loss_R.reshape(len(p_R), -1)
+        p_R_t = torch.as_tensor(p_R, device=loss_RN.device)
+        self.sum_P.index_copy_(0, p_R_t, loss_RN.double().sum(1))
+        self.seen_P[p_R] = True
+        for i, p in enumerate(p_R.tolist()):
+            loss_N = loss_RN[i]
+            g = int(self.plan.group_P[p])
+            if g >= 0:
+                better_N = loss_N < self.best_GN[g]  # strict: the first pattern in code order wins ties
+                self.best_GN[g] = torch.where(better_N, loss_N, self.best_GN[g])
+                self.arg_GN[g] = torch.where(better_N, p, self.arg_GN[g])
+            for j in self.samples_of[p]:
+                torch.minimum(self.sub_JN[j], loss_N, out=self.sub_JN[j])
+            if p == self.plan.all_big:
+                self.base["all_big"] = loss_N.clone()
+            if p == self.plan.all_small:
+                self.base["all_small"] = loss_N.clone()
+        if self.matrix_cb is not None:
+            self.matrix_cb(p_R, loss_RN)
+
+    def result(self, beam: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, np.ndarray]:
+        """Per-budget arrays of this chunk (numpy, CPU). ``beam``: (loss_JN, code_JN) from the search."""
+        plan = self.plan
+        assert self.seen_P.all(), "every planned pattern must reach a leaf"
+        if beam is not None:
+            best_JN, code_JN = beam
+        else:
+            code_P = torch.as_tensor(plan.code_P, device=self.best_GN.device)
+            bigs_G = plan.group_bigs
+            rows_loss, rows_code = [], []
+            for k in plan.budgets:
+                gs = [g for g, b in enumerate(bigs_G) if plan.in_budget(b, k)]
+                loss_N, arg_N = self.best_GN[gs[0]], self.arg_GN[gs[0]]
+                for g in gs[1:]:  # "at most k": best over the exact groups <= k, lower group on ties
+                    better_N = self.best_GN[g] < loss_N
+                    loss_N = torch.where(better_N, self.best_GN[g], loss_N)
+                    arg_N = torch.where(better_N, self.arg_GN[g], arg_N)
+                rows_loss.append(loss_N)
+                rows_code.append(code_P[arg_N])
+            best_JN, code_JN = torch.stack(rows_loss), torch.stack(rows_code)
+        return {
+            "best_loss_JN": best_JN.float().cpu().numpy(),
+            "best_code_JN": code_JN.long().cpu().numpy(),
+            "sub_loss_JN": self.sub_JN.cpu().numpy(),
+            "all_big_N": self.base["all_big"].float().cpu().numpy(),
+            "all_small_N": self.base["all_small"].float().cpu().numpy(),
+            "sum_P": self.sum_P.cpu().numpy(),
+        }
+
+
+def merge_chunks(results: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Concatenate per-token arrays in chunk order; sum per-pattern losses in chunk order
+    (a fixed order, so a sharded or resumed run gives the same bits as one uninterrupted pass)."""
+    out = {}
+    for key in ("best_loss_JN", "best_code_JN", "sub_loss_JN"):
+        out[key] = np.concatenate([r[key] for r in results], axis=1)
+    for key in ("all_big_N", "all_small_N"):
+        out[key] = np.concatenate([r[key] for r in results])
+    sum_P = np.zeros_like(results[0]["sum_P"])
+    for r in results:
+        sum_P = sum_P + r["sum_P"]
+    out["sum_P"] = sum_P
+    return out
+
+
+def _ppl(mean_loss: float) -> float:
+    return math.exp(mean_loss) if math.isfinite(mean_loss) else float("nan")
+
+
+def route_counts(code_N: np.ndarray, n_layers: int) -> np.ndarray:
+    """Per token: number of layers on each route, ``count_NR`` (for compute)."""
+    route_NL = decode_codes(code_N, n_layers)
+    return np.stack([(route_NL == r).sum(1) for r in range(3)], axis=1)
+
+
+def compute_of_codes(code_N: np.ndarray, flop_model: FlopModel) -> float:
+    """Mean FLOPs per token of the given patterns, relative to all-big (DESIGN section 3)."""
+    counts_NR = route_counts(code_N, flop_model.n_layers)
+    flops_N = flop_model.n_layers * flop_model.attention + flop_model.head + counts_NR @ np.array(flop_model.ffn)
+    return float(flops_N.mean() / flop_model.all_big())
+
+
+def usage(code_N: np.ndarray, position_N: np.ndarray, n_layers: int, T: int) -> np.ndarray:
+    """``share_RLT``: at each position t, the share of tokens whose pattern takes route r at layer l."""
+    route_NL = decode_codes(code_N, n_layers)
+    tokens_T = np.bincount(position_N, minlength=T).astype(np.float64)
+    share_RLT = np.zeros((3, n_layers, T), dtype=np.float64)
+    for r in range(3):
+        for layer in range(n_layers):
+            share_RLT[r, layer] = np.bincount(position_N, weights=(route_NL[:, layer] == r), minlength=T)
+    return (share_RLT / np.maximum(tokens_T, 1)).astype(np.float32)
+
+
+def linear_schedule(start: int, stop: int, T: int) -> np.ndarray:
+    """Budget per position, moving linearly from ``start`` to ``stop``; round-half-even is symmetric,
+    so falling a->b and rising b->a have the same mean budget (a+b)/2."""
+    return np.rint(start + (stop - start) * np.arange(T) / max(T - 1, 1)).astype(np.int64)
+
+
+def default_schedules(n_layers: int) -> list[tuple[str, int, int]]:
+    """Paper section 4.2 for L = 12: falling 6->2, rising 2->6, constant 4; in general around
+    round(L/3) with amplitude max(1, round(L/6))."""
+    c, d = round(n_layers / 3), max(1, round(n_layers / 6))
+    lo, hi = max(0, c - d), min(n_layers, c + d)
+    return [("falling", hi, lo), ("rising", lo, hi), ("constant", c, c)]
+
+
+def position_budgets(plan: Plan, best_loss_JN: np.ndarray, best_code_JN, position_N, T, flop_model) -> list[dict]:
+    """Budgets that change along the sequence: each token gets the oracle at its position's budget."""
+    out = []
+    j_of = {k: j for j, k in enumerate(plan.budgets)}
+    for name, start, stop in default_schedules(plan.n_layers):
+        sched_T = linear_schedule(start, stop, T)
+        needed = sorted(set(sched_T.tolist()))
+        if any(k not in j_of for k in needed):
+            continue
+        j_N = np.array([j_of[int(k)] for k in sched_T])[position_N]
+        cols = np.arange(len(position_N))
+        loss_N = best_loss_JN[j_N, cols]
+        out.append({
+            "name": name,
+            "schedule": f"{start}->{stop}",
+            "mean_budget": float(sched_T[position_N].mean()),
+            "oracle_ppl": _ppl(float(loss_N.astype(np.float64).mean())),
+            "compute": compute_of_codes(best_code_JN[j_N, cols], flop_model),
+        })
+    return out
+
+
+def early_exit_share(code_N: np.ndarray, n_layers: int) -> float:
+    """Share of tokens whose pattern looks like early exit: no skip before a non-skip layer."""
+    route_NL = decode_codes(code_N, n_layers)
+    skip_NL = route_NL == SKIP
+    # early exit <=> once a layer is skipped, every later layer is skipped too
+    later_kept_NL = np.flip(np.cumsum(np.flip(~skip_NL, 1), 1), 1) > 0
+    violated_N = (skip_NL[:, :-1] & later_kept_NL[:, 1:]).any(1)
+    return float((~violated_N).mean())
+
+
+def finalize(plan: Plan, merged: dict, position_N: np.ndarray, T: int, flop_model: FlopModel):
+    """Summary dict (per budget and top level) and the usage array ``usage_JRLT``."""
+    L = plan.n_layers
+    N = merged["best_loss_JN"].shape[1]
+    mean_P = merged["sum_P"] / N
+    exhaustive = plan.spec.search == "exhaustive"
+    strings_P = code_strings(plan.code_P, L)
+    per_budget, usage_J = [], []
+    for j, k in enumerate(plan.budgets):
+        loss_N = merged["best_loss_JN"][j].astype(np.float64)
+        code_N = merged["best_code_JN"][j]
+        members = np.flatnonzero(plan.member_JP[j])
+        sample = np.flatnonzero(plan.sample_JP[j])
+        fixed = members[np.argmin(mean_P[members])] if exhaustive else None
+        best_sample = sample[np.argmin(mean_P[sample])]
+        share_RLT = usage(code_N, position_N, L, T)
+        usage_J.append(share_RLT)
+        entry = {
+            "k": int(k),
+            "candidates": int(plan.candidates_J[j]),
+            "oracle_ppl": _ppl(loss_N.mean()),
+            "oracle_loss": float(loss_N.mean()),
+            "oracle_compute": compute_of_codes(code_N, flop_model),
+            "fixed_ppl": _ppl(float(mean_P[fixed])) if fixed is not None else None,
+            "fixed_pattern": str(strings_P[fixed]) if fixed is not None else None,
+            "fixed_compute": compute_of_codes(plan.code_P[[fixed]], flop_model) if fixed is not None else None,
+            # random@k: a pattern drawn uniformly per token; its expected loss is the candidates' mean
+            "random_mean_ppl": _ppl(float(mean_P[members].mean())),
+            "random_mean_over": "all candidates" if exhaustive else f"{len(members)} random candidates",
+            "best_of_100_ppl": _ppl(float(mean_P[best_sample])),
+            "best_of_100_pattern": str(strings_P[best_sample]),
+            "best_of_100_per_token_ppl": _ppl(float(merged["sub_loss_JN"][j].astype(np.float64).mean())),
+            "best_of_100_n": int(len(sample)),
+            "oracle_big_share_by_layer": [round(float(x), 6) for x in share_RLT[BIG].mean(1)],
+        }
+        if "_" in plan.spec.space.options or plan.spec.patterns is not None:
+            entry["oracle_skip_share_by_layer"] = [round(float(x), 6) for x in share_RLT[SKIP].mean(1)]
+            entry["oracle_early_exit_share"] = early_exit_share(code_N, L)
+        per_budget.append(entry)
+    big_loss = float(merged["all_big_N"].astype(np.float64).mean())
+    small_loss = float(merged["all_small_N"].astype(np.float64).mean())
+    summary = {
+        "budgets": per_budget,
+        "all_big_ppl": _ppl(big_loss),
+        "all_small_ppl": _ppl(small_loss),
+        "all_big_loss": big_loss,
+        "all_small_loss": small_loss,
+        "all_small_compute": compute_of_codes(plan.code_P[[plan.all_small]], flop_model),
+        "tokens": int(N),
+        "n_layers": L,
+        "position_budgets": position_budgets(
+            plan, merged["best_loss_JN"], merged["best_code_JN"], position_N, T, flop_model
+        ),
+    }
+    usage_JRLT = np.stack(usage_J) if usage_J else np.zeros((0, 3, L, T), np.float32)
+    return summary, usage_JRLT

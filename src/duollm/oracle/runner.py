@@ -1,0 +1,347 @@
+"""Running an oracle over a token set: chunks, resume, sharding, outputs.
+
+Sequences are processed in chunks of ``batch_tokens // T`` sequences. After each chunk its
+reductions are saved atomically under ``<out>/.partial/``; a rerun with the same inputs loads
+them and computes only what is missing, so an interrupted run resumes and gives the same bits
+(DESIGN section 7). Under ``torchrun`` each process takes every world-th chunk and rank 0
+merges the chunks in order — the merged result equals the one-process result because a
+chunk's arithmetic never depends on who computes it (DESIGN 4.6).
+
+Outputs (DESIGN section 5): ``summary.json``, ``per_token.parquet``, ``oracle_loss.npy``, plus
+``usage.npy`` (float32 [budgets, routes (skip, small, big), layers, positions]: share of tokens
+at each position whose oracle pattern takes that route at that layer — the heatmaps),
+``patterns.parquet`` (every evaluated pattern's mean loss), ``run.json`` (timing, processes),
+and ``loss_matrix.npy`` [patterns, tokens] only when asked. Each file is written atomically.
+
+Tensor name legend: S sequences, T positions, B sequences of a chunk, N tokens, P patterns,
+J budgets, L layers.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from ..io import atomic_path, atomic_write_json
+from ..model import DuoModel
+from ..routing import SKIP, BIG, code_strings, decode_codes
+from .context import make_context
+from .plan import OracleSpec, Plan, build_plan
+from .reductions import ChunkReducer, finalize, merge_chunks
+from .search import beam_search, max_children
+from .tree import walk_tree
+
+ENGINE_VERSION = 1
+PARTIAL = ".partial"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _param_fingerprint(model: DuoModel) -> str:
+    h = hashlib.sha256()
+    for name, p in model.state_dict().items():
+        p64 = p.detach().double()
+        h.update(name.encode())
+        h.update(np.array([*p.shape, p64.sum().item(), p64.abs().sum().item()], dtype=np.float64).tobytes())
+    return h.hexdigest()
+
+
+def _tensor_fingerprint(*tensors) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _save_npz(path: Path, arrays: dict) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+
+
+def _save_parquet(path: Path, columns: dict) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table(columns)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, str(tmp))
+
+
+def _dist_info():
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), False
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_available():  # launched by torchrun
+        backend = "nccl" if torch.cuda.is_available() and os.environ.get("DUOLLM_DIST_BACKEND") != "gloo" else "gloo"
+        dist.init_process_group(backend)
+        return dist.get_rank(), dist.get_world_size(), True
+    return 0, 1, False
+
+
+def engine_model(model: DuoModel, dtype: str) -> DuoModel:
+    """The model in the compute dtype: float32 (exact, default) or bfloat16 (AMX / tensor cores)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be float32 or bfloat16; got {dtype!r}")
+    model = model.eval()
+    if next(model.parameters()).dtype == DTYPES[dtype]:
+        return model
+    return copy.deepcopy(model).to(DTYPES[dtype])
+
+
+# ----------------------------------------------------------------------------- one chunk
+
+
+@torch.no_grad()
+def compute_chunk(model: DuoModel, plan: Plan, idx_BT, tgt_BT, *, batch_tokens: int, on_leaves=None, matrix_cb=None):
+    """All reductions of one chunk of sequences (numpy arrays, see ``ChunkReducer.result``)."""
+    spec = plan.spec
+    B, T = idx_BT.shape
+    ctx = make_context(model, spec.context, idx_BT, spec.reference)
+    red = ChunkReducer(plan, B * T, idx_BT.device, matrix_cb)
+
+    def consume(p_R, loss_RBT):
+        red.consume(p_R, loss_RBT)
+        if on_leaves is not None:
+            on_leaves(len(p_R))
+
+    walk_tree(model, ctx, plan.route_PL, model.embed(idx_BT), tgt_BT, consume)
+    beam = None
+    if spec.search == "beam":
+        c_max = max_children(spec.space, spec.beam_width)
+        group = max(1, (4 * batch_tokens) // (T * c_max))
+        losses, codes = [], []
+        for a in range(0, B, group):
+            idx_bT, tgt_bT = idx_BT[a : a + group], tgt_BT[a : a + group]
+            ctx_b = make_context(model, spec.context, idx_bT, spec.reference)
+            loss_JN, code_JN = beam_search(
+                model, ctx_b, model.embed(idx_bT), tgt_bT, spec.space, plan.budgets, spec.beam_width, rows=batch_tokens
+            )
+            losses.append(loss_JN)
+            codes.append(code_JN)
+        beam = (torch.cat(losses, 1), torch.cat(codes, 1))
+    return red.result(beam)
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def run_oracle(
+    model: DuoModel,
+    idx_ST: torch.Tensor,
+    tgt_ST: torch.Tensor,
+    spec: OracleSpec,
+    out_dir: str | os.PathLike,
+    *,
+    batch_tokens: int = 4096,
+    dtype: str = "float32",
+    keep_matrix: bool = False,
+    progress: bool = True,
+    meta: dict | None = None,
+    on_chunk: Callable[[int], None] | None = None,
+) -> dict | None:
+    """Run the oracle of ``spec`` on the tokens ``idx_ST``/``tgt_ST`` and write ``out_dir``.
+
+    Returns the summary dict on rank 0 (None on other ranks). ``on_chunk(i)`` is called after
+    chunk i is saved (tests use it to interrupt). ``meta`` is merged into the summary.
+    """
+    if not isinstance(batch_tokens, int) or batch_tokens < 1:
+        raise ValueError(f"batch tokens must be a positive integer; got {batch_tokens!r}")
+    if idx_ST.dim() != 2 or idx_ST.shape != tgt_ST.shape or idx_ST.numel() == 0:
+        raise ValueError("evaluation tokens must be two non-empty [sequences, positions] tensors of one shape")
+    if idx_ST.shape[1] > model.cfg.max_seq_len:
+        raise ValueError(f"sequences of {idx_ST.shape[1]} tokens exceed model.max_seq_len={model.cfg.max_seq_len}")
+    if spec.n_layers != model.cfg.n_layers:
+        raise ValueError(f"the candidate space has {spec.n_layers} layers but the model has {model.cfg.n_layers}")
+    t_start = time.time()
+    out_dir = Path(out_dir)
+    plan = build_plan(spec)
+    emodel = engine_model(model, dtype)
+    device = emodel.embed.weight.device
+    S, T = idx_ST.shape
+    N = S * T
+    per_chunk = max(1, batch_tokens // T)
+    chunks = [(i, a, min(S, a + per_chunk)) for i, a in enumerate(range(0, S, per_chunk))]
+    rank, world, we_initialized = _dist_info()
+    mine = [c for c in chunks if c[0] % world == rank]
+    P = len(plan.code_P)
+
+    fingerprint = hashlib.sha256(json.dumps({
+        "engine": ENGINE_VERSION, "plan": plan.fingerprint(), "tokens": _tensor_fingerprint(idx_ST, tgt_ST),
+        "params": _param_fingerprint(model), "dtype": dtype, "per_chunk": per_chunk, "matrix": keep_matrix,
+    }, sort_keys=True).encode()).hexdigest()
+    partial = out_dir / PARTIAL
+    if rank == 0:
+        stamp = partial / "fingerprint.json"
+        if stamp.is_file() and json.loads(stamp.read_text()).get("fingerprint") != fingerprint:
+            shutil.rmtree(partial)  # different inputs: the saved chunks do not apply
+        partial.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(stamp, {"fingerprint": fingerprint})
+        if keep_matrix and not (partial / "loss_matrix.npy").is_file():
+            np.lib.format.open_memmap(partial / "loss_matrix.npy", mode="w+", dtype=np.float32, shape=(P, N)).flush()
+    if world > 1:
+        dist.barrier()
+
+    matrix = np.lib.format.open_memmap(partial / "loss_matrix.npy", mode="r+") if keep_matrix else None
+    results, resumed, computed = {}, 0, 0
+    todo_tokens = sum((b - a) * T for i, a, b in mine if not (partial / f"chunk_{i:05d}.npz").is_file())
+    bar = tqdm(total=todo_tokens, unit="tok", unit_scale=True, desc=f"oracle {spec.name()}",
+               disable=not progress or rank != 0 or todo_tokens == 0, dynamic_ncols=True)
+    t_compute = time.time()
+    leaves = [0]
+    for i, a, b in mine:
+        path = partial / f"chunk_{i:05d}.npz"
+        if path.is_file():
+            with np.load(path) as z:
+                results[i] = {k: z[k] for k in z.files}
+            resumed += 1
+            continue
+        n_tok = (b - a) * T
+
+        def on_leaves(n, n_tok=n_tok):
+            leaves[0] += n
+            bar.update(n * n_tok / P)
+            dt = max(time.time() - t_compute, 1e-9)
+            bar.set_postfix_str(f"{leaves[0] / dt:.3g} pattern-chunks/s, {P} patterns", refresh=False)
+
+        def matrix_cb(p_R, loss_RN, a=a, b=b):
+            matrix[p_R, a * T : b * T] = loss_RN.float().cpu().numpy()
+
+        res = compute_chunk(
+            emodel, plan, idx_ST[a:b].to(device), tgt_ST[a:b].to(device), batch_tokens=batch_tokens,
+            on_leaves=on_leaves, matrix_cb=matrix_cb if keep_matrix else None,
+        )
+        if matrix is not None:
+            matrix.flush()
+        _save_npz(path, res)
+        results[i] = res
+        computed += 1
+        if on_chunk is not None:
+            on_chunk(i)
+    bar.close()
+    compute_s = time.time() - t_compute
+
+    if world > 1:
+        gathered = [None] * world if rank == 0 else None
+        dist.gather_object(results, gathered, dst=0)
+        if rank == 0:
+            for part in gathered:
+                results.update(part)
+    summary = None
+    if rank == 0:
+        assert sorted(results) == [c[0] for c in chunks], "every chunk must be computed by some process"
+        merged = merge_chunks([results[i] for i, _, _ in chunks])
+        summary = _write_outputs(out_dir, plan, merged, idx_ST, tgt_ST, emodel, meta or {})
+        if keep_matrix:
+            del matrix
+            os.replace(partial / "loss_matrix.npy", out_dir / "loss_matrix.npy")
+        atomic_write_json(out_dir / "run.json", {
+            "wall_s": round(time.time() - t_start, 3),
+            "compute_s": round(compute_s, 3),
+            "chunks": len(chunks), "chunks_resumed": resumed, "chunks_computed_rank0": computed,
+            "world_size": world, "device": str(device), "dtype": dtype, "batch_tokens": batch_tokens,
+            "patterns_evaluated": P,
+            "tokens_per_s_rank0": round(computed * per_chunk * T / compute_s, 3) if computed else None,
+        })
+        shutil.rmtree(partial, ignore_errors=True)
+    if world > 1:
+        dist.barrier()
+        if we_initialized:
+            dist.destroy_process_group()
+    return summary
+
+
+def _write_outputs(out_dir: Path, plan: Plan, merged: dict, idx_ST, tgt_ST, model: DuoModel, meta: dict) -> dict:
+    spec = plan.spec
+    S, T = idx_ST.shape
+    L = plan.n_layers
+    position_N = np.tile(np.arange(T), S)
+    summary_core, usage_JRLT = finalize(plan, merged, position_N, T, model.flop_model)
+    summary = {
+        "name": meta.get("name", spec.name()),
+        **spec.describe(),
+        "n_layers": L,
+        "tokens": int(S * T),
+        "sequences": int(S),
+        "seq_len": int(T),
+        "patterns_evaluated": int(len(plan.code_P)),
+        "flops_per_token_all_big": model.flop_model.all_big(),
+        **{k: v for k, v in meta.items() if k != "name"},
+        **summary_core,
+        "notes": [
+            f"context={spec.context}: "
+            + ("each candidate pattern routes every token of the sequence; each token keeps its best"
+               if spec.context == "shared" else
+               "context tokens keep the reference routing; only the scored token's own routes vary"),
+            "compute is FLOPs per token relative to all-big (routing.FlopModel)",
+            "random_mean_ppl = exp(mean over candidates of the per-pattern mean loss)",
+            "best_of_100: seeded uniform draw of up to 100 candidates per budget; _ppl = best single pattern, "
+            "_per_token_ppl = each token's best among the draw",
+        ],
+    }
+    if spec.search == "beam":
+        summary["notes"].append(
+            "beam search: fixed_ppl needs every candidate and is null; random_mean_ppl is over the random draw"
+        )
+    J = len(plan.budgets)
+    _save_npy(out_dir / "oracle_loss.npy", merged["best_loss_JN"].astype(np.float32))
+    _save_npy(out_dir / "usage.npy", usage_JRLT)
+    cols = {
+        "sequence": np.repeat(np.arange(S, dtype=np.int32), T),
+        "position": position_N.astype(np.int32),
+        "token": idx_ST.reshape(-1).cpu().numpy().astype(np.int32),
+        "target": tgt_ST.reshape(-1).cpu().numpy().astype(np.int32),
+        "loss_all_small": merged["all_small_N"].astype(np.float32),
+        "loss_all_big": merged["all_big_N"].astype(np.float32),
+    }
+    import pyarrow as pa
+
+    for j, k in enumerate(plan.budgets):
+        cols[f"oracle_loss_k{k}"] = merged["best_loss_JN"][j].astype(np.float32)
+    for j, k in enumerate(plan.budgets):
+        strings = code_strings(merged["best_code_JN"][j], L)
+        cols[f"best_pattern_k{k}"] = pa.array(strings.tolist(), type=pa.string()).dictionary_encode()
+    _save_parquet(out_dir / "per_token.parquet", cols)
+    route_PL = decode_codes(plan.code_P, L)
+    N = S * T
+    _save_parquet(out_dir / "patterns.parquet", {
+        "pattern": code_strings(plan.code_P, L).tolist(),
+        "bigs": (route_PL == BIG).sum(1).astype(np.int16),
+        "skips": (route_PL == SKIP).sum(1).astype(np.int16),
+        "candidate": plan.member_JP.any(0) if spec.search == "exhaustive" else np.zeros(len(plan.code_P), bool),
+        "mean_loss": (merged["sum_P"] / N).astype(np.float64),
+    })
+    assert J == len(summary["budgets"])
+    atomic_write_json(out_dir / "summary.json", _jsonable(summary))
+    return summary
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating, float)):
+        return None if not math.isfinite(float(obj)) else float(obj)
+    return obj

@@ -1,0 +1,179 @@
+"""Beam and greedy search over routing patterns, for spaces too large to enumerate.
+
+3^12 patterns with skip, or 2^24 / 2^32 for deeper models, cannot be walked exhaustively
+(DESIGN 4.2). We grow patterns layer by layer and keep, per *cell*, the ``width`` best prefixes.
+
+- Cell: prefixes with the same number of big layers (and of skipped layers when the skip count
+  is constrained). Comparing prefixes only within a cell keeps the comparison fair — they have
+  spent the same budget so far — and guarantees every budget keeps candidates to the end.
+- Score of a prefix: the next-token loss of the prefix completed by all-big layers. The
+  completion ignores the budget on purpose: it asks "how good is the state this prefix leaves,
+  if the rest of the network runs at full strength", identically for every prefix in a cell,
+  so it ranks prefixes by what their own routes did. A cheaper logit-lens score (the LM head on
+  the intermediate state) is unreliable for models not trained to exit early.
+- Unit of selection: ``frozen`` — every token keeps its own beam (its route does not change
+  anyone else's state). ``shared`` — a prefix routes the whole sequence, so beams are per
+  sequence: each token votes for its ``width`` best prefixes in a cell, and the sequence keeps
+  the ``width`` prefixes with most votes (ties: lower mean score).
+- At the last layer the children are complete patterns and their loss is exact; every token
+  takes, per budget, the best pattern its beam reached. Greedy is width 1.
+
+With ``width`` at least the size of every cell nothing is pruned and the result equals the
+exhaustive oracle (a test checks this). The gap to exhaustive is reported where both run.
+
+Tensor name legend: B sequences, T positions, M live prefixes (slots), C children, W width,
+D model width, J budgets, L layers.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..model import DuoModel
+from ..routing import BIG, SKIP, SMALL, CandidateSpace, _LETTER_ROUTE
+from .context import head_loss
+
+
+def _cells(space: CandidateSpace, bigs: int, skips: int) -> tuple[int, int]:
+    return (bigs, skips if space.skips is not None else 0)
+
+
+class BeamSearch:
+    def __init__(self, model: DuoModel, ctx, space: CandidateSpace, budgets, width: int, rows: int = 8192):
+        self.model, self.ctx, self.space = model, ctx, space
+        self.budgets, self.width = tuple(budgets), width
+        self.unit = "token" if ctx.name == "frozen" else "sequence"
+        self.rows = rows  # cap on hidden-state rows per matrix product (memory)
+        self.routes = [_LETTER_ROUTE[c] for c in ("B", "S", "_") if c in space.options]
+
+    # -- pieces of the forward ------------------------------------------------------------
+    def _groups(self, B: int, T: int, M: int):
+        step = max(1, self.rows // max(1, B * T))
+        return [(a, min(M, a + step)) for a in range(0, M, step)]
+
+    def _attend(self, layer: int, h_BTMD: torch.Tensor) -> torch.Tensor:
+        B, T, M, _ = h_BTMD.shape
+        return torch.cat([self.ctx.attend(layer, h_BTMD[:, :, a:b]) for a, b in self._groups(B, T, M)], dim=2)
+
+    def _complete(self, h_BTCD: torch.Tensor, start: int, tgt_BT: torch.Tensor) -> torch.Tensor:
+        """Score children: loss of the prefix completed with big FFNs from layer ``start`` on."""
+        B, T, C, _ = h_BTCD.shape
+        out = []
+        for a, b in self._groups(B, T, C):
+            h = h_BTCD[:, :, a:b]
+            for layer in range(start, self.model.cfg.n_layers):
+                block = self.model.layers[layer]
+                h = h + self.ctx.attend(layer, h)
+                h = h + block.ffn.big(block.ffn_norm(h))
+            out.append(head_loss(self.model, h, tgt_BT[:, :, None].expand(B, T, b - a)))
+        return torch.cat(out, dim=2)
+
+    # -- the search -----------------------------------------------------------------------
+    @torch.no_grad()
+    def run(self, h0_BTD: torch.Tensor, tgt_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per budget and token: best loss found and its pattern code, ``(loss_JN, code_JN)``."""
+        model, space = self.model, self.space
+        L = model.cfg.n_layers
+        B, T, D = h0_BTD.shape
+        block_skip = model.cfg.skip_mode == "block"
+        h_BTMD = h0_BTD.unsqueeze(2)
+        code_BTM = torch.zeros(B, T, 1, dtype=torch.long, device=h0_BTD.device)
+        slots = [(0, 0)]  # (bigs, skips) of each slot; the same for every sequence/token
+        for depth in range(L):
+            block = model.layers[depth]
+            parents = {r: [] for r in self.routes}
+            child_counts = []
+            for r in self.routes:
+                for m, (b, s) in enumerate(slots):
+                    b2, s2 = b + (r == BIG), s + (r == SKIP)
+                    if space.feasible_prefix(depth + 1, b2, s2):
+                        parents[r].append(m)
+                        child_counts.append(_cells(space, b2, s2))
+            assert child_counts, "feasible prefixes always have a feasible child"
+            used = {r for r in self.routes if parents[r]}
+            mid_BTMD = x_BTMD = None
+            if not block_skip or used != {SKIP}:
+                mid_BTMD = h_BTMD + self._attend(depth, h_BTMD)
+            if used & {BIG, SMALL}:
+                x_BTMD = block.ffn_norm(mid_BTMD)
+            parts_h, parts_code = [], []
+            for r in self.routes:
+                if not parents[r]:
+                    continue
+                idx = torch.tensor(parents[r], device=h0_BTD.device)
+                if r == BIG:
+                    h = mid_BTMD[:, :, idx] + block.ffn.big(x_BTMD[:, :, idx])
+                elif r == SMALL:
+                    h = mid_BTMD[:, :, idx] + block.ffn.small(x_BTMD[:, :, idx])
+                else:
+                    h = (h_BTMD if block_skip else mid_BTMD)[:, :, idx]
+                parts_h.append(h)
+                parts_code.append(code_BTM[:, :, idx] * 3 + r)
+            h_BTCD, code_BTC = torch.cat(parts_h, 2), torch.cat(parts_code, 2)
+            del mid_BTMD, x_BTMD
+            if depth == L - 1:
+                loss_BTC = head_loss(model, h_BTCD, tgt_BT[:, :, None].expand(*code_BTC.shape))
+                return self._final(loss_BTC, code_BTC, child_counts)
+            score_BTC = self._complete(h_BTCD, depth + 1, tgt_BT)
+            h_BTMD, code_BTM, slots = self._select(h_BTCD, code_BTC, score_BTC, child_counts)
+        raise AssertionError("unreachable")
+
+    def _select(self, h_BTCD, code_BTC, score_BTC, child_cells):
+        B, T, C, D = h_BTCD.shape
+        device = h_BTCD.device
+        new_h, new_code, new_slots = [], [], []
+        for cell in sorted(set(child_cells)):
+            cidx = torch.tensor([i for i, c in enumerate(child_cells) if c == cell], device=device)
+            W = min(self.width, len(cidx))
+            s_BTc = score_BTC[:, :, cidx]
+            top_BTW = s_BTc.topk(W, dim=-1, largest=False, sorted=True).indices
+            if self.unit == "sequence":  # one set of prefixes per sequence: tokens vote
+                votes_Bc = torch.zeros(B, len(cidx), device=device).scatter_add_(
+                    1, top_BTW.reshape(B, -1), torch.ones(B, T * W, device=device)
+                )
+                by_mean_Bc = s_BTc.double().mean(1).argsort(dim=1, stable=True)
+                by_votes_Bc = (-votes_Bc.gather(1, by_mean_Bc)).argsort(dim=1, stable=True)
+                top_BW = by_mean_Bc.gather(1, by_votes_Bc)[:, :W]
+                top_BTW = top_BW[:, None, :].expand(B, T, W)
+            sel_BTW = cidx[top_BTW]
+            new_h.append(h_BTCD.gather(2, sel_BTW[..., None].expand(B, T, W, D)))
+            new_code.append(code_BTC.gather(2, sel_BTW))
+            new_slots += [cell] * W
+        return torch.cat(new_h, 2), torch.cat(new_code, 2), new_slots
+
+    def _final(self, loss_BTC, code_BTC, child_cells):
+        B, T, C = loss_BTC.shape
+        rows_loss, rows_code = [], []
+        for k in self.budgets:
+            ok_C = torch.tensor(
+                [self.space.allowed(b, s) and bool(self.space.in_budget(b, k)) for b, s in child_cells],
+                device=loss_BTC.device,
+            )
+            masked_BTC = loss_BTC.masked_fill(~ok_C, float("inf"))
+            best_BT, arg_BT = masked_BTC.min(-1)
+            assert torch.isfinite(best_BT).all(), f"budget {k} lost all its candidates"
+            rows_loss.append(best_BT.reshape(-1))
+            rows_code.append(code_BTC.gather(2, arg_BT[..., None]).reshape(-1))
+        return torch.stack(rows_loss), torch.stack(rows_code)
+
+
+def beam_search(model, ctx, h0_BTD, tgt_BT, space, budgets, width, rows=8192):
+    """Functional form of ``BeamSearch(...).run``: ``(loss_JN, code_JN)`` for the chunk's B*T tokens."""
+    return BeamSearch(model, ctx, space, budgets, width, rows).run(h0_BTD, tgt_BT)
+
+
+def max_children(space: CandidateSpace, width: int) -> int:
+    """Most children the search holds at once (to size sequence groups for memory): a dry run of
+    the slot bookkeeping, which is the same for every token."""
+    routes = [_LETTER_ROUTE[c] for c in ("B", "S", "_") if c in space.options]
+    slots, most = [(0, 0)], 1
+    for depth in range(space.n_layers):
+        cells = []
+        for r in routes:
+            for b, s in slots:
+                b2, s2 = b + (r == BIG), s + (r == SKIP)
+                if space.feasible_prefix(depth + 1, b2, s2):
+                    cells.append(_cells(space, b2, s2))
+        most = max(most, len(cells))
+        slots = [c for c in sorted(set(cells)) for _ in range(min(width, cells.count(c)))]
+    return most

@@ -1,0 +1,118 @@
+"""The tree evaluator: every candidate pattern's per-token loss, sharing work across prefixes.
+
+Patterns that share their first l routes share the hidden state after l layers (DESIGN 4.2).
+We walk the prefix tree depth first: at a node (a prefix of ``depth`` routes) we run the
+attention of layer ``depth`` once — with ``skip_mode="ffn"`` it does not depend on that layer's
+route — then the FFN once per child route (big, small; skip costs nothing), and recurse.
+Leaves (full patterns) go through the LM head and cross-entropy, siblings together, and are
+handed to ``consume`` as they come, so the pattern x token loss matrix is never held.
+Memory: one hidden state per depth for the tokens of the chunk, whatever the pattern count.
+
+Each node's tensors hold all tokens of a chunk of sequences, so the matrix products are as
+large as the chunk ([B*T, D] x [D, F]).
+
+Tensor name legend: B sequences, T positions, D model width, L layers, P patterns,
+R sibling routes at a node (<= 3), N tokens of the chunk (B*T).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..model import DuoModel
+from ..routing import BIG, SKIP, SMALL, FlopModel, pattern_codes
+from .context import head_loss
+
+Consume = Callable[[np.ndarray, torch.Tensor], None]  # (pattern indices [R], loss_RBT)
+
+
+def sort_patterns(route_PL: np.ndarray) -> np.ndarray:
+    """Order that sorts patterns lexicographically (prefixes contiguous); rejects duplicates."""
+    code_P = pattern_codes(route_PL)
+    order_P = np.argsort(code_P, kind="stable")
+    if len(code_P) and (np.diff(code_P[order_P]) == 0).any():
+        raise ValueError("the pattern list has duplicates")
+    return order_P
+
+
+def _child_ranges(col_P: np.ndarray, lo: int, hi: int) -> list[tuple[int, int, int]]:
+    """(route, start, stop) of each child of the node covering sorted patterns [lo, hi)."""
+    col = col_P[lo:hi]
+    starts = np.flatnonzero(np.r_[True, col[1:] != col[:-1]])
+    stops = np.r_[starts[1:], len(col)]
+    return [(int(col[a]), lo + int(a), lo + int(b)) for a, b in zip(starts, stops)]
+
+
+@torch.no_grad()
+def walk_tree(
+    model: DuoModel,
+    ctx,
+    route_PL: np.ndarray,
+    h0_BTD: torch.Tensor,
+    tgt_BT: torch.Tensor,
+    consume: Consume,
+    head_rows: int = 2048,
+) -> None:
+    """Evaluate every pattern of ``route_PL`` (any order, no duplicates) under context ``ctx``."""
+    L = model.cfg.n_layers
+    P = len(route_PL)
+    if P == 0:
+        return
+    assert route_PL.shape[1] == L, "patterns must have one route per layer"
+    order_P = sort_patterns(route_PL)
+    sorted_PL = np.ascontiguousarray(route_PL[order_P])
+    block_skip = model.cfg.skip_mode == "block"
+    h0_BTMD = h0_BTD.unsqueeze(2)  # M = 1: one prefix per node
+
+    def visit(depth: int, lo: int, hi: int, h_BTMD: torch.Tensor) -> None:
+        block = model.layers[depth]
+        children = _child_ranges(sorted_PL[:, depth], lo, hi)
+        routes = {r for r, _, _ in children}
+        mid_BTMD = x_BTMD = None
+        if not block_skip or routes != {SKIP}:
+            mid_BTMD = h_BTMD + ctx.attend(depth, h_BTMD)
+        if routes & {BIG, SMALL}:
+            x_BTMD = block.ffn_norm(mid_BTMD)
+        leaves, leaf_h = [], []
+        for route, a, b in children:
+            if route == BIG:
+                child = mid_BTMD + block.ffn.big(x_BTMD)
+            elif route == SMALL:
+                child = mid_BTMD + block.ffn.small(x_BTMD)
+            else:  # skip: the residual passes (with skip_mode="block" the attention output too)
+                child = h_BTMD if block_skip else mid_BTMD
+            if depth == L - 1:
+                assert b == a + 1
+                leaves.append(order_P[a])
+                leaf_h.append(child)
+            else:
+                visit(depth + 1, a, b, child)
+        if leaves:
+            h_RBTD = torch.stack([h.squeeze(2) for h in leaf_h])
+            loss_RBT = head_loss(model, h_RBTD, tgt_BT.expand(len(leaves), *tgt_BT.shape), rows=head_rows)
+            consume(np.array(leaves), loss_RBT)
+
+    visit(0, 0, P, h0_BTMD)
+
+
+def tree_flops(route_PL: np.ndarray, flop_model: FlopModel, skip_mode: str = "ffn") -> float:
+    """FLOPs per token of the tree walk: one attention per internal node, one FFN per child, one
+    head per leaf (the cost model the benchmark's ideal ratio uses)."""
+    L = route_PL.shape[1]
+    total = 0.0
+    for depth in range(L):
+        prefix_C = np.unique(pattern_codes(route_PL[:, : depth + 1]))  # C: distinct children at this depth
+        route_C, parent_C = prefix_C % 3, prefix_C // 3
+        if skip_mode == "block":  # a node whose children all skip runs no attention
+            parent_C = parent_C[route_C != SKIP]
+        total += len(np.unique(parent_C)) * flop_model.attention
+        total += sum(flop_model.ffn[int(r)] for r in route_C)
+    return total + len(route_PL) * flop_model.head
+
+
+def naive_flops(route_PL: np.ndarray, flop_model: FlopModel) -> float:
+    """FLOPs per token of one full forward per pattern."""
+    return float(sum(flop_model.pattern(r) for r in route_PL))

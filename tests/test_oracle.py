@@ -1,0 +1,382 @@
+"""The oracle engine (stage 2): equivalences on tiny random models, CPU, seconds.
+
+Tree == naive for every pattern; reductions against brute force over the full loss matrix;
+the orderings oracle <= fixed <= random; k = L is all-big and k = 0 is all-small; frozen with
+candidate {P} and reference P equals the model's own forward under P; beam at full width equals
+exhaustive; resume == uninterrupted; two processes == one; bad inputs name their fault.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from duollm.config import load_config
+from duollm.model import DuoModel
+from duollm.oracle import build_plan, build_spec, naive_losses, pattern_losses, run_oracle
+from duollm.oracle.reductions import default_schedules, linear_schedule
+from duollm.routing import BIG, SKIP, CandidateSpace, code_strings, parse_pattern, pattern_codes
+
+ATOL = 2e-5
+
+
+def tiny_model(seed=0, **overrides) -> DuoModel:
+    torch.manual_seed(seed)
+    cfg = load_config("tiny").model
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    model = DuoModel(cfg).eval()
+    # random init barely separates the routes; spread the weights so patterns really differ
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(8.0)
+    return model
+
+
+def tokens(S=4, T=12, vocab=512, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (S, T), generator=g), torch.randint(0, vocab, (S, T), generator=g)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread avoids thread wake-up costs (10x on a busy 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+@pytest.fixture(scope="module")
+def toks():
+    return tokens()
+
+
+def routes_of(patterns: list[str], L=4) -> np.ndarray:
+    return np.array([parse_pattern(p, L) for p in patterns], dtype=np.int8)
+
+
+# ----------------------------------------------------------------------------- tree vs naive
+
+
+@pytest.mark.parametrize("context,reference,options", [
+    ("shared", None, "SB_"),
+    ("frozen", "SBS_", "SB"),
+    ("frozen", None, "B_"),
+])
+def test_tree_equals_naive_for_every_pattern(model, toks, context, reference, options):
+    idx, tgt = toks
+    route_PL = CandidateSpace(4, options).enumerate()
+    tree_PST = pattern_losses(model, idx, tgt, route_PL, context=context, reference=reference)
+    n = 0
+    for p, naive_ST in naive_losses(model, idx, tgt, route_PL, context=context, reference=reference):
+        torch.testing.assert_close(tree_PST[p], naive_ST, atol=ATOL, rtol=0)
+        n += 1
+    assert n == len(route_PL) and tree_PST.std(0).mean() > 1e-3  # the patterns really differ
+
+
+def test_tree_equals_naive_with_grouped_kv_and_block_skip():
+    m = tiny_model(seed=3, n_kv_heads=1, skip_mode="block")
+    idx, tgt = tokens(S=2, T=8)
+    route_PL = routes_of(["SB_B", "__BS", "B__B", "BBBB", "_S_S"])
+    for context in ("shared", "frozen"):
+        tree_PST = pattern_losses(m, idx, tgt, route_PL, context=context, reference="B_SB" if context == "frozen" else None)
+        for p, naive_ST in naive_losses(m, idx, tgt, route_PL, context=context, reference="B_SB" if context == "frozen" else None):
+            torch.testing.assert_close(tree_PST[p], naive_ST, atol=ATOL, rtol=0)
+
+
+def test_frozen_singleton_equals_own_forward(model, toks, tmp_path):
+    """Frozen, candidate set {P}, reference P: exactly the model's forward under P (== duollm eval --pattern P)."""
+    from duollm.evaluate import per_token_loss
+
+    idx, tgt = toks
+    for P in ("SBB_", "BBBB"):
+        spec = build_spec(4, patterns=P, context="frozen", reference=P)
+        summary = run_oracle(model, idx, tgt, spec, tmp_path / P, batch_tokens=24, progress=False)
+        got_N = np.load(tmp_path / P / "oracle_loss.npy")[0]
+        want_N = per_token_loss(model, idx, tgt, P)["loss_ST"].reshape(-1).numpy()
+        np.testing.assert_allclose(got_N, want_N, atol=ATOL, rtol=0)
+        assert summary["context"] == "frozen" and summary["reference"] == ("B" if P == "BBBB" else P)
+        assert math.isclose(summary["budgets"][0]["oracle_ppl"], summary["budgets"][0]["fixed_ppl"], rel_tol=1e-6)
+
+
+# ----------------------------------------------------------------------------- reductions
+
+
+def _brute(loss_PN, route_PL, budgets, in_budget):
+    bigs_P = (route_PL == BIG).sum(1)
+    out = {}
+    for k in budgets:
+        m = in_budget(bigs_P, k)
+        out[k] = dict(
+            oracle=loss_PN[m].min(0).mean(),
+            fixed=loss_PN[m].mean(1).min(),
+            fixed_pattern=np.flatnonzero(m)[loss_PN[m].mean(1).argmin()],
+            random=loss_PN[m].mean(1).mean(),
+        )
+    return out
+
+
+@pytest.mark.parametrize("context", ["shared", "frozen"])
+def test_reductions_match_brute_force(model, toks, tmp_path, context):
+    idx, tgt = toks
+    spec = build_spec(4, options="SB", context=context)
+    summary = run_oracle(model, idx, tgt, spec, tmp_path / "o", batch_tokens=24, keep_matrix=True, progress=False)
+    plan = build_plan(spec)
+    loss_PN = np.load(tmp_path / "o" / "loss_matrix.npy").astype(np.float64)
+    direct_PN = pattern_losses(model, idx, tgt, plan.route_PL, context=context).reshape(len(plan.route_PL), -1)
+    np.testing.assert_allclose(loss_PN, direct_PN.numpy(), atol=ATOL)
+    brute = _brute(loss_PN, plan.route_PL, range(5), lambda b, k: b == k)
+    names = code_strings(plan.code_P, 4)
+    oracle_JN = np.load(tmp_path / "o" / "oracle_loss.npy")
+    assert oracle_JN.dtype == np.float32 and oracle_JN.shape == (5, idx.numel())
+    for j, entry in enumerate(summary["budgets"]):
+        k = entry["k"]
+        assert entry["candidates"] == math.comb(4, k)
+        assert math.isclose(entry["oracle_ppl"], math.exp(brute[k]["oracle"]), rel_tol=1e-5)
+        assert math.isclose(entry["fixed_ppl"], math.exp(brute[k]["fixed"]), rel_tol=1e-5)
+        assert entry["fixed_pattern"] == names[brute[k]["fixed_pattern"]]
+        assert math.isclose(entry["random_mean_ppl"], math.exp(brute[k]["random"]), rel_tol=1e-5)
+        # the orderings the paper relies on, and both best-of-random readings
+        assert entry["oracle_ppl"] <= entry["fixed_ppl"] * (1 + 1e-6) <= entry["random_mean_ppl"] * (1 + 2e-6)
+        assert entry["best_of_100_per_token_ppl"] <= entry["best_of_100_ppl"] * (1 + 1e-6)
+        assert entry["oracle_ppl"] <= entry["best_of_100_per_token_ppl"] * (1 + 1e-6)
+        np.testing.assert_allclose(oracle_JN[j], loss_PN[(plan.route_PL == BIG).sum(1) == k].min(0), atol=ATOL)
+    ends = {e["k"]: e for e in summary["budgets"]}
+    assert math.isclose(ends[4]["oracle_ppl"], summary["all_big_ppl"], rel_tol=1e-6)  # k = L is all-big
+    assert math.isclose(ends[0]["oracle_ppl"], summary["all_small_ppl"], rel_tol=1e-6)  # k = 0 (SB) is all-small
+    assert ends[0]["oracle_ppl"] > ends[2]["oracle_ppl"]  # more compute helps the oracle on these weights
+
+    table = pq.read_table(tmp_path / "o" / "per_token.parquet").to_pandas()
+    assert list(table.columns[:6]) == ["sequence", "position", "token", "target", "loss_all_small", "loss_all_big"]
+    np.testing.assert_array_equal(table["token"].to_numpy(), idx.reshape(-1).numpy())
+    np.testing.assert_array_equal(table["target"].to_numpy(), tgt.reshape(-1).numpy())
+    np.testing.assert_allclose(table["oracle_loss_k2"].to_numpy(), oracle_JN[2])
+    # the reported best pattern really has that loss
+    for n in range(0, idx.numel(), 7):
+        p = int(np.flatnonzero(names == table["best_pattern_k2"][n])[0])
+        assert abs(loss_PN[p, n] - oracle_JN[2, n]) < ATOL
+
+    # usage heatmaps: shares over routes sum to one, and agree with the per-token patterns
+    usage_JRLT = np.load(tmp_path / "o" / "usage.npy")
+    assert usage_JRLT.shape == (5, 3, 4, idx.shape[1])
+    np.testing.assert_allclose(usage_JRLT.sum(1), 1.0, atol=1e-6)
+    big_at_0 = np.mean([p[0] == "B" for p in table["best_pattern_k1"][table["position"] == 0]])
+    assert math.isclose(usage_JRLT[1, BIG, 0, 0], big_at_0, abs_tol=1e-6)
+
+    # position-varying budgets: each token takes the oracle at its position's budget
+    T = idx.shape[1]
+    pos = np.tile(np.arange(T), idx.shape[0])
+    for entry, (name, a, b) in zip(summary["position_budgets"], default_schedules(4)):
+        sched = linear_schedule(a, b, T)
+        assert entry["name"] == name
+        want = math.exp(oracle_JN[sched[pos], np.arange(len(pos))].astype(np.float64).mean())
+        assert math.isclose(entry["oracle_ppl"], want, rel_tol=1e-6)
+        assert entry["mean_budget"] == (a + b) / 2
+
+
+def test_budget_at_most_is_the_running_best(model, toks, tmp_path):
+    idx, tgt = toks
+    exact = run_oracle(model, idx, tgt, build_spec(4, options="SB"), tmp_path / "e", batch_tokens=48, progress=False)
+    atmost = run_oracle(model, idx, tgt, build_spec(4, options="SB", budgets="1,3", budget_mode="max"),
+                        tmp_path / "m", batch_tokens=48, progress=False)
+    e_JN, m_JN = np.load(tmp_path / "e" / "oracle_loss.npy"), np.load(tmp_path / "m" / "oracle_loss.npy")
+    np.testing.assert_allclose(m_JN[0], e_JN[:2].min(0))
+    np.testing.assert_allclose(m_JN[1], e_JN[:4].min(0))
+    assert [b["candidates"] for b in atmost["budgets"]] == [5, 15]
+    assert atmost["budget_mode"] == "max" and exact["budget_mode"] == "exact"
+
+
+def test_skip_study_counts_and_names(model, toks, tmp_path):
+    idx, tgt = toks
+    spec = build_spec(4, options="B_", skips=2)
+    assert spec.name() == "B_-skip2-shared"
+    s = run_oracle(model, idx, tgt, spec, tmp_path / spec.name(), batch_tokens=48, progress=False)
+    (entry,) = s["budgets"]
+    assert entry["k"] == 2 and entry["candidates"] == 6
+    for p in pq.read_table(tmp_path / spec.name() / "per_token.parquet").column("best_pattern_k2").to_pylist():
+        assert p.count("_") == 2 and p.count("B") == 2
+    assert 0.0 <= entry["oracle_early_exit_share"] <= 1.0
+    assert abs(sum(entry["oracle_skip_share_by_layer"]) - 2.0) < 1e-5
+
+
+# ----------------------------------------------------------------------------- beam search
+
+
+@pytest.mark.parametrize("context", ["shared", "frozen"])
+def test_beam_at_full_width_equals_exhaustive_and_greedy_is_bounded(model, toks, tmp_path, context):
+    idx, tgt = toks
+    ex = run_oracle(model, idx, tgt, build_spec(4, options="SB_", context=context), tmp_path / "x",
+                    batch_tokens=24, progress=False)
+    beam = run_oracle(model, idx, tgt, build_spec(4, options="SB_", context=context, search="beam", beam_width=64),
+                      tmp_path / "b", batch_tokens=24, progress=False)
+    greedy = run_oracle(model, idx, tgt, build_spec(4, options="SB_", context=context, search="greedy"),
+                        tmp_path / "g", batch_tokens=24, progress=False)
+    x_JN, b_JN, g_JN = (np.load(tmp_path / d / "oracle_loss.npy") for d in "xbg")
+    np.testing.assert_allclose(b_JN, x_JN, atol=ATOL)
+    assert (g_JN >= x_JN - ATOL).all()
+    assert greedy["search"] == "greedy" and beam["search"] == "beam" and beam["budgets"][1]["fixed_ppl"] is None
+    # the random baselines use the same seeded draw whatever the search
+    for e, b in zip(ex["budgets"], beam["budgets"]):
+        assert e["best_of_100_pattern"] == b["best_of_100_pattern"]
+
+
+# ----------------------------------------------------------------------------- resume and sharding
+
+
+def _outputs(folder: Path) -> dict:
+    out = {"summary": json.loads((folder / "summary.json").read_text())}
+    for name in ("oracle_loss.npy", "usage.npy"):
+        out[name] = np.load(folder / name)
+    out["per_token"] = pq.read_table(folder / "per_token.parquet").to_pydict()
+    return out
+
+
+def _assert_same(a: dict, b: dict):
+    assert a["summary"] == b["summary"]
+    for name in ("oracle_loss.npy", "usage.npy"):
+        np.testing.assert_array_equal(a[name], b[name])
+    assert a["per_token"] == b["per_token"]
+
+
+def test_resume_after_interrupt_gives_identical_outputs(model, toks, tmp_path):
+    idx, tgt = toks
+    spec = build_spec(4, options="SB", context="frozen")
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_first(i):
+        raise Stop
+
+    with pytest.raises(Stop):
+        run_oracle(model, idx, tgt, spec, tmp_path / "r", batch_tokens=12, progress=False, on_chunk=stop_after_first)
+    assert not (tmp_path / "r" / "summary.json").exists()  # nothing final is written before the end
+    assert sorted(p.name for p in (tmp_path / "r" / ".partial").glob("chunk_*.npz")) == ["chunk_00000.npz"]
+    done = []
+    run_oracle(model, idx, tgt, spec, tmp_path / "r", batch_tokens=12, progress=False, on_chunk=done.append)
+    assert done == [1, 2, 3]  # chunk 0 came from disk
+    run_oracle(model, idx, tgt, spec, tmp_path / "u", batch_tokens=12, progress=False)
+    _assert_same(_outputs(tmp_path / "r"), _outputs(tmp_path / "u"))
+    assert not (tmp_path / "r" / ".partial").exists()
+    assert json.loads((tmp_path / "r" / "run.json").read_text())["chunks_resumed"] == 1
+
+    # different inputs invalidate saved chunks instead of mixing them in
+    with pytest.raises(Stop):
+        run_oracle(model, idx, tgt, spec, tmp_path / "r2", batch_tokens=12, progress=False, on_chunk=stop_after_first)
+    run_oracle(tiny_model(seed=5), idx, tgt, spec, tmp_path / "r2", batch_tokens=12, progress=False, on_chunk=done.append)
+    assert done[-4:] == [0, 1, 2, 3]
+
+
+WORKER = textwrap.dedent("""
+    import sys, torch
+    sys.path.insert(0, {tests!r})
+    from test_oracle import tiny_model, tokens
+    from duollm.oracle import build_spec, run_oracle
+    torch.set_num_threads(1)
+    idx, tgt = tokens(S=5, T=8)
+    run_oracle(tiny_model(), idx, tgt, build_spec(4, options="SB_", context={context!r}), {out!r},
+               batch_tokens=8, progress=False)
+""")
+
+
+@pytest.mark.parametrize("context", ["shared"])
+def test_two_processes_equal_one(tmp_path, context):
+    """torchrun-style environment (RANK/WORLD_SIZE/MASTER_*): gloo, chunks strided over ranks, merged on rank 0."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = WORKER.format(tests=str(Path(__file__).parent), context=context, out=str(tmp_path / "sharded"))
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE, text=True))
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err[-2000:]
+    idx, tgt = tokens(S=5, T=8)  # one thread here too (fixture), so matmul blocking matches the workers
+    run_oracle(tiny_model(), idx, tgt, build_spec(4, options="SB_", context=context), tmp_path / "single",
+               batch_tokens=8, progress=False)
+    _assert_same(_outputs(tmp_path / "sharded"), _outputs(tmp_path / "single"))
+    assert json.loads((tmp_path / "sharded" / "run.json").read_text())["world_size"] == 2
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(budgets="13"), "budget 13 is outside 0..4"),
+    (dict(budgets="-1"), "budget -1 is outside 0..4"),
+    (dict(budgets="2-x"), "malformed"),
+    (dict(options="SX"), "not a subset of SB_"),
+    (dict(options=""), "non-empty subset"),
+    (dict(options="SB", skips=2), "impossible constraints: exactly 2 skips"),
+    (dict(options="B_", skips=1, budgets="4"), "impossible constraints: budget k=4"),
+    (dict(options="S", budgets="1"), "impossible constraints: budget k=1"),
+    (dict(skips=9, options="SB_"), "skips must be an integer in 0..4"),
+    (dict(context="sideways"), "unknown context 'sideways'"),
+    (dict(context="frozen", reference="SSX"), "pattern 'SSX' has letter(s) 'X'"),
+    (dict(context="frozen", reference="SSB"), "has 3 letters but the model has 4 layers"),
+    (dict(reference="SSBB"), "frozen context only"),
+    (dict(search="astar"), "unknown search 'astar'"),
+    (dict(search="beam", beam_width=0), "beam width must be a positive integer"),
+    (dict(patterns="SSBB", budgets="2"), "drop --budgets"),
+    (dict(patterns="SSBB,SSBB"), "duplicates"),
+    (dict(budget_mode="most"), "budget mode must be 'exact' or 'max'"),
+])
+def test_bad_inputs_get_one_line_errors(kwargs, message):
+    with pytest.raises(ValueError) as e:
+        build_spec(4, **kwargs)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_candidate_counts_and_sampling():
+    assert CandidateSpace(12, "SB").count() == 4096
+    assert CandidateSpace(12, "B_", skips=6).count() == math.comb(12, 6)
+    sp = CandidateSpace(12, "SB_")
+    assert sp.count() == 3**12 and sp.budgets == tuple(range(13))
+    assert sp.count(6) == math.comb(12, 6) * 2**6
+    draw = sp.sample(100, 6, seed=0)
+    assert len(draw) == 100 and len(set(pattern_codes(draw))) == 100 and ((draw == BIG).sum(1) == 6).all()
+    np.testing.assert_array_equal(draw, sp.sample(100, 6, seed=0))
+    small = CandidateSpace(4, "SB").sample(100, 2)
+    assert len(small) == 6  # fewer candidates than draws: all of them
+    assert set((CandidateSpace(6, "SB_", skips=2, skips_mode="max").enumerate() == SKIP).sum(1)) == {0, 1, 2}
+    with pytest.raises(ValueError, match="too many to enumerate"):
+        CandidateSpace(24, "SB").enumerate()
+
+
+def test_names_follow_the_options():
+    assert build_spec(12).name() == "SB-shared"
+    assert build_spec(12, context="frozen").name() == "SB-frozen-B"
+    assert build_spec(12, context="frozen", reference="small").name() == "SB-frozen-S"
+    assert build_spec(12, options="B_", skips=6).name() == "B_-skip6-shared"
+    assert build_spec(12, options="SB_", search="beam", beam_width=8).name() == "SB_-shared-beam8"
+    assert build_spec(12, search="greedy", context="frozen", reference="SSSSSSBBBBBB").name() == "SB-frozen-SSSSSSBBBBBB-greedy"
+
+
+def test_bfloat16_is_close_to_float32(model, toks, tmp_path):
+    idx, tgt = toks
+    spec = build_spec(4, options="SB")
+    f = run_oracle(model, idx, tgt, spec, tmp_path / "f", batch_tokens=48, progress=False)
+    b = run_oracle(model, idx, tgt, spec, tmp_path / "b", batch_tokens=48, progress=False, dtype="bfloat16")
+    for ef, eb in zip(f["budgets"], b["budgets"]):
+        assert abs(math.log(ef["oracle_ppl"]) - math.log(eb["oracle_ppl"])) < 0.05
