@@ -158,6 +158,15 @@ def cmd_info(args) -> None:
         print(f"  whole model, {k.replace('all_', 'all-'):<9} {_fmt_int(f[k]):>8}  ({f[k] / f['all_big']:.2f} of all-big)")
 
 
+# ----------------------------------------------------------------------------- oracle
+
+
+def cmd_oracle(args) -> None:
+    from .oracle.command import kwargs_from_args, run_oracle_command
+
+    print(run_oracle_command(Path(args.run), **kwargs_from_args(args)))
+
+
 # ----------------------------------------------------------------------------- run (the whole study)
 
 
@@ -206,6 +215,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--per-token", help="write float32 per-token losses (canonical order) to this .npy")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.set_defaults(func=cmd_eval)
+
+    o = sub.add_parser("oracle", help="stage 2: exhaustive routing search under a budget, with baselines")
+    o.add_argument("run")
+    from .oracle.command import add_arguments as add_oracle_arguments
+
+    add_oracle_arguments(o)
+    o.set_defaults(func=cmd_oracle)
 
     i = sub.add_parser("info", help="parameter counts and FLOPs per token")
     i.add_argument("run", nargs="?")
