@@ -221,7 +221,8 @@ def run_oracle(
             leaves[0] += n
             bar.update(n * n_tok / P)
             dt = max(time.time() - t_compute, 1e-9)
-            bar.set_postfix_str(f"{leaves[0] / dt:.3g} pattern-chunks/s, {P} patterns", refresh=False)
+            # a leaf is one pattern over one chunk: patterns/s at this chunk size
+            bar.set_postfix_str(f"{leaves[0] / dt:.3g} patterns/s x {n_tok} tok, {P} patterns", refresh=False)
 
         def matrix_cb(p_R, loss_RN, a=a, b=b):
             matrix[p_R, a * T : b * T] = loss_RN.float().cpu().numpy()

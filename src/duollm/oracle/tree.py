@@ -54,7 +54,7 @@ def walk_tree(
     h0_BTD: torch.Tensor,
     tgt_BT: torch.Tensor,
     consume: Consume,
-    head_rows: int = 2048,
+    head_rows: int = 512,
 ) -> None:
     """Evaluate every pattern of ``route_PL`` (any order, no duplicates) under context ``ctx``."""
     L = model.cfg.n_layers

@@ -1,0 +1,71 @@
+"""``duollm oracle`` end to end on a tiny trained run: the output contract and the line-up with ``duollm eval``."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from conftest import duollm
+from duollm.cli import main
+
+
+def test_oracle_command_writes_the_contract_and_lines_up_with_eval(tiny_run, tmp_path, capsys):
+    proc = duollm("oracle", tiny_run, "--budgets", "0-4")  # one real subprocess: the installed command
+    name = proc.stdout.strip().splitlines()[-1]
+    assert name == "SB-shared"
+    out = tiny_run / "oracle" / name
+    s = json.loads((out / "summary.json").read_text())
+    for key in ("all_big_ppl", "all_small_ppl", "tokens", "context", "options", "n_layers"):
+        assert key in s
+    assert [b["k"] for b in s["budgets"]] == [0, 1, 2, 3, 4] and s["context"] == "shared" and s["options"] == "SB"
+    for b in s["budgets"]:
+        for key in ("k", "candidates", "oracle_ppl", "fixed_ppl", "fixed_pattern", "random_mean_ppl", "best_of_100_ppl"):
+            assert key in b
+    loss_JN = np.load(out / "oracle_loss.npy")
+    assert loss_JN.dtype == np.float32 and loss_JN.shape == (5, s["tokens"])
+    table = pq.read_table(out / "per_token.parquet")
+    assert table.num_rows == s["tokens"] and "best_pattern_k2" in table.column_names
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        # frozen, candidate {P}, reference P scores every token exactly as `duollm eval --pattern P`
+        P = "SBS_"
+        assert main(["oracle", str(tiny_run), "--context", "frozen", "--reference", P, "--patterns", P]) == 0
+        name = capsys.readouterr().out.split()[-1]
+        assert name == f"list-frozen-{P}"
+        assert main(["eval", str(tiny_run), "--pattern", P, "--per-token", str(tmp_path / "eval.npy")]) == 0
+        np.testing.assert_allclose(
+            np.load(tiny_run / "oracle" / name / "oracle_loss.npy")[0], np.load(tmp_path / "eval.npy").reshape(-1),
+            atol=2e-5,
+        )
+        # the all-big column equals eval's all-big per-token losses, in the same canonical order
+        assert main(["eval", str(tiny_run), "--pattern", "BBBB", "--per-token", str(tmp_path / "big.npy")]) == 0
+        np.testing.assert_allclose(
+            table.column("loss_all_big").to_numpy(), np.load(tmp_path / "big.npy").reshape(-1), atol=2e-5
+        )
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_oracle_command_bad_inputs_exit_with_one_line(tiny_run, tmp_path, capsys):
+    proc = duollm("oracle", tiny_run, "--budgets", "7", check=False)
+    assert proc.returncode != 0 and proc.stderr.strip().splitlines() == [
+        "duollm oracle: error: budget 7 is outside 0..4 (the model has 4 layers)"
+    ]
+    cases = [
+        (["--options", "SQ"], "not a subset of SB_"),
+        (["--options", "SB", "--skips", "2"], "impossible constraints"),
+        (["--context", "upside"], "unknown context"),
+        (["--context", "frozen", "--reference", "SSZ_"], "pattern 'SSZ_'"),
+    ]
+    for args, message in cases:
+        assert main(["oracle", str(tiny_run), *args]) != 0
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, (args, err)
+    assert main(["oracle", str(tmp_path / "missing")]) != 0
+    assert "does not exist" in capsys.readouterr().err
+    assert not (tiny_run / "oracle" / "SB_-shared").exists()  # a refused run leaves nothing behind
