@@ -1,0 +1,308 @@
+"""Stage 3 routers (paper section 3.3) on a tiny model: budgets, soft == hard, frozen LM, imitation, save/load."""
+
+import argparse
+import json
+import math
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+
+from duollm.checkpoint import load_model
+from duollm.config import load_config
+from duollm.data import eval_tokens, load_tokens
+from duollm.evaluate import per_token_loss
+from duollm.routers import (
+    Router,
+    RouterTrainer,
+    add_arguments,
+    beta_at,
+    evaluate_router,
+    load_router,
+    resolve_router_config,
+    router_objective,
+    run_router_command,
+)
+from duollm.routing import BIG, SMALL, format_pattern
+from duollm.train import train_loop
+
+QUIET = ["train.eval_every=1000", "train.save_every=1000", "train.log_every=1000", "train.batch_size=8"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tiny model is faster on one thread, and the CI machine's two cores are shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def router_run(tmp_path_factory):
+    """A tiny model of our own: router tests write RUN/routers and RUN/oracle into it."""
+    out = tmp_path_factory.mktemp("router_runs") / "tiny"
+    proc = subprocess.run([sys.executable, "-m", "duollm.cli", "train", "--config", "tiny", "--out", str(out)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def read_eval(run, name):
+    return json.loads((run / "routers" / name / "eval.json").read_text())
+
+
+@pytest.mark.parametrize("target", [0.25, 0.75])
+def test_budget_loss_reaches_target(router_run, target):
+    # The router starts token-independent at the target probabilities, whose hard argmax is
+    # all small (0.25) or all big (0.75): only the budget term can bring the realised fraction in.
+    name = run_router_command(router_run, target=target, method="budget", steps=30, set=QUIET, log=lambda *a: None)
+    assert name == f"budget-{target:.2f}"
+    ev = read_eval(router_run, name)
+    assert abs(ev["big_fraction"] - target) <= 0.05
+    assert ev["skip_fraction"] == 0.0 and ev["method"] == "budget" and ev["target"] == target
+    assert ev["tokens"] == 1024 and np.isfinite(ev["ppl"])
+    assert len(ev["per_layer_big"]) == 4 and np.array(ev["per_position_big"]).shape == (4, 32)
+    assert abs(np.mean(ev["per_layer_big"]) - ev["big_fraction"]) < 1e-6
+    assert (router_run / "routers" / name / "latest").is_symlink()  # trained by the shared loop
+    assert (router_run / "routers" / name / "metrics.jsonl").is_file()
+
+
+def test_straight_through_and_skip_budgets(router_run):
+    name = run_router_command(router_run, target=0.25, method="straight-through", steps=60, set=QUIET, log=lambda *a: None)
+    assert abs(read_eval(router_run, name)["big_fraction"] - 0.25) <= 0.05
+    assert yaml.safe_load((router_run / "routers" / name / "router.yaml").read_text())["config"]["beta_schedule"] == "constant"
+    name = run_router_command(router_run, target=0.5, options="SB_", skip_target=0.25, steps=80, set=QUIET,
+                              log=lambda *a: None)
+    assert name == "budget-0.50-skip0.25"
+    ev = read_eval(router_run, name)
+    assert abs(ev["big_fraction"] - 0.5) <= 0.05 and abs(ev["skip_fraction"] - 0.25) <= 0.05
+
+
+def random_router(L, D, options="SB", scale=3.0, seed=0):
+    router = Router(L, D, options)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in router.parameters():
+            p.copy_(scale * torch.randn(p.shape, generator=gen))
+    return router
+
+
+def test_large_beta_soft_mix_equals_hard_route(router_run):
+    model, cfg = load_model(router_run)
+    idx_ST, tgt_ST = eval_tokens(router_run, cfg)
+    idx, tgt = idx_ST[:4], tgt_ST[:4]
+    router = random_router(cfg.model.n_layers, cfg.model.d_model, "SB_")
+    hard = model(idx, tgt, router, path="masked")
+    router.mode, router.beta = "soft", 1e4
+    soft = model(idx, tgt, router, path="masked")
+    assert torch.equal(soft.route_LBT, hard.route_LBT)
+    assert len(hard.route_LBT.unique()) == 3  # the comparison covers skip, small and big
+    torch.testing.assert_close(soft.logits, hard.logits, rtol=0, atol=1e-6)
+    router.mode = "hard"
+    routed = model(idx, tgt, router)  # the fast routed path agrees to float tolerance
+    torch.testing.assert_close(routed.logits, hard.logits, rtol=1e-5, atol=1e-5)
+    router.mode, router.beta = "soft", 1.0  # a soft mix at beta 1 is a different model
+    assert not torch.allclose(model(idx, tgt, router).logits, hard.logits, atol=1e-3)
+    router.mode = "straight-through"  # hard values forward, whatever beta
+    torch.testing.assert_close(model(idx, tgt, router, path="masked").logits, hard.logits, rtol=0, atol=1e-6)
+
+
+def test_beta_schedule_anneals_upward():
+    c = resolve_router_config(load_config("tiny"), {"target": 0.5}, ["train.steps=11", "beta_end=1000"])
+    betas = [beta_at(s, c) for s in range(11)]
+    assert betas[0] == pytest.approx(1.0) and betas[-1] == pytest.approx(1000.0)
+    assert betas[5] == pytest.approx(np.sqrt(1000.0))  # geometric
+    assert all(a < b for a, b in zip(betas, betas[1:]))
+
+
+def test_language_model_stays_frozen(router_run, tmp_path):
+    model, run_cfg = load_model(router_run)
+    model.requires_grad_(False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = resolve_router_config(run_cfg, {"target": 0.5}, ["train.steps=8", *QUIET])
+    router = Router(run_cfg.model.n_layers, run_cfg.model.d_model)
+    router.init_bias(cfg.probs_R())
+    router_before = {k: v.clone() for k, v in router.state_dict().items()}
+    idx_ST, tgt_ST = eval_tokens(router_run, run_cfg)
+    trainer = RouterTrainer(router, model, cfg)
+    objective = router_objective(trainer, cfg, idx_ST[:2], tgt_ST[:2])
+    train_loop(objective, cfg.train, load_tokens(router_run, "train"), tmp_path, device=torch.device("cpu"))
+    assert all(not p.requires_grad and p.grad is None for p in model.parameters())
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert any(not torch.equal(v, router_before[k]) for k, v in router.state_dict().items())
+    assert int(trainer.steps_done) == 8  # the beta schedule's step counter is checkpointed with the router
+    assert not any(k.startswith("_lm") or "embed" in k for k in trainer.state_dict())
+
+
+def write_oracle(run, name, pattern_of_token, k, options="SB"):
+    """An oracle folder in the format of ``duollm oracle``: per-token best patterns at budget k."""
+    model, cfg = load_model(run)
+    idx_ST, tgt_ST = eval_tokens(run, cfg)
+    S, T = idx_ST.shape
+    seq, pos = np.divmod(np.arange(S * T), T)
+    patterns = [pattern_of_token(int(t)) for t in idx_ST.flatten()]
+    folder = run / "oracle" / name
+    folder.mkdir(parents=True, exist_ok=True)
+    fixed = pattern_of_token(0)
+    loss_ST = per_token_loss(model, idx_ST, tgt_ST, fixed)["loss_ST"]
+    pq.write_table(pa.table({"sequence": seq, "position": pos, "token": idx_ST.flatten().numpy(),
+                             "target": tgt_ST.flatten().numpy(), f"oracle_loss_k{k}": loss_ST.flatten().numpy(),
+                             f"best_pattern_k{k}": pa.array(patterns).dictionary_encode()}),
+                   folder / "per_token.parquet")
+    ppl = math.exp(loss_ST.double().mean().item())
+    (folder / "summary.json").write_text(json.dumps({
+        "budgets": [{"k": k, "candidates": 6, "oracle_ppl": ppl, "fixed_ppl": ppl, "fixed_pattern": fixed,
+                     "random_mean_ppl": ppl, "best_of_100_ppl": ppl}],
+        "all_big_ppl": ppl, "all_small_ppl": ppl, "tokens": S * T, "context": "shared", "options": options,
+        "n_layers": cfg.model.n_layers}))
+    return folder
+
+
+def test_imitation_reproduces_a_constant_oracle_pattern(router_run):
+    # Zero-initialised, the router's argmax is SSSS; the oracle says BSBS everywhere (k = 2 of 4).
+    write_oracle(router_run, "const-SB", lambda tok: "BSBS", k=2)
+    try:
+        # a regularised probe (weight decay on the weights, not the biases) generalises to the held-out half
+        name = run_router_command(router_run, target=0.5, method="imitation", steps=100,
+                                  set=[*QUIET, "init=zero", "train.lr=0.1", "train.weight_decay=1.0"], log=lambda *a: None)
+        ev = read_eval(router_run, name)
+        assert ev["oracle"]["name"] == "const-SB" and ev["oracle"]["k"] == 2
+        assert ev["oracle"]["agreement"] == 1.0 and ev["oracle"]["pattern_match"] == 1.0
+        assert ev["per_layer_big"] == [1.0, 0.0, 1.0, 0.0] and ev["big_fraction"] == 0.5
+        held = ev["oracle"]["heldout"]
+        assert held["sequences"] == 16 and held["pattern_match"] == 1.0
+        # routed exactly like the fixed pattern, the router's loss is the (constant) oracle's
+        assert held["ppl"] == pytest.approx(held["oracle_ppl"], rel=1e-5)
+        assert held["ppl"] == pytest.approx(held["fixed_ppl"], rel=1e-5)
+    finally:
+        shutil.rmtree(router_run / "oracle" / "const-SB")
+
+
+def test_save_load_round_trip_and_cli_plumbing(router_run):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("run")
+    add_arguments(parser)
+    args = parser.parse_args([str(router_run), "--target", "0.5", "--steps", "20", "--set", *QUIET])
+    name = run_router_command(router_run, **vars(args), log=lambda *a: None)
+    ev = read_eval(router_run, name)
+    router = load_router(router_run, name)
+    assert router.mode == "hard" and router.name == f"router:{name}"
+    model, run_cfg = load_model(router_run)
+    idx_ST, tgt_ST = eval_tokens(router_run, run_cfg)
+    cfg = resolve_router_config(run_cfg, {"target": 0.5}, ["train.steps=20", *QUIET])
+    again = json.loads(json.dumps(evaluate_router(model, router, idx_ST, tgt_ST, cfg)))
+    assert again == ev
+    # a second run with the same name refuses to overwrite a trained router without --resume
+    with pytest.raises(ValueError, match="already exists"):
+        run_router_command(router_run, **vars(args), log=lambda *a: None)
+    # resuming a finished router trains nothing more and evaluates to the same numbers
+    run_router_command(router_run, **{**vars(args), "resume": True}, log=lambda *a: None)
+    assert read_eval(router_run, name) == ev
+
+
+def test_router_in_generation_with_cache(router_run):
+    from duollm.model import KVCache
+
+    model, cfg = load_model(router_run)
+    idx_ST, _ = eval_tokens(router_run, cfg)
+    router = random_router(cfg.model.n_layers, cfg.model.d_model)
+    idx = idx_ST[:1, :8]
+    full = model(idx, routes=router)
+    cache = KVCache(cfg.model.n_layers)
+    model(idx[:, :5], routes=router, cache=cache)
+    step = model(idx[:, 5:], routes=router, cache=cache)  # routes decided per token from its own state
+    torch.testing.assert_close(step.logits, full.logits[:, 5:], rtol=1e-4, atol=1e-4)
+    assert torch.equal(step.route_LBT, full.route_LBT[:, :, 5:])
+    assert set(full.route_LBT.unique().tolist()) <= {SMALL, BIG}
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(target=1.5), "target must be a fraction"),
+        (dict(target=-0.1), "target must be a fraction"),
+        (dict(target=0.5, method="distillation"), "unknown router method"),
+        (dict(target=0.5, options="SX"), "router options"),
+        (dict(target=0.5, options="S_"), "big must be allowed"),
+        (dict(target=0.5, skip_target=0.2), "needs skip among the options"),
+        (dict(target=0.8, options="SB_", skip_target=0.5), "exceed 1"),
+        (dict(target=0.5, set=["gamma=2"]), "unknown router config key gamma"),
+        (dict(target=0.5, set=["alpha=lots"]), "expects a number"),
+        (dict(target=0.5, method="imitation"), "imitation needs an oracle"),
+        (dict(target=0.5, oracle="nope"), "no oracle 'nope'"),
+    ],
+)
+def test_bad_input_is_a_one_line_value_error(router_run, kwargs, message):
+    with pytest.raises(ValueError, match=message) as e:
+        run_router_command(router_run, **kwargs)
+    assert "\n" not in str(e.value)
+
+
+def test_missing_run_and_router_are_value_errors(router_run, tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        run_router_command(tmp_path / "nowhere", target=0.5)
+    with pytest.raises(ValueError, match="no router 'budget-0.10'"):
+        load_router(router_run, "budget-0.10")
+
+
+def test_agreement_with_the_real_oracle_engine(router_run):
+    """Reads the table ``duollm oracle`` writes; agreement is recomputed here from the raw table."""
+    oracle_command = pytest.importorskip("duollm.oracle.command")
+    oracle = oracle_command.run_oracle_command(router_run, budgets="1,2", max_tokens=256, progress=False)
+    name = run_router_command(router_run, target=0.25, method="imitation", steps=10, oracle=oracle,
+                              set=QUIET, log=lambda *a: None)
+    ev = read_eval(router_run, name)
+    table = pq.read_table(router_run / "oracle" / oracle / "per_token.parquet").to_pandas()
+    summary = json.loads((router_run / "oracle" / oracle / "summary.json").read_text())
+    router = load_router(router_run, name)
+    model, cfg = load_model(router_run)
+    idx_ST, tgt_ST = eval_tokens(router_run, cfg)
+    route_LST = per_token_loss(model, idx_ST, tgt_ST, router)["route_LST"]
+    mine = np.array([format_pattern(route_LST[:, s, t]) for s, t in zip(table.sequence, table.position)])
+    theirs = table["best_pattern_k1"].astype(str).to_numpy()
+    assert ev["oracle"]["name"] == oracle and ev["oracle"]["k"] == 1 and ev["oracle"]["tokens"] == 256
+    assert ev["oracle"]["pattern_match"] == pytest.approx(np.mean(mine == theirs))
+    per_layer = np.mean([[a == b for a, b in zip(m, t)] for m, t in zip(mine, theirs)])
+    assert ev["oracle"]["agreement"] == pytest.approx(per_layer)
+    assert ev["oracle"]["oracle_ppl"] == summary["budgets"][0]["oracle_ppl"]
+    held = ev["oracle"]["heldout"]  # 8 sequences of 32 tokens, every second one held out
+    assert held["sequences"] == 4
+    odd = table.sequence % 2 == 1
+    assert held["oracle_ppl"] == pytest.approx(math.exp(table.oracle_loss_k1[odd].astype(float).mean()), rel=1e-6)
+
+
+def test_interrupted_router_training_resumes_exactly(router_run, tmp_path, monkeypatch):
+    """The beta schedule's step counter is checkpointed: resumed == uninterrupted, bit for bit."""
+    from safetensors.torch import load_file
+
+    from duollm import routers
+
+    sets = [*QUIET, "train.save_every=4", "train.seed=7"]
+    name = run_router_command(router_run, target=0.6, steps=12, set=sets, log=lambda *a: None)
+    shutil.move(router_run / "routers" / name, tmp_path / "uninterrupted")
+
+    real_beta_at = routers.beta_at
+
+    def interrupted(step, cfg):
+        if step == 6:
+            raise KeyboardInterrupt
+        return real_beta_at(step, cfg)
+
+    monkeypatch.setattr(routers, "beta_at", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_router_command(router_run, target=0.6, steps=12, set=sets, log=lambda *a: None)
+    assert (router_run / "routers" / name / "latest").resolve().name == "step-0000004"
+    monkeypatch.setattr(routers, "beta_at", real_beta_at)
+    run_router_command(router_run, target=0.6, steps=12, set=sets, resume=True, log=lambda *a: None)
+    a = load_file(str(tmp_path / "uninterrupted" / "router.safetensors"))
+    b = load_file(str(router_run / "routers" / name / "router.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert read_eval(router_run, name) == json.loads((tmp_path / "uninterrupted" / "eval.json").read_text())
