@@ -45,8 +45,14 @@ def _routing_from_args(args, n_layers: int, n_seq: int, seq_len: int):
     from .evaluate import random_routes
     from .routing import parse_pattern
 
-    if args.pattern and args.random_big is not None:
-        raise ValueError("give either --pattern or --random-big, not both")
+    chosen = [flag for flag, v in (("--pattern", args.pattern), ("--random-big", args.random_big),
+                                   ("--router", getattr(args, "router", None))) if v is not None]
+    if len(chosen) > 1:
+        raise ValueError(f"give one of --pattern, --random-big, --router; got {' and '.join(chosen)}")
+    if getattr(args, "router", None):
+        from .routers import load_router
+
+        return [(f"router:{args.router}", load_router(Path(args.run), args.router).eval())]
     if args.pattern:
         parse_pattern(args.pattern, n_layers)
         return [(args.pattern, args.pattern)]
@@ -62,6 +68,7 @@ def _routing_from_args(args, n_layers: int, n_seq: int, seq_len: int):
 
 
 def evaluation_table(run: Path, args) -> list[dict]:
+    """Rows of loss, ppl, realised budget and compute for the routings the flags ask for."""
     from .checkpoint import load_model
     from .data import eval_tokens
     from .evaluate import per_token_loss, summarize
@@ -167,6 +174,15 @@ def cmd_oracle(args) -> None:
     print(run_oracle_command(Path(args.run), **kwargs_from_args(args)))
 
 
+# ----------------------------------------------------------------------------- router
+
+
+def cmd_router(args) -> None:
+    from .routers import run_router_command
+
+    print(run_router_command(Path(args.run), **vars(args)))
+
+
 # ----------------------------------------------------------------------------- run (the whole study)
 
 
@@ -185,7 +201,7 @@ def cmd_run(args) -> None:
     else:
         print(f"[1/2] {out} is already trained ({cfg.train.steps} steps); reusing it", flush=True)
     print("[2/2] evaluation on the validation split", flush=True)
-    ns = argparse.Namespace(pattern=None, random_big=None, data=None, max_tokens=None)
+    ns = argparse.Namespace(run=out, pattern=None, random_big=None, router=None, data=None, max_tokens=None)
     rows = evaluation_table(out, ns)
     print_table(rows)
     print(out)
@@ -210,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run")
     e.add_argument("--pattern", help="one route per layer over B, S, _ (e.g. SSSSBBBBSSSS)")
     e.add_argument("--random-big", type=float, help="random routing, big with this probability (else small)")
+    e.add_argument("--router", help="route with a trained router of the run (hard decisions), by name")
     e.add_argument("--data", help="evaluate on this data spec instead of the run's validation split")
     e.add_argument("--max-tokens", type=int, help="cap on evaluation tokens (default eval.max_tokens)")
     e.add_argument("--per-token", help="write float32 per-token losses (canonical order) to this .npy")
@@ -222,6 +239,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_oracle_arguments(o)
     o.set_defaults(func=cmd_oracle)
+
+    rt = sub.add_parser("router", help="stage 3: train a router on the frozen model, evaluate it against the oracle")
+    rt.add_argument("run")
+    from .routers import add_arguments as add_router_arguments
+
+    add_router_arguments(rt)
+    rt.set_defaults(func=cmd_router)
 
     i = sub.add_parser("info", help="parameter counts and FLOPs per token")
     i.add_argument("run", nargs="?")
