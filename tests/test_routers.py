@@ -23,6 +23,7 @@ from duollm.routers import (
     RouterTrainer,
     add_arguments,
     beta_at,
+    comparison_rows,
     evaluate_router,
     load_router,
     resolve_router_config,
@@ -182,6 +183,8 @@ def test_imitation_reproduces_a_constant_oracle_pattern(router_run):
         # routed exactly like the fixed pattern, the router's loss is the (constant) oracle's
         assert held["ppl"] == pytest.approx(held["oracle_ppl"], rel=1e-5)
         assert held["ppl"] == pytest.approx(held["fixed_ppl"], rel=1e-5)
+        row = next(r for r in comparison_rows(router_run) if r["name"] == name)
+        assert row["agreement"] == 1.0 and row["k"] == 2 and row["heldout_ppl"] == held["ppl"]
     finally:
         shutil.rmtree(router_run / "oracle" / "const-SB")
 

@@ -680,8 +680,27 @@ def load_router(run: Path, name: str, device="cpu") -> Router:
 
 
 def list_routers(run: Path) -> list[str]:
+    """Names of the routers of a run that finished (have an ``eval.json``)."""
     root = Path(run) / "routers"
     return sorted(p.name for p in root.iterdir() if (p / "eval.json").is_file()) if root.is_dir() else []
+
+
+def comparison_rows(run: Path) -> list[dict]:
+    """One row per finished router, next to the oracle's numbers at its budget (for reports and notes)."""
+    rows = []
+    for name in list_routers(run):
+        ev = json.loads((router_dir(run, name) / "eval.json").read_text())
+        o = ev.get("oracle", {})
+        h = o.get("heldout", {})
+        rows.append({
+            "name": name, "method": ev["method"], "target": ev["target"], "k": ev["target_k"],
+            "big_fraction": ev["big_fraction"], "skip_fraction": ev["skip_fraction"], "ppl": ev["ppl"],
+            "layer_profile": ev["layer_profile"],
+            **{key: o.get(key) for key in ("oracle_ppl", "fixed_ppl", "best_of_100_ppl", "random_mean_ppl",
+                                           "agreement", "pattern_match")},
+            "heldout_ppl": h.get("ppl"), "heldout_oracle_ppl": h.get("oracle_ppl"), "heldout_fixed_ppl": h.get("fixed_ppl"),
+        })
+    return sorted(rows, key=lambda r: (r["target"], r["method"]))
 
 
 # ----------------------------------------------------------------------------- end to end
