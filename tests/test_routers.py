@@ -309,3 +309,24 @@ def test_interrupted_router_training_resumes_exactly(router_run, tmp_path, monke
     b = load_file(str(router_run / "routers" / name / "router.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert read_eval(router_run, name) == json.loads((tmp_path / "uninterrupted" / "eval.json").read_text())
+
+
+def test_router_as_the_frozen_context_reference(router_run):
+    """A router whose biases force BSSB is, as the oracle's frozen context, the pattern BSSB."""
+    oracle = pytest.importorskip("duollm.oracle")
+    model, cfg = load_model(router_run)
+    idx_ST, tgt_ST = eval_tokens(router_run, cfg)
+    idx, tgt = idx_ST[:2, :16], tgt_ST[:2, :16]
+    router = Router(cfg.model.n_layers, cfg.model.d_model)
+    with torch.no_grad():
+        for layer, letter in enumerate("BSSB"):
+            router.proj[layer].bias.copy_(torch.tensor([0.0, 1.0] if letter == "B" else [1.0, 0.0]))
+    route_PL = np.array([[1, 1, 1, 1], [2, 1, 2, 1], [2, 2, 2, 2]])
+    by_router = oracle.pattern_losses(model, idx, tgt, route_PL, context="frozen", reference=router)
+    by_pattern = oracle.pattern_losses(model, idx, tgt, route_PL, context="frozen", reference="BSSB")
+    torch.testing.assert_close(by_router, by_pattern, rtol=0, atol=0)
+    other = oracle.pattern_losses(model, idx, tgt, route_PL, context="frozen", reference="SSSS")
+    assert not torch.allclose(by_router, other)
+    router.mode = "soft"  # the oracle refuses a soft reference rather than mixing routes silently
+    with pytest.raises(ValueError, match="route hard"):
+        oracle.pattern_losses(model, idx, tgt, route_PL, context="frozen", reference=router)
