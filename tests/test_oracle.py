@@ -380,3 +380,18 @@ def test_bfloat16_is_close_to_float32(model, toks, tmp_path):
     b = run_oracle(model, idx, tgt, spec, tmp_path / "b", batch_tokens=48, progress=False, dtype="bfloat16")
     for ef, eb in zip(f["budgets"], b["budgets"]):
         assert abs(math.log(ef["oracle_ppl"]) - math.log(eb["oracle_ppl"])) < 0.05
+
+
+def test_compiled_kernels_equal_eager(model, toks, tmp_path):
+    """torch.compile fuses each node's elementwise work; the numbers must not move. (Frozen only:
+    it compiles every kernel but the shared attention, which is the model's own module; ~20 s cold.)"""
+    idx, tgt = toks
+    for context in ("frozen",):
+        spec = build_spec(4, options="SB", context=context)
+        run_oracle(model, idx, tgt, spec, tmp_path / f"e{context}", batch_tokens=48, progress=False, compile=False)
+        run_oracle(model, idx, tgt, spec, tmp_path / f"c{context}", batch_tokens=48, progress=False, compile=True)
+        assert json.loads((tmp_path / f"c{context}" / "run.json").read_text())["compiled_kernels"] is True
+        np.testing.assert_allclose(
+            np.load(tmp_path / f"c{context}" / "oracle_loss.npy"), np.load(tmp_path / f"e{context}" / "oracle_loss.npy"),
+            atol=ATOL,
+        )

@@ -17,7 +17,7 @@ from .runner import DTYPES, run_oracle
 # flag dest -> keyword of run_oracle_command (kept in one place so the two cannot drift)
 KEYWORDS = (
     "budgets", "options", "skips", "skips_mode", "budget_mode", "context", "reference", "max_tokens", "data",
-    "search", "beam_width", "name", "batch_tokens", "dtype", "patterns", "seed", "save_matrix", "device",
+    "search", "beam_width", "name", "batch_tokens", "dtype", "patterns", "seed", "save_matrix", "device", "compile",
 )
 
 
@@ -47,6 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--save-matrix", dest="save_matrix", action="store_true",
       help="also write loss_matrix.npy [patterns, tokens] (large; off by default)")
     a("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
+    a("--compile", default="auto", choices=("auto", "on", "off"),
+      help="fuse elementwise work with torch.compile (auto: for large runs)")
 
 
 def kwargs_from_args(args: argparse.Namespace) -> dict:
@@ -125,6 +127,7 @@ def run_oracle_command(
     seed: int = 0,
     save_matrix: bool = False,
     device: str = "auto",
+    compile: str = "auto",
     progress: bool = True,
 ) -> str:
     """Run the oracle on a trained run and write ``RUN/oracle/<name>/``; return ``<name>``.
@@ -159,6 +162,7 @@ def run_oracle_command(
     run_oracle(
         model, idx_ST, tgt_ST, spec, run_dir / "oracle" / name, batch_tokens=batch_tokens, dtype=dtype,
         keep_matrix=save_matrix, progress=progress,
+        compile={"on": True, "off": False, "auto": "auto", True: True, False: False}.get(compile, compile),
         meta={"name": name, "data": data or "validation split", "dtype": dtype},
     )
     return name

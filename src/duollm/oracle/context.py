@@ -12,8 +12,8 @@ every output:
   keys/values of earlier positions and its own key/value. This is the causally consistent
   oracle: every token's choice is realisable given the context's.
 
-Both classes expose ``attend(layer, h_BTMD) -> a_BTMD``: the attention output (to be added to
-the residual) for M independent hidden-state variants per position. ``shared`` treats each
+Both classes expose ``residual(layer, h_BTMD) -> h + attention``: the residual stream after
+layer ``layer``'s attention, for M independent hidden-state variants per position. ``shared`` treats each
 variant m as its own sequence (variant m of every position shares one prefix); ``frozen``
 treats every (position, variant) as its own scored token.
 
@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from ..model import DuoModel
 from ..routing import SKIP, parse_pattern
+from . import kernels as K
 
 CONTEXTS = ("shared", "frozen")
 
@@ -46,16 +47,16 @@ class SharedContext:
 
     name = "shared"
 
-    def __init__(self, model: DuoModel, T: int):
-        self.model = model
+    def __init__(self, model: DuoModel, T: int, kernels: K.Kernels = K.EAGER):
+        self.model, self.kernels = model, kernels
         self.cos_TE, self.sin_TE = model.rope_cos[:T], model.rope_sin[:T]
 
-    def attend(self, layer: int, h_BTMD: torch.Tensor) -> torch.Tensor:
+    def residual(self, layer: int, h_BTMD: torch.Tensor) -> torch.Tensor:
         block = self.model.layers[layer]
         B, T, M, D = h_BTMD.shape
         h_XTD = h_BTMD.permute(0, 2, 1, 3).reshape(B * M, T, D)  # a view when M == 1
-        a_XTD = block.attn(block.attn_norm(h_XTD), self.cos_TE, self.sin_TE)
-        return a_XTD.view(B, M, T, D).permute(0, 2, 1, 3)
+        out_XTD = self.kernels(K.shared_attn_residual, block, h_XTD, self.cos_TE, self.sin_TE)
+        return out_XTD.view(B, M, T, D).permute(0, 2, 1, 3)
 
 
 def reference_routes(model: DuoModel, idx_BT: torch.Tensor, reference) -> torch.Tensor:
@@ -89,8 +90,8 @@ class FrozenContext:
 
     name = "frozen"
 
-    def __init__(self, model: DuoModel, idx_BT: torch.Tensor, reference):
-        self.model = model
+    def __init__(self, model: DuoModel, idx_BT: torch.Tensor, reference, kernels: K.Kernels = K.EAGER):
+        self.model, self.kernels = model, kernels
         cfg = model.cfg
         B, T = idx_BT.shape
         self.cos_TE, self.sin_TE = model.rope_cos[:T], model.rope_sin[:T]
@@ -123,57 +124,78 @@ class FrozenContext:
             h_BTD = h_BTD + block.ffn.routed(block.ffn_norm(h_BTD), route_BT)
         return k_ref, v_ref
 
-    def attend(self, layer: int, h_BTMD: torch.Tensor) -> torch.Tensor:
+    def residual(self, layer: int, h_BTMD: torch.Tensor) -> torch.Tensor:
         block = self.model.layers[layer]
-        attn = block.attn
-        B, T, M, D = h_BTMD.shape
-        H, K, E = attn.n_heads, attn.n_kv_heads, attn.head_dim
-        x_BTMD = block.attn_norm(h_BTMD)
-        cos_T11E, sin_T11E = self.cos_TE[:, None, None, :], self.sin_TE[:, None, None, :]
-        q_BTMHE = _rope(attn.q_proj(x_BTMD).view(B, T, M, H, E), cos_T11E, sin_T11E)
-        k_BTMKE = _rope(attn.k_proj(x_BTMD).view(B, T, M, K, E), cos_T11E, sin_T11E)
-        v_BTMKE = attn.v_proj(x_BTMD).view(B, T, M, K, E)
-        if K != H:  # grouped KV heads: query head h reads KV head h // (H / K), as SDPA's enable_gqa
-            k_BTMHE = k_BTMKE.repeat_interleave(H // K, dim=3)
-            v_BTMHE = v_BTMKE.repeat_interleave(H // K, dim=3)
-            k_BHSE = self.k_ref[layer].repeat_interleave(H // K, dim=1)
-            v_BHSE = self.v_ref[layer].repeat_interleave(H // K, dim=1)
-        else:
-            k_BTMHE, v_BTMHE, k_BHSE, v_BHSE = k_BTMKE, v_BTMKE, self.k_ref[layer], self.v_ref[layer]
-        q_BHXE = q_BTMHE.permute(0, 3, 1, 2, 4).reshape(B, H, T * M, E)  # X = (position, variant)
-        # context: reference keys of strictly earlier positions; self: the token's own key
-        ctx_BHXS = (q_BHXE @ k_BHSE.transpose(-1, -2)).float() * self.scale
-        mask_XS = self.strict_TS.repeat_interleave(M, dim=0)
-        ctx_BHXS = ctx_BHXS.masked_fill(~mask_XS, float("-inf"))
-        own_BHX = (q_BTMHE * k_BTMHE).sum(-1).permute(0, 3, 1, 2).reshape(B, H, T * M).float() * self.scale
-        p_BHXS1 = torch.softmax(torch.cat([ctx_BHXS, own_BHX.unsqueeze(-1)], -1), dim=-1).to(q_BHXE.dtype)
-        y_BHXE = p_BHXS1[..., :T] @ v_BHSE
-        v_own_BHXE = v_BTMHE.permute(0, 3, 1, 2, 4).reshape(B, H, T * M, E)
-        y_BHXE = y_BHXE + p_BHXS1[..., T:] * v_own_BHXE
-        y_BTMD = y_BHXE.view(B, H, T, M, E).permute(0, 2, 3, 1, 4).reshape(B, T, M, H * E)
-        return attn.o_proj(y_BTMD)
+        return self.kernels(
+            frozen_attn_residual, block, h_BTMD, self.k_ref[layer], self.v_ref[layer], self.cos_TE, self.sin_TE,
+            self.strict_TS, self.scale,
+        )
 
 
-def make_context(model: DuoModel, context: str, idx_BT: torch.Tensor, reference=None):
+def frozen_attn_residual(block, h_BTMD, k_BKSE, v_BKSE, cos_TE, sin_TE, strict_TS, scale: float):
+    """h + attention where each (position t, variant m) attends to the reference keys/values of
+    positions < t and to its own key/value (the frozen context)."""
+    attn = block.attn
+    B, T, M, D = h_BTMD.shape
+    H, K, E = attn.n_heads, attn.n_kv_heads, attn.head_dim
+    x_BTMD = block.attn_norm(h_BTMD)
+    cos_T11E, sin_T11E = cos_TE[:, None, None, :], sin_TE[:, None, None, :]
+    q_BTMHE = _rope(attn.q_proj(x_BTMD).view(B, T, M, H, E), cos_T11E, sin_T11E)
+    k_BTMKE = _rope(attn.k_proj(x_BTMD).view(B, T, M, K, E), cos_T11E, sin_T11E)
+    v_BTMKE = attn.v_proj(x_BTMD).view(B, T, M, K, E)
+    if K != H:  # grouped KV heads: query head h reads KV head h // (H / K), as SDPA's enable_gqa
+        k_BTMHE = k_BTMKE.repeat_interleave(H // K, dim=3)
+        v_BTMHE = v_BTMKE.repeat_interleave(H // K, dim=3)
+        k_BHSE = k_BKSE.repeat_interleave(H // K, dim=1)
+        v_BHSE = v_BKSE.repeat_interleave(H // K, dim=1)
+    else:
+        k_BTMHE, v_BTMHE, k_BHSE, v_BHSE = k_BTMKE, v_BTMKE, k_BKSE, v_BKSE
+    q_BHXE = q_BTMHE.permute(0, 3, 1, 2, 4).reshape(B, H, T * M, E)  # X = (position, variant)
+    # context: reference keys of strictly earlier positions; self: the token's own key
+    ctx_BHXS = (q_BHXE @ k_BHSE.transpose(-1, -2)).float() * scale
+    mask_XS = strict_TS.repeat_interleave(M, dim=0)
+    ctx_BHXS = ctx_BHXS.masked_fill(~mask_XS, float("-inf"))
+    own_BHX = (q_BTMHE * k_BTMHE).sum(-1).permute(0, 3, 1, 2).reshape(B, H, T * M).float() * scale
+    p_BHXS1 = torch.softmax(torch.cat([ctx_BHXS, own_BHX.unsqueeze(-1)], -1), dim=-1).to(q_BHXE.dtype)
+    y_BHXE = p_BHXS1[..., :T] @ v_BHSE
+    v_own_BHXE = v_BTMHE.permute(0, 3, 1, 2, 4).reshape(B, H, T * M, E)
+    y_BHXE = y_BHXE + p_BHXS1[..., T:] * v_own_BHXE
+    y_BTMD = y_BHXE.view(B, H, T, M, E).permute(0, 2, 3, 1, 4).reshape(B, T, M, H * E)
+    return h_BTMD + attn.o_proj(y_BTMD)
+
+
+def make_context(model: DuoModel, context: str, idx_BT: torch.Tensor, reference=None, kernels: K.Kernels = K.EAGER):
     if context == "shared":
-        return SharedContext(model, idx_BT.shape[1])
+        return SharedContext(model, idx_BT.shape[1], kernels)
     if context == "frozen":
-        return FrozenContext(model, idx_BT, reference if reference is not None else "B" * model.cfg.n_layers)
+        ref = reference if reference is not None else "B" * model.cfg.n_layers
+        return FrozenContext(model, idx_BT, ref, kernels)
     raise ValueError(f"unknown context {context!r}; use shared or frozen")
 
 
-def head_loss(model: DuoModel, h_XD: torch.Tensor, tgt_X: torch.Tensor, rows: int = 512) -> torch.Tensor:
-    """Next-token cross-entropy (float32) of final hidden states: final norm, LM head, log-sum-exp.
+class Head:
+    """Next-token loss (float32) of final hidden states, in row blocks.
 
-    Row blocks of 512 keep one block of logits in cache (measured 1.3-2x faster than unblocked
-    on the cpu preset, V = 2048); the loss is computed in float32 whatever
-    the compute dtype, as the model does (``logits.float()``).
+    Blocks of 512 rows keep one block of logits in cache (measured 1.3-2x faster than unblocked
+    on the cpu preset, V = 2048). The loss is float32 whatever the compute dtype, as the model's
+    ``logits.float()``.
     """
-    shape = h_XD.shape[:-1]
-    h_ND = h_XD.reshape(-1, h_XD.shape[-1])
-    tgt_N = tgt_X.reshape(-1)
-    out_N = torch.empty(h_ND.shape[0], dtype=torch.float32, device=h_ND.device)
-    for a in range(0, h_ND.shape[0], rows):
-        logits_nV = model.lm_head(model.norm(h_ND[a : a + rows])).float()
-        out_N[a : a + rows] = torch.logsumexp(logits_nV, -1) - logits_nV.gather(1, tgt_N[a : a + rows, None]).squeeze(1)
-    return out_N.view(shape)
+
+    def __init__(self, model: DuoModel, rows: int = 512, kernels: K.Kernels = K.EAGER):
+        self.model, self.rows, self.kernels = model, rows, kernels
+
+    def __call__(self, h_XD: torch.Tensor, tgt_X: torch.Tensor) -> torch.Tensor:
+        shape = h_XD.shape[:-1]
+        h_ND = h_XD.reshape(-1, h_XD.shape[-1])
+        tgt_N = tgt_X.reshape(-1)
+        norm, w_VD = self.model.norm, self.model.lm_head.weight
+        out_N = torch.empty(h_ND.shape[0], dtype=torch.float32, device=h_ND.device)
+        for a in range(0, h_ND.shape[0], self.rows):
+            args = (h_ND[a : a + self.rows], norm.weight, w_VD, tgt_N[a : a + self.rows], norm.eps)
+            out_N[a : a + self.rows] = self.kernels(K.head_block, *args)
+        return out_N.view(shape)
+
+
+def head_loss(model: DuoModel, h_XD: torch.Tensor, tgt_X: torch.Tensor, rows: int = 512) -> torch.Tensor:
+    """Eager ``Head`` in one call."""
+    return Head(model, rows)(h_XD, tgt_X)

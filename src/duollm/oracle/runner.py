@@ -37,7 +37,8 @@ from tqdm.auto import tqdm
 from ..io import atomic_path, atomic_write_json
 from ..model import DuoModel
 from ..routing import SKIP, BIG, code_strings, decode_codes
-from .context import make_context
+from .context import Head, make_context
+from .kernels import Kernels
 from .plan import OracleSpec, Plan, build_plan
 from .reductions import ChunkReducer, finalize, merge_chunks
 from .search import beam_search, max_children
@@ -112,11 +113,14 @@ def engine_model(model: DuoModel, dtype: str) -> DuoModel:
 
 
 @torch.no_grad()
-def compute_chunk(model: DuoModel, plan: Plan, idx_BT, tgt_BT, *, batch_tokens: int, on_leaves=None, matrix_cb=None):
+def compute_chunk(model: DuoModel, plan: Plan, idx_BT, tgt_BT, *, batch_tokens: int, on_leaves=None, matrix_cb=None,
+                  kernels: Kernels | None = None):
     """All reductions of one chunk of sequences (numpy arrays, see ``ChunkReducer.result``)."""
     spec = plan.spec
+    kernels = kernels or Kernels(False)
+    head = Head(model, kernels=kernels)
     B, T = idx_BT.shape
-    ctx = make_context(model, spec.context, idx_BT, spec.reference)
+    ctx = make_context(model, spec.context, idx_BT, spec.reference, kernels)
     red = ChunkReducer(plan, B * T, idx_BT.device, matrix_cb)
 
     def consume(p_R, loss_RBT):
@@ -124,7 +128,7 @@ def compute_chunk(model: DuoModel, plan: Plan, idx_BT, tgt_BT, *, batch_tokens: 
         if on_leaves is not None:
             on_leaves(len(p_R))
 
-    walk_tree(model, ctx, plan.route_PL, model.embed(idx_BT), tgt_BT, consume)
+    walk_tree(model, ctx, plan.route_PL, model.embed(idx_BT), tgt_BT, consume, head)
     beam = None
     if spec.search == "beam":
         c_max = max_children(spec.space, spec.beam_width)
@@ -132,9 +136,10 @@ def compute_chunk(model: DuoModel, plan: Plan, idx_BT, tgt_BT, *, batch_tokens: 
         losses, codes = [], []
         for a in range(0, B, group):
             idx_bT, tgt_bT = idx_BT[a : a + group], tgt_BT[a : a + group]
-            ctx_b = make_context(model, spec.context, idx_bT, spec.reference)
+            ctx_b = make_context(model, spec.context, idx_bT, spec.reference, kernels)
             loss_JN, code_JN = beam_search(
-                model, ctx_b, model.embed(idx_bT), tgt_bT, spec.space, plan.budgets, spec.beam_width, rows=batch_tokens
+                model, ctx_b, model.embed(idx_bT), tgt_bT, spec.space, plan.budgets, spec.beam_width, rows=batch_tokens,
+                head=head,
             )
             losses.append(loss_JN)
             codes.append(code_JN)
@@ -155,6 +160,7 @@ def run_oracle(
     batch_tokens: int = 4096,
     dtype: str = "float32",
     keep_matrix: bool = False,
+    compile: bool | str = "auto",
     progress: bool = True,
     meta: dict | None = None,
     on_chunk: Callable[[int], None] | None = None,
@@ -163,6 +169,8 @@ def run_oracle(
 
     Returns the summary dict on rank 0 (None on other ranks). ``on_chunk(i)`` is called after
     chunk i is saved (tests use it to interrupt). ``meta`` is merged into the summary.
+    ``compile``: fuse each node's elementwise work with torch.compile (see ``kernels``; True/False;
+    "auto": when the run evaluates at least 2^24 pattern-tokens, where compiling pays off).
     """
     if not isinstance(batch_tokens, int) or batch_tokens < 1:
         raise ValueError(f"batch tokens must be a positive integer; got {batch_tokens!r}")
@@ -184,10 +192,16 @@ def run_oracle(
     rank, world, we_initialized = _dist_info()
     mine = [c for c in chunks if c[0] % world == rank]
     P = len(plan.code_P)
+    if compile not in (True, False, "auto"):
+        raise ValueError(f"compile must be true, false or auto; got {compile!r}")
+    if compile == "auto":
+        compile = P * N >= 1 << 24 or spec.search == "beam" and N >= 1 << 14
+    kernels = Kernels(bool(compile))
 
     fingerprint = hashlib.sha256(json.dumps({
         "engine": ENGINE_VERSION, "plan": plan.fingerprint(), "tokens": _tensor_fingerprint(idx_ST, tgt_ST),
         "params": _param_fingerprint(model), "dtype": dtype, "per_chunk": per_chunk, "matrix": keep_matrix,
+        "compile": bool(compile),
     }, sort_keys=True).encode()).hexdigest()
     partial = out_dir / PARTIAL
     if rank == 0:
@@ -229,7 +243,7 @@ def run_oracle(
 
         res = compute_chunk(
             emodel, plan, idx_ST[a:b].to(device), tgt_ST[a:b].to(device), batch_tokens=batch_tokens,
-            on_leaves=on_leaves, matrix_cb=matrix_cb if keep_matrix else None,
+            on_leaves=on_leaves, matrix_cb=matrix_cb if keep_matrix else None, kernels=kernels,
         )
         if matrix is not None:
             matrix.flush()
@@ -260,6 +274,7 @@ def run_oracle(
             "compute_s": round(compute_s, 3),
             "chunks": len(chunks), "chunks_resumed": resumed, "chunks_computed_rank0": computed,
             "world_size": world, "device": str(device), "dtype": dtype, "batch_tokens": batch_tokens,
+            "compiled_kernels": kernels.compile,
             "patterns_evaluated": P,
             "tokens_per_s_rank0": round(computed * per_chunk * T / compute_s, 3) if computed else None,
         })

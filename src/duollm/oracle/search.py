@@ -31,7 +31,8 @@ import torch
 
 from ..model import DuoModel
 from ..routing import BIG, SKIP, SMALL, CandidateSpace, _LETTER_ROUTE
-from .context import head_loss
+from . import kernels as K
+from .context import Head
 
 
 def _cells(space: CandidateSpace, bigs: int, skips: int) -> tuple[int, int]:
@@ -39,8 +40,11 @@ def _cells(space: CandidateSpace, bigs: int, skips: int) -> tuple[int, int]:
 
 
 class BeamSearch:
-    def __init__(self, model: DuoModel, ctx, space: CandidateSpace, budgets, width: int, rows: int = 8192):
+    def __init__(self, model: DuoModel, ctx, space: CandidateSpace, budgets, width: int, rows: int = 8192,
+                 head: Head | None = None):
         self.model, self.ctx, self.space = model, ctx, space
+        self.head = head or Head(model, kernels=ctx.kernels)
+        self.kern = ctx.kernels
         self.budgets, self.width = tuple(budgets), width
         self.unit = "token" if ctx.name == "frozen" else "sequence"
         self.rows = rows  # cap on hidden-state rows per matrix product (memory)
@@ -51,9 +55,9 @@ class BeamSearch:
         step = max(1, self.rows // max(1, B * T))
         return [(a, min(M, a + step)) for a in range(0, M, step)]
 
-    def _attend(self, layer: int, h_BTMD: torch.Tensor) -> torch.Tensor:
+    def _residual(self, layer: int, h_BTMD: torch.Tensor) -> torch.Tensor:
         B, T, M, _ = h_BTMD.shape
-        return torch.cat([self.ctx.attend(layer, h_BTMD[:, :, a:b]) for a, b in self._groups(B, T, M)], dim=2)
+        return torch.cat([self.ctx.residual(layer, h_BTMD[:, :, a:b]) for a, b in self._groups(B, T, M)], dim=2)
 
     def _complete(self, h_BTCD: torch.Tensor, start: int, tgt_BT: torch.Tensor) -> torch.Tensor:
         """Score children: loss of the prefix completed with big FFNs from layer ``start`` on."""
@@ -63,9 +67,9 @@ class BeamSearch:
             h = h_BTCD[:, :, a:b]
             for layer in range(start, self.model.cfg.n_layers):
                 block = self.model.layers[layer]
-                h = h + self.ctx.attend(layer, h)
-                h = h + block.ffn.big(block.ffn_norm(h))
-            out.append(head_loss(self.model, h, tgt_BT[:, :, None].expand(B, T, b - a)))
+                h = self.ctx.residual(layer, h)
+                h = self.kern(K.ffn_residual, block.ffn.big, h, self.kern(K.norm, block.ffn_norm, h))
+            out.append(self.head(h, tgt_BT[:, :, None].expand(B, T, b - a)))
         return torch.cat(out, dim=2)
 
     # -- the search -----------------------------------------------------------------------
@@ -93,18 +97,18 @@ class BeamSearch:
             used = {r for r in self.routes if parents[r]}
             mid_BTMD = x_BTMD = None
             if not block_skip or used != {SKIP}:
-                mid_BTMD = h_BTMD + self._attend(depth, h_BTMD)
+                mid_BTMD = self._residual(depth, h_BTMD)
             if used & {BIG, SMALL}:
-                x_BTMD = block.ffn_norm(mid_BTMD)
+                x_BTMD = self.kern(K.norm, block.ffn_norm, mid_BTMD)
             parts_h, parts_code = [], []
             for r in self.routes:
                 if not parents[r]:
                     continue
                 idx = torch.tensor(parents[r], device=h0_BTD.device)
                 if r == BIG:
-                    h = mid_BTMD[:, :, idx] + block.ffn.big(x_BTMD[:, :, idx])
+                    h = self.kern(K.ffn_residual, block.ffn.big, mid_BTMD[:, :, idx], x_BTMD[:, :, idx])
                 elif r == SMALL:
-                    h = mid_BTMD[:, :, idx] + block.ffn.small(x_BTMD[:, :, idx])
+                    h = self.kern(K.ffn_residual, block.ffn.small, mid_BTMD[:, :, idx], x_BTMD[:, :, idx])
                 else:
                     h = (h_BTMD if block_skip else mid_BTMD)[:, :, idx]
                 parts_h.append(h)
@@ -112,7 +116,7 @@ class BeamSearch:
             h_BTCD, code_BTC = torch.cat(parts_h, 2), torch.cat(parts_code, 2)
             del mid_BTMD, x_BTMD
             if depth == L - 1:
-                loss_BTC = head_loss(model, h_BTCD, tgt_BT[:, :, None].expand(*code_BTC.shape))
+                loss_BTC = self.head(h_BTCD, tgt_BT[:, :, None].expand(*code_BTC.shape))
                 return self._final(loss_BTC, code_BTC, child_counts)
             score_BTC = self._complete(h_BTCD, depth + 1, tgt_BT)
             h_BTMD, code_BTM, slots = self._select(h_BTCD, code_BTC, score_BTC, child_counts)
@@ -157,9 +161,9 @@ class BeamSearch:
         return torch.stack(rows_loss), torch.stack(rows_code)
 
 
-def beam_search(model, ctx, h0_BTD, tgt_BT, space, budgets, width, rows=8192):
+def beam_search(model, ctx, h0_BTD, tgt_BT, space, budgets, width, rows=8192, head=None):
     """Functional form of ``BeamSearch(...).run``: ``(loss_JN, code_JN)`` for the chunk's B*T tokens."""
-    return BeamSearch(model, ctx, space, budgets, width, rows).run(h0_BTD, tgt_BT)
+    return BeamSearch(model, ctx, space, budgets, width, rows, head).run(h0_BTD, tgt_BT)
 
 
 def max_children(space: CandidateSpace, width: int) -> int:

@@ -24,7 +24,8 @@ import torch
 
 from ..model import DuoModel
 from ..routing import BIG, SKIP, SMALL, FlopModel, pattern_codes
-from .context import head_loss
+from . import kernels as K
+from .context import Head
 
 Consume = Callable[[np.ndarray, torch.Tensor], None]  # (pattern indices [R], loss_RBT)
 
@@ -54,9 +55,12 @@ def walk_tree(
     h0_BTD: torch.Tensor,
     tgt_BT: torch.Tensor,
     consume: Consume,
-    head_rows: int = 512,
+    head: Head | None = None,
 ) -> None:
-    """Evaluate every pattern of ``route_PL`` (any order, no duplicates) under context ``ctx``."""
+    """Evaluate every pattern of ``route_PL`` (any order, no duplicates) under context ``ctx``
+    (whose ``kernels`` also run the FFNs: eager or compiled)."""
+    head = head or Head(model, kernels=ctx.kernels)
+    kern = ctx.kernels
     L = model.cfg.n_layers
     P = len(route_PL)
     if P == 0:
@@ -73,15 +77,15 @@ def walk_tree(
         routes = {r for r, _, _ in children}
         mid_BTMD = x_BTMD = None
         if not block_skip or routes != {SKIP}:
-            mid_BTMD = h_BTMD + ctx.attend(depth, h_BTMD)
+            mid_BTMD = ctx.residual(depth, h_BTMD)
         if routes & {BIG, SMALL}:
-            x_BTMD = block.ffn_norm(mid_BTMD)
+            x_BTMD = kern(K.norm, block.ffn_norm, mid_BTMD)
         leaves, leaf_h = [], []
         for route, a, b in children:
             if route == BIG:
-                child = mid_BTMD + block.ffn.big(x_BTMD)
+                child = kern(K.ffn_residual, block.ffn.big, mid_BTMD, x_BTMD)
             elif route == SMALL:
-                child = mid_BTMD + block.ffn.small(x_BTMD)
+                child = kern(K.ffn_residual, block.ffn.small, mid_BTMD, x_BTMD)
             else:  # skip: the residual passes (with skip_mode="block" the attention output too)
                 child = h_BTMD if block_skip else mid_BTMD
             if depth == L - 1:
@@ -92,7 +96,7 @@ def walk_tree(
                 visit(depth + 1, a, b, child)
         if leaves:
             h_RBTD = torch.stack([h.squeeze(2) for h in leaf_h])
-            loss_RBT = head_loss(model, h_RBTD, tgt_BT.expand(len(leaves), *tgt_BT.shape), rows=head_rows)
+            loss_RBT = head(h_RBTD, tgt_BT.expand(len(leaves), *tgt_BT.shape))
             consume(np.array(leaves), loss_RBT)
 
     visit(0, 0, P, h0_BTMD)

@@ -1,0 +1,184 @@
+"""Oracle engine benchmark (DESIGN section 6): tree vs naive on the same tokens, as ratios.
+
+For the 2^12 small/big patterns of the ``cpu`` preset (random weights: speed does not depend on
+training) it measures, in one run:
+
+- the machine's dense matmul rate (2048^3 products, best of 5) per dtype;
+- the tree evaluator over all 4096 patterns (with the engine's streaming reductions);
+- the naive evaluator (one ``DuoModel.forward`` per pattern) on a seeded sample of patterns,
+  extrapolated to all 4096 by FLOPs (every pattern costs the same up to its big/small mix);
+  ``--naive-sample 0`` times all 4096 instead;
+- the ideal speed-up: naive FLOPs / tree FLOPs from ``routing.FlopModel`` (attention at the
+  evaluated context length), and the measured speed-up next to it.
+
+Targets: measured speed-up >= 80% of the ideal; tree FLOP/s >= 50% of dense matmul FLOP/s.
+
+``--memory`` measures the engine's peak resident memory (``ru_maxrss`` of a fresh process)
+on the ``cpu`` preset as the number of evaluation tokens grows (up to 64K tokens), and at a
+fixed token count as the number of patterns grows, to show what the peak depends on.
+
+Usage: python benchmarks/bench_oracle.py [--tokens 512] [--dtypes float32,bfloat16]
+       [--naive-sample 256] [--threads N] [--memory] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+from duollm.config import load_config
+from duollm.model import DuoModel
+from duollm.oracle import build_spec, naive_losses
+from duollm.oracle.plan import build_plan
+from duollm.oracle.kernels import Kernels
+from duollm.oracle.runner import compute_chunk, engine_model
+from duollm.oracle.tree import naive_flops, tree_flops
+from duollm.routing import FlopModel
+
+
+CLOCK = time.perf_counter  # set in main: process CPU time on one thread, wall time otherwise
+
+
+def dense_rate(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t = CLOCK()
+        a @ b
+        best = min(best, CLOCK() - t)
+    return 2 * n**3 / best
+
+
+def speed(args) -> list[dict]:
+    cfg = load_config("cpu")
+    T = cfg.train.seq_len
+    S = max(1, args.tokens // T)
+    torch.manual_seed(0)
+    model = DuoModel(cfg.model).eval()
+    g = torch.Generator().manual_seed(1)
+    idx = torch.randint(0, cfg.model.vocab_size, (S, T), generator=g)
+    tgt = torch.randint(0, cfg.model.vocab_size, (S, T), generator=g)
+    spec = build_spec(cfg.model.n_layers, options="SB")
+    plan = build_plan(spec)
+    cand = plan.route_PL  # 4096 patterns (the baselines and random draws are among them)
+    assert len(cand) == 2**cfg.model.n_layers
+    fm = FlopModel.from_config(cfg.model, context=T)
+    flops_tree, flops_naive = tree_flops(cand, fm) * S * T, naive_flops(cand, fm) * S * T
+    rng = np.random.default_rng(0)
+    sample = cand[np.sort(rng.choice(len(cand), size=args.naive_sample, replace=False))] if args.naive_sample else cand
+    rows = []
+    for dtype in args.dtypes.split(","):
+        em = engine_model(model, dtype)
+        rate = dense_rate(em.embed.weight.dtype)
+        with torch.no_grad():
+            list(naive_losses(em, idx[:1], tgt[:1], cand[:2]))  # warm-up
+            t = CLOCK()
+            for _ in naive_losses(em, idx, tgt, sample, batch_size=S):
+                pass
+            t_sample = CLOCK() - t
+            times = {}
+            for compiled in (False, True):
+                kernels = Kernels(compiled)
+                t = time.perf_counter()
+                warm = build_plan(build_spec(cfg.model.n_layers, options="SB", budgets="0,12"))
+                compute_chunk(em, warm, idx, tgt, batch_tokens=S * T, kernels=kernels)
+                t_compile = time.perf_counter() - t  # first calls: compilation (on-disk cache afterwards)
+                t = CLOCK()
+                compute_chunk(em, plan, idx, tgt, batch_tokens=S * T, kernels=kernels)
+                times[compiled] = CLOCK() - t
+        t_naive = t_sample * naive_flops(cand, fm) / naive_flops(sample, fm)
+        for compiled, t_tree in times.items():
+            rate_tree = flops_tree / t_tree
+            row = {
+                "dtype": dtype, "compiled_kernels": compiled, "tokens": S * T, "patterns": len(cand),
+                "threads": torch.get_num_threads(), "dense_matmul_gflops": rate / 1e9,
+                "tree_s": t_tree, "tree_gflops": rate_tree / 1e9, "tree_share_of_dense": rate_tree / rate,
+                "naive_s": t_naive, "naive_patterns_timed": len(sample), "naive_gflops": flops_naive / t_naive / 1e9,
+                "ideal_speedup": flops_naive / flops_tree, "measured_speedup": t_naive / t_tree,
+                "warmup_wall_s": t_compile,
+            }
+            row["speedup_share_of_ideal"] = row["measured_speedup"] / row["ideal_speedup"]
+            rows.append(row)
+            print(
+                f"{dtype:>9} {'compiled' if compiled else 'eager':>8}: dense {row['dense_matmul_gflops']:6.1f} "
+                f"GFLOP/s | tree {t_tree:6.1f} s {row['tree_gflops']:6.1f} GFLOP/s = "
+                f"{100 * row['tree_share_of_dense']:5.1f}% of dense (target >= 50%) | naive {t_naive:7.1f} s "
+                f"({len(sample)} patterns timed) | speed-up {row['measured_speedup']:5.2f}x vs ideal "
+                f"{row['ideal_speedup']:4.2f}x = {100 * row['speedup_share_of_ideal']:5.1f}% (target >= 80%)",
+                flush=True,
+            )
+    return rows
+
+
+CHILD = """
+import json, resource, sys, tempfile, torch
+from duollm.config import load_config
+from duollm.model import DuoModel
+from duollm.oracle import build_spec, run_oracle
+tokens, budgets, dtype = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+cfg = load_config("cpu")
+T = cfg.train.seq_len
+model = DuoModel(cfg.model).eval()
+idx = torch.randint(0, cfg.model.vocab_size, (tokens // T, T))
+tgt = torch.randint(0, cfg.model.vocab_size, (tokens // T, T))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+with tempfile.TemporaryDirectory() as d:
+    s = run_oracle(model, idx, tgt, build_spec(12, budgets=budgets), d, progress=False, dtype=dtype)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"tokens": tokens, "budgets": budgets, "dtype": dtype, "patterns": s["patterns_evaluated"],
+                  "rss_before_mib": before / 1024, "peak_rss_mib": after / 1024}))
+"""
+
+
+def memory(args) -> list[dict]:
+    """Peak RSS of fresh processes (Linux ru_maxrss, KiB): the before figure is the process with
+    torch, the model and the tokens loaded; the peak includes the whole oracle run and its outputs."""
+    runs = [(8192, "0,12"), (16384, "0,12"), (65536, "0,12"), (4096, "0,12"), (4096, "0-1,11-12"), (4096, "0-2,10-12")]
+    out = []
+    for tokens, budgets in runs:
+        proc = subprocess.run([sys.executable, "-c", CHILD, str(tokens), budgets, "float32"],
+                              capture_output=True, text=True, check=True)
+        row = json.loads(proc.stdout.strip().splitlines()[-1])
+        out.append(row)
+        print(f"memory: {row['tokens']:6d} tokens, {row['patterns']:4d} patterns (budgets {budgets:>9}): "
+              f"before {row['rss_before_mib']:6.0f} MiB, peak {row['peak_rss_mib']:6.0f} MiB, "
+              f"engine +{row['peak_rss_mib'] - row['rss_before_mib']:5.0f} MiB", flush=True)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tokens", type=int, default=512, help="evaluation tokens (multiples of 128)")
+    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--naive-sample", type=int, default=256, help="patterns the naive evaluator times (0: all 4096)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads (default 1: times are then process CPU seconds, which other jobs "
+                        "on a shared machine do not inflate; with more threads, wall seconds)")
+    p.add_argument("--memory", action="store_true", help="also measure peak memory vs tokens and patterns")
+    p.add_argument("--skip-speed", action="store_true")
+    p.add_argument("--json", help="write the figures to this file")
+    args = p.parse_args()
+    global CLOCK
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    CLOCK = time.process_time if torch.get_num_threads() == 1 else time.perf_counter
+    print(f"threads {torch.get_num_threads()}, clock: {'process CPU time' if CLOCK is time.process_time else 'wall'}")
+    result = {}
+    if not args.skip_speed:
+        result["speed"] = speed(args)
+    if args.memory:
+        result["memory"] = memory(args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
