@@ -5,6 +5,10 @@ attention block and two SwiGLU FFNs side by side; each token takes one route per
 skip (no FFN, the residual passes), small, or big. Attention always runs (unless
 ``skip_mode="block"``, where a skipped token also drops its attention output).
 
+The defaults are the paper's Llama-2 layer (RMSNorm, RoPE, SwiGLU, no biases). Four options
+(``norm``, ``pos``, ``mlp``, ``bias``) also express a GPT-2 layer exactly, so that pretrained
+GPT-2 checkpoints convert into Duo models (``duollm.hf.convert``) without changing their outputs.
+
 Tensor name legend (torchtitan style, the suffix carries the shape):
     B  batch                 T  sequence positions (query)     S  key positions
     D  model width           H  query heads                    K  key/value heads
@@ -40,6 +44,11 @@ class ModelConfig:
     tie_embeddings: bool = True
     skip_mode: str = "ffn"  # "ffn": skip drops the FFN only (default); "block": attention output too
     init_std: float = 0.02
+    # architecture options; the defaults are Llama's, the alternatives GPT-2's (used by conversion)
+    norm: str = "rms"  # "rms": RMSNorm | "layer": LayerNorm with bias
+    pos: str = "rope"  # "rope": rotary | "learned": absolute position embeddings added to the tokens
+    mlp: str = "swiglu"  # "swiglu": gated SiLU | "gelu_tanh", "gelu": fc -> GELU -> proj (not gated)
+    bias: bool = False  # biases on the attention and FFN projections
 
     def __post_init__(self):
         if self.d_model % self.n_heads:
@@ -50,6 +59,10 @@ class ModelConfig:
             raise ValueError(f"head dimension {self.head_dim} must be even for RoPE")
         if self.skip_mode not in ("ffn", "block"):
             raise ValueError(f"model.skip_mode must be 'ffn' or 'block'; got {self.skip_mode!r}")
+        for name, known in (("norm", ("rms", "layer")), ("pos", ("rope", "learned")),
+                            ("mlp", ("swiglu", "gelu_tanh", "gelu"))):
+            if getattr(self, name) not in known:
+                raise ValueError(f"model.{name} must be one of {', '.join(known)}; got {getattr(self, name)!r}")
         for name in ("vocab_size", "n_layers", "d_model", "n_heads", "d_ff_big", "d_ff_small", "max_seq_len"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"model.{name} must be positive; got {getattr(self, name)}")
@@ -120,6 +133,28 @@ class RMSNorm(nn.Module):
         return (x_f * torch.rsqrt(x_f.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    return RMSNorm(cfg.d_model, cfg.norm_eps) if cfg.norm == "rms" else nn.LayerNorm(cfg.d_model, cfg.norm_eps)
+
+
+class Embedding(nn.Embedding):
+    """Token embedding (``weight``, tied to the LM head), plus learned absolute positions
+    (``pos``) when ``cfg.pos == "learned"`` (GPT-2). Positions live here so that every caller
+    of ``model.embed(idx_BT)`` (the oracle too) gets the full input of the first layer."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg.vocab_size, cfg.d_model)
+        self.pos = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.pos == "learned" else None
+
+    def forward(self, idx_BT: torch.Tensor, pos_BT: torch.Tensor | None = None) -> torch.Tensor:
+        h_BTD = super().forward(idx_BT)
+        if self.pos is None:
+            return h_BTD
+        if pos_BT is None:
+            pos_BT = torch.arange(idx_BT.shape[-1], device=idx_BT.device)
+        return h_BTD + self.pos(pos_BT)
+
+
 def rope_tables(cfg: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos_TE, sin_TE for positions 0..max_seq_len-1 (rotate-half convention, as in Llama/HF)."""
     E = cfg.head_dim
@@ -136,7 +171,11 @@ def apply_rope(x_BHTE: torch.Tensor, cos_TE: torch.Tensor, sin_TE: torch.Tensor)
 
 
 class KVCache:
-    """Keys and values of past positions, one entry per layer (generation)."""
+    """Keys and values of past positions, one entry per layer (generation).
+
+    The interface the model uses is ``length`` (tokens seen before this forward), ``seen(layer)``
+    and ``update(layer, k, v)``; ``duollm.hf`` adapts transformers' ``Cache`` to it.
+    """
 
     def __init__(self, n_layers: int):
         self.k = [None] * n_layers
@@ -144,7 +183,11 @@ class KVCache:
 
     @property
     def length(self) -> int:
-        return 0 if self.k[0] is None else self.k[0].shape[2]
+        return self.seen(0)
+
+    def seen(self, layer: int) -> int:
+        """Positions cached at ``layer`` (layers before it already hold this forward's tokens)."""
+        return 0 if self.k[layer] is None else self.k[layer].shape[2]
 
     def update(self, layer: int, k_BKTE: torch.Tensor, v_BKTE: torch.Tensor):
         if self.k[layer] is not None:
@@ -158,57 +201,80 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.rope = cfg.pos == "rope"
         D, E = cfg.d_model, cfg.head_dim
-        self.q_proj = nn.Linear(D, cfg.n_heads * E, bias=False)
-        self.k_proj = nn.Linear(D, cfg.kv_heads * E, bias=False)
-        self.v_proj = nn.Linear(D, cfg.kv_heads * E, bias=False)
-        self.o_proj = nn.Linear(cfg.n_heads * E, D, bias=False)
+        self.q_proj = nn.Linear(D, cfg.n_heads * E, bias=cfg.bias)
+        self.k_proj = nn.Linear(D, cfg.kv_heads * E, bias=cfg.bias)
+        self.v_proj = nn.Linear(D, cfg.kv_heads * E, bias=cfg.bias)
+        self.o_proj = nn.Linear(cfg.n_heads * E, D, bias=cfg.bias)
 
     def qkv(self, x_BTD, cos_TE, sin_TE):
+        """Projections; RoPE tables may also be per sequence (``cos_B1TE``, explicit positions)."""
         B, T, _ = x_BTD.shape
         q_BHTE = self.q_proj(x_BTD).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k_BKTE = self.k_proj(x_BTD).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v_BKTE = self.v_proj(x_BTD).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if not self.rope:  # learned absolute positions were added to the input embedding
+            return q_BHTE, k_BKTE, v_BKTE
         return apply_rope(q_BHTE, cos_TE, sin_TE), apply_rope(k_BKTE, cos_TE, sin_TE), v_BKTE
 
-    def forward(self, x_BTD, cos_TE, sin_TE, cache: KVCache | None = None, layer: int = 0):
+    def forward(self, x_BTD, cos_TE, sin_TE, cache: KVCache | None = None, layer: int = 0, mask_B1TS=None):
+        """``mask_B1TS``: which keys each query sees (padding); None: causal over cache + new tokens."""
         B, T, _ = x_BTD.shape
         q_BHTE, k_BKTE, v_BKTE = self.qkv(x_BTD, cos_TE, sin_TE)
         past = 0
         if cache is not None:
-            past = cache.length if cache.k[layer] is not None else 0
+            past = cache.seen(layer)  # per layer: earlier layers already cached this forward's tokens
             k_BKTE, v_BKTE = cache.update(layer, k_BKTE, v_BKTE)
-        if past == 0:
-            y_BHTE = F.scaled_dot_product_attention(
-                q_BHTE, k_BKTE, v_BKTE, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads
-            )
+        gqa = self.n_kv_heads != self.n_heads
+        if mask_B1TS is not None:
+            y_BHTE = F.scaled_dot_product_attention(q_BHTE, k_BKTE, v_BKTE, attn_mask=mask_B1TS, enable_gqa=gqa)
+        elif past == 0:
+            y_BHTE = F.scaled_dot_product_attention(q_BHTE, k_BKTE, v_BKTE, is_causal=True, enable_gqa=gqa)
         else:  # queries at positions past..past+T-1 see keys 0..past+t
             S = k_BKTE.shape[2]
             mask_TS = torch.ones(T, S, dtype=torch.bool, device=x_BTD.device).tril(diagonal=past)
-            y_BHTE = F.scaled_dot_product_attention(
-                q_BHTE, k_BKTE, v_BKTE, attn_mask=mask_TS, enable_gqa=self.n_kv_heads != self.n_heads
-            )
+            y_BHTE = F.scaled_dot_product_attention(q_BHTE, k_BKTE, v_BKTE, attn_mask=mask_TS, enable_gqa=gqa)
         return self.o_proj(y_BHTE.transpose(1, 2).reshape(B, T, -1))
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, d_model: int, d_ff: int):
+    def __init__(self, d_model: int, d_ff: int, bias: bool = False):
         super().__init__()
-        self.gate_proj = nn.Linear(d_model, d_ff, bias=False)
-        self.up_proj = nn.Linear(d_model, d_ff, bias=False)
-        self.down_proj = nn.Linear(d_ff, d_model, bias=False)
+        self.gate_proj = nn.Linear(d_model, d_ff, bias=bias)
+        self.up_proj = nn.Linear(d_model, d_ff, bias=bias)
+        self.down_proj = nn.Linear(d_ff, d_model, bias=bias)
 
     def forward(self, x_ND: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x_ND)) * self.up_proj(x_ND))
 
 
+class GeluMLP(nn.Module):
+    """GPT-2's FFN: ``down(gelu(up(x)))``, not gated; ``approximate="tanh"`` is GPT-2's ``gelu_new``."""
+
+    def __init__(self, d_model: int, d_ff: int, bias: bool = True, approximate: str = "tanh"):
+        super().__init__()
+        self.approximate = approximate
+        self.up_proj = nn.Linear(d_model, d_ff, bias=bias)
+        self.down_proj = nn.Linear(d_ff, d_model, bias=bias)
+
+    def forward(self, x_ND: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.gelu(self.up_proj(x_ND), approximate=self.approximate))
+
+
+def make_mlp(cfg: ModelConfig, d_ff: int) -> nn.Module:
+    if cfg.mlp == "swiglu":
+        return SwiGLU(cfg.d_model, d_ff, cfg.bias)
+    return GeluMLP(cfg.d_model, d_ff, cfg.bias, "tanh" if cfg.mlp == "gelu_tanh" else "none")
+
+
 class DuoFFN(nn.Module):
-    """The Duo unit: a big and a small SwiGLU side by side; route per token (paper section 3)."""
+    """The Duo unit: a big and a small FFN side by side; route per token (paper section 3)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.big = SwiGLU(cfg.d_model, cfg.d_ff_big)
-        self.small = SwiGLU(cfg.d_model, cfg.d_ff_small)
+        self.big = make_mlp(cfg, cfg.d_ff_big)
+        self.small = make_mlp(cfg, cfg.d_ff_small)
 
     def masked(self, x_BTD: torch.Tensor, route_BT: torch.Tensor) -> torch.Tensor:
         """Reference path: run both modules on every token, keep the chosen output."""
@@ -217,22 +283,31 @@ class DuoFFN(nn.Module):
         return big_BT1 * self.big(x_BTD) + small_BT1 * self.small(x_BTD)
 
     def routed(self, x_BTD: torch.Tensor, route_BT: torch.Tensor) -> torch.Tensor:
-        """Fast path: each module runs only on the tokens sent to it (gather, compute, scatter)."""
-        x_ND = x_BTD.reshape(-1, x_BTD.shape[-1])
+        """Fast path: each module runs only on the tokens sent to it (gather, compute, scatter).
+
+        One stable sort of the routes (skip=0 < small=1 < big=2) lines the tokens up in
+        contiguous segments; one gather feeds both modules (each reads a slice), one scatter
+        writes their outputs back, and skipped tokens are never copied (their FFN output is 0).
+        The segment sizes cost one host sync per call.
+        """
         route_N = route_BT.reshape(-1)
-        out_ND = None
-        for route, module in ((BIG, self.big), (SMALL, self.small)):
-            idx = (route_N == route).nonzero().squeeze(1)
-            if idx.numel() == route_N.numel():  # everyone takes this route: no gather needed
-                return module(x_BTD)
-            if idx.numel() == 0:
-                continue
-            y_ND = module(x_ND.index_select(0, idx))
-            out_ND = torch.zeros_like(x_ND) if out_ND is None else out_ND
-            out_ND = out_ND.index_copy(0, idx, y_ND)
-        if out_ND is None:  # everyone skips
+        N = route_N.numel()
+        counts = torch.bincount(route_N, minlength=3).tolist()
+        if len(counts) != 3:
+            raise ValueError(f"routes must be 0 (skip), 1 (small) or 2 (big); got {route_N.max().item()}")
+        n_skip, n_small, n_big = counts
+        if n_big == N:  # uniform routes need no gather (the dense model, all-small evaluation)
+            return self.big(x_BTD)
+        if n_small == N:
+            return self.small(x_BTD)
+        if n_skip == N:
             return torch.zeros_like(x_BTD)
-        return out_ND.view_as(x_BTD)
+        x_ND = x_BTD.reshape(N, -1)
+        idx_M = torch.argsort(route_N, stable=True)[n_skip:]  # the M = N - n_skip tokens with an FFN
+        x_MD = x_ND.index_select(0, idx_M)  # small tokens first, then big
+        y_MD = torch.cat([self.small(x_MD[:n_small]), self.big(x_MD[n_small:])])
+        # zeros of the modules' dtype (bf16 under autocast), then one in-place scatter
+        return x_ND.new_zeros(N, y_MD.shape[1], dtype=y_MD.dtype).index_copy_(0, idx_M, y_MD).view_as(x_BTD)
 
     def soft(self, x_BTD: torch.Tensor, prob_BTR: torch.Tensor) -> torch.Tensor:
         """Probability-weighted mix of the routes (router training, paper section 3.3)."""
@@ -244,12 +319,12 @@ class DuoBlock(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.skip_mode = cfg.skip_mode
-        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn_norm = make_norm(cfg)
         self.attn = Attention(cfg)
-        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.ffn_norm = make_norm(cfg)
         self.ffn = DuoFFN(cfg)
 
-    def forward(self, h_BTD, decide, layer, cos_TE, sin_TE, cache=None, path="routed"):
+    def forward(self, h_BTD, decide, layer, cos_TE, sin_TE, cache=None, path="routed", mask_B1TS=None):
         """One layer. ``decide(layer, x_BTD)`` returns ``route_BT`` or ``prob_BTR``.
 
         Returns the new hidden state and the hard routes taken (argmax for soft weights).
@@ -257,10 +332,10 @@ class DuoBlock(nn.Module):
         if self.skip_mode == "block":  # the route is decided before the block it may skip
             route = decide(layer, h_BTD)
             keep_BT1 = self._keep(route).unsqueeze(-1)
-            h_BTD = h_BTD + keep_BT1 * self.attn(self.attn_norm(h_BTD), cos_TE, sin_TE, cache, layer)
+            h_BTD = h_BTD + keep_BT1 * self.attn(self.attn_norm(h_BTD), cos_TE, sin_TE, cache, layer, mask_B1TS)
             x_BTD = self.ffn_norm(h_BTD)
         else:  # attention always runs; the router sees the hidden state entering the FFN
-            h_BTD = h_BTD + self.attn(self.attn_norm(h_BTD), cos_TE, sin_TE, cache, layer)
+            h_BTD = h_BTD + self.attn(self.attn_norm(h_BTD), cos_TE, sin_TE, cache, layer, mask_B1TS)
             x_BTD = self.ffn_norm(h_BTD)
             route = decide(layer, x_BTD)
 
@@ -294,9 +369,9 @@ class DuoModel(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.embed = Embedding(cfg)
         self.layers = nn.ModuleList(DuoBlock(cfg) for _ in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.norm = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
@@ -313,6 +388,8 @@ class DuoModel(nn.Module):
     def _init(self, m: nn.Module):
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, std=self.cfg.init_std)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
 
     def init_rope(self):
         """Recompute the RoPE tables (after building on the meta device and moving to a real one)."""
@@ -327,18 +404,38 @@ class DuoModel(nn.Module):
         path: str = "routed",
         cache: KVCache | None = None,
         return_logits: bool = True,
+        pos_BT: torch.Tensor | None = None,
+        keep_BS: torch.Tensor | None = None,
     ) -> DuoOutput:
-        """Run the model under ``routes`` (None = all big). ``path``: "routed" or "masked"."""
+        """Run the model under ``routes`` (None = all big). ``path``: "routed" or "masked".
+
+        For padded batches (generation, evaluation harnesses): ``keep_BS`` marks the real
+        tokens among all key positions (cached and new; 0 = padding), ``pos_BT`` gives each
+        new token's position (default: consecutive after the cache).
+        """
         B, T = idx_BT.shape
         past = cache.length if cache is not None else 0
         if past + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {past + T} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
         decide = route_fn(routes, self.cfg.n_layers, B, T, idx_BT.device)
-        cos_TE, sin_TE = self.rope_cos[past : past + T], self.rope_sin[past : past + T]
-        h_BTD = self.embed(idx_BT)
+        if pos_BT is None:
+            cos_TE, sin_TE = self.rope_cos[past : past + T], self.rope_sin[past : past + T]
+        else:  # per-sequence positions: tables broadcast over heads as [B, 1, T, E]
+            cos_TE, sin_TE = self.rope_cos[pos_BT].unsqueeze(1), self.rope_sin[pos_BT].unsqueeze(1)
+        mask_B1TS = None
+        if keep_BS is not None:
+            S = past + T
+            if keep_BS.shape != (B, S):
+                raise ValueError(f"keep_BS has shape {tuple(keep_BS.shape)}, expected {(B, S)} (cached + new tokens)")
+            causal_TS = torch.ones(T, S, dtype=torch.bool, device=idx_BT.device).tril(diagonal=past)
+            # every query also sees itself, so a padding query has one key and stays finite (no NaN to leak)
+            self_TS = torch.zeros(T, S, dtype=torch.bool, device=idx_BT.device).diagonal_scatter(
+                torch.ones(T, dtype=torch.bool, device=idx_BT.device), offset=past)
+            mask_B1TS = ((causal_TS & keep_BS.bool()[:, None, :]) | self_TS).unsqueeze(1)
+        h_BTD = self.embed(idx_BT, pos_BT if pos_BT is not None else past + torch.arange(T, device=idx_BT.device))
         routes_taken = []
         for layer, block in enumerate(self.layers):
-            h_BTD, route_BT = block(h_BTD, decide, layer, cos_TE, sin_TE, cache, path)
+            h_BTD, route_BT = block(h_BTD, decide, layer, cos_TE, sin_TE, cache, path, mask_B1TS)
             routes_taken.append(route_BT.expand(B, T))
         logits_BTV = self.lm_head(self.norm(h_BTD))
         loss = loss_BT = None

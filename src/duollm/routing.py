@@ -110,10 +110,11 @@ class FlopModel:
         ctx = (context or cfg.max_seq_len) / 2  # mean causal context length
         proj = 2 * D * (H * E) * 2 + 2 * D * (K * E) * 2  # q, o and k, v
         scores = 2 * 2 * H * E * ctx  # q.k and p.v
-        swiglu = lambda f: 2 * 3 * D * f  # noqa: E731  (gate, up, down)
+        matrices = 3 if getattr(cfg, "mlp", "swiglu") == "swiglu" else 2  # SwiGLU: gate, up, down; GELU: up, down
+        ffn = lambda f: 2 * matrices * D * f  # noqa: E731
         return cls(
             attention=float(proj + scores),
-            ffn=(0.0, float(swiglu(cfg.d_ff_small)), float(swiglu(cfg.d_ff_big))),
+            ffn=(0.0, float(ffn(cfg.d_ff_small)), float(ffn(cfg.d_ff_big))),
             head=float(2 * D * cfg.vocab_size),
             n_layers=cfg.n_layers,
         )

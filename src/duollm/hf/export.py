@@ -1,0 +1,120 @@
+"""``duollm export RUN OUT``: a run folder -> a Hugging Face model folder.
+
+OUT holds ``config.json`` (model type ``duo``), ``model.safetensors`` (tied embedding stored
+once), ``generation_config.json``, the tokenizer (``tokenizer.json`` + ``tokenizer_config.json``,
+loadable with ``AutoTokenizer``), the run's trained routers under ``routers/`` (so
+``router:NAME`` policies work on the export), ``duollm_run.yaml`` (the run's resolved config,
+for provenance and the evaluation window length) and two tiny modules behind ``auto_map``.
+
+The folder is written to ``OUT.tmp`` and renamed onto OUT only when complete (DESIGN section 7).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+from pathlib import Path
+
+RUN_CONFIG_FILE = "duollm_run.yaml"
+
+# ``trust_remote_code=True`` loaders (tools that never import duollm) find the classes here;
+# the code they run is the installed package, not a copy that could drift from it.
+_SHIMS = {
+    "configuration_duo.py": "# Duo-LLM model config: the installed duollm package (pip install 'duollm[hf]').\n"
+                            "from duollm.hf.modeling import DuoConfig  # noqa: F401\n",
+    "modeling_duo.py": "# Duo-LLM model: the installed duollm package (pip install 'duollm[hf]').\n"
+                       "from duollm.hf.modeling import DuoForCausalLM  # noqa: F401\n",
+}
+AUTO_MAP = {"AutoConfig": "configuration_duo.DuoConfig", "AutoModelForCausalLM": "modeling_duo.DuoForCausalLM"}
+
+
+def hf_tokenizer(run: Path, model_max_length: int):
+    """The run's tokenizer as a transformers tokenizer (``AutoTokenizer`` can reload what it saves)."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from ..data import EOS
+
+    run = Path(run)
+    if (run / "tokenizer.json").is_file():
+        # the BPE tokenizer trained on the corpus: <|endoftext|> ends (and pads) sequences; no BOS
+        return PreTrainedTokenizerFast(tokenizer_file=str(run / "tokenizer.json"), eos_token=EOS, pad_token=EOS,
+                                       model_max_length=model_max_length, clean_up_tokenization_spaces=False)
+    if (run / "tokenizer").is_dir():
+        return AutoTokenizer.from_pretrained(str(run / "tokenizer"))
+    raise ValueError(f"{run} has no tokenizer (tokenizer.json or tokenizer/)")
+
+
+def _is_export(folder: Path) -> bool:
+    try:
+        return json.loads((folder / "config.json").read_text()).get("model_type") == "duo"
+    except (OSError, ValueError):
+        return False
+
+
+def export_run(run, out, *, routing: str | None = None) -> Path:
+    """Write the Hugging Face folder of ``run`` to ``out`` (atomically); returns ``out``.
+
+    ``routing`` becomes the exported model's default policy (``config.routing``); None: all big.
+    An existing ``out`` is replaced only if it is itself a Duo export.
+    """
+    from ..checkpoint import latest_checkpoint, load_model, load_state
+    from .modeling import DuoForCausalLM
+
+    run, out = Path(run), Path(out)
+    if out.exists() and not (out.is_dir() and (_is_export(out) or not any(out.iterdir()))):
+        raise ValueError(f"{out} exists and is not a Duo export; choose another output folder")
+    duo, cfg = load_model(run)
+    tok = hf_tokenizer(run, cfg.model.max_seq_len)
+    model = DuoForCausalLM.from_duo_model(
+        duo, routing=routing, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id
+    )
+    model.config.name_or_path = str(run)  # router:NAME policies resolve against the run's routers/
+    model.set_routing(routing)  # validates the policy against the model now, not at load time
+    model.config.auto_map = dict(AUTO_MAP)
+
+    tmp = out.parent / f".{out.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        model.save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
+        for name, text in _SHIMS.items():
+            (tmp / name).write_text(text)
+        (tmp / RUN_CONFIG_FILE).write_text((run / "config.yaml").read_text())
+        ckpt = latest_checkpoint(run)
+        provenance = {"run": str(run.resolve()), "checkpoint": ckpt.name, "step": load_state(ckpt)["step"]}
+        (tmp / "duollm_export.json").write_text(json.dumps(provenance, indent=2) + "\n")
+        routers = run / "routers"
+        if routers.is_dir():
+            for folder in sorted(routers.iterdir()):
+                if (folder / "router.yaml").is_file() and (folder / "router.safetensors").is_file():
+                    dest = tmp / "routers" / folder.name
+                    dest.mkdir(parents=True)
+                    for f in ("router.yaml", "router.safetensors", "eval.json"):
+                        if (folder / f).is_file():
+                            shutil.copy2(folder / f, dest / f)
+        old = out.parent / f".{out.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``duollm export RUN OUT [--policy SPEC]``."""
+    parser.add_argument("run", help="run folder")
+    parser.add_argument("out", help="output folder (Hugging Face format)")
+    parser.add_argument("--policy", default=None,
+                        help="default routing of the exported model: a pattern, random:P or router:NAME (default all-big)")
+
+
+def run_export_command(args: argparse.Namespace) -> None:
+    """``duollm export``: write the folder, then print its path (the last line)."""
+    out = export_run(Path(args.run), Path(args.out), routing=args.policy)
+    print(out)

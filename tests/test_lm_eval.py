@@ -1,0 +1,100 @@
+"""lm-evaluation-harness: the `duollm` model wrapper and the shipped offline `duollm_ppl` task."""
+
+import json
+import math
+
+import pytest
+import torch
+
+lm_eval = pytest.importorskip("lm_eval")
+
+from duollm.lm_eval_model import DuoLM  # noqa: E402  (registers --model duollm)
+from duollm.lm_eval_tasks import DEFAULT_TEXT, TASKS_DIR  # noqa: E402
+
+
+def evaluate(model_args: dict, metadata: dict | None = None) -> dict:
+    from lm_eval.tasks import TaskManager
+
+    out = lm_eval.simple_evaluate(model="duollm", model_args=model_args, tasks=["duollm_ppl"], batch_size=16,
+                                  task_manager=TaskManager(include_path=str(TASKS_DIR), include_defaults=False,
+                                                           metadata=metadata or {}))
+    return out["results"]["duollm_ppl"]
+
+
+def whole_windows_text(run, seq_len: int) -> str:
+    """A prefix of the shipped text whose tokens fill whole evaluation windows: n * seq_len + 1 tokens,
+    so `duollm eval` (which drops a last partial window) and lm-eval score exactly the same tokens."""
+    from duollm.data import load_tokenizer
+
+    tok = load_tokenizer(run)
+    ids = tok.encode(DEFAULT_TEXT.read_text())
+    for n in range((len(ids) - 1) // seq_len, 0, -1):
+        text = tok.decode(ids[: n * seq_len + 1])
+        if tok.encode(text) == ids[: n * seq_len + 1]:  # the cut falls where re-encoding gives the same tokens
+            return text
+    raise AssertionError("no prefix of the shipped text re-encodes to whole windows")
+
+
+def test_wrapper_perplexity_equals_duollm_eval(tiny_run, tmp_path, capsys):
+    from duollm.cli import main
+    from duollm.config import load_run_config
+
+    seq_len = load_run_config(tiny_run).train.seq_len
+    doc = tmp_path / "doc.txt"
+    doc.write_text(whole_windows_text(tiny_run, seq_len))
+    assert main(["eval", str(tiny_run), "--pattern", "SB_B", "--data", f"file:{doc}", "--max-tokens", "0", "--json"]) == 0
+    ours = json.loads(capsys.readouterr().out)
+    res = evaluate({"run": str(tiny_run), "policy": "SB_B"}, {"data_file": str(doc)})
+    assert res["token_perplexity,none"] == pytest.approx(ours["ppl"], rel=1e-5)
+    text = doc.read_text()
+    total_nll = ours["loss"] * ours["tokens"]
+    assert res["bits_per_byte,none"] == pytest.approx(total_nll / len(text.encode()) / math.log(2), rel=1e-5)
+    assert res["word_perplexity,none"] == pytest.approx(math.exp(total_nll / len(text.split())), rel=1e-4)
+
+
+def test_shipped_task_on_an_exported_model(tiny_run, tmp_path):
+    """The shipped text, the exported folder (pretrained=), its saved policy; the same numbers as the run."""
+    import argparse
+
+    from duollm.hf.export import add_export_arguments, run_export_command
+
+    p = argparse.ArgumentParser()
+    add_export_arguments(p)
+    run_export_command(p.parse_args([str(tiny_run), str(tmp_path / "hf"), "--policy", "BS_S"]))
+    exported = evaluate({"pretrained": str(tmp_path / "hf")})
+    from_run = evaluate({"run": str(tiny_run), "policy": "BS_S"})
+    for metric in ("token_perplexity,none", "word_perplexity,none", "byte_perplexity,none", "bits_per_byte,none"):
+        assert exported[metric] == pytest.approx(from_run[metric], rel=1e-6), metric
+    all_big = evaluate({"run": str(tiny_run)})
+    assert all_big["token_perplexity,none"] != from_run["token_perplexity,none"]  # the saved policy was used
+
+
+def test_loglikelihood_and_generate_until(tiny_run):
+    from lm_eval.api.instance import Instance
+
+    from duollm.checkpoint import load_model
+    from duollm.data import load_tokenizer
+    from duollm.generate import generate_ids
+
+    lm = DuoLM(run=str(tiny_run), policy="SSBB", batch_size=2)
+    context, continuation = "The while statement is used for", " repeated execution"
+    reqs = [Instance("loglikelihood", {}, (context, continuation), 0),
+            Instance("loglikelihood", {}, ("A", " class"), 1)]
+    (ll, greedy), _ = lm.loglikelihood(reqs, disable_tqdm=True)
+    model, _ = load_model(tiny_run)
+    tok = load_tokenizer(tiny_run)
+    whole = tok.encode(context + continuation)
+    n = len(whole) - len(tok.encode(context))
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([whole[:-1]]), routes="SSBB").logits[0], -1)
+    expected = sum(logp[i - 1, whole[i]].item() for i in range(len(whole) - n, len(whole)))
+    assert ll == pytest.approx(expected, rel=1e-5) and isinstance(greedy, bool)
+
+    ids = tok.encode(context)
+    eot = tok.backend.token_to_id("<|endoftext|>")
+    g = generate_ids(model, ids, "SSBB", max_new_tokens=6, eos_id=eot)
+    full = tok.decode([t for t in g.new_ids if t != eot])
+    stop = full[len(full) // 2 :][:2] or full
+    (text,) = lm.generate_until([Instance("generate_until", {}, (context, {"until": [stop], "max_gen_toks": 6}), 0)],
+                                disable_tqdm=True)
+    assert text == full[: full.index(stop)]
