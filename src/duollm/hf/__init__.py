@@ -7,7 +7,10 @@ folders also carry an ``auto_map`` to two small modules that import this package
 ``trust_remote_code=True`` loads them in tools that never import duollm themselves.
 """
 
-from transformers import AutoConfig, AutoModelForCausalLM
+try:
+    from transformers import AutoConfig, AutoModelForCausalLM
+except ImportError:  # an optional extra: say how to get it
+    raise ImportError("duollm.hf needs transformers: pip install 'duollm[hf]'") from None
 
 from .modeling import DuoCausalLMOutput, DuoConfig, DuoForCausalLM
 

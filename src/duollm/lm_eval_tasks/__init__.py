@@ -1,7 +1,7 @@
 """Offline lm-evaluation-harness tasks shipped with duollm.
 
-``TASKS_DIR`` is the folder to pass as ``--include_path`` (``python -m duollm.lm_eval_model``
-adds it by itself). Tasks:
+``TASKS_DIR`` is the folder to pass as ``--include_path``: ``python -m duollm.lm_eval_tasks``
+prints it, and ``python -m duollm.lm_eval_model`` adds it by itself. Tasks:
 
     duollm_ppl    perplexity (per token, word and byte; bits per byte) of local text, scored with
                   ``loglikelihood_rolling``; the text is ``duollm_ppl/duollm_ppl.txt`` unless
@@ -13,6 +13,3 @@ from pathlib import Path
 
 TASKS_DIR = Path(__file__).resolve().parent
 DEFAULT_TEXT = TASKS_DIR / "duollm_ppl" / "duollm_ppl.txt"
-
-if __name__ == "__main__":  # `python -m duollm.lm_eval_tasks` prints the --include_path folder
-    print(TASKS_DIR)
