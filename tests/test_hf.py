@@ -268,3 +268,16 @@ def test_wandb_offline_run_is_written(tmp_path, monkeypatch):
         time.sleep(0.1)
     assert b"train/loss" in files[0].read_bytes()
     assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])["train/loss"] == 4.25
+
+
+def test_commands_say_how_to_install_transformers(monkeypatch, tmp_path):
+    """Without the hf extra, export and convert fail with one line naming the extra (no traceback)."""
+    from duollm.hf.convert import add_convert_arguments, run_convert_command
+
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers -> ImportError
+    with pytest.raises(ValueError, match=r"duollm export needs transformers: pip install 'duollm\[hf\]'"):
+        export(tmp_path / "run", tmp_path / "out")
+    p = argparse.ArgumentParser()
+    add_convert_arguments(p)
+    with pytest.raises(ValueError, match=r"duollm convert needs transformers"):
+        run_convert_command(p.parse_args(["gpt2", str(tmp_path / "out")]))

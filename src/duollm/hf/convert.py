@@ -302,6 +302,9 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_convert_command(args: argparse.Namespace) -> None:
     """``duollm convert``: write the run folder; its path is the last line printed."""
+    from . import require_transformers
+
+    require_transformers("convert")
     out = convert(args.source, Path(args.out), d_ff_small=args.small_ffn, small_init=args.small_init,
                   data=args.data, sets=list(args.set or []))
     print(out)

@@ -116,5 +116,8 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_export_command(args: argparse.Namespace) -> None:
     """``duollm export``: write the folder, then print its path (the last line)."""
+    from . import require_transformers
+
+    require_transformers("export")
     out = export_run(Path(args.run), Path(args.out), routing=args.policy)
     print(out)
