@@ -129,25 +129,37 @@ model = DuoModel(cfg.model).eval()
 idx = torch.randint(0, cfg.model.vocab_size, (tokens // T, T))
 tgt = torch.randint(0, cfg.model.vocab_size, (tokens // T, T))
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+if budgets == "ladder":  # one pattern per budget k = 0..12: the per-token outputs of a full study
+    spec = build_spec(12, patterns=",".join("B" * k + "S" * (12 - k) for k in range(13)))
+else:
+    spec = build_spec(12, budgets=budgets)
 with tempfile.TemporaryDirectory() as d:
-    s = run_oracle(model, idx, tgt, build_spec(12, budgets=budgets), d, progress=False, dtype=dtype)
+    s = run_oracle(model, idx, tgt, spec, d, progress=False, dtype=dtype)
 after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps({"tokens": tokens, "budgets": budgets, "dtype": dtype, "patterns": s["patterns_evaluated"],
+                  "reported_budgets": len(s["budgets"]),
                   "rss_before_mib": before / 1024, "peak_rss_mib": after / 1024}))
 """
 
 
 def memory(args) -> list[dict]:
     """Peak RSS of fresh processes (Linux ru_maxrss, KiB): the before figure is the process with
-    torch, the model and the tokens loaded; the peak includes the whole oracle run and its outputs."""
-    runs = [(8192, "0,12"), (16384, "0,12"), (65536, "0,12"), (4096, "0,12"), (4096, "0-1,11-12"), (4096, "0-2,10-12")]
+    torch, the model and the tokens loaded; the peak includes the whole oracle run and its outputs.
+
+    The engine's memory is one chunk's working set (set by --batch-tokens, not by the pattern
+    count) plus O(tokens x budgets) per-token results; "ladder" (13 patterns, one per budget
+    k = 0..12) gives 64K tokens the per-token outputs of a full 13-budget study without the
+    hour a full 2^12 enumeration of 64K tokens takes on one core."""
+    runs = [(8192, "0,12"), (16384, "0,12"), (65536, "0,12"), (65536, "ladder"),
+            (4096, "0,12"), (4096, "0-1,11-12"), (4096, "0-2,10-12")]
     out = []
     for tokens, budgets in runs:
         proc = subprocess.run([sys.executable, "-c", CHILD, str(tokens), budgets, "float32"],
                               capture_output=True, text=True, check=True)
         row = json.loads(proc.stdout.strip().splitlines()[-1])
         out.append(row)
-        print(f"memory: {row['tokens']:6d} tokens, {row['patterns']:4d} patterns (budgets {budgets:>9}): "
+        print(f"memory: {row['tokens']:6d} tokens, {row['patterns']:4d} patterns, {row['reported_budgets']:2d} budgets "
+              f"({budgets:>9}): "
               f"before {row['rss_before_mib']:6.0f} MiB, peak {row['peak_rss_mib']:6.0f} MiB, "
               f"engine +{row['peak_rss_mib'] - row['rss_before_mib']:5.0f} MiB", flush=True)
     return out

@@ -47,6 +47,15 @@ def test_oracle_command_writes_the_contract_and_lines_up_with_eval(tiny_run, tmp
         np.testing.assert_allclose(
             table.column("loss_all_big").to_numpy(), np.load(tmp_path / "big.npy").reshape(-1), atol=2e-5
         )
+        # greedy search reports its gap to the exhaustive oracle computed above
+        assert main(["oracle", str(tiny_run), "--search", "greedy"]) == 0
+        assert capsys.readouterr().out.split()[-1] == "SB-shared-greedy"
+        g = json.loads((tiny_run / "oracle" / "SB-shared-greedy" / "summary.json").read_text())
+        assert g["exhaustive_reference"] == "SB-shared"
+        for entry, ex in zip(g["budgets"], s["budgets"]):
+            assert entry["exhaustive_oracle_ppl"] == ex["oracle_ppl"] and entry["gap_ppl"] >= -1e-6
+            assert 0.0 <= entry["share_tokens_at_optimum"] <= 1.0 and entry["fixed_pattern"] == ex["fixed_pattern"]
+        assert g["budgets"][0]["share_tokens_at_optimum"] == 1.0  # k = 0 has one candidate
     finally:
         torch.set_num_threads(threads)
 

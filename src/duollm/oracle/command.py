@@ -95,15 +95,57 @@ def build_spec(
 
 
 def _device(device: str):
+    """The torch device; under torchrun each process takes its own GPU (LOCAL_RANK)."""
+    import os
+
     import torch
 
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if device != "cpu" and not device.startswith("cuda"):
         raise ValueError(f"device must be auto, cpu, cuda or cuda:N; got {device!r}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device} requested but CUDA is not available")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device} requested but CUDA is not available")
+        if device == "cuda" and "LOCAL_RANK" in os.environ:
+            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(torch.device(device))
     return device
+
+
+def beam_gap(run_dir: Path, spec: OracleSpec, out_dir: Path) -> None:
+    """Beam/greedy vs exhaustive on the same tokens (DESIGN 4.2): if the exhaustive oracle of the same
+    candidates and context exists in ``RUN/oracle/``, add the gap per budget to the beam's summary."""
+    import dataclasses
+    import json
+
+    import numpy as np
+
+    from ..io import atomic_write_json
+
+    exhaustive = dataclasses.replace(spec, search="exhaustive", beam_width=4).name()
+    ex_dir = run_dir / "oracle" / exhaustive
+    if not (ex_dir / "summary.json").is_file():
+        return
+    ex, beam = json.loads((ex_dir / "summary.json").read_text()), json.loads((out_dir / "summary.json").read_text())
+    if ex.get("tokens") != beam.get("tokens") or ex.get("data") != beam.get("data"):
+        return
+    ex_rows = {b["k"]: j for j, b in enumerate(ex["budgets"])}
+    ex_JN, beam_JN = np.load(ex_dir / "oracle_loss.npy"), np.load(out_dir / "oracle_loss.npy")
+    for j, entry in enumerate(beam["budgets"]):
+        if entry["k"] not in ex_rows:
+            continue
+        e = ex["budgets"][ex_rows[entry["k"]]]
+        gap_N = beam_JN[j].astype(np.float64) - ex_JN[ex_rows[entry["k"]]]
+        entry["exhaustive_oracle_ppl"] = e["oracle_ppl"]
+        entry["gap_ppl"] = entry["oracle_ppl"] - e["oracle_ppl"]
+        entry["gap_mean_loss"] = float(gap_N.mean())
+        entry["share_tokens_at_optimum"] = float((gap_N <= 1e-5).mean())
+        if e.get("fixed_ppl") is not None:
+            entry["fixed_ppl"], entry["fixed_pattern"] = e["fixed_ppl"], e["fixed_pattern"]
+            entry["fixed_from"] = exhaustive
+    beam["exhaustive_reference"] = exhaustive
+    atomic_write_json(out_dir / "summary.json", beam)
 
 
 def run_oracle_command(
@@ -159,10 +201,12 @@ def run_oracle_command(
     name = name or spec.name()
     model, cfg = load_model(run_dir, _device(device))
     idx_ST, tgt_ST = eval_tokens(run_dir, cfg, spec=data, max_tokens=max_tokens)
-    run_oracle(
+    summary = run_oracle(
         model, idx_ST, tgt_ST, spec, run_dir / "oracle" / name, batch_tokens=batch_tokens, dtype=dtype,
         keep_matrix=save_matrix, progress=progress,
         compile={"on": True, "off": False, "auto": "auto", True: True, False: False}.get(compile, compile),
         meta={"name": name, "data": data or "validation split", "dtype": dtype},
     )
+    if summary is not None and spec.search == "beam":
+        beam_gap(run_dir, spec, run_dir / "oracle" / name)
     return name

@@ -89,12 +89,12 @@ def _save_parquet(path: Path, columns: dict) -> None:
         pq.write_table(table, str(tmp))
 
 
-def _dist_info():
+def _dist_info(device: torch.device):
+    """(rank, world size, whether we initialised the process group); torchrun sets the environment."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size(), False
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_available():  # launched by torchrun
-        backend = "nccl" if torch.cuda.is_available() and os.environ.get("DUOLLM_DIST_BACKEND") != "gloo" else "gloo"
-        dist.init_process_group(backend)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         return dist.get_rank(), dist.get_world_size(), True
     return 0, 1, False
 
@@ -189,7 +189,7 @@ def run_oracle(
     N = S * T
     per_chunk = max(1, batch_tokens // T)
     chunks = [(i, a, min(S, a + per_chunk)) for i, a in enumerate(range(0, S, per_chunk))]
-    rank, world, we_initialized = _dist_info()
+    rank, world, we_initialized = _dist_info(device)
     mine = [c for c in chunks if c[0] % world == rank]
     P = len(plan.code_P)
     if compile not in (True, False, "auto"):
