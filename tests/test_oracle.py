@@ -26,7 +26,7 @@ from duollm.config import load_config
 from duollm.model import DuoModel
 from duollm.oracle import build_plan, build_spec, naive_losses, pattern_losses, run_oracle
 from duollm.oracle.reductions import default_schedules, linear_schedule
-from duollm.routing import BIG, SKIP, CandidateSpace, code_strings, parse_pattern, pattern_codes
+from duollm.routing import BIG, SKIP, SMALL, CandidateSpace, code_strings, parse_pattern, pattern_codes
 
 ATOL = 2e-5
 
@@ -73,6 +73,15 @@ def routes_of(patterns: list[str], L=4) -> np.ndarray:
     return np.array([parse_pattern(p, L) for p in patterns], dtype=np.int8)
 
 
+class SignPolicy:
+    """A hard routing policy (a stand-in for a trained router): big where the state's mean is positive."""
+
+    name = "sign"
+
+    def __call__(self, layer, x_BTD):
+        return torch.where(x_BTD.mean(-1) > 0, BIG, SMALL if layer % 2 else SKIP)
+
+
 # ----------------------------------------------------------------------------- tree vs naive
 
 
@@ -80,6 +89,7 @@ def routes_of(patterns: list[str], L=4) -> np.ndarray:
     ("shared", None, "SB_"),
     ("frozen", "SBS_", "SB"),
     ("frozen", None, "B_"),
+    ("frozen", SignPolicy(), "SB"),
 ])
 def test_tree_equals_naive_for_every_pattern(model, toks, context, reference, options):
     idx, tgt = toks
@@ -90,6 +100,20 @@ def test_tree_equals_naive_for_every_pattern(model, toks, context, reference, op
         torch.testing.assert_close(tree_PST[p], naive_ST, atol=ATOL, rtol=0)
         n += 1
     assert n == len(route_PL) and tree_PST.std(0).mean() > 1e-3  # the patterns really differ
+
+
+def test_frozen_reference_policy_is_named_and_must_be_hard(model, toks, tmp_path):
+    idx, tgt = toks
+    spec = build_spec(4, context="frozen", reference=SignPolicy())
+    assert spec.name() == "SB-frozen-sign"
+    s = run_oracle(model, idx, tgt, spec, tmp_path / "p", batch_tokens=48, progress=False)
+    assert s["reference"] == "sign"
+
+    def soft(layer, x_BTD):
+        return torch.full((*x_BTD.shape[:2], 3), 1 / 3)
+
+    with pytest.raises(ValueError, match="must route hard"):
+        run_oracle(model, idx, tgt, build_spec(4, context="frozen", reference=soft), tmp_path / "s", progress=False)
 
 
 def test_tree_equals_naive_with_grouped_kv_and_block_skip():

@@ -209,7 +209,9 @@ def finalize(plan: Plan, merged: dict, position_N: np.ndarray, T: int, flop_mode
             "fixed_compute": compute_of_codes(plan.code_P[[fixed]], flop_model) if fixed is not None else None,
             # random@k: a pattern drawn uniformly per token; its expected loss is the candidates' mean
             "random_mean_ppl": _ppl(float(mean_P[members].mean())),
-            "random_mean_over": "all candidates" if exhaustive else f"{len(members)} random candidates",
+            "random_mean_over": (
+                "all candidates" if exhaustive or len(members) == plan.candidates_J[j] else f"a random draw of {len(members)}"
+            ),
             "best_of_100_ppl": _ppl(float(mean_P[best_sample])),
             "best_of_100_pattern": str(strings_P[best_sample]),
             "best_of_100_per_token_ppl": _ppl(float(merged["sub_loss_JN"][j].astype(np.float64).mean())),

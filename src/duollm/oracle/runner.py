@@ -230,10 +230,14 @@ def run_oracle(
             resumed += 1
             continue
         n_tok = (b - a) * T
+        shown = [0.0]
+        # the tree walk moves the bar; in beam mode it covers the random draws only, the search the rest
+        share = 1.0 if spec.search == "exhaustive" else 0.5
 
         def on_leaves(n, n_tok=n_tok):
             leaves[0] += n
-            bar.update(n * n_tok / P)
+            shown[0] += n * n_tok * share / P
+            bar.update(n * n_tok * share / P)
             dt = max(time.time() - t_compute, 1e-9)
             # a leaf is one pattern over one chunk: patterns/s at this chunk size
             bar.set_postfix_str(f"{leaves[0] / dt:.3g} patterns/s x {n_tok} tok, {P} patterns", refresh=False)
@@ -245,6 +249,7 @@ def run_oracle(
             emodel, plan, idx_ST[a:b].to(device), tgt_ST[a:b].to(device), batch_tokens=batch_tokens,
             on_leaves=on_leaves, matrix_cb=matrix_cb if keep_matrix else None, kernels=kernels,
         )
+        bar.update(n_tok - shown[0])
         if matrix is not None:
             matrix.flush()
         _save_npz(path, res)
