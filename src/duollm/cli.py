@@ -247,6 +247,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_router_arguments(rt)
     rt.set_defaults(func=cmd_router)
 
+    from .generate import add_generate_arguments, run_generate_command
+    from .hf.convert import add_convert_arguments, run_convert_command
+    from .hf.export import add_export_arguments, run_export_command
+
+    g = sub.add_parser("generate", help="generate text under a routing policy; --show-routes prints the routes")
+    add_generate_arguments(g)
+    g.set_defaults(func=run_generate_command)
+    x = sub.add_parser("export", help="export a run to the Hugging Face format (AutoModelForCausalLM)")
+    add_export_arguments(x)
+    x.set_defaults(func=run_export_command)
+    c = sub.add_parser("convert", help="turn a pretrained Llama or GPT-2 model into a Duo run")
+    add_convert_arguments(c)
+    c.set_defaults(func=run_convert_command)
+
     i = sub.add_parser("info", help="parameter counts and FLOPs per token")
     i.add_argument("run", nargs="?")
     i.add_argument("--config", help="preset or YAML file")
