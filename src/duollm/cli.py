@@ -210,7 +210,8 @@ def cmd_run(args) -> None:
 # ----------------------------------------------------------------------------- parser
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; ``command`` (the subcommand about to run) lets heavy subcommands load lazily."""
     p = argparse.ArgumentParser(prog="duollm", description="Duo-LLM: adaptive computation in language models")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -248,18 +249,23 @@ def build_parser() -> argparse.ArgumentParser:
     rt.set_defaults(func=cmd_router)
 
     from .generate import add_generate_arguments, run_generate_command
-    from .hf.convert import add_convert_arguments, run_convert_command
-    from .hf.export import add_export_arguments, run_export_command
 
     g = sub.add_parser("generate", help="generate text under a routing policy; --show-routes prints the routes")
     add_generate_arguments(g)
     g.set_defaults(func=run_generate_command)
+    # export and convert import transformers (seconds): only when one of them is the command
     x = sub.add_parser("export", help="export a run to the Hugging Face format (AutoModelForCausalLM)")
-    add_export_arguments(x)
-    x.set_defaults(func=run_export_command)
     c = sub.add_parser("convert", help="turn a pretrained Llama or GPT-2 model into a Duo run")
-    add_convert_arguments(c)
-    c.set_defaults(func=run_convert_command)
+    if command == "export":
+        from .hf.export import add_export_arguments, run_export_command
+
+        add_export_arguments(x)
+        x.set_defaults(func=run_export_command)
+    if command == "convert":
+        from .hf.convert import add_convert_arguments, run_convert_command
+
+        add_convert_arguments(c)
+        c.set_defaults(func=run_convert_command)
 
     i = sub.add_parser("info", help="parameter counts and FLOPs per token")
     i.add_argument("run", nargs="?")
@@ -276,7 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(command).parse_args(argv)
     try:
         args.func(args)
     except ValueError as e:
