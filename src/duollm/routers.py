@@ -601,6 +601,8 @@ def oracle_comparison(model, res: dict, idx_ST, tgt_ST, cfg: RouterConfig, oracl
         "k": oracle.k,
         "context": oracle.summary.get("context"),
         "tokens": int(oracle.covered_ST.sum()),
+        # the router's perplexity on the oracle's tokens (the oracle may cover fewer than eval does)
+        "ppl": math.exp(res["loss_ST"][oracle.covered_ST].double().mean().item()),
         **agreement(res["route_LST"], oracle.route_LST, oracle.covered_ST),
         **{key: b.get(key) for key in ("oracle_ppl", "fixed_ppl", "fixed_pattern", "random_mean_ppl", "best_of_100_ppl")},
         "all_big_ppl": oracle.summary.get("all_big_ppl"),
@@ -695,6 +697,7 @@ def comparison_rows(run: Path) -> list[dict]:
         rows.append({
             "name": name, "method": ev["method"], "target": ev["target"], "k": ev["target_k"],
             "big_fraction": ev["big_fraction"], "skip_fraction": ev["skip_fraction"], "ppl": ev["ppl"],
+            "ppl_on_oracle_tokens": o.get("ppl"),
             "layer_profile": ev["layer_profile"],
             **{key: o.get(key) for key in ("oracle_ppl", "fixed_ppl", "best_of_100_ppl", "random_mean_ppl",
                                            "agreement", "pattern_match")},
