@@ -70,6 +70,20 @@ class EvalConfig:
 
 
 @dataclass
+class StudyConfig:
+    """What ``duollm run`` does after training (``study.py``; lists are comma-separated strings)."""
+
+    tokens: int = 0  # evaluation tokens the oracles and routers score (0: eval.max_tokens)
+    contexts: str = "shared,frozen"  # oracle context policies; the first is the one the routers and skip study use
+    reference: str = "B"  # routing of the context tokens under the frozen policy (B: all big)
+    skip_fraction: float = 0.5  # skip study: big-or-skip with round(fraction * L) skips (paper: 6 of 12); 0: off
+    router_targets: str = "1/3,1/2,2/3"  # big-layer fractions, each rounded to a budget k (paper: 4, 6, 8 of 12)
+    router_methods: str = "budget,imitation,straight-through"  # "" for no routers
+    router_steps: int = 300
+    batch_tokens: int = 4096  # oracle chunk size: matrix size, memory bound and resume granularity
+
+
+@dataclass
 class RunConfig:
     preset: str = "cpu"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -77,6 +91,7 @@ class RunConfig:
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)
 
 
 # ----------------------------------------------------------------------------- presets
@@ -89,6 +104,7 @@ PRESETS: dict[str, dict] = {
         "train": dict(steps=30, batch_size=8, seq_len=32, lr=3e-3, min_lr=3e-4, warmup_steps=5,
                       eval_every=15, eval_tokens=1024, save_every=15, log_every=5),
         "eval": dict(max_tokens=1024),
+        "study": dict(tokens=512, router_steps=10, router_methods="budget,imitation", batch_tokens=256),
     },
     # the default study: 12 layers like the paper, trains in minutes on two CPU cores
     "cpu": {
@@ -97,6 +113,9 @@ PRESETS: dict[str, dict] = {
         "train": dict(steps=600, batch_size=32, seq_len=128, lr=3e-3, min_lr=3e-4, warmup_steps=30,
                       eval_every=200, eval_tokens=8192, save_every=100, log_every=10),
         "eval": dict(max_tokens=8192),
+        # `duollm run` in ~12 minutes on 2 cores: the oracle costs ~2^(L+1) layer evaluations per token
+        # (~0.09 CPU-s per token per context), a budget router ~0.8 CPU-s per step
+        "study": dict(tokens=1024, router_steps=100, router_methods="budget,imitation", batch_tokens=1024),
     },
     # the paper's 1.4B model (section 2 of the brief): 12 x 2560, FFN 10240 / 640, 32k vocab, tied
     "paper": {
@@ -248,6 +267,9 @@ def validate(cfg: RunConfig) -> None:
         raise ValueError(f"train.dtype must be auto, float32 or bfloat16; got {t.dtype!r}")
     if not 0.0 < cfg.data.val_fraction < 1.0:
         raise ValueError(f"data.val_fraction must be in (0, 1); got {cfg.data.val_fraction}")
+    from .study import validate_study
+
+    validate_study(cfg)
 
 
 def save_config(cfg: RunConfig, path: Path) -> None:

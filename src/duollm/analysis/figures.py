@@ -1,0 +1,417 @@
+"""The paper's figures, each a function of the run folder alone (DESIGN 4.4, issue 5).
+
+Every ``fig_*`` takes a run folder (or a ``RunData``) and returns a matplotlib ``Figure``, or
+None when the run lacks the outputs it needs (no routers, no skip study, ...), so a report
+simply leaves that figure out. Figures are built on ``matplotlib.figure.Figure`` with the Agg
+renderer and never touch pyplot's global state; ``png_bytes`` strips the PNG metadata that
+would name the matplotlib version, so the same run folder renders the same bytes.
+
+    ppl_vs_budget       perplexity vs big-layer budget k: oracle (each context), fixed, best of
+                        100 random, random mean, routers, all-small, all-big; compute on top
+    oracle_usage        layer x position share of big for the oracle at a small, middle and large
+                        budget (paper fig. 3-4), and of skip for the skip study (fig. 5)
+    router_usage        the same for every router next to the oracle at its budget (fig. 7)
+    position_budgets    budgets that fall, rise or stay constant along the sequence (section 4.2)
+    token_losses        per-token loss all-small / all-big / oracle and the gap on real text
+    difficulty_ranking  tokens ranked by difficulty gap vs by raw small-model loss
+    skip_vs_early_exit  the oracle's skip patterns next to what early exit would choose
+
+Array name legend: L layers, T positions, J budgets, R routes (skip, small, big), N tokens.
+"""
+
+from __future__ import annotations
+
+import io
+from collections import Counter
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
+
+from ..routing import BIG, SKIP
+from .difficulty import reference_k, token_table
+from .rundata import RunData, early_exit_pattern, reference_budgets
+
+# fixed style, independent of the user's matplotlibrc, so output depends on the run folder only
+STYLE = {
+    "font.size": 8.5, "axes.titlesize": 9, "axes.labelsize": 8.5, "legend.fontsize": 7.5,
+    "axes.grid": False, "figure.dpi": 100, "savefig.dpi": 110, "svg.hashsalt": "duollm",
+    "image.cmap": "viridis", "axes.spines.top": False, "axes.spines.right": False,
+}
+COLORS = {"oracle": "#1b9e77", "fixed": "#d95f02", "best_of_100": "#7570b3", "random": "#e7298a",
+          "all_small": "#666666", "all_big": "#000000", "budget": "#e6ab02", "imitation": "#a6761d",
+          "straight-through": "#1f78b4"}
+MAX_POSITION_BINS = 32  # heatmap columns: positions are averaged in contiguous groups beyond this
+
+
+def _rd(run) -> RunData:
+    return run if isinstance(run, RunData) else RunData(Path(run))
+
+
+def new_figure(width: float, height: float) -> Figure:
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def png_bytes(fig: Figure) -> bytes:
+    """PNG of a figure, deterministic: no Software tag, fixed style and dpi."""
+    buf = io.BytesIO()
+    with matplotlib.rc_context(STYLE):
+        fig.savefig(buf, format="png", metadata={"Software": None})
+    return buf.getvalue()
+
+
+def bin_positions(a_XT: np.ndarray, max_bins: int = MAX_POSITION_BINS) -> tuple[np.ndarray, np.ndarray]:
+    """Average contiguous positions into at most ``max_bins`` columns; returns (binned, bin edges).
+
+    Every position holds the same number of tokens (whole sequences), so a plain mean is the
+    token-weighted share."""
+    T = a_XT.shape[-1]
+    n = min(T, max_bins)
+    edges = np.linspace(0, T, n + 1).round().astype(int)
+    out = np.stack([a_XT[..., a:b].mean(-1) for a, b in zip(edges[:-1], edges[1:])], axis=-1)
+    return out, edges
+
+
+def _heatmap(ax, share_LT: np.ndarray, title: str, vmax: float = 1.0):
+    """Layers bottom (first) to top (last), positions left to right (binned)."""
+    binned_LB, edges = bin_positions(np.asarray(share_LT, dtype=np.float64))
+    L = binned_LB.shape[0]
+    im = ax.imshow(binned_LB, aspect="auto", origin="lower", vmin=0.0, vmax=vmax, interpolation="nearest",
+                   extent=(0, edges[-1], 0.5, L + 0.5), cmap="viridis")
+    ax.set_title(title)
+    ax.set_yticks(range(1, L + 1, max(1, L // 6)))
+    ax.set_xlabel("position")
+    return im
+
+
+def _style(fn):
+    """Build the figure under the fixed style (fonts, sizes) so rendering never depends on rc files."""
+    def wrapped(run, *args, **kwargs):
+        with matplotlib.rc_context(STYLE):
+            return fn(_rd(run), *args, **kwargs)
+    wrapped.__name__, wrapped.__doc__ = fn.__name__, fn.__doc__
+    return wrapped
+
+
+def visible(text: str) -> str:
+    """A token's text made visible in a label: spaces, newlines and tabs get symbols."""
+    return text.replace(" ", "\u2423").replace("\n", "\u21b5").replace("\t", "\u21e5") or "\u2205"
+
+
+# ----------------------------------------------------------------------------- perplexity vs budget
+
+
+@_style
+def fig_ppl_vs_budget(rd: RunData) -> Figure | None:
+    """Perplexity vs big-layer budget (paper fig. 2): oracle per context and the baselines, routers
+    as points at their realised budget; the top axis gives compute relative to all-big."""
+    sweeps = rd.sweeps
+    if not sweeps:
+        return None
+    fig = new_figure(7.0, 4.2)
+    ax = fig.subplots()
+    primary = rd.primary
+    ks = np.array(primary.ks)
+    col = lambda key, o=primary: np.array([b.get(key) if b.get(key) is not None else np.nan for b in o.budgets], float)  # noqa: E731
+    for i, (ctx, o) in enumerate(sweeps.items()):
+        ax.plot(o.ks, col("oracle_ppl", o), marker="o", ms=3, color=COLORS["oracle"], ls="-" if i == 0 else "--",
+                label=f"oracle, {o.label}")
+    ax.plot(ks, col("fixed_ppl"), "-s", ms=3, color=COLORS["fixed"], label="fixed (best single pattern)")
+    ax.plot(ks, col("best_of_100_ppl"), "-^", ms=3, color=COLORS["best_of_100"], label="best of 100 random patterns")
+    ax.plot(ks, col("random_mean_ppl"), ":", color=COLORS["random"], label="random pattern (mean)")
+    s = primary.summary
+    ax.axhline(s["all_small_ppl"], color=COLORS["all_small"], ls="-.", lw=1, label=f"all small ({s['all_small_ppl']:.2f})")
+    ax.axhline(s["all_big_ppl"], color=COLORS["all_big"], ls="--", lw=1, label=f"all big ({s['all_big_ppl']:.2f})")
+    L = rd.n_layers
+    for method in sorted({r.get("method") for r in rd.routers}):
+        rs = [r for r in rd.routers if r.get("method") == method]
+        ax.scatter([r["big_fraction"] * L for r in rs], [r["ppl"] for r in rs], marker="D", s=28, zorder=5,
+                   color=COLORS.get(method, "#333333"), edgecolor="black", lw=0.5, label=f"router: {method}")
+    ax.set_xlabel("budget k (big layers per token)")
+    ax.set_ylabel("perplexity")
+    ax.set_xticks(range(0, L + 1, max(1, L // 12)))
+    fig.suptitle(f"Perplexity vs budget ({s['tokens']:,} tokens; routers at their realised budget)")
+    comp = col("fixed_compute")
+    ok = np.isfinite(comp)
+    if ok.sum() >= 2:  # compute is affine in k for big/small patterns
+        slope, icpt = np.polyfit(ks[ok], comp[ok], 1)
+        top = ax.secondary_xaxis("top", functions=(lambda k: icpt + slope * k, lambda c: (c - icpt) / slope))
+        top.set_xlabel("compute relative to all-big")
+    ax.legend(loc="best", ncols=2)
+    return fig
+
+
+# ----------------------------------------------------------------------------- usage heatmaps
+
+
+@_style
+def fig_oracle_usage(rd: RunData) -> Figure | None:
+    """Share of tokens taking big at each layer and position, for the oracle at a small, middle and
+    large budget (one row per context), and the share skipping in the skip study."""
+    sweeps = rd.sweeps
+    skip = rd.skip_study
+    if not sweeps and skip is None:
+        return None
+    budgets = reference_budgets(rd.n_layers)
+    rows = max(1, len(sweeps))
+    cols = 3 + (skip is not None)
+    fig = new_figure(2.6 * cols + 0.6, 2.2 * rows + 0.3)
+    axes = np.array(fig.subplots(rows, cols, squeeze=False))
+    im = None
+    for r, (ctx, o) in enumerate(sweeps.items()):
+        usage_JRLT = o.usage_JRLT()
+        for c, (which, k) in enumerate(budgets.items()):
+            ax = axes[r, c]
+            if usage_JRLT is None or k not in o.ks:
+                ax.set_axis_off()
+                continue
+            im = _heatmap(ax, usage_JRLT[o.ks.index(k), BIG], f"oracle {o.context}, k={k} ({which}): big")
+            ax.set_ylabel("layer")
+    if skip is not None:
+        usage_JRLT = skip.usage_JRLT()
+        ax = axes[0, cols - 1]
+        if usage_JRLT is not None:
+            im_skip = _heatmap(ax, usage_JRLT[0, SKIP], f"skip study, {skip.summary['skips']} skips: skipped")
+            im = im or im_skip
+        for r in range(1, rows):
+            axes[r, cols - 1].set_axis_off()
+    if im is not None:
+        fig.colorbar(im, ax=axes, shrink=0.8, label="share of tokens taking the route")
+    return fig
+
+
+@_style
+def fig_router_usage(rd: RunData) -> Figure | None:
+    """Share of tokens each router sends to big, by layer and position, next to the oracle at the
+    same budget (top row)."""
+    routers = [r for r in rd.routers if r.get("per_position_big")]
+    if not routers:
+        return None
+    targets = sorted({round(float(r["target"]), 4) for r in routers})
+    methods = sorted({r["method"] for r in routers})
+    primary = rd.primary
+    usage_JRLT = primary.usage_JRLT() if primary is not None else None
+    L = rd.n_layers
+    rows = len(methods) + (usage_JRLT is not None)
+    fig = new_figure(max(5.0, 3.0 * len(targets) + 0.6), 2.0 * rows + 0.3)
+    axes = np.array(fig.subplots(rows, len(targets), squeeze=False))
+    im = None
+    for c, target in enumerate(targets):
+        k = round(target * L)
+        r0 = 0
+        if usage_JRLT is not None:
+            r0 = 1
+            if k in primary.ks:
+                im = _heatmap(axes[0, c], usage_JRLT[primary.ks.index(k), BIG], f"oracle ({primary.context}), k={k}")
+            else:
+                axes[0, c].set_axis_off()
+        for r, method in enumerate(methods):
+            ax = axes[r0 + r, c]
+            found = [x for x in routers if x["method"] == method and round(float(x["target"]), 4) == target]
+            if not found:
+                ax.set_axis_off()
+                continue
+            x = found[0]
+            im = _heatmap(ax, np.array(x["per_position_big"]), f"{method}, k={k} (big {x['big_fraction']:.2f})")
+        axes[0, c].set_ylabel("layer")
+    if im is not None:
+        fig.colorbar(im, ax=axes, shrink=0.8, label="share of tokens on big")
+    return fig
+
+
+# ----------------------------------------------------------------------------- position-varying budgets
+
+
+@_style
+def fig_position_budgets(rd: RunData) -> Figure | None:
+    """Oracle perplexity when the budget falls, rises or stays constant along the sequence, at the
+    same mean budget (paper section 4.2: 6 -> 2, 2 -> 6, constant 4 for L = 12)."""
+    from ..oracle.reductions import linear_schedule
+
+    entries = {ctx: o.summary.get("position_budgets") or [] for ctx, o in rd.sweeps.items()}
+    entries = {ctx: e for ctx, e in entries.items() if e}
+    if not entries:
+        return None
+    T = int(rd.primary.summary.get("seq_len") or rd.config.train.seq_len)
+    fig = new_figure(7.5, 3.0)
+    ax_s, ax_p = fig.subplots(1, 2, width_ratios=[1, 1.2])
+    first = next(iter(entries.values()))
+    for e in first:
+        start, stop = (int(x) for x in e["schedule"].split("->"))
+        ax_s.plot(np.arange(T), linear_schedule(start, stop, T), drawstyle="steps-mid", label=f"{e['name']} {e['schedule']}")
+    ax_s.set_xlabel("position")
+    ax_s.set_ylabel("budget k")
+    ax_s.set_title("Budget along the sequence")
+    ax_s.legend()
+    names = [e["name"] for e in first]
+    width = 0.8 / len(entries)
+    for i, (ctx, es) in enumerate(entries.items()):
+        by = {e["name"]: e["oracle_ppl"] for e in es}
+        xs = np.arange(len(names)) + (i - (len(entries) - 1) / 2) * width
+        vals = [by.get(n, np.nan) for n in names]
+        bars = ax_p.bar(xs, vals, width, label=f"oracle, {rd.sweeps[ctx].label}")
+        ax_p.bar_label(bars, fmt="%.2f", fontsize=7)
+    ax_p.set_xticks(range(len(names)), names)
+    ax_p.set_ylabel("oracle perplexity")
+    lo = min(e["oracle_ppl"] for es in entries.values() for e in es)
+    hi = max(e["oracle_ppl"] for es in entries.values() for e in es)
+    ax_p.set_ylim(lo - 0.6 * (hi - lo + 1e-9) - 1e-3 * lo, hi + 0.7 * (hi - lo + 1e-9) + 1e-3 * hi)
+    ax_p.set_title("Same mean budget, different shapes")
+    ax_p.legend(loc="upper left", ncols=2)
+    return fig
+
+
+# ----------------------------------------------------------------------------- tokens
+
+
+def sample_sequence(tab: dict, n_tokens: int = 48) -> np.ndarray:
+    """Rows of the per-token table shown as text: the first ``n_tokens`` positions of sequence 0."""
+    rows = np.flatnonzero(tab["sequence_N"] == tab["sequence_N"].min())
+    rows = rows[np.argsort(tab["position_N"][rows], kind="stable")]
+    return rows[:n_tokens]
+
+
+@_style
+def fig_token_losses(rd: RunData) -> Figure | None:
+    """Per-token loss on real text under all-small, all-big and the oracle at k = L/2, and the
+    difficulty gap (all-small minus oracle): each column is a token of the validation text."""
+    tab = token_table(rd)
+    if tab is None:
+        return None
+    k = reference_k(tab["ks"], rd.n_layers)
+    rows = sample_sequence(tab)
+    labels = [visible(t) for t in rd.token_text(tab["target_N"][rows])]
+    loss_XN = np.stack([tab["loss_small_N"][rows], tab["loss_big_N"][rows], tab["oracle_JN"][tab["ks"].index(k)][rows]])
+    gap_N = loss_XN[0] - loss_XN[2]
+    fig = new_figure(max(7.0, 0.17 * len(rows) + 1.5), 3.2)
+    ax_l, ax_g = fig.subplots(2, 1, height_ratios=[3, 1.4], sharex=True)
+    im = ax_l.imshow(loss_XN, aspect="auto", cmap="magma_r", interpolation="nearest")
+    ax_l.set_yticks(range(3), ["all small", "all big", f"oracle k={k}"])
+    ax_l.set_title(f"Loss of each next token (sequence {int(tab['sequence_N'][rows[0]])} of the validation text)")
+    fig.colorbar(im, ax=ax_l, label="loss (nats)", pad=0.01)
+    lim = max(1e-6, float(np.abs(gap_N).max()))
+    im_g = ax_g.imshow(gap_N[None], aspect="auto", cmap="RdBu", vmin=-lim, vmax=lim, interpolation="nearest")
+    ax_g.set_yticks([0], ["gap"])
+    fig.colorbar(im_g, ax=ax_g, label="small - oracle", pad=0.01)
+    ax_g.set_xticks(range(len(rows)))
+    ax_g.set_xticklabels(labels, rotation=90, fontsize=7, parse_math=False)
+    return fig
+
+
+@_style
+def fig_difficulty_ranking(rd: RunData, summary: dict | None = None) -> Figure | None:
+    """Tokens ranked by difficulty gap vs by raw small-model loss: a rank-rank scatter with the
+    Spearman correlation, and the head of each ranking."""
+    from .difficulty import rankdata, summarize
+
+    tab = token_table(rd)
+    if tab is None:
+        return None
+    summary = summary or summarize(rd, tab)
+    k = summary["k_ref"]
+    small_N = tab["loss_small_N"]
+    gap_N = small_N - tab["oracle_JN"][tab["ks"].index(k)]
+    fig = new_figure(10.0, 4.0)
+    ax_s, ax_g, ax_l = fig.subplots(1, 3, width_ratios=[1.1, 1, 1])
+    N = len(small_N)
+    ax_s.scatter(rankdata(small_N) / N, rankdata(gap_N) / N, s=2, alpha=0.35, color="#444444", rasterized=False)
+    ax_s.set_xlabel("rank by all-small loss (quantile)")
+    ax_s.set_ylabel(f"rank by gap at k={k} (quantile)")
+    rho = summary.get("spearman_small_loss_vs_gap")
+    ax_s.set_title(f"Spearman {rho:.2f}" if rho is not None else "Spearman undefined")
+    for ax, key, title, value in ((ax_g, "top_by_gap", "highest gap (difficulty)", "gap"),
+                                  (ax_l, "top_by_loss", "highest all-small loss", "loss_small")):
+        items = summary[key][::-1]
+        ys = np.arange(len(items))
+        ax.barh(ys, [it["gap"] for it in items], color=COLORS["oracle"], label="gap")
+        if value == "loss_small":
+            ax.barh(ys, [it["loss_small"] for it in items], color="none", edgecolor="#444444", label="loss")
+        ax.set_yticks(ys)
+        ax.set_yticklabels([f"{visible(it['text'][-28:])}" for it in items], fontsize=6.5, parse_math=False)
+        ax.set_title(f"Top {len(items)} by {title}")
+        ax.set_xlabel("nats")
+        ax.legend(loc="lower right")
+    return fig
+
+
+# ----------------------------------------------------------------------------- skip study
+
+
+@_style
+def fig_skip_vs_early_exit(rd: RunData) -> Figure | None:
+    """The skip study's optimal patterns next to early exit (paper section 4.3): share of tokens
+    skipping each layer, the most chosen patterns, and perplexity of oracle, best fixed pattern,
+    the early-exit pattern and a random pattern."""
+    skip = rd.skip_study
+    if skip is None:
+        return None
+    L, s = rd.n_layers, int(skip.summary["skips"])
+    ee = early_exit_pattern(L, s)
+    b = skip.budgets[0]
+    fig = new_figure(10.5, 3.4)
+    ax_l, ax_p, ax_b = fig.subplots(1, 3, width_ratios=[1, 1.2, 0.9])
+    layers = np.arange(1, L + 1)
+    share = np.array(b.get("oracle_skip_share_by_layer") or [np.nan] * L)
+    ax_l.bar(layers, share, color=COLORS["oracle"], label="oracle")
+    ax_l.stairs([1.0 if c == "_" else 0.0 for c in ee], np.arange(0.5, L + 1), color="black", lw=1.5, label="early exit")
+    ax_l.set_xlabel("layer")
+    ax_l.set_ylabel("share of tokens skipping")
+    ax_l.set_title(f"Which layers are skipped ({s} of {L})")
+    ax_l.legend()
+    table = skip.per_token()
+    col = f"best_pattern_k{b['k']}"
+    if table is not None and col in table.column_names:
+        counts = sorted(((c, p) for p, c in Counter(table.column(col).to_pylist()).items()), key=lambda x: (-x[0], x[1]))
+        n = table.num_rows
+        top = counts[:10]
+        names = [p for _, p in top]
+        if ee not in names:
+            names.append(ee)
+        share_of = {p: c / n for c, p in counts}
+        ys = np.arange(len(names))[::-1]
+        ax_p.barh(ys, [share_of.get(p, 0.0) for p in names],
+                  color=["black" if p == ee else COLORS["oracle"] for p in names])
+        ax_p.set_yticks(ys)
+        ax_p.set_yticklabels([p + ("  (early exit)" if p == ee else "") for p in names], family="monospace",
+                             fontsize=7, parse_math=False)
+        ax_p.set_xlabel("share of tokens")
+        ax_p.set_title("Most chosen oracle patterns")
+    losses = skip.pattern_losses()
+    vals = {"oracle": b.get("oracle_ppl"), "best fixed": b.get("fixed_ppl"),
+            "early exit": float(np.exp(losses[ee])) if ee in losses else None,
+            "random": b.get("random_mean_ppl")}
+    vals = {k: v for k, v in vals.items() if v is not None}
+    bars = ax_b.bar(range(len(vals)), list(vals.values()),
+                    color=[COLORS["oracle"], COLORS["fixed"], "black", COLORS["random"]][: len(vals)])
+    ax_b.bar_label(bars, fmt="%.2f", fontsize=7)
+    ax_b.set_xticks(range(len(vals)), list(vals.keys()), rotation=20)
+    ax_b.set_ylabel("perplexity")
+    lo, hi = min(vals.values()), max(vals.values())
+    ax_b.set_ylim(max(0.0, lo - 0.5 * (hi - lo) - 1e-3 * lo), hi + 0.25 * (hi - lo) + 1e-3 * hi)
+    ax_b.set_title(f"fixed: {b.get('fixed_pattern')}", family="monospace", fontsize=8)
+    return fig
+
+
+# ----------------------------------------------------------------------------- all of them
+
+FIGURES = {
+    "ppl_vs_budget": fig_ppl_vs_budget,
+    "oracle_usage": fig_oracle_usage,
+    "router_usage": fig_router_usage,
+    "position_budgets": fig_position_budgets,
+    "token_losses": fig_token_losses,
+    "difficulty_ranking": fig_difficulty_ranking,
+    "skip_vs_early_exit": fig_skip_vs_early_exit,
+}
+
+
+def render_all(run, difficulty: dict | None = None) -> dict[str, bytes]:
+    """PNG bytes of every figure the run folder supports, in a fixed order."""
+    rd = _rd(run)
+    out = {}
+    for name, fn in FIGURES.items():
+        fig = fn(rd, difficulty) if name == "difficulty_ranking" else fn(rd)
+        if fig is not None:
+            out[name] = png_bytes(fig)
+    return out

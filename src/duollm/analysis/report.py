@@ -1,0 +1,360 @@
+"""The study's report, regenerated from the run folder alone (DESIGN 4.4, 5; issue 5).
+
+``write_report(run)`` reads the run's config, training metrics, oracle summaries, router
+evaluations and per-token tables, recomputes nothing that needs the model, and writes
+
+    RUN/report/index.html        one self-contained page, figures embedded as data:image/png;base64
+    RUN/report/report.md         the Markdown twin, figures as files next to it (figures/*.png)
+    RUN/report/results.json      every number the report states, and each finding with its verdict
+    RUN/report/difficulty.json   token difficulty summary (analysis/difficulty.py)
+    RUN/report/difficulty.parquet  per-token losses and gaps
+
+Deterministic: no timestamps or absolute paths, sorted JSON keys, PNGs without a Software tag,
+so the same run folder gives byte-identical files on every regeneration.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from ..io import atomic_write_bytes, atomic_write_text
+from .difficulty import reference_k, token_table, write_difficulty
+from .figures import render_all, sample_sequence, visible
+from .findings import check_all
+from .rundata import RunData
+
+FIGURE_CAPTIONS = {
+    "ppl_vs_budget": "Perplexity vs big-layer budget k: the oracle (per context policy), the best fixed pattern, "
+                     "the best of 100 random patterns, a random pattern, all-small and all-big; routers at their "
+                     "realised budget. Top axis: compute relative to all-big.",
+    "oracle_usage": "Share of tokens sent to big at each layer (rows, first at the bottom) and position (columns) by "
+                    "the oracle at a small, middle and large budget; last panel: share skipped in the skip study.",
+    "router_usage": "The same for each trained router, under the oracle at the router's budget.",
+    "position_budgets": "Budgets that fall or rise along the sequence vs a constant one with the same mean.",
+    "token_losses": "Loss of each next token of a validation sequence under all-small, all-big and the oracle at "
+                    "k = L/2, and the difficulty gap (all-small minus oracle).",
+    "difficulty_ranking": "Tokens ranked by difficulty gap vs by raw all-small loss.",
+    "skip_vs_early_exit": "Skip study: which layers the oracle skips, its most chosen patterns, and perplexity of the "
+                          "oracle, the best fixed pattern, early exit and a random pattern.",
+}
+
+
+# ----------------------------------------------------------------------------- numbers
+
+
+def _r(x, nd: int = 4):
+    if x is None:
+        return None
+    x = float(x)
+    return round(x, nd) if math.isfinite(x) else None
+
+
+def model_summary(rd: RunData) -> dict:
+    import torch
+
+    from ..model import DuoModel, param_counts
+
+    cfg = rd.config
+    with torch.device("meta"):  # counts without allocating weights
+        params = param_counts(DuoModel(cfg.model))
+    m = cfg.model
+    return {"preset": cfg.preset, "n_layers": m.n_layers, "d_model": m.d_model, "n_heads": m.n_heads,
+            "d_ff_big": m.d_ff_big, "d_ff_small": m.d_ff_small, "vocab_size": m.vocab_size,
+            "seq_len": cfg.train.seq_len, "params": params}
+
+
+def oracle_section(o) -> dict:
+    keys = ("k", "candidates", "oracle_ppl", "fixed_ppl", "fixed_pattern", "best_of_100_ppl",
+            "best_of_100_per_token_ppl", "random_mean_ppl", "oracle_compute", "fixed_compute")
+    s = o.summary
+    return {
+        "name": o.name, "context": o.context, "reference": s.get("reference"), "tokens": s.get("tokens"),
+        "all_big_ppl": _r(s.get("all_big_ppl")), "all_small_ppl": _r(s.get("all_small_ppl")),
+        "all_small_compute": _r(s.get("all_small_compute")),
+        "budgets": [{k: (_r(b.get(k)) if isinstance(b.get(k), float) else b.get(k)) for k in keys} for b in o.budgets],
+        "position_budgets": [{k: (_r(v) if isinstance(v, float) else v) for k, v in e.items()}
+                             for e in s.get("position_budgets") or []],
+    }
+
+
+def router_rows(rd: RunData) -> list[dict]:
+    rows = []
+    for r in rd.routers:
+        o = r.get("oracle") or {}
+        rows.append({
+            "name": r["name"], "method": r.get("method"), "target": _r(r.get("target")), "k": o.get("k", r.get("target_k")),
+            "ppl": _r(r.get("ppl")), "big_fraction": _r(r.get("big_fraction")), "skip_fraction": _r(r.get("skip_fraction")),
+            "compute": _r(r.get("compute")), "tokens": r.get("tokens"), "layer_profile": r.get("layer_profile"),
+            "oracle_ppl": _r(o.get("oracle_ppl")), "fixed_ppl": _r(o.get("fixed_ppl")),
+            "best_of_100_ppl": _r(o.get("best_of_100_ppl")), "random_mean_ppl": _r(o.get("random_mean_ppl")),
+            "agreement": _r(o.get("agreement")), "pattern_match": _r(o.get("pattern_match")),
+            "oracle_tokens": o.get("tokens"), "heldout_ppl": _r((o.get("heldout") or {}).get("ppl")),
+            "heldout_oracle_ppl": _r((o.get("heldout") or {}).get("oracle_ppl")),
+        })
+    return rows
+
+
+def results(rd: RunData, difficulty: dict | None, figures: list[str]) -> dict:
+    cfg = rd.config
+    m = rd.final_metrics
+    primary = rd.primary
+    skip = rd.skip_study
+    findings = [f.as_dict() for f in check_all(rd, difficulty)]
+    return {
+        "run": rd.run.name,
+        "model": model_summary(rd),
+        "data": {"spec": cfg.data.spec, "tokenizer": cfg.data.tokenizer,
+                 "train_tokens": rd.data_meta.get("train_tokens"), "val_tokens": rd.data_meta.get("val_tokens")},
+        "training": {"steps": cfg.train.steps, "batch_size": cfg.train.batch_size, "seq_len": cfg.train.seq_len,
+                     "routing": {"p_big": cfg.routing.p_big, "p_small": cfg.routing.p_small,
+                                 "p_skip": cfg.routing.p_skip, "per": cfg.routing.per},
+                     "final": {k: _r(v) for k, v in sorted(m.items()) if k.startswith(("train/", "val/"))}},
+        "evaluation": {"tokens": primary.summary.get("tokens") if primary else None,
+                       "sequences": primary.summary.get("sequences") if primary else None,
+                       "text": "the run's validation split (the first sequences, in canonical order)",
+                       "contexts": list(rd.sweeps)},
+        "oracle": [oracle_section(o) for o in rd.sweeps.values()],  # a list: the primary context first
+        "skip_study": oracle_section(skip) | {"skips": skip.summary.get("skips"),
+                                              "early_exit_share": _r(skip.budgets[0].get("oracle_early_exit_share"))}
+        if skip is not None and skip.budgets else None,
+        "routers": router_rows(rd),
+        "difficulty": difficulty,
+        "findings": findings,
+        "reproduced": {"tested": sum(f["reproduced"] is not None for f in findings),
+                       "reproduced": sum(f["reproduced"] is True for f in findings)},
+        "figures": figures,
+    }
+
+
+# ----------------------------------------------------------------------------- rendering helpers
+
+
+def _fmt(x, nd: int = 2) -> str:
+    if x is None:
+        return "—"
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    if isinstance(x, int):
+        return f"{x:,}"
+    if isinstance(x, float):
+        return f"{x:,.{nd}f}"
+    return str(x)
+
+
+def _verdict(v) -> str:
+    return {True: "reproduced", False: "not reproduced", None: "not tested"}[v]
+
+
+def _numbers(d: dict) -> str:
+    """Compact one-line rendering of a finding's numbers (nested lists of router rows shortened)."""
+    parts = []
+    for k, v in d.items():
+        if isinstance(v, list):
+            v = "; ".join(", ".join(f"{kk}={_fmt(vv)}" for kk, vv in item.items()
+                                    if kk in ("router", "ppl", "oracle_ppl", "fixed_ppl", "best_of_100_ppl"))
+                          if isinstance(item, dict) else _fmt(item) for item in v)
+        elif isinstance(v, dict):
+            v = ", ".join(f"{kk}={_fmt(vv)}" for kk, vv in v.items())
+        else:
+            v = _fmt(v, 4 if isinstance(v, float) and abs(v) < 10 else 2)
+        parts.append(f"{k}: {v}")
+    return "; ".join(parts)
+
+
+def tables(res: dict) -> list[tuple[str, list[str], list[list[str]]]]:
+    """(title, header, rows) of every table, shared by the HTML and the Markdown."""
+    out = []
+    m = res["model"]
+    p = m["params"]
+    setup = [
+        ["model", f"{m['preset']} preset: {m['n_layers']} layers, width {m['d_model']}, {m['n_heads']} heads, "
+                  f"FFN big {m['d_ff_big']} / small {m['d_ff_small']}, vocab {m['vocab_size']}, context {m['seq_len']}"],
+        ["parameters", f"{p['total']:,} (big FFNs {p['big_ffn']:,}, small FFNs {p['small_ffn']:,}, "
+                       f"attention {p['attention']:,}, embeddings {p['embeddings']:,})"],
+        ["data", f"{res['data']['spec']} ({_fmt(res['data']['train_tokens'])} training / "
+                 f"{_fmt(res['data']['val_tokens'])} validation tokens, tokenizer {res['data']['tokenizer']})"],
+        ["training", f"{res['training']['steps']:,} steps x {res['training']['batch_size']} sequences x "
+                     f"{res['training']['seq_len']} tokens, random routing p(big) = {res['training']['routing']['p_big']}"
+                     + "".join(f"; {k} {_fmt(v, 3)}" for k, v in res["training"]["final"].items())],
+        ["evaluation", f"{_fmt(res['evaluation']['tokens'])} tokens of {res['evaluation']['text']}"],
+        ["context policies", ", ".join(res["evaluation"]["contexts"]) or "—"],
+    ]
+    out.append(("Setup", ["", ""], setup))
+    out.append(("Findings of the paper, checked here",
+                ["finding", "context", "verdict", "criterion", "numbers"],
+                [[f["claim"], f["context"] or "—", _verdict(f["reproduced"]), f["criterion"], _numbers(f["numbers"])]
+                 for f in res["findings"]]))
+    for o in res["oracle"]:
+        ctx = o["context"]
+        rows = [[str(b["k"]), _fmt(b["candidates"]), _fmt(b["oracle_ppl"]), _fmt(b["fixed_ppl"]),
+                 b["fixed_pattern"] or "—", _fmt(b["best_of_100_ppl"]), _fmt(b["best_of_100_per_token_ppl"]),
+                 _fmt(b["random_mean_ppl"]), _fmt(b["oracle_compute"], 3)] for b in o["budgets"]]
+        ref = f", context tokens {o['reference']}" if o["reference"] else ""
+        small = "all-small (scored token only)" if o["reference"] else "all-small"
+        out.append((f"Oracle, {ctx} context{ref}: all-big {_fmt(o['all_big_ppl'])}, {small} {_fmt(o['all_small_ppl'])} "
+                    f"(compute {_fmt(o['all_small_compute'], 3)}), {_fmt(o['tokens'])} tokens",
+                    ["k", "candidates", "oracle", "fixed", "fixed pattern", "best of 100", "best of 100 per token",
+                     "random", "compute"], rows))
+        if o["position_budgets"]:
+            out.append((f"Position-varying budgets, {ctx} context",
+                        ["schedule", "k along the sequence", "mean k", "oracle ppl", "compute"],
+                        [[e["name"], e["schedule"], _fmt(e["mean_budget"]), _fmt(e["oracle_ppl"]), _fmt(e["compute"], 3)]
+                         for e in o["position_budgets"]]))
+    s = res["skip_study"]
+    if s:
+        b = s["budgets"][0]
+        out.append((f"Skip study: big or skip, exactly {s['skips']} skipped layers ({s['context']} context)",
+                    ["oracle", "fixed", "fixed pattern", "best of 100", "random", "tokens taking early exit"],
+                    [[_fmt(b["oracle_ppl"]), _fmt(b["fixed_ppl"]), b["fixed_pattern"] or "—", _fmt(b["best_of_100_ppl"]),
+                      _fmt(b["random_mean_ppl"]), _fmt(s["early_exit_share"], 3)]]))
+    if res["routers"]:
+        out.append(("Routers (hard routing) next to the oracle at their budget",
+                    ["router", "k", "ppl", "big", "oracle", "fixed", "best of 100", "random", "agreement",
+                     "layer profile", "tokens"],
+                    [[r["name"], _fmt(r["k"]), _fmt(r["ppl"]), _fmt(r["big_fraction"], 3), _fmt(r["oracle_ppl"]),
+                      _fmt(r["fixed_ppl"]), _fmt(r["best_of_100_ppl"]), _fmt(r["random_mean_ppl"]),
+                      _fmt(r["agreement"], 3), r["layer_profile"] or "—", _fmt(r["tokens"])] for r in res["routers"]]))
+    d = res["difficulty"]
+    if d:
+        out.append((f"Token difficulty (gap = all-small loss - oracle loss at k={d['k_ref']}, {d['context']} context)",
+                    ["measure", "value"],
+                    [["Spearman(all-small loss, gap)", _fmt(d["spearman_small_loss_vs_gap"], 3)],
+                     ["Spearman(all-small loss, all-small - all-big)", _fmt(d["spearman_small_loss_vs_big_gain"], 3)],
+                     ["high-loss tokens (top quarter) gaining little (gap below median)", _fmt(d["high_loss_low_gain_share"], 3)],
+                     ["top tenth by loss also in top tenth by gap", _fmt(d["top_decile_overlap"], 3)],
+                     ["mean gap by loss quartile (low to high)", ", ".join(_fmt(x, 3) for x in d["mean_gap_by_loss_quartile"])],
+                     ["mean gain of all-big over all-small (nats)", _fmt(d["mean_gain_big"], 4)]]))
+        for key, title in (("top_by_gap", "highest gap"), ("top_by_loss", "highest all-small loss")):
+            out.append((f"Tokens with the {title} (context [target])",
+                        ["text", "loss small", "loss big", "loss oracle", "gap", "rank by loss", "rank by gap"],
+                        [[visible(t["text"]), _fmt(t["loss_small"]), _fmt(t["loss_big"]), _fmt(t["loss_oracle"]), _fmt(t["gap"]),
+                          str(t["loss_rank"]), str(t["gap_rank"])] for t in d[key]]))
+    return out
+
+
+def coloured_tokens_html(rd: RunData) -> str:
+    """The sample sequence as text, each token's background coloured by its loss (one line per routing)."""
+    from matplotlib import colormaps
+    from matplotlib.colors import Normalize, TwoSlopeNorm, to_hex
+
+    tab = token_table(rd)
+    if tab is None:
+        return ""
+    k = reference_k(tab["ks"], rd.n_layers)
+    rows = sample_sequence(tab, 96)
+    texts = rd.token_text(tab["target_N"][rows])
+    series = [("all small", tab["loss_small_N"][rows]), ("all big", tab["loss_big_N"][rows]),
+              (f"oracle k={k}", tab["oracle_JN"][tab["ks"].index(k)][rows])]
+    gap = series[0][1] - series[2][1]
+    lo = min(float(v.min()) for _, v in series)
+    hi = max(float(v.max()) for _, v in series)
+    norm = Normalize(lo, hi if hi > lo else lo + 1)
+    lim = max(float(np.abs(gap).max()), 1e-6)
+    gnorm = TwoSlopeNorm(0.0, -lim, lim)
+    lines = []
+    for name, vals, cmap, nm in [(n, v, "magma_r", norm) for n, v in series] + [("gap", gap, "RdBu", gnorm)]:
+        spans = []
+        for text, v in zip(texts, vals):
+            rgba = colormaps[cmap](nm(float(v)))
+            fg = "#000" if 0.299 * rgba[0] + 0.587 * rgba[1] + 0.114 * rgba[2] > 0.55 else "#fff"
+            shown = html.escape(text.replace("\n", "\u21b5"))
+            spans.append(f'<span style="background:{to_hex(rgba)};color:{fg}" title="{float(v):.3f}">{shown}</span>')
+        lines.append(f'<div class="toks"><b>{html.escape(name)}</b> {"".join(spans)}</div>')
+    return (f"<p>Next-token loss on validation sequence {int(tab['sequence_N'][rows[0]])} (darker = higher loss, "
+            f"{lo:.2f} to {hi:.2f} nats; gap: blue = the oracle gains, red = it loses; hover for values).</p>\n"
+            + "\n".join(lines))
+
+
+def _headline(res: dict) -> str:
+    n = res["reproduced"]
+    return f"{n['reproduced']} of {n['tested']} tested findings reproduced"
+
+
+# ----------------------------------------------------------------------------- HTML and Markdown
+
+CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:0.5em 0 1.5em;font-size:0.88em}td,th{border:1px solid #ccc;padding:3px 7px;
+vertical-align:top}th{background:#f3f3f3}img{max-width:100%}figure{margin:1em 0 2em}figcaption{font-size:0.9em;color:#555}
+.toks{font-family:monospace;white-space:pre-wrap;line-height:1.7;margin:0.3em 0}.toks b{display:inline-block;width:7em}
+.reproduced{color:#1a7f37;font-weight:600}.not-reproduced{color:#b42318;font-weight:600}.not-tested{color:#777}"""
+
+
+def render_html(res: dict, pngs: dict[str, bytes], tokens_html: str) -> str:
+    e = html.escape
+    parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+             f"<title>duollm study: {e(res['run'])}</title><style>{CSS}</style></head><body>",
+             f"<h1>Duo-LLM study: {e(res['run'])}</h1>",
+             f"<p>{e(_headline(res))}. Model {e(res['model']['preset'])}, data {e(res['data']['spec'])}, "
+             f"{_fmt(res['evaluation']['tokens'])} evaluation tokens, context policies "
+             f"{e(', '.join(res['evaluation']['contexts']) or '—')}. Method: Alizadeh et al., arXiv 2410.10846.</p>"]
+    for title, header, rows in tables(res):
+        parts.append(f"<h2>{e(title)}</h2><table>")
+        if any(header):
+            parts.append("<tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>")
+        for row in rows:
+            cells = []
+            for cell in row:
+                cls = {"reproduced": "reproduced", "not reproduced": "not-reproduced", "not tested": "not-tested"}.get(cell)
+                cells.append(f'<td class="{cls}">{e(cell)}</td>' if cls else f"<td>{e(cell)}</td>")
+            parts.append("<tr>" + "".join(cells) + "</tr>")
+        parts.append("</table>")
+    if tokens_html:
+        parts.append("<h2>Per-token loss on real text</h2>" + tokens_html)
+    parts.append("<h2>Figures</h2>")
+    for name, png in pngs.items():
+        b64 = base64.b64encode(png).decode("ascii")
+        parts.append(f'<figure id="{name}"><img alt="{name}" src="data:image/png;base64,{b64}">'
+                     f"<figcaption>{e(FIGURE_CAPTIONS.get(name, name))}</figcaption></figure>")
+    parts.append("</body></html>\n")
+    return "\n".join(parts)
+
+
+MD_SPECIAL = "\\`*_[]<>#|"
+
+
+def _md_cell(s: str) -> str:
+    """A table cell's text with Markdown's special characters escaped (token texts hold any of them)."""
+    return "".join("\\" + c if c in MD_SPECIAL else c for c in s.replace("\n", "\u21b5"))
+
+
+def render_markdown(res: dict, pngs: dict[str, bytes]) -> str:
+    lines = [f"# Duo-LLM study: {res['run']}", "",
+             f"{_headline(res)}. Model {res['model']['preset']}, data {_md_cell(res['data']['spec'])}, "
+             f"{_fmt(res['evaluation']['tokens'])} evaluation tokens, context policies "
+             f"{', '.join(res['evaluation']['contexts']) or '—'}. Method: Alizadeh et al., arXiv 2410.10846.", ""]
+    for title, header, rows in tables(res):
+        lines += [f"## {title}", ""]
+        lines.append("| " + " | ".join(_md_cell(h) for h in header) + " |")
+        lines.append("|" + "---|" * len(header))
+        lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
+        lines.append("")
+    lines += ["## Figures", ""]
+    for name in pngs:
+        lines += [f"![{name}](figures/{name}.png)", "", f"*{FIGURE_CAPTIONS.get(name, name)}*", ""]
+    return "\n".join(lines)
+
+
+def write_report(run_dir) -> Path:
+    """Regenerate ``RUN/report/`` from the run folder (no model computation); returns index.html's path."""
+    rd = RunData(Path(run_dir))
+    out = rd.run / "report"
+    difficulty = write_difficulty(rd.run, rd)
+    pngs = render_all(rd, difficulty)
+    res = results(rd, difficulty, list(pngs))
+    for name, png in pngs.items():
+        atomic_write_bytes(out / "figures" / f"{name}.png", png)
+    figs = out / "figures"
+    if figs.is_dir():  # figures a previous report had but this run no longer supports
+        for stale in sorted(figs.glob("*.png")):
+            if stale.stem not in pngs:
+                stale.unlink()
+    atomic_write_text(out / "results.json", json.dumps(res, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(out / "report.md", render_markdown(res, pngs))
+    atomic_write_text(out / "index.html", render_html(res, pngs, coloured_tokens_html(rd)))
+    return out / "index.html"

@@ -1,0 +1,212 @@
+"""Reading a run folder for analysis: which oracle is which, router evaluations, tokens.
+
+Everything in ``duollm.analysis`` is a pure function of the run folder; this module is the one
+place that knows where the study's outputs live and how to tell them apart:
+
+    RUN/oracle/<name>/summary.json     one per oracle run (DESIGN 5); told apart by its fields:
+                                       options SB, no skip constraint  -> budget sweep, per context
+                                       options B_, an exact skip count -> the skip study
+    RUN/oracle/<name>/per_token.parquet, usage.npy, patterns.parquet
+    RUN/routers/<name>/eval.json       a router's evaluation (routers.py)
+    RUN/study/routers/<name>.json      the same evaluation on the oracle's tokens, written by
+                                       ``duollm run`` when the oracle scores fewer tokens than
+                                       ``eval.max_tokens`` (preferred when present)
+
+Array name legend: J budgets, R routes (skip, small, big), L layers, T positions, N tokens.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from ..config import RunConfig, load_run_config
+
+
+def _json(path: Path):
+    return json.loads(Path(path).read_text())
+
+
+@dataclass(frozen=True)
+class Oracle:
+    """One finished oracle run: ``RUN/oracle/<name>``."""
+
+    folder: Path
+    summary: dict
+
+    @property
+    def name(self) -> str:
+        return self.folder.name
+
+    @property
+    def context(self) -> str:
+        return self.summary.get("context", "shared")
+
+    @property
+    def label(self) -> str:
+        """How figures and tables name it: the context, with the frozen reference."""
+        ref = self.summary.get("reference")
+        return f"{self.context} (context {ref})" if self.context == "frozen" and ref else self.context
+
+    @property
+    def budgets(self) -> list[dict]:
+        return self.summary.get("budgets", [])
+
+    @property
+    def ks(self) -> list[int]:
+        return [int(b["k"]) for b in self.budgets]
+
+    def budget(self, k: int) -> dict | None:
+        return next((b for b in self.budgets if int(b["k"]) == k), None)
+
+    def usage_JRLT(self) -> np.ndarray | None:
+        path = self.folder / "usage.npy"
+        return np.load(path) if path.is_file() else None
+
+    def per_token(self):
+        """The per-token table (pyarrow Table) or None."""
+        import pyarrow.parquet as pq
+
+        path = self.folder / "per_token.parquet"
+        return pq.read_table(path) if path.is_file() else None
+
+    def pattern_losses(self) -> dict[str, float]:
+        """Mean loss of every evaluated pattern (``patterns.parquet``)."""
+        import pyarrow.parquet as pq
+
+        path = self.folder / "patterns.parquet"
+        if not path.is_file():
+            return {}
+        t = pq.read_table(path, columns=["pattern", "mean_loss"]).to_pydict()
+        return dict(zip(t["pattern"], t["mean_loss"]))
+
+
+def is_complete_oracle(folder: Path) -> bool:
+    """An oracle folder whose run finished: the summary and ``run.json`` (written last) exist and
+    no partial chunks remain (``oracle/runner.py``)."""
+    folder = Path(folder)
+    return (folder / "summary.json").is_file() and (folder / "run.json").is_file() and not (folder / ".partial").exists()
+
+
+class RunData:
+    """Lazy, read-only view of a run folder's study outputs."""
+
+    def __init__(self, run: Path):
+        self.run = Path(run)
+        if not self.run.is_dir():
+            raise ValueError(f"run folder {self.run} does not exist")
+
+    @cached_property
+    def config(self) -> RunConfig:
+        return load_run_config(self.run)
+
+    @property
+    def n_layers(self) -> int:
+        return self.config.model.n_layers
+
+    @cached_property
+    def oracles(self) -> list[Oracle]:
+        root = self.run / "oracle"
+        if not root.is_dir():
+            return []
+        return [Oracle(p, _json(p / "summary.json")) for p in sorted(root.iterdir()) if is_complete_oracle(p)]
+
+    def _plain(self, o: Oracle) -> bool:
+        s = o.summary
+        return (s.get("search", "exhaustive") == "exhaustive" and s.get("patterns") is None
+                and s.get("budget_mode", "exact") == "exact")
+
+    @cached_property
+    def sweeps(self) -> dict[str, Oracle]:
+        """Budget sweeps (options SB, every budget) by context policy, shared first. Where a context
+        has several, the one ``duollm run`` writes wins (``SB-shared``, ``SB-frozen-B``: all-big
+        context tokens), then the first by name."""
+        by_context: dict[str, list[Oracle]] = {}
+        for o in self.oracles:
+            s = o.summary
+            if self._plain(o) and s.get("options") == "SB" and s.get("skips") in (None, 0) and len(o.budgets) >= 2:
+                by_context.setdefault(o.context, []).append(o)
+        study_name = {"shared": "SB-shared", "frozen": "SB-frozen-B"}
+        return {ctx: min(found, key=lambda o: (o.name != study_name.get(ctx), o.summary.get("reference") not in (None, "B"), o.name))
+                for ctx, found in sorted(by_context.items(), key=lambda kv: (kv[0] != "shared", kv[0]))}
+
+    @property
+    def primary(self) -> Oracle | None:
+        """The sweep the token analysis and the routers use: shared if present (our reading of the paper)."""
+        return next(iter(self.sweeps.values()), None)
+
+    @cached_property
+    def skip_study(self) -> Oracle | None:
+        """Big-or-skip with an exact skip count (paper section 4.3); the shared context preferred."""
+        found = [o for o in self.oracles if self._plain(o) and o.summary.get("options") == "B_"
+                 and o.summary.get("skips") and o.summary.get("skips_mode", "exact") == "exact"]
+        found.sort(key=lambda o: (o.context != "shared", o.name))
+        return found[0] if found else None
+
+    @cached_property
+    def routers(self) -> list[dict]:
+        """Router evaluations (with ``name``), sorted by target then method; the study's
+        re-evaluation on the oracle's tokens is preferred over ``eval.json``."""
+        root = self.run / "routers"
+        if not root.is_dir():
+            return []
+        out = []
+        for folder in sorted(root.iterdir()):
+            study = self.run / "study" / "routers" / f"{folder.name}.json"
+            path = study if study.is_file() else folder / "eval.json"
+            if path.is_file():
+                out.append({"name": folder.name, **_json(path)})
+        return sorted(out, key=lambda r: (float(r.get("target", 0)), str(r.get("method")), r["name"]))
+
+    @cached_property
+    def data_meta(self) -> dict:
+        path = self.run / "data" / "meta.json"
+        return _json(path) if path.is_file() else {}
+
+    @cached_property
+    def final_metrics(self) -> dict:
+        """The last value of every metric in ``metrics.jsonl`` (training loss, validation losses)."""
+        path = self.run / "metrics.jsonl"
+        out: dict = {}
+        if path.is_file():
+            for line in path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(rec, dict):
+                    out.update(rec)
+        return out
+
+    @cached_property
+    def tokenizer(self):
+        from ..data import load_tokenizer
+
+        try:
+            return load_tokenizer(self.run)
+        except ValueError:
+            return None
+
+    def token_text(self, ids) -> list[str]:
+        """Readable text of each token id (``<id>`` when the run has no tokenizer)."""
+        ids = [int(i) for i in ids]
+        tok = self.tokenizer
+        if tok is None:
+            return [f"<{i}>" for i in ids]
+        return tok.token_strings(ids)
+
+
+def reference_budgets(n_layers: int) -> dict[str, int]:
+    """The small, middle and large budgets the heatmaps and findings look at: for L = 12,
+    k = 2, 6, 10 (small and large symmetric about L/2, the middle where C(L, k) peaks)."""
+    small = max(1, round(n_layers / 6))
+    return {"small": small, "middle": n_layers // 2, "large": max(small, n_layers - small)}
+
+
+def early_exit_pattern(n_layers: int, skips: int) -> str:
+    """What early exit chooses with ``skips`` skipped layers: run the first layers, skip the rest."""
+    return "B" * (n_layers - skips) + "_" * skips

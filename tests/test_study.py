@@ -1,0 +1,223 @@
+"""``duollm run`` end to end on the tiny preset: stages, interruption and resume, the report (issue 5)."""
+
+import base64
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import duollm.oracle.command
+import duollm.oracle.runner
+import duollm.routers
+import duollm.train
+from duollm.config import load_config
+from duollm.study import Study, resolve_config, router_budgets, run_study
+
+QUIET = lambda *a, **k: None  # noqa: E731
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tiny model is faster on one thread, and the CI machine's two cores are shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class Calls:
+    """Counts (and records the keyword arguments of) calls to the functions the stages use."""
+
+    def __init__(self, mp: pytest.MonkeyPatch):
+        self.log: list[tuple[str, dict]] = []
+        for module, name in ((duollm.train, "pretrain"), (duollm.oracle.command, "run_oracle_command"),
+                             (duollm.routers, "run_router_command")):
+            mp.setattr(module, name, self._wrap(name, getattr(module, name)))
+
+    def _wrap(self, name, fn):
+        def wrapped(*args, **kwargs):
+            self.log.append((name, kwargs))
+            return fn(*args, **kwargs)
+        return wrapped
+
+    def count(self, name: str) -> int:
+        return sum(n == name for n, _ in self.log)
+
+
+class Once:
+    """Raise KeyboardInterrupt (a kill) the first time ``when(*args)`` holds, then call through."""
+
+    def __init__(self, fn, when):
+        self.fn, self.when, self.fired = fn, when, False
+
+    def __call__(self, *args, **kwargs):
+        if not self.fired and self.when(*args, **kwargs):
+            self.fired = True
+            raise KeyboardInterrupt
+        return self.fn(*args, **kwargs)
+
+
+def digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def study(tiny_run, tmp_path_factory):
+    """The tiny study on a copy of the trained tiny run, killed twice on the way and rerun.
+
+    Pass 1 is killed inside the frozen-context oracle, after its first chunk was saved; pass 2
+    inside the first router, after its training saved a checkpoint but before its evaluation;
+    pass 3 finishes. Returns the run folder and what each pass called."""
+    out = tmp_path_factory.mktemp("study") / "tiny"
+    shutil.copytree(tiny_run, out, symlinks=True)
+    passes = []
+    with pytest.MonkeyPatch.context() as mp:
+        calls = Calls(mp)
+        chunks = []
+
+        def frozen_second_chunk(model, plan, *a, **k):
+            if plan.spec.context == "frozen":
+                chunks.append(1)
+            return len(chunks) == 2
+
+        mp.setattr(duollm.oracle.runner, "compute_chunk", Once(duollm.oracle.runner.compute_chunk, frozen_second_chunk))
+        with pytest.raises(KeyboardInterrupt):
+            run_study("tiny", None, out, log=QUIET)
+        passes.append(list(calls.log))
+
+        calls.log.clear()
+        mp.setattr(duollm.routers, "evaluate_router", Once(duollm.routers.evaluate_router, lambda *a, **k: True))
+        with pytest.raises(KeyboardInterrupt):
+            run_study("tiny", None, out, log=QUIET)
+        passes.append(list(calls.log))
+
+        calls.log.clear()
+        printed = []
+        index = run_study("tiny", None, out, log=printed.append)
+        passes.append(list(calls.log))
+    return {"out": out, "passes": passes, "index": index, "printed": printed}
+
+
+def names(calls, fn):
+    return [kw for n, kw in calls if n == fn]
+
+
+def test_killed_stages_resume_and_finished_ones_are_not_recomputed(study):
+    out = study["out"]
+    first, second, third = study["passes"]
+    # pass 1: the run was trained already (reused, not retrained); killed in the frozen oracle
+    assert not names(first, "pretrain")
+    assert [kw["context"] for kw in names(first, "run_oracle_command")] == ["shared", "frozen"]
+    # pass 2: the shared oracle is not recomputed; the frozen one continues from its saved chunk
+    assert [kw["context"] for kw in names(second, "run_oracle_command")] == ["frozen", "shared"]  # + skip study
+    assert names(second, "run_oracle_command")[1]["options"] == "B_"
+    frozen = json.loads((out / "oracle" / "SB-frozen-B" / "run.json").read_text())
+    assert frozen["chunks"] == 2 and frozen["chunks_resumed"] == 1
+    assert len(names(second, "run_router_command")) == 1  # killed in the first router
+    # pass 3: no training, no oracle; the killed router resumes from its checkpoint
+    assert not names(third, "pretrain") and not names(third, "run_oracle_command")
+    routers = names(third, "run_router_command")
+    assert routers[0]["resume"] is True and routers[0]["method"] == "budget"
+    assert all(r["resume"] is False for r in routers[1:])
+    cfg = load_config("tiny")
+    assert len(routers) == len(router_budgets(cfg)) * 2  # budget and imitation at each budget, the first resumed
+
+
+def test_rerun_skips_every_finished_stage_and_redoes_stale_ones(study):
+    out = study["out"]
+    with pytest.MonkeyPatch.context() as mp:
+        calls = Calls(mp)
+        printed = []
+        run_study(None, None, out, log=printed.append)  # an existing run: its own config
+        assert not calls.log
+        assert sum("already done, skipped" in line for line in printed) == len(Study(load_config("tiny"), out).stages()) - 1
+        # outputs recorded as made from other inputs are recomputed, and only they
+        marker = out / "study" / "stages" / "oracle-SB-shared.json"
+        rec = json.loads(marker.read_text())
+        rec["key"]["step"] = -1
+        marker.write_text(json.dumps(rec))
+        run_study(None, None, out, log=QUIET)
+        assert [(n, kw.get("context")) for n, kw in calls.log] == [("run_oracle_command", "shared")]
+
+
+def test_progress_lines_and_results_table(study):
+    printed = "\n".join(study["printed"])
+    assert "[1/" in printed and "elapsed" in printed and "ETA" in printed
+    assert "oracle shared" in printed and "oracle frozen" in printed and "findings reproduced" in printed
+    assert printed.rstrip().endswith(str(study["index"]))
+
+
+def test_report_files_with_embedded_figures_and_findings(study):
+    report = study["out"] / "report"
+    assert study["index"] == report / "index.html"
+    html = (report / "index.html").read_text()
+    res = json.loads((report / "results.json").read_text())
+    md = (report / "report.md").read_text()
+    assert set(res["figures"]) == {"ppl_vs_budget", "oracle_usage", "router_usage", "position_budgets",
+                                   "token_losses", "difficulty_ranking", "skip_vs_early_exit"}
+    images = html.split('src="data:image/png;base64,')[1:]
+    assert len(images) == len(res["figures"])
+    for img in images:
+        assert base64.b64decode(img.split('"', 1)[0]).startswith(b"\x89PNG\r\n\x1a\n")
+    assert 'src="figures/' not in html and "<script" not in html  # self-contained
+    for name in res["figures"]:
+        assert f"![{name}](figures/{name}.png)" in md and (report / "figures" / f"{name}.png").is_file()
+    # model, data, tokens and context policy are stated
+    assert res["model"]["preset"] == "tiny" and res["data"]["spec"] == "builtin:pydoc-topics"
+    assert res["evaluation"]["tokens"] == 512 and res["evaluation"]["contexts"] == ["shared", "frozen"]
+    for text in ("tiny preset", "builtin:pydoc-topics", "512", "shared", "frozen"):
+        assert text in html and text in md
+    ids = [f["id"] for f in res["findings"]]
+    assert {"oracle_u_shape", "one_big_beats_all_big", "big_layers_by_budget", "skip_not_early_exit",
+            "constant_budget_best", "routers_near_baselines", "routers_favour_late_layers",
+            "routers_early_tokens_more_big", "difficulty_not_raw_loss"} == set(ids)
+    # every check had what it needs on this run, so each is decided either way, from numbers
+    assert all(isinstance(f["reproduced"], bool) and f["numbers"] and f["criterion"] for f in res["findings"])
+    assert res["reproduced"]["tested"] == len(res["findings"])
+    # the routers were evaluated on the oracle's tokens (eval.max_tokens is 1024, the study scores 512)
+    assert len(res["routers"]) == 6 and all(r["tokens"] == 512 == r["oracle_tokens"] for r in res["routers"])
+    assert res["difficulty"]["tokens"] == 512 and (report / "difficulty.parquet").is_file()
+
+
+def test_report_regenerates_byte_identically(study):
+    from duollm.analysis.report import write_report
+
+    report = study["out"] / "report"
+    before = digest(report)
+    assert write_report(study["out"]) == report / "index.html"
+    assert digest(report) == before
+    assert str(study["out"]) not in (report / "index.html").read_text()  # no absolute paths
+
+
+def test_study_config_is_strict():
+    for override, fragment in (("study.contexts=shared,fancy", "study.contexts"), ("study.router_targets=1/3,2", "(0, 1]"),
+                               ("study.router_methods=budget,magic", "magic"), ("study.skip_fraction=1.0", "skip_fraction"),
+                               ("study.reference=BBX", "pattern"), ("study.colour=red", "unknown config key study.colour")):
+        with pytest.raises(ValueError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+            load_config("tiny", [override])
+    cfg = load_config("cpu")
+    assert router_budgets(cfg) == [4, 6, 8]  # the paper's budgets for 12 layers
+
+
+def test_existing_run_keeps_its_config_and_unfinished_training_resumes(tiny_run, tmp_path):
+    out = tmp_path / "tiny"
+    shutil.copytree(tiny_run, out, symlinks=True)
+    with pytest.raises(ValueError, match="already holds a run with another config"):
+        resolve_config("cpu", None, out)
+    with pytest.raises(ValueError, match="data.spec"):
+        resolve_config(None, "builtin:pydoc", out)
+    with pytest.raises(ValueError, match="model.d_model"):
+        resolve_config(None, None, out, ["model.d_model=64"])
+    assert resolve_config(None, None, out, ["study.router_steps=5"]).study.router_steps == 5
+    cfg = resolve_config("tiny", None, out, ["train.steps=35"])  # more steps than trained: continue
+    train = Study(cfg, out, QUIET).stages()[0]
+    assert train.id == "train" and not train.complete()
+    with pytest.MonkeyPatch.context() as mp:
+        calls = Calls(mp)
+        train.run(False)
+        assert calls.log[0][1] == {"resume": True, "log": QUIET}
+    assert train.complete() and Study(cfg, out).trained_step() == 35
