@@ -187,24 +187,19 @@ def cmd_router(args) -> None:
 
 
 def cmd_run(args) -> None:
-    from .checkpoint import latest_checkpoint, load_state
-    from .config import load_config
-    from .train import pretrain
+    from .study import run_study
 
-    out = Path(args.out or f"runs/{args.config or 'cpu'}")
-    overrides = [f"data.spec={args.data}"] if args.data else []
-    cfg = load_config(args.config, overrides)
-    ckpt = latest_checkpoint(out)
-    if ckpt is None or load_state(ckpt)["step"] < cfg.train.steps:
-        print(f"[1/2] training the {cfg.preset} preset on {cfg.data.spec} into {out}", flush=True)
-        pretrain(cfg, out, resume=ckpt is not None)
-    else:
-        print(f"[1/2] {out} is already trained ({cfg.train.steps} steps); reusing it", flush=True)
-    print("[2/2] evaluation on the validation split", flush=True)
-    ns = argparse.Namespace(run=out, pattern=None, random_big=None, router=None, data=None, max_tokens=None)
-    rows = evaluation_table(out, ns)
-    print_table(rows)
+    out = Path(args.out or f"runs/{Path(args.config).stem if args.config else 'cpu'}")
+    run_study(args.config, args.data, out, args.set or [])
     print(out)
+
+
+def cmd_report(args) -> None:
+    from .analysis.report import write_report
+
+    if not Path(args.run).is_dir():
+        raise ValueError(f"run folder {args.run} does not exist")
+    print(write_report(Path(args.run)))
 
 
 # ----------------------------------------------------------------------------- parser
@@ -277,7 +272,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     r.add_argument("--config", help="preset (default cpu) or YAML file")
     r.add_argument("--data", help="data spec (default builtin:pydoc)")
     r.add_argument("--out", help="run folder (default runs/<preset>)")
+    r.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. study.tokens=4096")
     r.set_defaults(func=cmd_run)
+
+    rp = sub.add_parser("report", help="regenerate RUN/report/ (HTML, Markdown, JSON) from the run folder alone")
+    rp.add_argument("run")
+    rp.set_defaults(func=cmd_report)
     return p
 
 
