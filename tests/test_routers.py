@@ -209,6 +209,14 @@ def test_save_load_round_trip_and_cli_plumbing(router_run):
     # resuming a finished router trains nothing more and evaluates to the same numbers
     run_router_command(router_run, **{**vars(args), "resume": True}, log=lambda *a: None)
     assert read_eval(router_run, name) == ev
+    # an oracle run after the router: --eval-only adds the comparison and changes nothing else
+    write_oracle(router_run, "late", lambda tok: "SBBS", k=2)
+    try:
+        run_router_command(router_run, **{**vars(args), "eval_only": True}, log=lambda *a: None)
+        late = read_eval(router_run, name)
+        assert late["oracle"]["name"] == "late" and {k: late[k] for k in ev} == ev
+    finally:
+        shutil.rmtree(router_run / "oracle" / "late")
 
 
 def test_router_in_generation_with_cache(router_run):

@@ -759,15 +759,43 @@ def train_router(run: Path, cfg: RouterConfig, *, resume: bool = False, log=prin
     train_loop(objective, cfg.train, train_tokens, out, device=device, resume=resume,
                desc=f"router {cfg.name}", run_config=to_dict(cfg))
     save_router(out, router, cfg)
+    write_eval(out, model, router, idx_ST, tgt_ST, cfg, oracle, log)
+    return cfg.name
+
+
+def write_eval(out: Path, model, router: Router, idx_ST, tgt_ST, cfg: RouterConfig, oracle, log=print) -> dict:
+    """Evaluate at hard routing, write ``eval.json`` atomically and log a one-line summary."""
     result = evaluate_router(model, router, idx_ST, tgt_ST, cfg, oracle)
-    atomic_write_json(out / "eval.json", result)
+    atomic_write_json(Path(out) / "eval.json", result)
     line = (f"router {cfg.name}: ppl {result['ppl']:.3f}, big {result['big_fraction']:.3f} (target {cfg.target:.3f}), "
             f"skip {result['skip_fraction']:.3f}, layers {result['layer_profile']}")
     if oracle is not None:
         o = result["oracle"]
-        line += f"; oracle@{k} {o['oracle_ppl']}, agreement {o['agreement']:.3f}"
+        line += (f"; on the oracle's {o['tokens']} tokens ppl {o['ppl']:.3f} vs oracle@{o['k']} {o['oracle_ppl']:.3f}, "
+                 f"agreement {o['agreement']:.3f}")
     log(line)
-    return cfg.name
+    return result
+
+
+def reevaluate_router(run: Path, name: str, *, oracle: str = "", log=print) -> str:
+    """Rewrite ``eval.json`` of a trained router (same tokens; the oracle found now, or ``oracle``)."""
+    from .checkpoint import load_model
+    from .data import eval_tokens
+
+    run = Path(run)
+    folder = router_dir(run, name)
+    if not (folder / "router.safetensors").is_file():
+        raise ValueError(f"no trained router {name!r} in {run / 'routers'} (train it first)")
+    router, cfg = load_router_folder(folder)
+    if oracle:
+        cfg.oracle = oracle
+    model, run_cfg = load_model(run)
+    idx_ST, tgt_ST = eval_tokens(run, run_cfg)
+    k = round(cfg.target * run_cfg.model.n_layers)
+    oracle_name = find_oracle(run, cfg.options, k, cfg.oracle)
+    table = load_oracle_table(run, oracle_name, k, idx_ST, tgt_ST, cfg.options) if oracle_name else None
+    write_eval(folder, model, router, idx_ST, tgt_ST, cfg, table, log)
+    return name
 
 
 # ----------------------------------------------------------------------------- command line
@@ -784,6 +812,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", nargs="*", metavar="KEY=VALUE",
                         help="router config overrides, e.g. alpha=5 beta_end=200 train.lr=0.01")
     parser.add_argument("--resume", action="store_true", help="continue a router's training from its last checkpoint")
+    parser.add_argument("--eval-only", dest="eval_only", action="store_true",
+                        help="re-evaluate the trained router of that name (e.g. against an oracle run since)")
 
 
 _CLI_PLUMBING = {"command", "func", "run"}
@@ -796,6 +826,7 @@ def run_router_command(run_dir: Path, **kwargs) -> str:
     log = kwargs.pop("log", print)
     sets = kwargs.pop("set", None) or []
     resume = bool(kwargs.pop("resume", False))
+    eval_only = bool(kwargs.pop("eval_only", False))
     flags = {}
     for key, cfg_key in (("target", "target"), ("method", "method"), ("options", "options"),
                          ("skip_target", "skip_target"), ("steps", "train.steps"), ("oracle", "oracle")):
@@ -811,4 +842,6 @@ def run_router_command(run_dir: Path, **kwargs) -> str:
     if not run_dir.is_dir():
         raise ValueError(f"run folder {run_dir} does not exist")
     cfg = resolve_router_config(load_run_config(run_dir), flags, sets)
+    if eval_only:
+        return reevaluate_router(run_dir, cfg.name, oracle=cfg.oracle, log=log)
     return train_router(run_dir, cfg, resume=resume, log=log)
