@@ -23,6 +23,7 @@ from duollm.routers import (
     RouterTrainer,
     add_arguments,
     beta_at,
+    calibrate_budget,
     comparison_rows,
     evaluate_router,
     load_router,
@@ -338,3 +339,16 @@ def test_router_as_the_frozen_context_reference(router_run):
     router.mode = "soft"  # the oracle refuses a soft reference rather than mixing routes silently
     with pytest.raises(ValueError, match="route hard"):
         oracle.pattern_losses(model, idx, tgt, route_PL, context="frozen", reference=router)
+
+
+def test_budget_calibration_meets_the_target(router_run):
+    model, cfg = load_model(router_run)
+    idx_ST, tgt_ST = eval_tokens(router_run, cfg)
+    router = random_router(cfg.model.n_layers, cfg.model.d_model, scale=0.5)
+    big = lambda: (per_token_loss(model, idx_ST, tgt_ST, router)["route_LST"] == BIG).float().mean().item()  # noqa: E731
+    before = big()
+    target = 0.3 if before > 0.4 else 0.7  # a target the uncalibrated router misses by at least 0.1
+    assert abs(before - target) > 0.1
+    delta, got = calibrate_budget(model, router, idx_ST, tgt_ST, target)
+    assert abs(got - target) < 0.02 and got == big() and router.offset_O[1] == delta
+    assert router.mode == "hard" and router.offset_O[0] == 0.0
