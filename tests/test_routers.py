@@ -194,7 +194,7 @@ def test_save_load_round_trip_and_cli_plumbing(router_run):
     parser = argparse.ArgumentParser()
     parser.add_argument("run")
     add_arguments(parser)
-    args = parser.parse_args([str(router_run), "--target", "0.5", "--steps", "20", "--set", *QUIET])
+    args = parser.parse_args([str(router_run), "--target", "2/4", "--steps", "20", "--set", *QUIET])
     name = run_router_command(router_run, **vars(args), log=lambda *a: None)
     ev = read_eval(router_run, name)
     router = load_router(router_run, name)
@@ -241,6 +241,9 @@ def test_router_in_generation_with_cache(router_run):
     [
         (dict(target=1.5), "target must be a fraction"),
         (dict(target=-0.1), "target must be a fraction"),
+        (dict(target="13/12"), "target must be a fraction"),
+        (dict(target="half"), "--target must be a number or a ratio"),
+        (dict(target="1/0"), "--target must be a number or a ratio"),
         (dict(target=0.5, method="distillation"), "unknown router method"),
         (dict(target=0.5, options="SX"), "router options"),
         (dict(target=0.5, options="S_"), "big must be allowed"),

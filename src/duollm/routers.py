@@ -855,12 +855,13 @@ def reevaluate_router(run: Path, name: str, *, oracle: str = "", log=print) -> s
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``duollm router RUN`` (the positional RUN is added by the caller)."""
-    parser.add_argument("--target", type=float, required=True, help="fraction of routes that go big, in [0, 1]")
+    parser.add_argument("--target", required=True, help="fraction of routes that go big, in [0, 1] (0.5 or 6/12)")
     parser.add_argument("--method", default="budget", help=f"{' | '.join(METHODS)} (default budget)")
     parser.add_argument("--options", default="SB", help="routes a layer may take: SB (default), B_ or SB_")
-    parser.add_argument("--skip-target", type=float, default=None, help="fraction of routes that skip (options SB_)")
+    parser.add_argument("--skip-target", default=None, help="fraction of routes that skip (options SB_; 0.25 or 3/12)")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default 300)")
-    parser.add_argument("--oracle", default=None, help="oracle name for imitation labels and agreement (default: newest matching)")
+    parser.add_argument("--oracle", default=None, help="oracle name for imitation labels and agreement (default: one with the router's options and "
+                        "budget, shared context first, then the newest)")
     parser.add_argument("--set", nargs="*", metavar="KEY=VALUE",
                         help="router config overrides, e.g. alpha=5 beta_end=200 train.lr=0.01")
     parser.add_argument("--resume", action="store_true", help="continue a router's training from its last checkpoint")
@@ -869,6 +870,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 _CLI_PLUMBING = {"command", "func", "run"}
+
+
+def parse_fraction(value, flag: str = "--target") -> float:
+    """``0.5``, ``"0.5"`` or ``"6/12"`` -> 0.5; ValueError naming the flag otherwise."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    text = str(value).strip()
+    try:
+        if "/" in text:
+            num, den = text.split("/")
+            return float(num) / float(den)
+        return float(text)
+    except (ValueError, ZeroDivisionError):
+        raise ValueError(f"{flag} must be a number or a ratio like 6/12; got {value!r}") from None
 
 
 def run_router_command(run_dir: Path, **kwargs) -> str:
@@ -885,6 +900,9 @@ def run_router_command(run_dir: Path, **kwargs) -> str:
         value = kwargs.pop(key, None)
         if value is not None:
             flags[cfg_key] = value
+    for key in ("target", "skip_target"):
+        if key in flags:
+            flags[key] = parse_fraction(flags[key], "--" + key.replace("_", "-"))
     unknown = set(kwargs) - _CLI_PLUMBING
     if unknown:
         raise TypeError(f"run_router_command got unexpected arguments {sorted(unknown)}")
