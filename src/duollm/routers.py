@@ -28,6 +28,11 @@ exactly the states a perfect imitator meets at inference (each token follows its
 pattern; a token's state at layer l depends only on the routes of layers < l), so a
 router that fits its labels reproduces the oracle's routes when run on its own.
 
+Imitation has no budget term, and the oracle's labels are minority-big at most layers when
+k < L/2, so its argmax alone misses the budget; one offset on the big logit, found by
+bisection on training-split tokens (``calibrate_budget``, on by default for imitation),
+brings the realised big fraction to the target.
+
 The oracle's per-token table covers the evaluation tokens only, so imitation trains on
 part of them: every ``holdout_every``-th sequence of the table is held out, and every
 router's ``eval.json`` carries a ``heldout`` section (router, oracle@k and fixed@k on
