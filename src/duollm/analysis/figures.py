@@ -355,6 +355,7 @@ def fig_skip_vs_early_exit(rd: RunData) -> Figure | None:
     share = np.array(b.get("oracle_skip_share_by_layer") or [np.nan] * L)
     ax_l.bar(layers, share, color=COLORS["oracle"], label="oracle")
     ax_l.stairs([1.0 if c == "_" else 0.0 for c in ee], np.arange(0.5, L + 1), color="black", lw=1.5, label="early exit")
+    ax_l.set_xticks(range(1, L + 1, max(1, L // 12)))
     ax_l.set_xlabel("layer")
     ax_l.set_ylabel("share of tokens skipping")
     ax_l.set_title(f"Which layers are skipped ({s} of {L})")
