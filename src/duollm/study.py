@@ -328,7 +328,7 @@ class Study:
             if not (folder / "eval.json").is_file():
                 run_router_command(self.out, target=target, method=method, steps=self.cfg.study.router_steps,
                                    oracle=self.oracle_name(self.primary_context), log=self.log,
-                                   resume=latest_checkpoint(folder) is not None)
+                                   resume=latest_checkpoint(folder) is not None, set=self.router_sets())
             if eval_tokens_of(folder / "eval.json") != self.tokens():
                 self.evaluate_router_on_study_tokens(name, k)
             elif study_eval.is_file():
@@ -338,6 +338,16 @@ class Study:
                        "oracle": self.oracle_name(self.primary_context)}
         return Stage(f"router-{name}", f"router {method} at k={k} of {self.L} (target {target:.2f})", cost, "router", key,
                      complete, run)
+
+    def router_sets(self) -> list[str]:
+        """Router config overrides: budget calibration (where the router module has it) measures on as
+        many training tokens as the study evaluates, which keeps its cost at the study's scale."""
+        from dataclasses import fields
+
+        from .routers import RouterConfig
+
+        have = {f.name for f in fields(RouterConfig)}
+        return [f"calibration_tokens={self.requested_tokens()}"] if "calibration_tokens" in have else []
 
     def evaluate_router_on_study_tokens(self, name: str, k: int) -> None:
         """The router's evaluation (routers.evaluate_router) on the oracle's tokens."""
