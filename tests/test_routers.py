@@ -245,7 +245,7 @@ def test_router_in_generation_with_cache(router_run):
         (dict(target="half"), "--target must be a number or a ratio"),
         (dict(target="1/0"), "--target must be a number or a ratio"),
         (dict(target=0.5, method="distillation"), "unknown router method"),
-        (dict(target=0.5, options="SX"), "router options"),
+        (dict(target=0.5, options="SX"), "not a subset of SB_"),
         (dict(target=0.5, options="S_"), "big must be allowed"),
         (dict(target=0.5, skip_target=0.2), "needs skip among the options"),
         (dict(target=0.8, options="SB_", skip_target=0.5), "exceed 1"),

@@ -213,6 +213,21 @@ def _parse_override(item: str) -> tuple[list[str], object]:
     return key.strip().split("."), value
 
 
+def apply_overrides(data: dict, overrides, what: str = "config") -> None:
+    """Apply ``key.sub=value`` strings to a nested dict in place; unknown keys are errors."""
+    for item in overrides:
+        keys, value = _parse_override(item)
+        node = data
+        for i, k in enumerate(keys[:-1]):
+            if not isinstance(node.get(k), dict):
+                raise ValueError(f"unknown {what} key {'.'.join(keys[: i + 1])}")
+            node = node[k]
+        if keys[-1] not in node or isinstance(node[keys[-1]], dict):
+            known = ", ".join(k for k in node if not isinstance(node[k], dict))
+            raise ValueError(f"unknown {what} key {'.'.join(keys)} (known here: {known})")
+        node[keys[-1]] = value
+
+
 def load_config(config: str | None = None, overrides: list[str] | tuple = ()) -> RunConfig:
     """Preset name or YAML file, then ``key=value`` overrides; strict about keys and types."""
     config = config or "cpu"
@@ -234,16 +249,7 @@ def load_config(config: str | None = None, overrides: list[str] | tuple = ()) ->
         data = _merge(_merge(to_dict(RunConfig()), {"preset": preset, **PRESETS[preset]}), loaded)
     else:
         raise ValueError(f"unknown preset {config!r} (known: {', '.join(PRESETS)}; or a .yaml file)")
-    for item in overrides:
-        keys, value = _parse_override(item)
-        node = data
-        for i, k in enumerate(keys[:-1]):
-            if not isinstance(node.get(k), dict):
-                raise ValueError(f"unknown config key {'.'.join(keys[: i + 1])}")
-            node = node[k]
-        if keys[-1] not in node or isinstance(node[keys[-1]], dict):
-            raise ValueError(f"unknown config key {'.'.join(keys)}")
-        node[keys[-1]] = value
+    apply_overrides(data, overrides)
     cfg = from_dict(RunConfig, data)
     validate(cfg)
     return cfg

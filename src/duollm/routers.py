@@ -63,13 +63,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 import yaml
 
-from .config import RunConfig, TrainConfig, _parse_override, from_dict, to_dict
+from .config import RunConfig, TrainConfig, apply_overrides, from_dict, to_dict
 from .io import atomic_path, atomic_write_json, atomic_write_text
-from .routing import BIG, ROUTE_OF_LETTER, SKIP, parse_pattern
+from .routing import BIG, ROUTE_OF_LETTER, SKIP, parse_options, parse_pattern
 
 METHODS = ("budget", "imitation", "straight-through")
 MODES = ("hard", "soft", "straight-through")
-OPTION_ORDER = "SB_"  # how option sets are written (DESIGN 3: SB, B_, SB_)
 
 
 # ----------------------------------------------------------------------------- config
@@ -133,12 +132,7 @@ class RouterConfig:
 
 
 def canonical_options(options: str) -> str:
-    if not isinstance(options, str) or not options:
-        raise ValueError(f"router options must be a string over B, S, _ (e.g. SB or SB_); got {options!r}")
-    bad = sorted(set(options) - set(OPTION_ORDER))
-    if bad:
-        raise ValueError(f"router options {options!r} have letter(s) {''.join(bad)!r}; use B, S, _")
-    canon = "".join(c for c in OPTION_ORDER if c in options)
+    canon = parse_options(options)
     if canon not in ("SB", "B_", "SB_"):
         raise ValueError(f"router options must be SB, B_ or SB_ (big must be allowed); got {options!r}")
     return canon
@@ -212,16 +206,7 @@ def resolve_router_config(run_cfg: RunConfig, overrides: dict | None = None, set
         _set(data, k, v)
     for k, v in METHOD_DEFAULTS.get(data["method"], {}).items():
         _set(data, k, v)
-    for item in sets or ():
-        keys, value = _parse_override(item)
-        node = data
-        for i, part in enumerate(keys[:-1]):
-            if not isinstance(node.get(part), dict):
-                raise ValueError(f"unknown router config key {'.'.join(keys[: i + 1])}")
-            node = node[part]
-        if keys[-1] not in node or isinstance(node[keys[-1]], dict):
-            raise ValueError(f"unknown router config key {'.'.join(keys)} (known: {', '.join(_default_dict(run_cfg))})")
-        node[keys[-1]] = value
+    apply_overrides(data, sets or (), what="router config")
     cfg = from_dict(RouterConfig, data)
     if cfg.train.seq_len > run_cfg.model.max_seq_len:
         raise ValueError(f"router train.seq_len={cfg.train.seq_len} exceeds model.max_seq_len={run_cfg.model.max_seq_len}")
