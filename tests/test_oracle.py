@@ -50,14 +50,6 @@ def tokens(S=4, T=12, vocab=512, seed=1):
     return torch.randint(0, vocab, (S, T), generator=g), torch.randint(0, vocab, (S, T), generator=g)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread avoids thread wake-up costs (10x on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def model():

@@ -7,7 +7,6 @@ import shutil
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from duollm.analysis.difficulty import rankdata, spearman
 from duollm.analysis.figures import fig_ppl_vs_budget, png_bytes
@@ -25,13 +24,6 @@ from duollm.analysis.report import write_report
 from duollm.analysis.rundata import Oracle, RunData, early_exit_pattern, reference_budgets
 from duollm.oracle.command import run_oracle_command
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ----------------------------------------------------------------------------- rank statistics

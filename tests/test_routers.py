@@ -37,14 +37,6 @@ from duollm.train import train_loop
 QUIET = ["train.eval_every=1000", "train.save_every=1000", "train.log_every=1000", "train.batch_size=8"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny model is faster on one thread, and the CI machine's two cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="session")
 def router_run(tmp_path_factory):

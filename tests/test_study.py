@@ -7,7 +7,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 import duollm.oracle.command
 import duollm.oracle.runner
@@ -18,14 +17,6 @@ from duollm.study import Study, resolve_config, router_budgets, run_study
 
 QUIET = lambda *a, **k: None  # noqa: E731
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny model is faster on one thread, and the CI machine's two cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class Calls:
