@@ -118,6 +118,19 @@ def test_tree_equals_naive_with_grouped_kv_and_block_skip():
             torch.testing.assert_close(tree_PST[p], naive_ST, atol=ATOL, rtol=0)
 
 
+def test_tree_equals_naive_on_a_gpt2_style_model():
+    """Converted GPT-2 models: LayerNorm, learned positions, GELU MLPs with biases."""
+    m = tiny_model(seed=4, norm="layer", pos="learned", mlp="gelu_tanh", bias=True)
+    idx, tgt = tokens(S=2, T=8)
+    route_PL = routes_of(["SBSB", "BBBB", "SSSS", "BSSB"])
+    for context, reference in (("shared", None), ("frozen", "SBBS")):
+        tree_PST = pattern_losses(m, idx, tgt, route_PL, context=context, reference=reference)
+        for p, naive_ST in naive_losses(m, idx, tgt, route_PL, context=context, reference=reference):
+            torch.testing.assert_close(tree_PST[p], naive_ST, atol=ATOL, rtol=0)
+    own_ST = m(idx, tgt, routes="SBSB").loss_BT
+    torch.testing.assert_close(pattern_losses(m, idx, tgt, route_PL[:1])[0], own_ST, atol=ATOL, rtol=0)
+
+
 def test_frozen_singleton_equals_own_forward(model, toks, tmp_path):
     """Frozen, candidate set {P}, reference P: exactly the model's forward under P (== duollm eval --pattern P)."""
     from duollm.evaluate import per_token_loss

@@ -28,18 +28,11 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..model import DuoModel
+from ..model import DuoModel, apply_rope
 from ..routing import SKIP, parse_pattern
 from . import kernels as K
 
 CONTEXTS = ("shared", "frozen")
-
-
-def _rope(x_XTE: torch.Tensor, cos_TE: torch.Tensor, sin_TE: torch.Tensor) -> torch.Tensor:
-    """RoPE with the model's formula (model.apply_rope), broadcast over any leading dims."""
-    half = x_XTE.shape[-1] // 2
-    rot = torch.cat((-x_XTE[..., half:], x_XTE[..., :half]), dim=-1)
-    return (x_XTE * cos_TE + rot * sin_TE).type_as(x_XTE)
 
 
 class SharedContext:
@@ -140,8 +133,10 @@ def frozen_attn_residual(block, h_BTMD, k_BKSE, v_BKSE, cos_TE, sin_TE, strict_T
     H, K, E = attn.n_heads, attn.n_kv_heads, attn.head_dim
     x_BTMD = block.attn_norm(h_BTMD)
     cos_T11E, sin_T11E = cos_TE[:, None, None, :], sin_TE[:, None, None, :]
-    q_BTMHE = _rope(attn.q_proj(x_BTMD).view(B, T, M, H, E), cos_T11E, sin_T11E)
-    k_BTMKE = _rope(attn.k_proj(x_BTMD).view(B, T, M, K, E), cos_T11E, sin_T11E)
+    q_BTMHE = attn.q_proj(x_BTMD).view(B, T, M, H, E)
+    k_BTMKE = attn.k_proj(x_BTMD).view(B, T, M, K, E)
+    if attn.rope:  # learned absolute positions (GPT-2) are already in the input embedding
+        q_BTMHE, k_BTMKE = apply_rope(q_BTMHE, cos_T11E, sin_T11E), apply_rope(k_BTMKE, cos_T11E, sin_T11E)
     v_BTMKE = attn.v_proj(x_BTMD).view(B, T, M, K, E)
     if K != H:  # grouped KV heads: query head h reads KV head h // (H / K), as SDPA's enable_gqa
         k_BTMHE = k_BTMKE.repeat_interleave(H // K, dim=3)
@@ -191,7 +186,7 @@ class Head:
         norm, w_VD = self.model.norm, self.model.lm_head.weight
         out_N = torch.empty(h_ND.shape[0], dtype=torch.float32, device=h_ND.device)
         for a in range(0, h_ND.shape[0], self.rows):
-            args = (h_ND[a : a + self.rows], norm.weight, w_VD, tgt_N[a : a + self.rows], norm.eps)
+            args = (h_ND[a : a + self.rows], norm, w_VD, tgt_N[a : a + self.rows])
             out_N[a : a + self.rows] = self.kernels(K.head_block, *args)
         return out_N.view(shape)
 

@@ -38,11 +38,10 @@ def ffn_residual(module, mid_XD, x_XD):
     return mid_XD + module(x_XD)
 
 
-def head_block(h_nD, norm_w_D, head_w_VD, tgt_n, eps: float):
-    """Final RMSNorm (the model's formula), LM head, cross-entropy in float32 — one block of rows."""
-    x_nD = h_nD.float()
-    x_nD = (x_nD * torch.rsqrt(x_nD.pow(2).mean(-1, keepdim=True) + eps)).type_as(h_nD) * norm_w_D
-    logits_nV = F.linear(x_nD, head_w_VD).float()
+def head_block(h_nD, norm, head_w_VD, tgt_n):
+    """Final norm (the model's own module: RMSNorm, or LayerNorm for converted GPT-2), LM head,
+    cross-entropy in float32 — one block of rows."""
+    logits_nV = F.linear(norm(h_nD), head_w_VD).float()
     return torch.logsumexp(logits_nV, -1) - logits_nV.gather(1, tgt_n[:, None]).squeeze(1)
 
 
