@@ -132,7 +132,7 @@ def compute_chunk(model: DuoModel, plan: Plan, idx_BT, tgt_BT, *, batch_tokens: 
     beam = None
     if spec.search == "beam":
         c_max = max_children(spec.space, spec.beam_width)
-        group = max(1, (4 * batch_tokens) // (T * c_max))
+        group = max(1, (4 * batch_tokens) // (T * c_max))  # memory; shared beams then split per sequence
         losses, codes = [], []
         for a in range(0, B, group):
             idx_bT, tgt_bT = idx_BT[a : a + group], tgt_BT[a : a + group]
@@ -312,7 +312,8 @@ def _write_outputs(out_dir: Path, plan: Plan, merged: dict, idx_ST, tgt_ST, mode
             f"context={spec.context}: "
             + ("each candidate pattern routes every token of the sequence; each token keeps its best"
                if spec.context == "shared" else
-               "context tokens keep the reference routing; only the scored token's own routes vary"),
+               "context tokens keep the reference routing; only the scored token's own routes vary "
+               "(all-big/all-small baselines too: the scored token's routes, the context at the reference)"),
             "compute is FLOPs per token relative to all-big (routing.FlopModel)",
             "random_mean_ppl = exp(mean over candidates of the per-pattern mean loss)",
             "best_of_100: seeded uniform draw of up to 100 candidates per budget; _ppl = best single pattern, "

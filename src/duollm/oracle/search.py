@@ -12,9 +12,12 @@
   so it ranks prefixes by what their own routes did. A cheaper logit-lens score (the LM head on
   the intermediate state) is unreliable for models not trained to exit early.
 - Unit of selection: ``frozen`` — every token keeps its own beam (its route does not change
-  anyone else's state). ``shared`` — a prefix routes the whole sequence, so beams are per
-  sequence: each token votes for its ``width`` best prefixes in a cell, and the sequence keeps
-  the ``width`` prefixes with most votes (ties: lower mean score).
+  anyone else's state). ``shared`` — a prefix routes the whole sequence, so the sequence keeps
+  the union of its tokens' ``width`` best prefixes in a cell, most-voted first, at most
+  ``UNION_CAP * width`` of them. (A first version kept only the ``width`` most-voted prefixes per
+  sequence; on the trained cpu preset its greedy oracle at k = 6 was 69.8 ppl against 51.7
+  exhaustive and 54.5 for the per-token best of 100 random patterns: tokens of one sequence
+  want different patterns, and the per-token oracle needs that diversity.)
 - At the last layer the children are complete patterns and their loss is exact; every token
   takes, per budget, the best pattern its beam reached. Greedy is width 1.
 
@@ -33,6 +36,9 @@ from ..model import DuoModel
 from ..routing import BIG, SKIP, SMALL, CandidateSpace, _LETTER_ROUTE
 from . import kernels as K
 from .context import Head
+
+
+UNION_CAP = 16  # shared context: at most 16 x width prefixes per cell and sequence
 
 
 def _cells(space: CandidateSpace, bigs: int, skips: int) -> tuple[int, int]:
@@ -75,7 +81,14 @@ class BeamSearch:
     # -- the search -----------------------------------------------------------------------
     @torch.no_grad()
     def run(self, h0_BTD: torch.Tensor, tgt_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per budget and token: best loss found and its pattern code, ``(loss_JN, code_JN)``."""
+        """Per budget and token (row-major over [B, T]): best loss found and its pattern code,
+        ``(loss_JN, code_JN)``."""
+        if self.unit == "sequence" and h0_BTD.shape[0] > 1:  # each sequence keeps its own prefixes
+            parts = [self._run(h0_BTD[b : b + 1], tgt_BT[b : b + 1]) for b in range(h0_BTD.shape[0])]
+            return torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)
+        return self._run(h0_BTD, tgt_BT)
+
+    def _run(self, h0_BTD: torch.Tensor, tgt_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         model, space = self.model, self.space
         L = model.cfg.n_layers
         B, T, D = h0_BTD.shape
@@ -131,14 +144,15 @@ class BeamSearch:
             W = min(self.width, len(cidx))
             s_BTc = score_BTC[:, :, cidx]
             top_BTW = s_BTc.topk(W, dim=-1, largest=False, sorted=True).indices
-            if self.unit == "sequence":  # one set of prefixes per sequence: tokens vote
-                votes_Bc = torch.zeros(B, len(cidx), device=device).scatter_add_(
-                    1, top_BTW.reshape(B, -1), torch.ones(B, T * W, device=device)
+            if self.unit == "sequence":  # one set of prefixes per sequence: the union of its tokens' choices
+                assert B == 1, "shared-context beams run one sequence at a time (their slot counts differ)"
+                votes_c = torch.zeros(len(cidx), device=device).scatter_add_(
+                    0, top_BTW.reshape(-1), torch.ones(T * W, device=device)
                 )
-                by_mean_Bc = s_BTc.double().mean(1).argsort(dim=1, stable=True)
-                by_votes_Bc = (-votes_Bc.gather(1, by_mean_Bc)).argsort(dim=1, stable=True)
-                top_BW = by_mean_Bc.gather(1, by_votes_Bc)[:, :W]
-                top_BTW = top_BW[:, None, :].expand(B, T, W)
+                by_mean_c = s_BTc[0].double().mean(0).argsort(stable=True)
+                order_c = by_mean_c[(-votes_c[by_mean_c]).argsort(stable=True)]  # most votes, then lower mean
+                W = min(int((votes_c > 0).sum()), UNION_CAP * self.width)
+                top_BTW = order_c[:W].view(1, 1, W).expand(1, T, W)
             sel_BTW = cidx[top_BTW]
             new_h.append(h_BTCD.gather(2, sel_BTW[..., None].expand(B, T, W, D)))
             new_code.append(code_BTC.gather(2, sel_BTW))
