@@ -12,7 +12,9 @@ The ideal is ``dense time x FLOP share of the mix``, with the share from ``routi
 Targets at the 1/3 skip, 1/3 small, 1/3 big mix: routed/ideal <= 1.3, masked/routed >= 1.5.
 
 Timing: every variant is warmed up, then the variants run in interleaved rounds (so a load
-spike on a shared machine hits them all alike) and each keeps its median over the rounds.
+spike on a shared machine hits them all alike), in a fresh random order each round and each
+timed right after an untimed call of itself (so none always meets caches another left cold);
+each keeps its median over the rounds.
 Threads: torch's default.
 
     python benchmarks/bench_ffn.py                 # both widths, forward and forward+backward
@@ -25,16 +27,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import statistics
 import sys
-import time
 
 import torch
 
 from duollm.config import load_config
 from duollm.model import DuoFFN
 from duollm.routing import BIG, FlopModel, RouteProbs, sample_routes
+
+from common import report_machine, time_interleaved  # benchmarks/common.py
 
 MIXES = {  # name -> route probabilities (skip, small, big)
     "all-big": RouteProbs(skip=0.0, small=0.0, big=1.0),
@@ -44,38 +46,6 @@ MIXES = {  # name -> route probabilities (skip, small, big)
 TARGET_MIX = "1/3 _SB"
 TARGET_ROUTED_OVER_IDEAL = 1.3  # at most
 TARGET_MASKED_OVER_ROUTED = 1.5  # at least
-
-
-def warn_if_busy(device: torch.device):
-    """Other processes on the CPU distort multi-threaded timings far beyond their share: every
-    parallel op waits for its slowest thread, so a descheduled thread costs a whole time slice
-    per op and the timings end up counting ops rather than FLOPs."""
-    load, cores = os.getloadavg()[0], os.cpu_count() or 1
-    if device.type == "cpu" and load > 0.5 * cores and torch.get_num_threads() > 1:
-        print(f"WARNING: load average {load:.1f} on {cores} cores: other work is running, and multi-threaded"
-              " timings on a busy CPU mostly count ops; rerun when the machine is quiet (or compare with"
-              " --threads 1)")
-
-
-def sync(device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_interleaved(fns: dict, rounds: int, warmup: int, device: torch.device) -> dict[str, list[float]]:
-    """Seconds of each callable in every round; the rounds interleave the callables, after a warm-up."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    sync(device)
-    times = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            sync(device)
-            times[name].append(time.perf_counter() - t0)
-    return times
 
 
 def widths(args) -> list[tuple[str, object, int, int]]:
@@ -161,13 +131,11 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 
-    print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
-          f"load average before {os.getloadavg()[0]:.2f}")
-    warn_if_busy(device)
+    print(report_machine(device))
     rows = []
     for label, cfg, B, T in widths(args):
         rows += bench_width(label, cfg, B, T, args, device)
-    print(f"load average after {os.getloadavg()[0]:.2f} (this run included)\n")
+    print()
 
     head = (f"{'width':<6}{'D/Fbig/Fsmall':>16}{'tokens':>8}  {'mode':<8}{'mix':<9}{'share':>7}"
             f"{'dense ms':>10}{'ideal ms':>10}{'routed ms':>11}{'masked ms':>11}{'routed/ideal':>14}{'masked/routed':>15}{'best-round r/i, m/r':>21}")

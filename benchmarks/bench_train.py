@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import statistics
 import sys
 import time
@@ -33,23 +32,9 @@ from duollm.config import load_config
 from duollm.model import DuoModel
 from duollm.routing import FlopModel, RouteProbs, sample_routes
 
+from common import report_machine, sync  # benchmarks/common.py
+
 TARGET = 0.8  # measured speed-up / predicted speed-up, at least
-
-
-def warn_if_busy(device: torch.device):
-    """Other processes on the CPU distort multi-threaded timings far beyond their share: every
-    parallel op waits for its slowest thread, so a descheduled thread costs a whole time slice
-    per op and the timings end up counting ops rather than FLOPs."""
-    load, cores = os.getloadavg()[0], os.cpu_count() or 1
-    if device.type == "cpu" and load > 0.5 * cores and torch.get_num_threads() > 1:
-        print(f"WARNING: load average {load:.1f} on {cores} cores: other work is running, and multi-threaded"
-              " timings on a busy CPU mostly count ops; rerun when the machine is quiet (or compare with"
-              " --threads 1)")
-
-
-def sync(device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def main(argv=None) -> int:
@@ -91,9 +76,7 @@ def main(argv=None) -> int:
         opts[name].step()
         opts[name].zero_grad(set_to_none=True)
 
-    print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
-          f"load average before {os.getloadavg()[0]:.2f}")
-    warn_if_busy(device)
+    print(report_machine(device))
     for _ in range(args.warmup):
         for name in models:
             step(name)
@@ -105,7 +88,7 @@ def main(argv=None) -> int:
             step(name)
             sync(device)
             times[name].append(time.perf_counter() - t0)
-    print(f"load average after {os.getloadavg()[0]:.2f} (this run included)\n")
+    print()
 
     tok_s = {name: B * T / statistics.median(ts) for name, ts in times.items()}
     random_flops = statistics.mean(drawn_flops)
