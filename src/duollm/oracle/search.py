@@ -11,13 +11,16 @@
   if the rest of the network runs at full strength", identically for every prefix in a cell,
   so it ranks prefixes by what their own routes did. A cheaper logit-lens score (the LM head on
   the intermediate state) is unreliable for models not trained to exit early.
-- Unit of selection: ``frozen`` — every token keeps its own beam (its route does not change
-  anyone else's state). ``shared`` — a prefix routes the whole sequence, so the sequence keeps
-  the union of its tokens' ``width`` best prefixes in a cell, most-voted first, at most
-  ``UNION_CAP * width`` of them. (A first version kept only the ``width`` most-voted prefixes per
-  sequence; on the trained cpu preset its greedy oracle at k = 6 was 69.8 ppl against 51.7
-  exhaustive and 54.5 for the per-token best of 100 random patterns: tokens of one sequence
-  want different patterns, and the per-token oracle needs that diversity.)
+- Unit of selection: ``frozen`` — every token keeps its own ``width`` best prefixes per cell
+  (its route does not change anyone else's state). ``shared`` — a prefix routes the whole
+  sequence, so a sequence keeps up to ``SEQ_FACTOR * width`` prefixes per cell: the union of its
+  tokens' ``width`` best, most-voted first. (A first version kept only the ``width``
+  most-voted prefixes per sequence; on the trained cpu preset its greedy oracle at k = 6 was
+  69.8 ppl against 51.7 exhaustive and 54.5 for the per-token best of 100 random patterns:
+  tokens of one sequence want different patterns, and the per-token oracle needs that
+  diversity. An uncapped union cost more than the exhaustive walk at L = 12.)
+- Only cells with more children than they keep are scored; early depths, whose completions are
+  the longest, usually keep every child unscored.
 - At the last layer the children are complete patterns and their loss is exact; every token
   takes, per budget, the best pattern its beam reached. Greedy is width 1.
 
@@ -38,7 +41,7 @@ from . import kernels as K
 from .context import Head
 
 
-UNION_CAP = 16  # shared context: at most 16 x width prefixes per cell and sequence
+SEQ_FACTOR = 4  # shared context: a sequence keeps up to 4 x width prefixes per cell
 
 
 def _cells(space: CandidateSpace, bigs: int, skips: int) -> tuple[int, int]:
@@ -131,9 +134,22 @@ class BeamSearch:
             if depth == L - 1:
                 loss_BTC = self.head(h_BTCD, tgt_BT[:, :, None].expand(*code_BTC.shape))
                 return self._final(loss_BTC, code_BTC, child_counts)
-            score_BTC = self._complete(h_BTCD, depth + 1, tgt_BT)
+            # score (complete to the end) only the children of cells that must be pruned: cells
+            # small enough to keep whole need no ranking — the early, most expensive depths
+            crowded = {c for c in set(child_counts) if child_counts.count(c) > self.cap}
+            need = [i for i, c in enumerate(child_counts) if c in crowded]
+            score_BTC = None
+            if need:
+                score_BTC = torch.full(code_BTC.shape, float("inf"), device=h0_BTD.device)
+                need_t = torch.tensor(need, device=h0_BTD.device)
+                score_BTC[:, :, need_t] = self._complete(h_BTCD[:, :, need_t], depth + 1, tgt_BT)
             h_BTMD, code_BTM, slots = self._select(h_BTCD, code_BTC, score_BTC, child_counts)
         raise AssertionError("unreachable")
+
+    @property
+    def cap(self) -> int:
+        """Prefixes a cell keeps: per token (frozen) ``width``; per sequence (shared) SEQ_FACTOR x width."""
+        return self.width if self.unit == "token" else SEQ_FACTOR * self.width
 
     def _select(self, h_BTCD, code_BTC, score_BTC, child_cells):
         B, T, C, D = h_BTCD.shape
@@ -141,17 +157,22 @@ class BeamSearch:
         new_h, new_code, new_slots = [], [], []
         for cell in sorted(set(child_cells)):
             cidx = torch.tensor([i for i, c in enumerate(child_cells) if c == cell], device=device)
-            W = min(self.width, len(cidx))
-            s_BTc = score_BTC[:, :, cidx]
-            top_BTW = s_BTc.topk(W, dim=-1, largest=False, sorted=True).indices
-            if self.unit == "sequence":  # one set of prefixes per sequence: the union of its tokens' choices
+            if len(cidx) <= self.cap:  # nothing to prune
+                W = len(cidx)
+                top_BTW = torch.arange(W, device=device).view(1, 1, W).expand(B, T, W)
+            elif self.unit == "token":  # each token keeps its own best prefixes
+                W = self.width
+                top_BTW = score_BTC[:, :, cidx].topk(W, dim=-1, largest=False, sorted=True).indices
+            else:  # one set per sequence: the union of its tokens' best, most-voted first, capped
                 assert B == 1, "shared-context beams run one sequence at a time (their slot counts differ)"
+                s_Tc = score_BTC[0][:, cidx]
+                tok_top_TW = s_Tc.topk(self.width, dim=-1, largest=False).indices
                 votes_c = torch.zeros(len(cidx), device=device).scatter_add_(
-                    0, top_BTW.reshape(-1), torch.ones(T * W, device=device)
+                    0, tok_top_TW.reshape(-1), torch.ones(tok_top_TW.numel(), device=device)
                 )
-                by_mean_c = s_BTc[0].double().mean(0).argsort(stable=True)
+                by_mean_c = s_Tc.double().mean(0).argsort(stable=True)
                 order_c = by_mean_c[(-votes_c[by_mean_c]).argsort(stable=True)]  # most votes, then lower mean
-                W = min(int((votes_c > 0).sum()), UNION_CAP * self.width)
+                W = min(int((votes_c > 0).sum()), self.cap)
                 top_BTW = order_c[:W].view(1, 1, W).expand(1, T, W)
             sel_BTW = cidx[top_BTW]
             new_h.append(h_BTCD.gather(2, sel_BTW[..., None].expand(B, T, W, D)))
