@@ -265,6 +265,9 @@ def test_beam_at_full_width_equals_exhaustive_and_greedy_is_bounded(model, toks,
     # the random baselines use the same seeded draw whatever the search
     for e, b in zip(ex["budgets"], beam["budgets"]):
         assert e["best_of_100_pattern"] == b["best_of_100_pattern"]
+    # a search's oracle takes per token the better of the search and the random draw
+    for g in greedy["budgets"]:
+        assert g["oracle_ppl"] <= min(g["search_only_ppl"], g["best_of_100_per_token_ppl"]) * (1 + 1e-6)
 
 
 # ----------------------------------------------------------------------------- resume and sharding

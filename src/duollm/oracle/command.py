@@ -140,6 +140,8 @@ def beam_gap(run_dir: Path, spec: OracleSpec, out_dir: Path) -> None:
         entry["exhaustive_oracle_ppl"] = e["oracle_ppl"]
         entry["gap_ppl"] = entry["oracle_ppl"] - e["oracle_ppl"]
         entry["gap_mean_loss"] = float(gap_N.mean())
+        if "search_only_ppl" in entry:
+            entry["search_only_gap_ppl"] = entry["search_only_ppl"] - e["oracle_ppl"]
         entry["share_tokens_at_optimum"] = float((gap_N <= 1e-5).mean())
         if e.get("fixed_ppl") is not None:
             entry["fixed_ppl"], entry["fixed_pattern"] = e["fixed_ppl"], e["fixed_pattern"]

@@ -35,6 +35,7 @@ class ChunkReducer:
         self.best_GN = torch.full((G, N), inf, device=device)
         self.arg_GN = torch.full((G, N), -1, dtype=torch.long, device=device)
         self.sub_JN = torch.full((J, N), inf, device=device)
+        self.sub_arg_JN = torch.full((J, N), -1, dtype=torch.long, device=device)
         self.sum_P = torch.zeros(P, dtype=torch.float64, device=device)
         self.seen_P = np.zeros(P, dtype=bool)
         self.base = {}
@@ -54,7 +55,9 @@ class ChunkReducer:
                 self.best_GN[g] = torch.where(better_N, loss_N, self.best_GN[g])
                 self.arg_GN[g] = torch.where(better_N, p, self.arg_GN[g])
             for j in self.samples_of[p]:
-                torch.minimum(self.sub_JN[j], loss_N, out=self.sub_JN[j])
+                better_N = loss_N < self.sub_JN[j]
+                self.sub_JN[j] = torch.where(better_N, loss_N, self.sub_JN[j])
+                self.sub_arg_JN[j] = torch.where(better_N, p, self.sub_arg_JN[j])
             if p == self.plan.all_big:
                 self.base["all_big"] = loss_N.clone()
             if p == self.plan.all_small:
@@ -63,13 +66,23 @@ class ChunkReducer:
             self.matrix_cb(p_R, loss_RN)
 
     def result(self, beam: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, np.ndarray]:
-        """Per-budget arrays of this chunk (numpy, CPU). ``beam``: (loss_JN, code_JN) from the search."""
+        """Per-budget arrays of this chunk (numpy, CPU). ``beam``: (loss_JN, code_JN) from the search.
+
+        With a search, a token's oracle is the best pattern of its budget that anything evaluated
+        for it: the search or the random draw (both are candidates; taking the better is free).
+        ``search_loss_JN`` keeps the search's own result, to report its gap on its own.
+        """
         plan = self.plan
         assert self.seen_P.all(), "every planned pattern must reach a leaf"
+        code_P = torch.as_tensor(plan.code_P, device=self.best_GN.device)
+        extra = {}
         if beam is not None:
-            best_JN, code_JN = beam
+            search_JN, search_code_JN = beam
+            draw_better_JN = self.sub_JN < search_JN
+            best_JN = torch.where(draw_better_JN, self.sub_JN, search_JN)
+            code_JN = torch.where(draw_better_JN, code_P[self.sub_arg_JN.clamp(min=0)], search_code_JN)
+            extra["search_loss_JN"] = search_JN.float().cpu().numpy()
         else:
-            code_P = torch.as_tensor(plan.code_P, device=self.best_GN.device)
             bigs_G = plan.group_bigs
             rows_loss, rows_code = [], []
             for k in plan.budgets:
@@ -83,6 +96,7 @@ class ChunkReducer:
                 rows_code.append(code_P[arg_N])
             best_JN, code_JN = torch.stack(rows_loss), torch.stack(rows_code)
         return {
+            **extra,
             "best_loss_JN": best_JN.float().cpu().numpy(),
             "best_code_JN": code_JN.long().cpu().numpy(),
             "sub_loss_JN": self.sub_JN.cpu().numpy(),
@@ -96,8 +110,9 @@ def merge_chunks(results: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """Concatenate per-token arrays in chunk order; sum per-pattern losses in chunk order
     (a fixed order, so a sharded or resumed run gives the same bits as one uninterrupted pass)."""
     out = {}
-    for key in ("best_loss_JN", "best_code_JN", "sub_loss_JN"):
-        out[key] = np.concatenate([r[key] for r in results], axis=1)
+    for key in ("best_loss_JN", "best_code_JN", "sub_loss_JN", "search_loss_JN"):
+        if key in results[0]:
+            out[key] = np.concatenate([r[key] for r in results], axis=1)
     for key in ("all_big_N", "all_small_N"):
         out[key] = np.concatenate([r[key] for r in results])
     sum_P = np.zeros_like(results[0]["sum_P"])
@@ -215,6 +230,8 @@ def finalize(plan: Plan, merged: dict, position_N: np.ndarray, T: int, flop_mode
             "best_of_100_ppl": _ppl(float(mean_P[best_sample])),
             "best_of_100_pattern": str(strings_P[best_sample]),
             "best_of_100_per_token_ppl": _ppl(float(merged["sub_loss_JN"][j].astype(np.float64).mean())),
+            **({"search_only_ppl": _ppl(float(merged["search_loss_JN"][j].astype(np.float64).mean()))}
+               if "search_loss_JN" in merged else {}),
             "best_of_100_n": int(len(sample)),
             "oracle_big_share_by_layer": [round(float(x), 6) for x in share_RLT[BIG].mean(1)],
         }

@@ -322,7 +322,9 @@ def _write_outputs(out_dir: Path, plan: Plan, merged: dict, idx_ST, tgt_ST, mode
     }
     if spec.search == "beam":
         summary["notes"].append(
-            "beam search: fixed_ppl needs every candidate and is null; random_mean_ppl is over the random draw"
+            "beam search: oracle_ppl takes per token the best of the search and the random draw; "
+            "search_only_ppl is the search alone; fixed_ppl needs every candidate and is null "
+            "(filled from the exhaustive run when one exists); random_mean_ppl is over the random draw"
         )
     J = len(plan.budgets)
     _save_npy(out_dir / "oracle_loss.npy", merged["best_loss_JN"].astype(np.float32))
