@@ -13,9 +13,9 @@ every output:
   oracle: every token's choice is realisable given the context's.
 
 Both classes expose ``residual(layer, h_BTMD) -> h + attention``: the residual stream after
-layer ``layer``'s attention, for M independent hidden-state variants per position. ``shared`` treats each
-variant m as its own sequence (variant m of every position shares one prefix); ``frozen``
-treats every (position, variant) as its own scored token.
+layer ``layer``'s attention, for M independent hidden-state variants per position. ``shared``
+treats each variant m as its own sequence (variant m of every position shares one prefix);
+``frozen`` treats every (position, variant) as its own scored token.
 
 Tensor name legend: B sequences, T positions (queries), S key positions, M variants (prefixes)
 per position, D model width, H query heads, K key/value heads, E head dim, L layers, V vocab.
