@@ -1,29 +1,69 @@
-"""Atomic file writes: write to a temporary file in the same folder, then rename (DESIGN section 7)."""
+"""Atomic file writes and environment errors that name their path (DESIGN section 7).
+
+Every file duollm writes goes through ``atomic_path``: a temporary file in the same folder
+(named ``.<name>.<random>.tmp``, so a crash leaves only such names, which ``rundir`` cleans),
+renamed onto the final name only if the body succeeded, removed on every failure path.
+Whatever the writing library raised (Python's ``OSError``, safetensors' or tokenizers' Rust
+``os error N``), an I/O failure leaves as one ``OSError`` carrying the *final* path, which the
+command line prints as one line.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno as errno_mod
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
+
+TMP_SUFFIX = ".tmp"  # every temporary name ends so and starts with a dot (``rundir.clean_stale``)
+
+_RUST_OS_ERROR = re.compile(r"os error (\d+)")
+
+
+def as_os_error(e: BaseException, path) -> OSError | None:
+    """``e`` as an ``OSError`` naming ``path`` if it is an I/O failure (of any library), else None."""
+    if isinstance(e, OSError):
+        code = e.errno
+    else:  # safetensors and tokenizers raise their own types with the OS error in the text
+        m = _RUST_OS_ERROR.search(str(e))
+        if m is None:
+            return None
+        code = int(m.group(1))
+    strerror = os.strerror(code) if code else (getattr(e, "strerror", None) or str(e))
+    return OSError(code or errno_mod.EIO, strerror, str(path))
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike):
     """Yield a temporary path next to ``path``; rename it onto ``path`` only if the body succeeds."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file ordinary permissions
+    tmp = None
     try:
+        if path.is_dir():
+            raise IsADirectoryError(errno_mod.EISDIR, "Is a directory", str(path))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+        os.close(fd)
         yield Path(tmp)
+        # mkstemp creates 0600 and some writers (safetensors) recreate the file: ordinary permissions
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
+    except Exception as e:
+        err = as_os_error(e, path)
+        if err is None:
+            raise
+        raise err from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.lexists(tmp):
             os.unlink(tmp)
 
 
@@ -38,3 +78,39 @@ def atomic_write_text(path, text: str) -> None:
 
 def atomic_write_json(path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def append_line(path, line: str) -> None:
+    """Append one line with a single ``write`` on an ``O_APPEND`` descriptor (a crash tears at most it)."""
+    data = (line.rstrip("\n") + "\n").encode()
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise as_os_error(e, path) from None
+
+
+def read_json_lines(path, *, warn=None) -> list[dict]:
+    """The objects of a JSON-lines file; a torn *last* line (a crash mid-append) is dropped with a
+    warning, a bad line elsewhere is a one-line ValueError naming the file and line."""
+    path = Path(path)
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    rows = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError("not an object")
+        except ValueError:
+            if i == len(lines):
+                if warn is not None:
+                    warn(f"warning: {path}: dropped a torn last line (an earlier run was interrupted while writing it)")
+                break
+            raise ValueError(f"{path} line {i} is not a JSON object; fix or remove that line") from None
+        rows.append(row)
+    return rows
