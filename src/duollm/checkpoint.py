@@ -1,74 +1,231 @@
-"""Checkpoints: safetensors weights + trainer state, swapped in atomically.
+"""Checkpoints: safetensors weights + trainer state, swapped in atomically, never lost.
 
-A checkpoint is a folder ``<dir>/step-000300/`` holding ``model.safetensors`` and
-``trainer_state.pt``; ``<dir>/latest`` is a symlink replaced atomically (``os.replace``)
-once the folder is complete, so an interruption leaves either the old or the new
-checkpoint, never half of one. For a pretraining run ``<dir>`` is the run folder itself.
+A checkpoint is a folder ``<dir>/step-0000300/`` holding ``model.safetensors`` (the weights),
+``optimizer.safetensors`` (the optimizer's tensors) and ``trainer_state.json`` (step and the
+optimizer's other values). Nothing is pickled, so loading a checkpoint someone sent you runs no
+code (DESIGN 7); folders written before this format (``trainer_state.pt``) load with
+``torch.load(weights_only=True)``.
+
+The folder is written as ``.step-0000300.tmp`` (``stage_checkpoint``) and renamed once complete
+and vouched for (``commit_checkpoint``); ``<dir>/latest`` is then a symlink replaced atomically. So an interruption leaves either the old or the new
+checkpoint, never half of one, and older step folders are deleted only after a newer one is
+complete and linked. If ``latest`` is missing, dangling or a plain copy (``cp -rL``), the newest
+complete step folder is the checkpoint. For a pretraining run ``<dir>`` is the run folder itself.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_model as st_load_model
-from safetensors.torch import save_model as st_save_model
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from .io import TMP_SUFFIX, as_os_error, atomic_path, atomic_write_json
 
 LATEST = "latest"
+STEP_DIR = re.compile(r"^step-(\d+)$")
+WEIGHTS, OPTIMIZER, STATE, LEGACY_STATE = "model.safetensors", "optimizer.safetensors", "trainer_state.json", "trainer_state.pt"
 
 
-def save_checkpoint(ckpt_dir: Path, module: torch.nn.Module, state: dict) -> Path:
-    """Write weights and ``state`` (optimizer, step, ...) as a new checkpoint; keep only it."""
+def step_dir_name(step: int) -> str:
+    return f"step-{step:07d}"
+
+
+def step_of(ckpt: Path) -> int:
+    return int(STEP_DIR.match(Path(ckpt).name).group(1))
+
+
+# ----------------------------------------------------------------------------- tensors <-> files
+
+
+def tied_groups(module: torch.nn.Module) -> list[list[str]]:
+    """Names of the module's state, grouped by shared storage (``lm_head.weight`` is ``embed.weight``)."""
+    groups: dict = {}
+    for name, t in module.state_dict(keep_vars=False).items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)) if t.numel() else name
+        groups.setdefault(key, []).append(name)
+    return list(groups.values())
+
+
+def module_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The module's state as a name -> tensor dict, tied weights once (under the first name)."""
+    state = module.state_dict(keep_vars=False)
+    return {g[0]: state[g[0]].detach().cpu().contiguous() for g in tied_groups(module)}
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """safetensors, atomically, sorted by name: identical tensors give identical bytes."""
+    with atomic_path(path) as tmp:
+        save_file({k: tensors[k] for k in sorted(tensors)}, str(tmp), metadata=metadata)
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def load_weights(module: torch.nn.Module, ckpt: Path, what: str = "checkpoint", optional: tuple[str, ...] = ()) -> None:
+    """Load ``ckpt/model.safetensors`` (or a weights file) into ``module``; one line on any mismatch.
+    ``optional``: names an older file may lack (they keep the module's values)."""
+    path = Path(ckpt) / WEIGHTS if Path(ckpt).is_dir() else Path(ckpt)
+    state = module.state_dict()
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        loaded = load_file(str(path))
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise ValueError(f"corrupt {what} {path}: {_first_line(e)}") from None
+    missing = [g[0] for g in tied_groups(module) if not any(k in shapes for k in g) and g[0] not in optional]  # any name of a tied group
+    unexpected = [k for k in shapes if k not in state]
+    if missing or unexpected:
+        raise ValueError(f"{what} {path} does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    for k, shape in shapes.items():
+        if shape != tuple(state[k].shape):
+            raise ValueError(f"{what} {path} does not match the model config: {k} has shape {list(shape)} there "
+                             f"but {list(state[k].shape)} from the config (a changed model.* size, e.g. vocab_size?)")
+    module.load_state_dict(loaded, strict=False)
+
+
+# the optimizer's state dict: tensors into a safetensors file, the rest (ints, floats, tuples) into JSON
+def _flatten(obj, prefix: str, tensors: dict):
+    if isinstance(obj, torch.Tensor):
+        tensors[prefix] = obj.detach().cpu().contiguous()
+        return {"tensor": prefix}
+    if isinstance(obj, dict):
+        return {"dict": [[k, _flatten(v, f"{prefix}.{k}", tensors)] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        return {"tuple" if isinstance(obj, tuple) else "list": [_flatten(v, f"{prefix}.{i}", tensors) for i, v in enumerate(obj)]}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return {"value": obj}
+    raise TypeError(f"cannot store {type(obj).__name__} in a checkpoint")  # internal: optimizers hold none
+
+
+def _unflatten(node, tensors: dict):
+    (kind, value), = node.items()
+    if kind == "tensor":
+        return tensors[value]
+    if kind == "dict":
+        return {k: _unflatten(v, tensors) for k, v in value}
+    if kind in ("list", "tuple"):
+        items = [_unflatten(v, tensors) for v in value]
+        return tuple(items) if kind == "tuple" else items
+    return value
+
+
+def tensors_finite(tensors) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def stage_checkpoint(ckpt_dir: Path, module: torch.nn.Module, state: dict) -> Path:
+    """Write weights and ``state`` (``step``, ``optimizer``, ...) as a complete folder under a temporary
+    name; ``commit_checkpoint`` makes it the checkpoint. A crash in between leaves only a temporary."""
     ckpt_dir = Path(ckpt_dir)
-    name = f"step-{state['step']:07d}"
+    weights = module_tensors(module)
+    assert tensors_finite(weights.values()), "the training loop checks the weights before it saves"
+    tmp = ckpt_dir / f".{step_dir_name(state['step'])}{TMP_SUFFIX}"
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_tensors(tmp / WEIGHTS, weights, {"step": str(state["step"])})
+        opt_tensors: dict = {}
+        skeleton = {k: _flatten(v, k, opt_tensors) for k, v in state.items()}
+        save_tensors(tmp / OPTIMIZER, opt_tensors)
+        atomic_write_json(tmp / STATE, skeleton)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise as_os_error(e, getattr(e, "filename", None) or tmp) from None
+    return tmp
+
+
+def commit_checkpoint(staged: Path) -> Path:
+    """Rename a staged folder to ``step-N``, point ``latest`` at it, then drop older step folders."""
+    staged = Path(staged)
+    ckpt_dir, name = staged.parent, staged.name[1 : -len(TMP_SUFFIX)]
     final = ckpt_dir / name
-    tmp = ckpt_dir / f".{name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    st_save_model(module, str(tmp / "model.safetensors"), metadata={"step": str(state["step"])})
-    torch.save(state, tmp / "trainer_state.pt")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    previous = latest_checkpoint(ckpt_dir)
-    link_tmp = ckpt_dir / f".{LATEST}.tmp"
-    if link_tmp.is_symlink() or link_tmp.exists():
-        link_tmp.unlink()
-    link_tmp.symlink_to(name)
-    os.replace(link_tmp, ckpt_dir / LATEST)
-    if previous is not None and previous.name != name:
-        shutil.rmtree(previous, ignore_errors=True)
+    try:
+        if final.exists():  # a step folder of the same step (a rerun after a fall-back): swap it whole
+            old = ckpt_dir / f".{name}.old{TMP_SUFFIX}"
+            os.replace(final, old)
+            os.replace(staged, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staged, final)
+        link_tmp = ckpt_dir / f".{LATEST}{TMP_SUFFIX}"
+        if os.path.lexists(link_tmp):
+            os.unlink(link_tmp)
+        link_tmp.symlink_to(name)
+        link = ckpt_dir / LATEST
+        if link.is_dir() and not link.is_symlink():  # a dereferenced copy (cp -rL) of an older checkpoint
+            shutil.rmtree(link)
+        os.replace(link_tmp, link)
+    except OSError as e:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise as_os_error(e, getattr(e, "filename", None) or final) from None
+    for older in complete_checkpoints(ckpt_dir):  # only now that a newer one is complete and linked
+        if step_of(older) < step_of(final):
+            shutil.rmtree(older, ignore_errors=True)
     return final
 
 
+def save_checkpoint(ckpt_dir: Path, module: torch.nn.Module, state: dict) -> Path:
+    """Stage and commit in one go (conversion; the training loop commits only after its checks)."""
+    return commit_checkpoint(stage_checkpoint(ckpt_dir, module, state))
+
+
+def is_complete(folder: Path) -> bool:
+    folder = Path(folder)
+    return (folder / WEIGHTS).is_file() and ((folder / STATE).is_file() or (folder / LEGACY_STATE).is_file())
+
+
+def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """The complete ``step-*`` folders of ``ckpt_dir``, oldest first."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    found = [p for p in ckpt_dir.iterdir() if STEP_DIR.match(p.name) and p.is_dir() and is_complete(p)]
+    return sorted(found, key=step_of)
+
+
 def latest_checkpoint(ckpt_dir: Path) -> Path | None:
+    """``latest`` if it names a complete step folder, else the newest complete step folder, else None."""
     link = Path(ckpt_dir) / LATEST
-    if not link.is_symlink():
-        return None
-    target = Path(ckpt_dir) / os.readlink(link)
-    return target if target.is_dir() else None
-
-
-def load_weights(module: torch.nn.Module, ckpt: Path) -> None:
-    path = Path(ckpt) / "model.safetensors"
-    try:
-        missing, unexpected = st_load_model(module, str(path), strict=False)
-    except (SafetensorError, OSError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"corrupt checkpoint {path}: {first}") from None
-    if missing or unexpected:
-        raise ValueError(f"checkpoint {path} does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    if link.is_symlink():
+        target = Path(ckpt_dir) / os.readlink(link)
+        if STEP_DIR.match(target.name) and target.parent.resolve() == Path(ckpt_dir).resolve() and is_complete(target):
+            return target
+    found = complete_checkpoints(ckpt_dir)
+    return found[-1] if found else None
 
 
 def load_state(ckpt: Path) -> dict:
-    path = Path(ckpt) / "trainer_state.pt"
+    """The trainer state of a checkpoint (``step``, ``optimizer``); one line naming the file if it is bad."""
+    ckpt = Path(ckpt)
+    if (ckpt / STATE).is_file():
+        path = ckpt / STATE
+        try:
+            skeleton = json.loads(path.read_text())
+            tensors = load_file(str(ckpt / OPTIMIZER)) if (ckpt / OPTIMIZER).is_file() else {}
+            state = {k: _unflatten(v, tensors) for k, v in skeleton.items()}
+            if not isinstance(state.get("step"), int):
+                raise ValueError("no step")
+            return state
+        except (ValueError, KeyError, TypeError, AttributeError, SafetensorError, OSError) as e:
+            raise ValueError(f"corrupt checkpoint {path}: {_first_line(e)}") from None
+    path = ckpt / LEGACY_STATE
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        with warnings.catch_warnings():  # torch's advice to retry unsafely is not ours to print
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)  # never unpickles code
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"corrupt checkpoint {path}: {first}") from None
+        raise ValueError(f"corrupt checkpoint {path}: {_first_line(e)}") from None
 
 
 def load_model(run: Path, device: str | torch.device = "cpu"):
