@@ -7,7 +7,9 @@ resolved config is saved as ``config.yaml`` in every run folder.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -202,21 +204,28 @@ def _merge(base: dict, update: dict) -> dict:
     return out
 
 
-def _parse_override(item: str) -> tuple[list[str], object]:
+def _parse_override(item: str) -> tuple[list[str], str]:
     if "=" not in item:
         raise ValueError(f"override {item!r} must look like key=value (e.g. train.steps=100)")
     key, raw = item.split("=", 1)
+    return key.strip().split("."), raw
+
+
+def _override_value(raw: str, current):
+    """A string key takes the text literally (paths and specs: ``file:my: notes.txt``, ``a #b``);
+    other keys read it as a YAML scalar (numbers, booleans)."""
+    if isinstance(current, str):
+        return raw
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        return yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError:
-        value = raw
-    return key.strip().split("."), value
+        return raw
 
 
 def apply_overrides(data: dict, overrides, what: str = "config") -> None:
     """Apply ``key.sub=value`` strings to a nested dict in place; unknown keys are errors."""
     for item in overrides:
-        keys, value = _parse_override(item)
+        keys, raw = _parse_override(item)
         node = data
         for i, k in enumerate(keys[:-1]):
             if not isinstance(node.get(k), dict):
@@ -225,7 +234,7 @@ def apply_overrides(data: dict, overrides, what: str = "config") -> None:
         if keys[-1] not in node or isinstance(node[keys[-1]], dict):
             known = ", ".join(k for k in node if not isinstance(node[k], dict))
             raise ValueError(f"unknown {what} key {'.'.join(keys)} (known here: {known})")
-        node[keys[-1]] = value
+        node[keys[-1]] = _override_value(raw, node[keys[-1]])
 
 
 def load_config(config: str | None = None, overrides: list[str] | tuple = ()) -> RunConfig:
@@ -255,27 +264,94 @@ def load_config(config: str | None = None, overrides: list[str] | tuple = ()) ->
     return cfg
 
 
+def _finite(x: float) -> bool:
+    return math.isfinite(x)
+
+
+def validate_train(t: TrainConfig, prefix: str = "train.") -> None:
+    """Ranges of a training config (pretraining and routers share it): one line naming the key."""
+    for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_every", "eval_tokens", "save_every", "log_every"):
+        if getattr(t, name) <= 0:
+            raise ValueError(f"{prefix}{name} must be positive; got {getattr(t, name)}")
+    if t.warmup_steps < 0:
+        raise ValueError(f"{prefix}warmup_steps must be >= 0; got {t.warmup_steps}")
+    if not (_finite(t.lr) and t.lr > 0):
+        raise ValueError(f"{prefix}lr must be a finite positive number; got {t.lr}")
+    if not (_finite(t.min_lr) and 0 <= t.min_lr <= t.lr):
+        raise ValueError(f"{prefix}min_lr must be in [0, lr={t.lr:g}]; got {t.min_lr}")
+    if not (_finite(t.weight_decay) and t.weight_decay >= 0):
+        raise ValueError(f"{prefix}weight_decay must be a finite number >= 0; got {t.weight_decay}")
+    for name in ("beta1", "beta2"):
+        if not 0.0 <= getattr(t, name) < 1.0:  # NaN fails too
+            raise ValueError(f"{prefix}{name} must be in [0, 1); got {getattr(t, name)}")
+    if not (_finite(t.grad_clip) and t.grad_clip >= 0):
+        raise ValueError(f"{prefix}grad_clip must be a finite number >= 0 (0: no clipping); got {t.grad_clip}")
+    if t.batch_size % t.grad_accum:
+        raise ValueError(f"{prefix}batch_size={t.batch_size} is not divisible by {prefix}grad_accum={t.grad_accum}")
+    if t.dtype not in ("auto", "float32", "bfloat16"):
+        raise ValueError(f"{prefix}dtype must be auto, float32 or bfloat16; got {t.dtype!r}")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", t.device):
+        raise ValueError(f"{prefix}device must be auto, cpu, cuda, cuda:N or mps; got {t.device!r}")
+
+
 def validate(cfg: RunConfig) -> None:
+    from .data import parse_data_spec
     from .routing import RouteProbs
 
     RouteProbs(cfg.routing.p_skip, cfg.routing.p_small, cfg.routing.p_big)
     if cfg.routing.per not in ("token", "sequence"):
         raise ValueError(f"routing.per must be 'token' or 'sequence'; got {cfg.routing.per!r}")
     t = cfg.train
+    validate_train(t)
     if t.seq_len > cfg.model.max_seq_len:
         raise ValueError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
-    for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_every", "save_every", "log_every"):
-        if getattr(t, name) <= 0:
-            raise ValueError(f"train.{name} must be positive; got {getattr(t, name)}")
-    if t.batch_size % t.grad_accum:
-        raise ValueError(f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
-    if t.dtype not in ("auto", "float32", "bfloat16"):
-        raise ValueError(f"train.dtype must be auto, float32 or bfloat16; got {t.dtype!r}")
-    if not 0.0 < cfg.data.val_fraction < 1.0:
-        raise ValueError(f"data.val_fraction must be in (0, 1); got {cfg.data.val_fraction}")
+    m = cfg.model
+    for name in ("rope_theta", "norm_eps", "init_std"):
+        if not (_finite(getattr(m, name)) and getattr(m, name) > 0):
+            raise ValueError(f"model.{name} must be a finite positive number; got {getattr(m, name)}")
+    d = cfg.data
+    parse_data_spec(d.spec)
+    if not 0.0 < d.val_fraction < 1.0:
+        raise ValueError(f"data.val_fraction must be in (0, 1); got {d.val_fraction}")
+    if d.split_chunk_chars <= 0:
+        raise ValueError(f"data.split_chunk_chars must be positive; got {d.split_chunk_chars}")
+    if d.max_chars < 0:
+        raise ValueError(f"data.max_chars must be >= 0 (0: no cap); got {d.max_chars}")
+    if not d.tokenizer:
+        raise ValueError("data.tokenizer must be bpe or a tokenizer name or path")
+    if cfg.eval.max_tokens <= 0:
+        raise ValueError(f"eval.max_tokens must be positive; got {cfg.eval.max_tokens}")
     from .study import validate_study
 
     validate_study(cfg)
+
+
+# What a resume may change (README "Reliability"): how long and how often, where it runs and what is
+# logged; the later stages' sections. Everything else defines the run and must stay as trained.
+RESUMABLE_KEYS = ("train.steps", "train.eval_every", "train.eval_tokens", "train.save_every", "train.log_every",
+                  "train.tensorboard", "train.wandb", "train.device", "train.compile", "train.dtype")
+RESUMABLE_SECTIONS = ("eval", "study")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def resume_conflict(saved: RunConfig, new: RunConfig) -> str | None:
+    """A one-line reason why ``new`` cannot continue a run trained as ``saved``, or None."""
+    a, b = _flat(to_dict(saved)), _flat(to_dict(new))
+    for key in sorted(set(a) | set(b)):
+        if key in RESUMABLE_KEYS or key.split(".")[0] in RESUMABLE_SECTIONS or a.get(key) == b.get(key):
+            continue
+        return (f"{key} is {a.get(key)!r} in the run but {b.get(key)!r} was asked; a resume may change only "
+                f"{', '.join(RESUMABLE_KEYS)} and the eval and study sections (train another --out for the rest)")
+    return None
 
 
 def save_config(cfg: RunConfig, path: Path) -> None:

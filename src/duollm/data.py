@@ -22,6 +22,7 @@ import glob as globlib
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,12 +36,27 @@ EOS = "<|endoftext|>"
 # ----------------------------------------------------------------------------- corpora
 
 
+BUILTIN = ("pydoc", "pydoc-topics")
+
+
+def parse_data_spec(spec: str) -> tuple[str, str]:
+    """``(kind, argument)`` of a data spec, taken literally; a one-line ValueError if malformed."""
+    kind, sep, arg = spec.partition(":")
+    if not sep or kind not in ("builtin", "file", "hf"):
+        raise ValueError(f"data spec {spec!r} must start with builtin:, file: or hf:")
+    if kind == "builtin" and arg not in BUILTIN:
+        raise ValueError(f"unknown builtin corpus {arg!r} (known: {', '.join(BUILTIN)})")
+    if kind == "file" and not arg:
+        raise ValueError("data spec file: needs a path, e.g. file:corpus.txt")
+    if kind == "hf" and not arg.partition(":")[0]:
+        raise ValueError("data spec hf: needs a dataset name, e.g. hf:wikitext:wikitext-2-raw-v1")
+    return kind, arg
+
+
 def read_corpus(spec: str, text_column: str = "text", max_chars: int = 0) -> str:
     """The text of a data spec; ValueError with a one-line reason on bad specs or empty corpora."""
-    kind, _, arg = spec.partition(":")
+    kind, arg = parse_data_spec(spec)
     if kind == "builtin":
-        if arg not in ("pydoc", "pydoc-topics"):
-            raise ValueError(f"unknown builtin corpus {arg!r} (known: pydoc, pydoc-topics)")
         from pydoc_data.topics import topics
 
         text = "\n\n".join(topics[k].strip() for k in sorted(topics))
@@ -48,10 +64,8 @@ def read_corpus(spec: str, text_column: str = "text", max_chars: int = 0) -> str
             text += "\n\n" + "\n\n".join(stdlib_docstrings())
     elif kind == "file":
         text = "\n\n".join(_read_file(p) for p in _expand_path(arg))
-    elif kind == "hf":
-        text = _read_hf(arg, text_column, max_chars)
     else:
-        raise ValueError(f"data spec {spec!r} must start with builtin:, file: or hf:")
+        text = _read_hf(arg, text_column, max_chars)
     if max_chars:
         text = text[:max_chars]
     if not text.strip():
@@ -88,8 +102,6 @@ def stdlib_docstrings(min_chars: int = 80) -> list[str]:
 
 
 def _expand_path(arg: str) -> list[Path]:
-    if not arg:
-        raise ValueError("data spec file: needs a path, e.g. file:corpus.txt")
     path = Path(arg).expanduser()
     if path.is_file():
         return [path]
@@ -109,12 +121,12 @@ def _read_file(path: Path) -> str:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise ValueError(f"{path} is not UTF-8 text") from None
+    except OSError as e:
+        raise ValueError(f"cannot read {path}: {e.strerror}") from None
 
 
 def _read_hf(arg: str, text_column: str, max_chars: int) -> str:
     name, _, config = arg.partition(":")
-    if not name:
-        raise ValueError("data spec hf: needs a dataset name, e.g. hf:wikitext:wikitext-2-raw-v1")
     try:
         import datasets
     except ImportError:
@@ -237,18 +249,38 @@ def _dtype_for(vocab: int):
 
 def _write_tokens(path: Path, ids: np.ndarray) -> None:
     with atomic_path(path) as tmp:
-        ids.tofile(tmp)
+        tmp.write_bytes(ids.tobytes())  # Python's write: a full disk is an OSError with its errno
 
 
-def prepare_data(cfg, run: Path, log=print) -> dict:
-    """Read the corpus, train/load the tokenizer, write ``RUN/data/{train,val}.bin``. Idempotent."""
-    run = Path(run)
-    meta_path = run / "data" / "meta.json"
-    fingerprint = hashlib.sha256(json.dumps([cfg.data.__dict__, cfg.model.vocab_size]).encode()).hexdigest()[:16]
-    if meta_path.is_file():
+def data_fingerprint(cfg) -> str:
+    return hashlib.sha256(json.dumps([cfg.data.__dict__, cfg.model.vocab_size]).encode()).hexdigest()[:16]
+
+
+def cached_meta(cfg, run: Path) -> dict | None:
+    """``RUN/data/meta.json`` if the run's token cache was made from exactly this data config."""
+    meta_path = Path(run) / "data" / "meta.json"
+    if not meta_path.is_file():
+        return None
+    try:
         meta = json.loads(meta_path.read_text())
-        if meta.get("fingerprint") == fingerprint and (run / "data" / "train.bin").is_file():
-            return meta
+    except ValueError:
+        return None
+    ok = meta.get("fingerprint") == data_fingerprint(cfg) and all(
+        (Path(run) / "data" / f"{split}.bin").is_file() for split in ("train", "val"))
+    return meta if ok else None
+
+
+@dataclass
+class PreparedData:
+    """A tokenized corpus in memory, not yet written: ``build_data`` may refuse, ``write_data`` writes."""
+
+    tokenizer: TextTokenizer
+    splits: dict  # "train"/"val" -> int64 ids
+    meta: dict
+
+
+def build_data(cfg, log=print) -> PreparedData:
+    """Read the corpus, train/load the tokenizer and encode both splits, in memory (writes nothing)."""
     text = read_corpus(cfg.data.spec, cfg.data.text_column, cfg.data.max_chars)
     train_chunks, val_chunks = split_text(text, cfg.data.split_chunk_chars, cfg.data.val_fraction, cfg.data.seed)
     if cfg.data.tokenizer == "bpe":
@@ -265,24 +297,32 @@ def prepare_data(cfg, run: Path, log=print) -> dict:
     for split, chunks in (("train", train_chunks), ("val", val_chunks)):
         splits[split] = np.fromiter((i for seq in tok.encode_batch(chunks) for i in seq), dtype=np.int64)
         check_length(splits[split], cfg.train.seq_len, {"train": "training", "val": "validation"}[split])
-    # only now, with the corpus known to be usable, does anything go into the run folder
-    tok.save(run)
-    dtype = _dtype_for(cfg.model.vocab_size)
-    for split, ids in splits.items():
-        _write_tokens(run / "data" / f"{split}.bin", ids.astype(dtype))
-    counts = {split: int(ids.size) for split, ids in splits.items()}
     meta = {
-        "fingerprint": fingerprint,
+        "fingerprint": data_fingerprint(cfg),
         "spec": cfg.data.spec,
         "tokenizer": cfg.data.tokenizer,
         "tokenizer_vocab": tok.vocab_size,
         "chars": len(text),
-        "train_tokens": counts["train"],
-        "val_tokens": counts["val"],
-        "dtype": np.dtype(dtype).name,
+        "train_tokens": int(splits["train"].size),
+        "val_tokens": int(splits["val"].size),
+        "dtype": np.dtype(_dtype_for(cfg.model.vocab_size)).name,
     }
-    atomic_write_json(meta_path, meta)
-    return meta
+    return PreparedData(tok, splits, meta)
+
+
+def write_data(prepared: PreparedData, run: Path) -> dict:
+    """The tokenizer and ``RUN/data/{train,val}.bin`` + ``meta.json`` (meta last: it vouches for the rest)."""
+    run = Path(run)
+    prepared.tokenizer.save(run)
+    for split, ids in prepared.splits.items():
+        _write_tokens(run / "data" / f"{split}.bin", ids.astype(prepared.meta["dtype"]))
+    atomic_write_json(run / "data" / "meta.json", prepared.meta)
+    return prepared.meta
+
+
+def prepare_data(cfg, run: Path, log=print) -> dict:
+    """The run's token cache for ``cfg``: reused when it matches, else built and written. Idempotent."""
+    return cached_meta(cfg, run) or write_data(build_data(cfg, log), run)
 
 
 def load_tokens(run: Path, split: str) -> np.ndarray:
@@ -324,11 +364,26 @@ def sequences(tokens: np.ndarray, seq_len: int, max_tokens: int | None = None):
     return flat[:-1].view(n_seq, seq_len), flat[1:].view(n_seq, seq_len)
 
 
+def parse_max_tokens(value, flag: str = "--max-tokens") -> int | None:
+    """A token cap from the command line: None (the config's), ``all`` (0: no cap) or an integer >= 1."""
+    if value is None:
+        return None
+    if str(value).strip().lower() == "all":
+        return 0
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        n = 0
+    if n < 1 or isinstance(value, bool):
+        raise ValueError(f"{flag} must be an integer >= 1, or all for no cap; got {value!r}")
+    return n
+
+
 def eval_tokens(run: Path, cfg, spec: str | None = None, max_tokens: int | None = None):
     """The evaluation tokens shared by ``eval`` and ``oracle``: (``idx_ST``, ``tgt_ST``).
 
     ``spec`` None: the run's validation split; otherwise the whole text of ``spec`` encoded
-    with the run's tokenizer. ``max_tokens`` None: ``cfg.eval.max_tokens``.
+    with the run's tokenizer. ``max_tokens`` None: ``cfg.eval.max_tokens``; 0: no cap.
     """
     if spec is None:
         tokens = load_tokens(run, "val")

@@ -54,7 +54,7 @@ class RouteProbs:
 
     def __post_init__(self):
         p = (self.skip, self.small, self.big)
-        if any(x < 0 for x in p):
+        if not all(math.isfinite(x) and x >= 0 for x in p):
             raise ValueError(f"route probabilities must be >= 0; got skip={self.skip} small={self.small} big={self.big}")
         if abs(sum(p) - 1.0) > 1e-6:
             raise ValueError(
