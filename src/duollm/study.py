@@ -35,7 +35,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Callable
 
-from .config import RunConfig, load_config, to_dict
+from .config import RunConfig, load_config, resume_conflict
 from .io import atomic_write_json
 
 CONTEXTS = ("shared", "frozen")
@@ -105,51 +105,28 @@ def validate_study(cfg: RunConfig) -> None:
     router_methods(cfg)
 
 
-FIXED_SECTIONS = ("model", "data", "routing")  # what a trained run is; training length and the study may change
-
-
 def resolve_config(config: str | None, data: str | None, out: Path, overrides=()) -> RunConfig:
     """The config of the study in ``out``: a new run's from the preset or file and the overrides;
     for a folder that already holds a run, the run's own config with the overrides.
 
     Rerunning the same command continues the run. For an existing run, ``config`` contributes
-    its ``study`` section; a model, data or routing config other than the run's is refused
-    (``train.*`` may change, e.g. more steps continue the training)."""
+    its ``study`` section; anything a resume may not change (``config.resume_conflict``) is
+    refused (more ``train.steps`` continue the training)."""
     overrides = list(overrides) + ([f"data.spec={data}"] if data else [])
     saved = Path(out) / "config.yaml"
     if not saved.is_file():
         return load_config(config, overrides)
-    trained = to_dict(load_config(str(saved)))
+    trained = load_config(str(saved))
     cfg = load_config(str(saved), overrides)
     want = load_config(config, overrides) if config is not None else None
     for other in (cfg, want):
-        if other is None:
-            continue
-        a = {k: trained[k] for k in FIXED_SECTIONS}
-        b = {k: to_dict(other)[k] for k in FIXED_SECTIONS}
-        if a != b:
-            key = _first_difference(a, b)
-            raise ValueError(f"{out} already holds a run with another config ({key}: {_get(a, key)!r} there, "
-                             f"{_get(b, key)!r} asked); choose another --out, or drop --config/--data to continue it")
+        conflict = None if other is None else resume_conflict(trained, other)
+        if conflict:
+            raise ValueError(f"{out} already holds another run: {conflict}; choose another --out, "
+                             f"or drop --config/--data to continue it")
     if want is not None:
         cfg.study = want.study
     return cfg
-
-
-def _first_difference(a: dict, b: dict, prefix: str = "") -> str:
-    for k in sorted(set(a) | set(b)):
-        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
-            if a[k] != b[k]:
-                return _first_difference(a[k], b[k], f"{prefix}{k}.")
-        elif a.get(k) != b.get(k):
-            return prefix + k
-    return prefix.rstrip(".")
-
-
-def _get(d: dict, key: str):
-    for part in key.split("."):
-        d = d.get(part) if isinstance(d, dict) else None
-    return d
 
 
 # ----------------------------------------------------------------------------- cost model (for the ETA)
@@ -448,11 +425,17 @@ def run_study(config: str | None, data: str | None, out: Path, overrides=(), log
     ``config``: a preset or YAML file (default ``cpu``; for an existing run folder, its own
     config); ``data``: a data spec; ``overrides``: ``key=value`` strings (``study.*`` included).
     Rerunning after an interruption continues where it stopped."""
+    from .rundir import writing
+    from .train import check_run_folder, resolve_device
+
     out = Path(out)
     cfg = resolve_config(config, data, out, overrides)
+    resolve_device(cfg.train.device)
+    check_run_folder(cfg, out, resume=(out / "config.yaml").is_file())
     study = Study(cfg, out, log)
     t0 = time.time()
-    study.run()
+    with writing(out, create=True):  # one writer for the whole study; its stages take the same lock again
+        study.run()
     log(results_table(out))
     log(f"study finished in {_fmt_s(time.time() - t0)}; report: {out / 'report' / 'index.html'}")
     return out / "report" / "index.html"

@@ -19,6 +19,8 @@ import contextlib
 import json
 import math
 import os
+import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,9 +31,9 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from .checkpoint import latest_checkpoint, load_state, load_weights, save_checkpoint
-from .config import RunConfig, TrainConfig, save_config
-from .io import atomic_write_text
+from .checkpoint import commit_checkpoint, latest_checkpoint, load_state, load_weights, stage_checkpoint, tensors_finite
+from .config import RunConfig, TrainConfig, resume_conflict, save_config
+from .io import append_line, atomic_write_text, read_json_lines
 
 
 @dataclass
@@ -114,9 +116,10 @@ class MetricsLog:
         self.tb = self.wandb = None
         if not enabled:
             return
-        if self.path.is_file():  # drop what a killed run logged after its last checkpoint
-            kept = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= resume_step]
-            atomic_write_text(self.path, "".join(ln + "\n" for ln in kept))
+        if self.path.is_file():  # drop what a killed run logged after its last checkpoint (and a torn line)
+            rows = read_json_lines(self.path, warn=lambda msg: print(msg, file=sys.stderr))
+            kept = [row for row in rows if row.get("step", 0) <= resume_step]
+            atomic_write_text(self.path, "".join(json.dumps(row) + "\n" for row in kept))
         if t.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -134,8 +137,7 @@ class MetricsLog:
     def write(self, step: int, metrics: dict) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        append_line(self.path, json.dumps({"step": step, **metrics}))
         for k, v in metrics.items():
             if self.tb is not None:
                 self.tb.add_scalar(k, v, step)
@@ -167,7 +169,14 @@ def train_loop(
     desc: str = "train",
     run_config: dict | None = None,
 ) -> dict:
-    """Train ``objective.module`` for ``t.steps`` steps; checkpoints go to ``out``. Returns final metrics."""
+    """Train ``objective.module`` for ``t.steps`` steps; checkpoints go to ``out``. Returns final metrics.
+
+    Non-finite guard (DESIGN 7): the loss and the gradient norm are checked before every optimizer
+    step, and a checkpoint becomes the checkpoint only for weights that are finite *and* gave a
+    finite loss and gradient on the following batch. So the checkpoint of step s is written (staged)
+    at step s, with its exact state, and committed during step s + 1 once those checks passed; the
+    last one after a probe forward on the next batch. A divergence names a checkpoint that is good.
+    """
     from .data import sample_batch
 
     out = Path(out)
@@ -184,7 +193,10 @@ def train_loop(
     if ckpt is not None and resume:
         load_weights(module, ckpt)
         state = load_state(ckpt)
-        optimizer.load_state_dict(state["optimizer"])
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except (KeyError, ValueError, TypeError) as e:
+            raise ValueError(f"corrupt checkpoint {ckpt}: its optimizer state does not fit the model ({e})") from None
         start = state["step"]
     elif ckpt is not None:
         raise ValueError(f"{out} already holds a checkpoint; pass --resume to continue it or choose another --out")
@@ -201,35 +213,76 @@ def train_loop(
     bar = tqdm(total=t.steps, initial=start, desc=desc, disable=not ddp.main, dynamic_ncols=True)
     tokens_per_step = t.batch_size * t.seq_len
     tick = time.perf_counter()
+    params = [p for p in module.parameters() if p.requires_grad]
+    good = latest_checkpoint(out)  # the checkpoint a divergence message names
+
+    def batch_of(step: int) -> dict:
+        gen = step_generator(t.seed, step)
+        idx_BT, tgt_BT = sample_batch(train_tokens, t.batch_size, t.seq_len, gen)
+        batch = {"idx_BT": idx_BT, "tgt_BT": tgt_BT}
+        if objective.make_batch is not None:
+            batch.update(objective.make_batch(idx_BT, tgt_BT, gen))
+        return batch
+
+    def forward(batch: dict, *, backward: bool) -> float:
+        """Mean loss over the global batch (gradients accumulated when ``backward``)."""
+        loss_sum = torch.zeros((), device=device)
+        for m in range(t.grad_accum):
+            lo = (ddp.rank * t.grad_accum + m) * micro
+            mb = {k: v[lo : lo + micro].to(device) for k, v in batch.items()}  # every tensor is batch-first
+            sync = m == t.grad_accum - 1 or ddp.world == 1
+            ctx = contextlib.nullcontext() if sync or not backward else wrapped.no_sync()
+            with ctx, autocast(device, t.dtype), torch.set_grad_enabled(backward):
+                loss = objective.loss(wrapped, mb)
+            if backward:
+                (loss / t.grad_accum).backward()
+            loss_sum += loss.detach().float()
+        if ddp.world > 1:
+            dist.all_reduce(loss_sum)
+        return loss_sum.item() / (t.grad_accum * ddp.world)
+
+    def diverged(what: str, value: float, step: int) -> ValueError:
+        where = f"the last good checkpoint ({good.name}) is kept" if good else "no checkpoint was written yet"
+        return ValueError(f"training diverged: {what} is {value} at step {step}; {where} in {out}")
+
+    def stage(step: int):
+        if not tensors_finite(p.detach() for p in params):
+            raise diverged("a weight", "non-finite", step)
+        return stage_checkpoint(out, module, {"step": step, "optimizer": optimizer.state_dict()}) if ddp.main else True
+
+    def commit(staged) -> None:
+        nonlocal good
+        if ddp.main:
+            good = commit_checkpoint(staged)
+        if ddp.world > 1:
+            dist.barrier()
+
+    def probe(step: int) -> float:
+        """The loss of the current weights on the next batch, changing nothing (buffers restored)."""
+        buffers = {name: b.clone() for name, b in module.named_buffers()}
+        loss = forward(batch_of(step), backward=False)
+        with torch.no_grad():
+            for name, b in module.named_buffers():
+                b.copy_(buffers[name])
+        return loss
+
+    pending = None  # a staged checkpoint waiting for the next loss to prove its weights good
     try:
         for step in range(start, t.steps):
             lr = lr_at(step, t)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            gen = step_generator(t.seed, step)
-            idx_BT, tgt_BT = sample_batch(train_tokens, t.batch_size, t.seq_len, gen)
-            batch = {"idx_BT": idx_BT, "tgt_BT": tgt_BT}
-            if objective.make_batch is not None:
-                batch.update(objective.make_batch(idx_BT, tgt_BT, gen))
             module.train()
-            loss_sum = torch.zeros((), device=device)
-            for m in range(t.grad_accum):
-                lo = (ddp.rank * t.grad_accum + m) * micro
-                mb = {k: v[lo : lo + micro].to(device) for k, v in batch.items()}  # every tensor is batch-first
-                sync = m == t.grad_accum - 1 or ddp.world == 1
-                ctx = contextlib.nullcontext() if sync else wrapped.no_sync()
-                with ctx, autocast(device, t.dtype):
-                    loss = objective.loss(wrapped, mb)
-                (loss / t.grad_accum).backward()
-                loss_sum += loss.detach().float()
-            if ddp.world > 1:
-                dist.all_reduce(loss_sum)
-            train_loss = loss_sum.item() / (t.grad_accum * ddp.world)
+            train_loss = forward(batch_of(step), backward=True)
             if not math.isfinite(train_loss):
-                kept = latest_checkpoint(out)
-                where = f"the last good checkpoint ({kept.name}) is kept" if kept else "no checkpoint was written yet"
-                raise ValueError(f"training diverged: loss is {train_loss} at step {step + 1}; {where} in {out}")
-            grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), t.grad_clip).item()
+                raise diverged("loss", train_loss, step + 1)
+            # max_norm=inf measures without clipping (train.grad_clip=0: off)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip or math.inf).item()
+            if not math.isfinite(grad_norm):
+                raise diverged("the gradient norm", grad_norm, step + 1)
+            if pending is not None:
+                commit(pending)
+                pending = None
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             done = step + 1
@@ -248,11 +301,17 @@ def train_loop(
                 last.update(val)
                 bar.write(f"step {done}: " + "  ".join(f"{k} {v:.4f}" for k, v in val.items()))
             if done % t.save_every == 0 or done == t.steps:
-                if ddp.main:
-                    save_checkpoint(out, module, {"step": done, "optimizer": optimizer.state_dict()})
-                if ddp.world > 1:
-                    dist.barrier()
+                pending = stage(done)
+        if pending is not None:  # the last checkpoint: its weights' loss on the next batch, no update
+            module.train()
+            final_loss = probe(t.steps)
+            if not math.isfinite(final_loss):
+                raise diverged("the loss of the final weights", final_loss, t.steps)
+            commit(pending)
+            pending = None
     finally:
+        if isinstance(pending, Path):  # staged but never vouched for (divergence, interruption)
+            shutil.rmtree(pending, ignore_errors=True)
         bar.close()
         log.close()
     return last
@@ -282,30 +341,79 @@ def pretrain_objective(model, cfg: RunConfig, val_idx_ST, val_tgt_ST) -> Objecti
     return Objective(module=model, loss=loss, make_batch=make_batch, evaluate=evaluate)
 
 
+def check_run_folder(cfg: RunConfig, out: Path, resume: bool) -> None:
+    """May ``train`` (``resume``: ``train --resume``) write ``cfg``'s run into ``out``? One line if not.
+
+    Checked before anything is written, and again under the run's lock: a fresh run goes only into
+    a new or empty folder or one without a checkpoint; a resume only continues the same model,
+    tokenizer, data and routing (``config.resume_conflict``) to at least the step it has.
+    """
+    from .checkpoint import LATEST
+    from .config import load_run_config
+    from .rundir import LOCK, check_out_folder
+
+    check_out_folder(out)
+    has_config = (out / "config.yaml").is_file()
+    if not has_config:
+        if resume:
+            raise ValueError(f"cannot resume: {out} is not a run folder (no config.yaml)")
+        strays = [p.name for p in out.iterdir() if p.name != LOCK] if out.is_dir() else []
+        if strays:
+            raise ValueError(f"--out {out} is not empty and holds no run (found {sorted(strays)[0]!r}); "
+                             f"choose a new or empty folder")
+        return
+    ckpt = latest_checkpoint(out)
+    if not resume:
+        if ckpt is not None:
+            raise ValueError(f"{out} already holds a checkpoint ({ckpt.name}); pass --resume to continue it "
+                             f"or choose another --out")
+        return
+    conflict = resume_conflict(load_run_config(out), cfg)
+    if conflict:
+        raise ValueError(f"cannot resume {out}: {conflict}")
+    link = out / LATEST
+    if ckpt is None and os.path.lexists(link):
+        target = os.readlink(link) if link.is_symlink() else "a folder"
+        raise ValueError(f"cannot resume {out}: latest points to {target}, which is not a complete checkpoint, "
+                         f"and no complete step folder is left")
+    if ckpt is not None:
+        step = load_state(ckpt)["step"]
+        if cfg.train.steps < step:
+            raise ValueError(f"cannot resume {out} with train.steps={cfg.train.steps}: it is already trained to "
+                             f"step {step} (set train.steps={step} or more)")
+
+
 def pretrain(cfg: RunConfig, out: Path, *, resume: bool = False, log=print) -> dict:
-    """Stage 1 end to end: data and tokenizer into the run folder, then the training loop."""
-    from .data import check_length, load_tokens, prepare_data, sequences
+    """Stage 1 end to end: data and tokenizer into the run folder, then the training loop.
+
+    Everything is validated (the config, the run folder, the corpus read and tokenized in memory)
+    before the first byte is written, and the folder is written under its lock (``rundir``).
+    """
+    from .config import to_dict
+    from .data import build_data, cached_meta, check_length, load_tokens, sequences, write_data
     from .model import DuoModel
+    from .rundir import writing
 
     out = Path(out)
     device = resolve_device(cfg.train.device)
+    check_run_folder(cfg, out, resume)
     ddp = init_distributed(device)
-    if resume:
-        if not (out / "config.yaml").is_file():
-            raise ValueError(f"cannot resume: {out} is not a run folder (no config.yaml)")
-    if ddp.main:
-        meta = prepare_data(cfg, out, log=log)
-        save_config(cfg, out / "config.yaml")
-        log(f"corpus {cfg.data.spec}: {meta['train_tokens']:,} training and {meta['val_tokens']:,} validation tokens")
-    if ddp.world > 1:
-        dist.barrier()
-    train_tokens = load_tokens(out, "train")
-    check_length(train_tokens, cfg.train.seq_len, "training")
-    val_idx, val_tgt = sequences(load_tokens(out, "val"), cfg.train.seq_len, cfg.train.eval_tokens)
-    torch.manual_seed(cfg.train.seed)
-    model = DuoModel(cfg.model)
-    objective = pretrain_objective(model, cfg, val_idx, val_tgt)
-    from .config import to_dict
-
-    return train_loop(objective, cfg.train, train_tokens, out, device=device, resume=resume,
-                      desc="pretrain", run_config=to_dict(cfg))
+    prepared = None
+    if ddp.main and cached_meta(cfg, out) is None:
+        prepared = build_data(cfg, log=log)  # may refuse the corpus: nothing is written yet
+    with writing(out, create=ddp.main):
+        if ddp.main:
+            check_run_folder(cfg, out, resume)  # again, now that no other writer can change the folder
+            meta = write_data(prepared, out) if prepared is not None else cached_meta(cfg, out)
+            save_config(cfg, out / "config.yaml")
+            log(f"corpus {cfg.data.spec}: {meta['train_tokens']:,} training and {meta['val_tokens']:,} validation tokens")
+        if ddp.world > 1:
+            dist.barrier()
+        train_tokens = load_tokens(out, "train")
+        check_length(train_tokens, cfg.train.seq_len, "training")
+        val_idx, val_tgt = sequences(load_tokens(out, "val"), cfg.train.seq_len, cfg.train.eval_tokens)
+        torch.manual_seed(cfg.train.seed)
+        model = DuoModel(cfg.model)
+        objective = pretrain_objective(model, cfg, val_idx, val_tgt)
+        return train_loop(objective, cfg.train, train_tokens, out, device=device, resume=resume,
+                          desc="pretrain", run_config=to_dict(cfg))
