@@ -27,11 +27,11 @@ def cmd_train(args) -> None:
     out = Path(args.out or f"runs/{args.config or 'cpu'}")
     overrides = list(args.set or [])
     if args.data:
-        overrides.append(f"data.spec={args.data}")
-    if args.resume and (out / "config.yaml").is_file():
+        overrides.append(f"data.spec={args.data}")  # string keys take the text literally (no YAML)
+    if args.resume and not args.config and (out / "config.yaml").is_file():
         cfg = load_config(str(out / "config.yaml"), overrides)  # the run's own config, plus overrides
     else:
-        cfg = load_config(args.config, overrides)
+        cfg = load_config(args.config, overrides)  # with --resume: checked against the run's config
     pretrain(cfg, out, resume=args.resume)
     print(out)
 
@@ -69,11 +69,14 @@ def _routing_from_args(args, n_layers: int, n_seq: int, seq_len: int):
 def evaluation_table(run: Path, args) -> list[dict]:
     """Rows of loss, ppl, realised budget and compute for the routings the flags ask for."""
     from .checkpoint import load_model
-    from .data import eval_tokens
+    from .data import eval_tokens, parse_max_tokens
     from .evaluate import per_token_loss, summarize
 
+    max_tokens = parse_max_tokens(args.max_tokens)
+    if args.per_token and Path(args.per_token).is_dir():
+        raise ValueError(f"--per-token {args.per_token} is a folder; give a file name such as losses.npy")
     model, cfg = load_model(run)
-    idx_ST, tgt_ST = eval_tokens(run, cfg, args.data, args.max_tokens)
+    idx_ST, tgt_ST = eval_tokens(run, cfg, args.data, max_tokens)
     rows = []
     for name, routes in _routing_from_args(args, cfg.model.n_layers, *idx_ST.shape):
         res = per_token_loss(model, idx_ST, tgt_ST, routes, progress=True, desc=name)
@@ -223,7 +226,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     e.add_argument("--random-big", type=float, help="random routing, big with this probability (else small)")
     e.add_argument("--router", help="route with a trained router of the run (hard decisions), by name")
     e.add_argument("--data", help="evaluate on this data spec instead of the run's validation split")
-    e.add_argument("--max-tokens", type=int, help="cap on evaluation tokens (default eval.max_tokens)")
+    e.add_argument("--max-tokens", help="cap on evaluation tokens: N >= 1, or all (default eval.max_tokens)")
     e.add_argument("--per-token", help="write float32 per-token losses (canonical order) to this .npy")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.set_defaults(func=cmd_eval)
@@ -289,6 +292,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"duollm {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the environment: disk full, read-only, permissions, a folder where a file goes
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"duollm {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"duollm {args.command}: interrupted; completed work is saved, rerun (with --resume for train) to continue",
               file=sys.stderr)

@@ -19,6 +19,7 @@ Tensor name legend: B batch, T positions, L layers, D width, V vocabulary.
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -216,6 +217,16 @@ def run_generate_command(args: argparse.Namespace) -> None:
     from .checkpoint import load_model
     from .data import EOS, load_tokenizer
 
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise ValueError(f"--temperature must be a finite number >= 0 (0: greedy); got {args.temperature}")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be at least 1; got {args.max_new_tokens}")
+    if args.top_k < 0:
+        raise ValueError(f"--top-k must be >= 0 (0: all tokens); got {args.top_k}")
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError:  # bytes that are not UTF-8 arrive as lone surrogates
+        raise ValueError("--prompt is not valid UTF-8 text") from None
     run = Path(args.run)
     model, cfg = load_model(run)
     tok = load_tokenizer(run)

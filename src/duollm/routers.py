@@ -63,8 +63,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 import yaml
 
-from .config import RunConfig, TrainConfig, apply_overrides, from_dict, to_dict
-from .io import atomic_path, atomic_write_json, atomic_write_text
+from .config import RunConfig, TrainConfig, apply_overrides, from_dict, to_dict, validate_train
+from .io import atomic_write_json, atomic_write_text
+from .rundir import writing
 from .routing import BIG, ROUTE_OF_LETTER, SKIP, parse_options, parse_pattern
 
 METHODS = ("budget", "imitation", "straight-through")
@@ -166,12 +167,10 @@ def validate_router_config(c: RouterConfig) -> None:
         raise ValueError(f"router calibration_tokens must be positive; got {c.calibration_tokens}")
     if c.eval_batch <= 0:
         raise ValueError(f"router eval_batch must be positive; got {c.eval_batch}")
-    t = c.train
-    for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_every", "save_every", "log_every"):
-        if getattr(t, name) <= 0:
-            raise ValueError(f"router train.{name} must be positive; got {getattr(t, name)}")
-    if t.batch_size % t.grad_accum:
-        raise ValueError(f"router train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
+    for name in ("alpha", "beta_start", "beta_end"):
+        if not math.isfinite(getattr(c, name)):
+            raise ValueError(f"router {name} must be finite; got {getattr(c, name)}")
+    validate_train(c.train, "router train.")
 
 
 def beta_at(step: int, c: RouterConfig) -> float:
@@ -669,11 +668,9 @@ def router_dir(run: Path, name: str) -> Path:
 
 def save_router(folder: Path, router: Router, cfg: RouterConfig) -> None:
     """``router.safetensors`` and ``router.yaml`` (config + shape), both written atomically."""
-    from safetensors.torch import save_model
+    from .checkpoint import module_tensors, save_tensors
 
-    folder = Path(folder)
-    with atomic_path(folder / "router.safetensors") as tmp:
-        save_model(router, str(tmp), metadata={"options": router.options})
+    save_tensors(Path(folder) / "router.safetensors", module_tensors(router), {"options": router.options})
     write_router_yaml(folder, router, cfg)
 
 
@@ -684,8 +681,7 @@ def write_router_yaml(folder: Path, router: Router, cfg: RouterConfig) -> None:
 
 
 def load_router_folder(folder: Path, device="cpu") -> tuple[Router, RouterConfig]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_model as st_load_model
+    from .checkpoint import load_weights
 
     folder = Path(folder)
     if not (folder / "router.yaml").is_file() or not (folder / "router.safetensors").is_file():
@@ -696,14 +692,8 @@ def load_router_folder(folder: Path, device="cpu") -> tuple[Router, RouterConfig
         router = Router(int(meta["n_layers"]), int(meta["d_model"]), meta["options"])
     except (yaml.YAMLError, KeyError, TypeError) as e:
         raise ValueError(f"{folder / 'router.yaml'} is corrupt: {type(e).__name__}") from None
-    try:
-        missing, unexpected = st_load_model(router, str(folder / "router.safetensors"), strict=False)
-    except (SafetensorError, OSError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"corrupt router weights {folder / 'router.safetensors'}: {first}") from None
-    if set(missing) - {"offset_O"} or unexpected:  # routers saved before calibration existed lack the offset
-        raise ValueError(f"router weights {folder / 'router.safetensors'} do not match router.yaml "
-                         f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+    # routers saved before calibration existed lack the offset
+    load_weights(router, folder / "router.safetensors", what="router weights", optional=("offset_O",))
     return router.to(device).eval(), cfg
 
 
@@ -750,14 +740,14 @@ def comparison_rows(run: Path) -> list[dict]:
 def train_router(run: Path, cfg: RouterConfig, *, resume: bool = False, log=print) -> str:
     """Train, save and evaluate one router on the frozen model of ``run``; returns its name."""
     from .checkpoint import latest_checkpoint, load_model
-    from .data import eval_tokens, load_tokens, sequences
-    from .train import resolve_device, train_loop
+    from .data import eval_tokens, load_tokens
+    from .train import resolve_device
 
     run = Path(run)
     device = resolve_device(cfg.train.device)
     model, run_cfg = load_model(run, device)
     model.requires_grad_(False)  # the LM stays frozen (paper section 3.3)
-    L, D = run_cfg.model.n_layers, run_cfg.model.d_model
+    L = run_cfg.model.n_layers
     idx_ST, tgt_ST = eval_tokens(run, run_cfg)
     k = round(cfg.target * L)
     oracle_name = find_oracle(run, cfg.options, k, cfg.oracle)
@@ -785,7 +775,17 @@ def train_router(run: Path, cfg: RouterConfig, *, resume: bool = False, log=prin
     out = router_dir(run, cfg.name)
     if latest_checkpoint(out) is not None and not resume:
         raise ValueError(f"router {cfg.name} already exists in {out}; pass --resume to continue it or remove the folder")
+    with writing(run):
+        return _train_router(run, out, cfg, model, idx_ST, tgt_ST, train_tokens, oracle, imitation_data,
+                             device=device, resume=resume, log=log)
 
+
+def _train_router(run: Path, out: Path, cfg: RouterConfig, model, idx_ST, tgt_ST, train_tokens, oracle,
+                  imitation_data, *, device, resume: bool, log) -> str:
+    from .data import load_tokens, sequences
+    from .train import train_loop
+
+    L, D = model.cfg.n_layers, model.cfg.d_model
     torch.manual_seed(cfg.train.seed)
     router = Router(L, D, cfg.options)
     if cfg.init == "target":
@@ -836,7 +836,8 @@ def reevaluate_router(run: Path, name: str, *, oracle: str = "", log=print) -> s
     k = round(cfg.target * run_cfg.model.n_layers)
     oracle_name = find_oracle(run, cfg.options, k, cfg.oracle)
     table = load_oracle_table(run, oracle_name, k, idx_ST, tgt_ST, cfg.options) if oracle_name else None
-    write_eval(folder, model, router, idx_ST, tgt_ST, cfg, table, log)
+    with writing(run):
+        write_eval(folder, model, router, idx_ST, tgt_ST, cfg, table, log)
     return name
 
 

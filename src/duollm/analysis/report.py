@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ..io import atomic_write_bytes, atomic_write_text
+from ..rundir import writing
 from .difficulty import reference_k, token_table, write_difficulty
 from .figures import render_all, sample_sequence, visible
 from .findings import check_all
@@ -342,7 +343,12 @@ def render_markdown(res: dict, pngs: dict[str, bytes]) -> str:
 
 def write_report(run_dir) -> Path:
     """Regenerate ``RUN/report/`` from the run folder (no model computation); returns index.html's path."""
-    rd = RunData(Path(run_dir))
+    with writing(Path(run_dir)):
+        return _write_report(Path(run_dir))
+
+
+def _write_report(run_dir: Path) -> Path:
+    rd = RunData(run_dir)
     out = rd.run / "report"
     difficulty = write_difficulty(rd.run, rd)
     pngs = render_all(rd, difficulty)

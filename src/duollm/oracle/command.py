@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..routing import CandidateSpace, parse_budgets
 from .plan import OracleSpec, normalize_reference
+from ..rundir import writing
 from .runner import DTYPES, run_oracle
 
 # flag dest -> keyword of run_oracle_command (kept in one place so the two cannot drift)
@@ -33,8 +34,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       help="budget k means exactly k big layers (default, the paper) or at most k")
     a("--context", default="shared", help="shared (the pattern routes the whole sequence; default) or frozen "
       "(context tokens keep --reference, only the scored token's routes vary)")
-    a("--reference", default=None, help="frozen context routing: B (all big, default), S (all small) or a pattern")
-    a("--max-tokens", dest="max_tokens", type=int, default=None, help="cap on evaluation tokens (default eval.max_tokens)")
+    a("--reference", default=None, help="frozen context routing: B (all big, default), S (all small), a pattern, "
+      "or router:NAME (a trained router of the run)")
+    a("--max-tokens", dest="max_tokens", default=None, help="cap on evaluation tokens: N >= 1, or all "
+      "(default eval.max_tokens)")
     a("--data", default=None, help="data spec to score instead of the run's validation split")
     a("--search", default="exhaustive", help="exhaustive (default), beam, or greedy (beam of width 1)")
     a("--beam-width", dest="beam_width", type=int, default=4, help="prefixes kept per budget cell (default 4)")
@@ -183,12 +186,19 @@ def run_oracle_command(
     """
     from ..checkpoint import load_model
     from ..config import load_run_config
-    from ..data import eval_tokens
+    from ..data import eval_tokens, parse_max_tokens
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ValueError(f"run folder {run_dir} does not exist")
     cfg = load_run_config(run_dir)
+    dev = _device(device)
+    if context == "frozen" and isinstance(reference, str) and reference.startswith("router:"):
+        from ..routers import load_router  # a trained router of this run routes the context (hard decisions)
+
+        reference = load_router(run_dir, reference.partition(":")[2] or "?", dev)
+        if reference.n_layers != cfg.model.n_layers:
+            raise ValueError(f"router {reference.name} has {reference.n_layers} layers but the model has {cfg.model.n_layers}")
     spec = build_spec(
         cfg.model.n_layers, budgets=budgets, options=options, skips=skips, skips_mode=skips_mode,
         budget_mode=budget_mode, context=context, reference=reference, search=search, beam_width=beam_width,
@@ -196,13 +206,21 @@ def run_oracle_command(
     )
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be float32 or bfloat16; got {dtype!r}")
-    if max_tokens is not None and max_tokens < 1:
-        raise ValueError(f"--max-tokens must be positive; got {max_tokens}")
+    max_tokens = parse_max_tokens(max_tokens)
     if name is not None and (not name or "/" in name or name.startswith(".")):
         raise ValueError(f"--name must be a plain folder name; got {name!r}")
     name = name or spec.name()
-    model, cfg = load_model(run_dir, _device(device))
+    if batch_tokens < 1:
+        raise ValueError(f"--batch-tokens must be positive; got {batch_tokens}")
+    model, cfg = load_model(run_dir, dev)
     idx_ST, tgt_ST = eval_tokens(run_dir, cfg, spec=data, max_tokens=max_tokens)
+    with writing(run_dir):
+        return _run(run_dir, model, idx_ST, tgt_ST, spec, name, batch_tokens=batch_tokens, dtype=dtype,
+                    save_matrix=save_matrix, progress=progress, compile=compile, data=data)
+
+
+def _run(run_dir: Path, model, idx_ST, tgt_ST, spec: OracleSpec, name: str, *, batch_tokens, dtype, save_matrix,
+         progress, compile, data) -> str:
     summary = run_oracle(
         model, idx_ST, tgt_ST, spec, run_dir / "oracle" / name, batch_tokens=batch_tokens, dtype=dtype,
         keep_matrix=save_matrix, progress=progress,

@@ -80,6 +80,18 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
             np.save(f, array)
 
 
+def _allocate_matrix(path: Path, shape: tuple[int, int]) -> None:
+    """The float32 matrix file with its blocks reserved: a full disk fails here, as an OSError naming
+    the file, not later as a SIGBUS when a page of the memory map is first written."""
+    with atomic_path(path) as tmp:
+        np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape).flush()
+        fd = os.open(tmp, os.O_RDWR)
+        try:
+            os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+        finally:
+            os.close(fd)
+
+
 def _save_parquet(path: Path, columns: dict) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -211,7 +223,7 @@ def run_oracle(
         partial.mkdir(parents=True, exist_ok=True)
         atomic_write_json(stamp, {"fingerprint": fingerprint})
         if keep_matrix and not (partial / "loss_matrix.npy").is_file():
-            np.lib.format.open_memmap(partial / "loss_matrix.npy", mode="w+", dtype=np.float32, shape=(P, N)).flush()
+            _allocate_matrix(partial / "loss_matrix.npy", (P, N))
     if world > 1:
         dist.barrier()
 
