@@ -113,5 +113,5 @@ def test_corrupt_and_truncated_checkpoint(tiny_run, tmp_path):
     assert_one_line_error(duollm("eval", run, check=False), "corrupt checkpoint")
     weights.write_bytes(b"\x00" * 64)
     assert_one_line_error(duollm("eval", run, check=False), "corrupt checkpoint")
-    (run / "latest" / "trainer_state.pt").write_bytes(b"garbage")
-    assert_one_line_error(duollm("train", "--resume", "--out", run, check=False), "corrupt checkpoint")
+    (run / "latest" / "trainer_state.json").write_bytes(b"garbage")
+    assert_one_line_error(duollm("train", "--resume", "--out", run, check=False), "corrupt checkpoint", "trainer_state.json")

@@ -42,7 +42,7 @@ def test_wrapper_perplexity_equals_duollm_eval(tiny_run, tmp_path, capsys):
     seq_len = load_run_config(tiny_run).train.seq_len
     doc = tmp_path / "doc.txt"
     doc.write_text(whole_windows_text(tiny_run, seq_len))
-    assert main(["eval", str(tiny_run), "--pattern", "SB_B", "--data", f"file:{doc}", "--max-tokens", "0", "--json"]) == 0
+    assert main(["eval", str(tiny_run), "--pattern", "SB_B", "--data", f"file:{doc}", "--max-tokens", "all", "--json"]) == 0
     ours = json.loads(capsys.readouterr().out)
     res = evaluate({"run": str(tiny_run), "policy": "SB_B"}, {"data_file": str(doc)})
     assert res["token_perplexity,none"] == pytest.approx(ours["ppl"], rel=1e-5)

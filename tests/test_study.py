@@ -197,7 +197,7 @@ def test_study_config_is_strict():
 def test_existing_run_keeps_its_config_and_unfinished_training_resumes(tiny_run, tmp_path):
     out = tmp_path / "tiny"
     shutil.copytree(tiny_run, out, symlinks=True)
-    with pytest.raises(ValueError, match="already holds a run with another config"):
+    with pytest.raises(ValueError, match="already holds another run"):
         resolve_config("cpu", None, out)
     with pytest.raises(ValueError, match="data.spec"):
         resolve_config(None, "builtin:pydoc", out)
