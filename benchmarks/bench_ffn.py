@@ -32,11 +32,10 @@ import sys
 
 import torch
 
+from common import report_machine, time_interleaved  # benchmarks/common.py
 from duollm.config import load_config
 from duollm.model import DuoFFN
 from duollm.routing import BIG, FlopModel, RouteProbs, sample_routes
-
-from common import report_machine, time_interleaved  # benchmarks/common.py
 
 MIXES = {  # name -> route probabilities (skip, small, big)
     "all-big": RouteProbs(skip=0.0, small=0.0, big=1.0),
@@ -138,7 +137,8 @@ def main(argv=None) -> int:
     print()
 
     head = (f"{'width':<6}{'D/Fbig/Fsmall':>16}{'tokens':>8}  {'mode':<8}{'mix':<9}{'share':>7}"
-            f"{'dense ms':>10}{'ideal ms':>10}{'routed ms':>11}{'masked ms':>11}{'routed/ideal':>14}{'masked/routed':>15}{'best-round r/i, m/r':>21}")
+            f"{'dense ms':>10}{'ideal ms':>10}{'routed ms':>11}{'masked ms':>11}{'routed/ideal':>14}{'masked/routed':>15}"
+            f"{'best-round r/i, m/r':>21}")
     print(head)
     print("-" * len(head))
     ok = True

@@ -35,12 +35,11 @@ import torch
 from duollm.config import load_config
 from duollm.model import DuoModel
 from duollm.oracle import build_spec, naive_losses
-from duollm.oracle.plan import build_plan
 from duollm.oracle.kernels import Kernels
+from duollm.oracle.plan import build_plan
 from duollm.oracle.runner import compute_chunk, engine_model
 from duollm.oracle.tree import naive_flops, tree_flops
 from duollm.routing import FlopModel
-
 
 CLOCK = time.perf_counter  # set in main: process CPU time on one thread, wall time otherwise
 

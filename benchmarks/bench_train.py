@@ -28,11 +28,10 @@ import time
 
 import torch
 
+from common import report_machine, sync  # benchmarks/common.py
 from duollm.config import load_config
 from duollm.model import DuoModel
 from duollm.routing import FlopModel, RouteProbs, sample_routes
-
-from common import report_machine, sync  # benchmarks/common.py
 
 TARGET = 0.8  # measured speed-up / predicted speed-up, at least
 

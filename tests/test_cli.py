@@ -6,7 +6,6 @@ import shutil
 import numpy as np
 import pytest
 import torch
-
 from conftest import duollm
 
 
@@ -32,8 +31,7 @@ def test_eval_json_and_per_token(tiny_run, tmp_path):
 
 def test_eval_per_token_matches_the_model(tiny_run, tmp_path):
     """The canonical token order: row-major over the run's validation sequences."""
-    from duollm.checkpoint import load_model
-    from duollm.data import eval_tokens
+    from duollm.rundir import eval_tokens, load_model
 
     duollm("eval", tiny_run, "--pattern", "BBSS", "--per-token", tmp_path / "l.npy")
     model, cfg = load_model(tiny_run)

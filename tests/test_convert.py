@@ -7,7 +7,9 @@ import torch
 
 pytest.importorskip("transformers")
 
-from duollm.hf.convert import add_convert_arguments, init_small_from_big, run_convert_command  # noqa: E402
+from duollm.hf.convert import add_arguments as add_convert_arguments  # noqa: E402
+from duollm.hf.convert import init_small_from_big
+from duollm.hf.convert import run_command as run_convert_command
 
 LLAMA = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              vocab_size=512, max_position_embeddings=64, rope_theta=5000.0, tie_word_embeddings=False,
@@ -45,7 +47,7 @@ def convert_cli(*argv):
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_all_big_reproduces_the_source_logits(kind, tiny_run, corpus, tmp_path):
-    from duollm.checkpoint import load_model
+    from duollm.rundir import load_model
 
     source = pretrained(kind, tmp_path / "src", tiny_run)
     run = tmp_path / "run"

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
-
 from conftest import SHARED_CORPUS
-from duollm import data
+
+from duollm import data, rundir
 from duollm.config import load_config
 
 
@@ -70,12 +70,12 @@ def test_hf_dataset_from_a_local_folder(tmp_path):
 
 def test_prepare_data_caches_tokens(tmp_path):
     cfg = load_config("tiny", [f"data.spec=file:{SHARED_CORPUS}"])
-    meta = data.prepare_data(cfg, tmp_path, log=lambda *_: None)
-    train = data.load_tokens(tmp_path, "train")
+    meta = rundir.prepare_data(cfg, tmp_path, log=lambda *_: None)
+    train = rundir.load_tokens(tmp_path, "train")
     assert len(train) == meta["train_tokens"] > 100_000 and train.dtype == np.uint16
     assert int(np.max(train)) < cfg.model.vocab_size
-    assert data.prepare_data(cfg, tmp_path, log=lambda *_: None) == meta  # second call reuses the cache
-    idx_ST, tgt_ST = data.eval_tokens(tmp_path, cfg, max_tokens=320)
+    assert rundir.prepare_data(cfg, tmp_path, log=lambda *_: None) == meta  # second call reuses the cache
+    idx_ST, tgt_ST = rundir.eval_tokens(tmp_path, cfg, max_tokens=320)
     assert idx_ST.shape == (10, cfg.train.seq_len)
     assert (idx_ST[:, 1:] == tgt_ST[:, :-1]).all() and (idx_ST[1:, 0] == tgt_ST[:-1, -1]).all()
 
@@ -89,8 +89,8 @@ def test_pretrained_tokenizer_from_a_local_folder(tmp_path):
     assert tok.encode("def f(x): return x") == bpe.encode("def f(x): return x")
     cfg = load_config("tiny", [f"data.tokenizer={tmp_path / 'tok'}", "model.vocab_size=512"])
     run = tmp_path / "run"
-    data.prepare_data(cfg, run, log=lambda *_: None)
-    assert data.load_tokenizer(run).encode("hello") == bpe.encode("hello")
+    rundir.prepare_data(cfg, run, log=lambda *_: None)
+    assert rundir.load_tokenizer(run).encode("hello") == bpe.encode("hello")
     too_small = load_config("tiny", [f"data.tokenizer={tmp_path / 'tok'}", "model.vocab_size=100"])
     with pytest.raises(ValueError, match="model.vocab_size=100"):
-        data.prepare_data(too_small, tmp_path / "run2", log=lambda *_: None)
+        rundir.prepare_data(too_small, tmp_path / "run2", log=lambda *_: None)

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import SHARED_CORPUS, duollm
+
 from duollm.cli import main
 
 QUIET = ["train.log_every=5"]
@@ -182,8 +182,8 @@ def test_divergence_names_a_checkpoint_that_is_really_good(capsys, tmp_path):
     line = refused(capsys, "train", "--config", "tiny", "--out", out, "--set", "train.lr=1e6", "train.min_lr=0",
                    "train.save_every=1", "train.eval_every=100", *QUIET, fragment="training diverged")
     assert "at step" in line
-    from duollm.checkpoint import latest_checkpoint, load_model
-    from duollm.data import eval_tokens
+    from duollm.checkpoint import latest_checkpoint
+    from duollm.rundir import eval_tokens, load_model
 
     kept = latest_checkpoint(out)
     if kept is None:

@@ -6,8 +6,12 @@ import shutil
 import pytest
 import torch
 
-from duollm.generate import RandomPolicy, add_generate_arguments, generate_ids, resolve_policy, run_generate_command
+from duollm.generate import add_arguments as add_generate_arguments
+from duollm.generate import generate_ids
+from duollm.generate import run_command as run_generate_command
 from duollm.model import DuoModel, KVCache, ModelConfig
+from duollm.routing import RandomPolicy
+from duollm.rundir import routing_policy as resolve_policy
 
 
 def generate_cli(capsys, *argv):
@@ -80,15 +84,14 @@ def test_policy_specs():
     assert resolve_policy("S_BB", 4) == ("S_BB", "S_BB")
     name, policy = resolve_policy("random:0.25", 4, seed=1)
     assert name == "random:0.25" and isinstance(policy, RandomPolicy) and policy.p_big == 0.25
-    for bad, msg in (("SBS", "has 3 letters"), ("random:2", "0 <= P <= 1"), ("fast:1", "unknown policy"),
+    for bad, msg in (("SBS", "has 3 letters"), ("random:2", "needs a number P"), ("fast:1", "unknown routing"),
                      ("router:", "needs a router name")):
         with pytest.raises(ValueError, match=msg):
             resolve_policy(bad, 4)
 
 
 def test_generate_command_prints_text_and_routes(tiny_run, capsys):
-    from duollm.checkpoint import load_model
-    from duollm.data import load_tokenizer
+    from duollm.rundir import load_model, load_tokenizer
 
     prompt = "The for statement"
     out = generate_cli(capsys, tiny_run, "--prompt", prompt, "--policy", "SB_B", "--max-new-tokens", "12",
@@ -108,9 +111,9 @@ def test_generate_command_prints_text_and_routes(tiny_run, capsys):
 
 def test_generate_command_with_a_router(tiny_run, tmp_path, capsys):
     """router:NAME routes each generated token by the router's decision on its hidden state."""
-    from duollm.checkpoint import load_model
-    from duollm.data import load_tokenizer
-    from duollm.routers import Router, RouterConfig, save_router
+    from duollm.routers.config import RouterConfig
+    from duollm.routers.policy import Router
+    from duollm.rundir import load_model, load_tokenizer, save_router
 
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run, symlinks=True)

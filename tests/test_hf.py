@@ -14,7 +14,8 @@ import torch
 pytest.importorskip("transformers")
 
 from duollm.hf import DuoConfig, DuoForCausalLM  # noqa: E402  (registers the Auto classes)
-from duollm.hf.export import add_export_arguments, run_export_command  # noqa: E402
+from duollm.hf.export import add_arguments as add_export_arguments  # noqa: E402
+from duollm.hf.export import run_command as run_export_command
 from duollm.model import ModelConfig  # noqa: E402
 
 
@@ -59,8 +60,7 @@ def test_export_then_auto_classes_give_the_run_logits(tiny_run, exported):
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from duollm.checkpoint import load_model
-    from duollm.data import eval_tokens, load_tokenizer
+    from duollm.rundir import eval_tokens, load_model, load_tokenizer
 
     run_model, cfg = load_model(tiny_run)
     hf = AutoModelForCausalLM.from_pretrained(exported).eval()
@@ -128,7 +128,9 @@ def test_greedy_generate_uses_and_grows_the_cache():
 def test_generate_with_a_router_policy(tiny_run, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from duollm.routers import Router, RouterConfig, save_router
+    from duollm.routers.config import RouterConfig
+    from duollm.routers.policy import Router
+    from duollm.rundir import save_router
 
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run, symlinks=True)
@@ -272,7 +274,8 @@ def test_wandb_offline_run_is_written(tmp_path, monkeypatch):
 
 def test_commands_say_how_to_install_transformers(monkeypatch, tmp_path):
     """Without the hf extra, export and convert fail with one line naming the extra (no traceback)."""
-    from duollm.hf.convert import add_convert_arguments, run_convert_command
+    from duollm.hf.convert import add_arguments as add_convert_arguments
+    from duollm.hf.convert import run_command as run_convert_command
 
     monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers -> ImportError
     with pytest.raises(ValueError, match=r"duollm export needs transformers: pip install 'duollm\[hf\]'"):

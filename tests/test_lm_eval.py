@@ -24,7 +24,7 @@ def evaluate(model_args: dict, metadata: dict | None = None) -> dict:
 def whole_windows_text(run, seq_len: int) -> str:
     """A prefix of the shipped text whose tokens fill whole evaluation windows: n * seq_len + 1 tokens,
     so `duollm eval` (which drops a last partial window) and lm-eval score exactly the same tokens."""
-    from duollm.data import load_tokenizer
+    from duollm.rundir import load_tokenizer
 
     tok = load_tokenizer(run)
     ids = tok.encode(DEFAULT_TEXT.read_text())
@@ -37,7 +37,7 @@ def whole_windows_text(run, seq_len: int) -> str:
 
 def test_wrapper_perplexity_equals_duollm_eval(tiny_run, tmp_path, capsys):
     from duollm.cli import main
-    from duollm.config import load_run_config
+    from duollm.rundir import load_run_config
 
     seq_len = load_run_config(tiny_run).train.seq_len
     doc = tmp_path / "doc.txt"
@@ -56,7 +56,8 @@ def test_shipped_task_on_an_exported_model(tiny_run, tmp_path):
     """The shipped text, the exported folder (pretrained=), its saved policy; the same numbers as the run."""
     import argparse
 
-    from duollm.hf.export import add_export_arguments, run_export_command
+    from duollm.hf.export import add_arguments as add_export_arguments
+    from duollm.hf.export import run_command as run_export_command
 
     p = argparse.ArgumentParser()
     add_export_arguments(p)
@@ -72,9 +73,8 @@ def test_shipped_task_on_an_exported_model(tiny_run, tmp_path):
 def test_loglikelihood_and_generate_until(tiny_run):
     from lm_eval.api.instance import Instance
 
-    from duollm.checkpoint import load_model
-    from duollm.data import load_tokenizer
     from duollm.generate import generate_ids
+    from duollm.rundir import load_model, load_tokenizer
 
     lm = DuoLM(run=str(tiny_run), policy="SSBB", batch_size=2)
     context, continuation = "The while statement is used for", " repeated execution"

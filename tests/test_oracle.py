@@ -114,7 +114,8 @@ def test_tree_equals_naive_with_grouped_kv_and_block_skip():
     route_PL = routes_of(["SB_B", "__BS", "B__B", "BBBB", "_S_S"])
     for context in ("shared", "frozen"):
         tree_PST = pattern_losses(m, idx, tgt, route_PL, context=context, reference="B_SB" if context == "frozen" else None)
-        for p, naive_ST in naive_losses(m, idx, tgt, route_PL, context=context, reference="B_SB" if context == "frozen" else None):
+        reference = "B_SB" if context == "frozen" else None
+        for p, naive_ST in naive_losses(m, idx, tgt, route_PL, context=context, reference=reference):
             torch.testing.assert_close(tree_PST[p], naive_ST, atol=ATOL, rtol=0)
 
 

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import torch
-
 from conftest import duollm
+
 from duollm.cli import main
 
 

@@ -24,8 +24,6 @@ from duollm.analysis.report import write_report
 from duollm.analysis.rundata import Oracle, RunData, early_exit_pattern, reference_budgets
 from duollm.oracle.command import run_oracle_command
 
-
-
 # ----------------------------------------------------------------------------- rank statistics
 
 
@@ -165,7 +163,8 @@ def test_difficulty_matches_the_oracle_table(oracle_only_run):
     assert k == 2 and d["tokens"] == len(per_token["token"]) == 256
     small, oracle = np.array(per_token["loss_all_small"]), np.array(per_token[f"oracle_loss_k{k}"])
     np.testing.assert_allclose(table[f"gap_k{k}"], small - oracle, rtol=1e-6, atol=1e-6)
-    assert d["spearman_small_loss_vs_gap"] == pytest.approx(spearman(small.astype(np.float64), small - oracle.astype(np.float64)), abs=1e-5)
+    want = spearman(small.astype(np.float64), small - oracle.astype(np.float64))
+    assert d["spearman_small_loss_vs_gap"] == pytest.approx(want, abs=1e-5)
     gaps = [t["gap"] for t in d["top_by_gap"]]
     assert gaps == sorted(gaps, reverse=True) and gaps[0] == pytest.approx(float((small - oracle).max()), abs=1e-3)
     assert [t["loss_rank"] for t in d["top_by_loss"]] == list(range(1, len(d["top_by_loss"]) + 1))

@@ -10,7 +10,8 @@ import pytest
 
 import duollm.oracle.command
 import duollm.oracle.runner
-import duollm.routers
+import duollm.routers.command
+import duollm.routers.evaluate
 import duollm.train
 from duollm.config import load_config
 from duollm.study import Study, resolve_config, router_budgets, run_study
@@ -25,7 +26,7 @@ class Calls:
     def __init__(self, mp: pytest.MonkeyPatch):
         self.log: list[tuple[str, dict]] = []
         for module, name in ((duollm.train, "pretrain"), (duollm.oracle.command, "run_oracle_command"),
-                             (duollm.routers, "run_router_command")):
+                             (duollm.routers.command, "run_router_command")):
             mp.setattr(module, name, self._wrap(name, getattr(module, name)))
 
     def _wrap(self, name, fn):
@@ -81,7 +82,8 @@ def study(tiny_run, tmp_path_factory):
         passes.append(list(calls.log))
 
         calls.log.clear()
-        mp.setattr(duollm.routers, "evaluate_router", Once(duollm.routers.evaluate_router, lambda *a, **k: True))
+        real = duollm.routers.evaluate.evaluate_router
+        mp.setattr(duollm.routers.evaluate, "evaluate_router", Once(real, lambda *a, **k: True))
         with pytest.raises(KeyboardInterrupt):
             run_study("tiny", None, out, log=QUIET)
         passes.append(list(calls.log))

@@ -6,10 +6,10 @@ import sys
 
 import pytest
 import torch
+from conftest import duollm
 from safetensors.torch import load_file
 
-from conftest import duollm
-from duollm import data as data_mod
+from duollm import train as train_mod  # the loop draws its batches with train.sample_batch
 from duollm.config import load_config
 from duollm.train import pretrain
 
@@ -50,7 +50,7 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
     cfg = load_config("tiny", QUICK)
     pretrain(cfg, tmp_path / "full", log=lambda *_: None)
 
-    real_sample = data_mod.sample_batch
+    real_sample = train_mod.sample_batch
     calls = {"n": 0}
 
     def interrupted(*args, **kwargs):  # the process dies during step 7, after the step-4 checkpoint
@@ -59,11 +59,11 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real_sample(*args, **kwargs)
 
-    monkeypatch.setattr(data_mod, "sample_batch", interrupted)
+    monkeypatch.setattr(train_mod, "sample_batch", interrupted)
     with pytest.raises(KeyboardInterrupt):
         pretrain(cfg, tmp_path / "cut", log=lambda *_: None)
     assert (tmp_path / "cut" / "latest").resolve().name == "step-0000004"
-    monkeypatch.setattr(data_mod, "sample_batch", real_sample)
+    monkeypatch.setattr(train_mod, "sample_batch", real_sample)
     pretrain(cfg, tmp_path / "cut", resume=True, log=lambda *_: None)
     assert losses(tmp_path / "cut") == losses(tmp_path / "full")
     assert_same_weights(tmp_path / "cut", tmp_path / "full")
@@ -80,8 +80,8 @@ def test_ddp_two_processes_match_one(tmp_path):
         capture_output=True, text=True, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    one = [l for l in losses(tmp_path / "one") if l[1] is not None]
-    two = [l for l in losses(tmp_path / "two") if l[1] is not None]
+    one = [row for row in losses(tmp_path / "one") if row[1] is not None]
+    two = [row for row in losses(tmp_path / "two") if row[1] is not None]
     assert [s for s, *_ in one] == [s for s, *_ in two] == [1, 2, 3, 4, 5, 6]
     for (_, a, _), (_, b, _) in zip(one, two):
         assert a == pytest.approx(b, rel=1e-4)

@@ -7,10 +7,11 @@ code (DESIGN 7); folders written before this format (``trainer_state.pt``) load 
 ``torch.load(weights_only=True)``.
 
 The folder is written as ``.step-0000300.tmp`` (``stage_checkpoint``) and renamed once complete
-and vouched for (``commit_checkpoint``); ``<dir>/latest`` is then a symlink replaced atomically. So an interruption leaves either the old or the new
-checkpoint, never half of one, and older step folders are deleted only after a newer one is
-complete and linked. If ``latest`` is missing, dangling or a plain copy (``cp -rL``), the newest
-complete step folder is the checkpoint. For a pretraining run ``<dir>`` is the run folder itself.
+and vouched for (``commit_checkpoint``); ``<dir>/latest`` is then a symlink replaced atomically.
+So an interruption leaves either the old or the new checkpoint, never half of one, and older
+step folders are deleted only after a newer one is complete and linked. If ``latest`` is
+missing, dangling or a plain copy (``cp -rL``), the newest complete step folder is the
+checkpoint. For a pretraining run ``<dir>`` is the run folder itself.
 """
 
 from __future__ import annotations
@@ -80,7 +81,8 @@ def load_weights(module: torch.nn.Module, ckpt: Path, what: str = "checkpoint", 
         loaded = load_file(str(path))
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
         raise ValueError(f"corrupt {what} {path}: {_first_line(e)}") from None
-    missing = [g[0] for g in tied_groups(module) if not any(k in shapes for k in g) and g[0] not in optional]  # any name of a tied group
+    # a tied group is present under any of its names
+    missing = [g[0] for g in tied_groups(module) if not any(k in shapes for k in g) and g[0] not in optional]
     unexpected = [k for k in shapes if k not in state]
     if missing or unexpected:
         raise ValueError(f"{what} {path} does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
@@ -226,20 +228,3 @@ def load_state(ckpt: Path) -> dict:
             return torch.load(path, map_location="cpu", weights_only=True)  # never unpickles code
     except Exception as e:
         raise ValueError(f"corrupt checkpoint {path}: {_first_line(e)}") from None
-
-
-def load_model(run: Path, device: str | torch.device = "cpu"):
-    """The trained Duo model of a run folder, in eval mode: ``(model, cfg)``."""
-    from .config import load_run_config
-    from .model import DuoModel
-
-    run = Path(run)
-    if not run.is_dir():
-        raise ValueError(f"run folder {run} does not exist")
-    cfg = load_run_config(run)
-    ckpt = latest_checkpoint(run)
-    if ckpt is None:
-        raise ValueError(f"run folder {run} has no checkpoint (train it first)")
-    model = DuoModel(cfg.model)
-    load_weights(model, ckpt)
-    return model.to(device).eval(), cfg

@@ -1,13 +1,31 @@
-"""The ``duollm`` command (DESIGN section 5). User mistakes exit non-zero with one line, no traceback."""
+"""The ``duollm`` command (DESIGN section 5). User mistakes exit 2 with one line, environment failures 1.
+
+One adapter style: every command module exposes ``add_arguments(parser)`` and ``run_command(args)``,
+which returns the line printed last (or None); ``COMMANDS`` lists them. ``export`` and ``convert``
+import transformers, so their modules load only when one of them is the command.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
+import torch
+
+from . import rundir
+from .analysis.report import write_report
+from .config import load_config
+from .data import parse_max_tokens
+from .evaluate import per_token_loss, random_routes, summarize
+from .io import atomic_path
+from .model import DuoModel, param_counts
+from .routing import parse_pattern
+from .study import run_study
+from .train import pretrain
 
 
 def _fmt_int(n: float) -> str:
@@ -20,38 +38,54 @@ def _fmt_int(n: float) -> str:
 # ----------------------------------------------------------------------------- train
 
 
-def cmd_train(args) -> None:
-    from .config import load_config
-    from .train import pretrain
+def add_train_arguments(t: argparse.ArgumentParser) -> None:
+    t.add_argument("--config", help="preset (tiny, cpu, paper) or YAML file")
+    t.add_argument("--data", help="builtin:pydoc | file:PATH | hf:NAME[:CONFIG]")
+    t.add_argument("--out", help="run folder (default runs/<preset or config file name>)")
+    t.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.steps=100")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
 
-    out = Path(args.out or f"runs/{args.config or 'cpu'}")
+
+def default_out(config: str | None) -> Path:
+    """``runs/<preset>`` or ``runs/<stem of the YAML file>`` (train and run agree)."""
+    return Path("runs") / (Path(config).stem if config else "cpu")
+
+
+def cmd_train(args) -> str:
+    out = Path(args.out) if args.out else default_out(args.config)
     overrides = list(args.set or [])
     if args.data:
         overrides.append(f"data.spec={args.data}")  # string keys take the text literally (no YAML)
-    if args.resume and not args.config and (out / "config.yaml").is_file():
-        cfg = load_config(str(out / "config.yaml"), overrides)  # the run's own config, plus overrides
+    if args.resume and not args.config and rundir.has_run(out):
+        cfg = load_config(str(rundir.config_path(out)), overrides)  # the run's own config, plus overrides
     else:
         cfg = load_config(args.config, overrides)  # with --resume: checked against the run's config
     pretrain(cfg, out, resume=args.resume)
-    print(out)
+    return str(out)
 
 
 # ----------------------------------------------------------------------------- eval
 
 
+def add_eval_arguments(e: argparse.ArgumentParser) -> None:
+    e.add_argument("run")
+    e.add_argument("--pattern", help="one route per layer over B, S, _ (e.g. SSSSBBBBSSSS)")
+    e.add_argument("--random-big", type=float, help="random routing, big with this probability (else small)")
+    e.add_argument("--router", help="route with a trained router of the run (hard decisions), by name")
+    e.add_argument("--data", help="evaluate on this data spec instead of the run's validation split")
+    e.add_argument("--max-tokens", help="cap on evaluation tokens: N >= 1, or all (default eval.max_tokens)")
+    e.add_argument("--per-token", help="write float32 per-token losses (canonical order) to this .npy")
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+
+
 def _routing_from_args(args, n_layers: int, n_seq: int, seq_len: int):
     """(name, routes) pairs to evaluate, from --pattern / --random-big (default: the standard table)."""
-    from .evaluate import random_routes
-    from .routing import parse_pattern
-
     chosen = [flag for flag, v in (("--pattern", args.pattern), ("--random-big", args.random_big),
                                    ("--router", getattr(args, "router", None))) if v is not None]
     if len(chosen) > 1:
         raise ValueError(f"give one of --pattern, --random-big, --router; got {' and '.join(chosen)}")
     if getattr(args, "router", None):
-        from .routers import load_router
-
-        return [(f"router:{args.router}", load_router(Path(args.run), args.router).eval())]
+        return [rundir.routing_policy(f"router:{args.router}", n_layers, root=Path(args.run))]
     if args.pattern:
         parse_pattern(args.pattern, n_layers)
         return [(args.pattern, args.pattern)]
@@ -68,15 +102,11 @@ def _routing_from_args(args, n_layers: int, n_seq: int, seq_len: int):
 
 def evaluation_table(run: Path, args) -> list[dict]:
     """Rows of loss, ppl, realised budget and compute for the routings the flags ask for."""
-    from .checkpoint import load_model
-    from .data import eval_tokens, parse_max_tokens
-    from .evaluate import per_token_loss, summarize
-
     max_tokens = parse_max_tokens(args.max_tokens)
     if args.per_token and Path(args.per_token).is_dir():
         raise ValueError(f"--per-token {args.per_token} is a folder; give a file name such as losses.npy")
-    model, cfg = load_model(run)
-    idx_ST, tgt_ST = eval_tokens(run, cfg, args.data, max_tokens)
+    model, cfg = rundir.load_model(run)
+    idx_ST, tgt_ST = rundir.eval_tokens(run, cfg, args.data, max_tokens)
     rows = []
     for name, routes in _routing_from_args(args, cfg.model.n_layers, *idx_ST.shape):
         res = per_token_loss(model, idx_ST, tgt_ST, routes, progress=True, desc=name)
@@ -92,8 +122,6 @@ def print_table(rows: list[dict]) -> None:
 
 
 def cmd_eval(args) -> None:
-    from .io import atomic_path
-
     rows = evaluation_table(Path(args.run), args)
     if args.per_token:
         with atomic_path(args.per_token) as tmp:
@@ -113,11 +141,13 @@ def cmd_eval(args) -> None:
 # ----------------------------------------------------------------------------- info
 
 
+def add_info_arguments(i: argparse.ArgumentParser) -> None:
+    i.add_argument("run", nargs="?")
+    i.add_argument("--config", help="preset or YAML file")
+    i.add_argument("--json", action="store_true")
+
+
 def model_info(cfg) -> dict:
-    import torch
-
-    from .model import DuoModel, param_counts
-
     with torch.device("meta"):  # counts without allocating weights (the paper preset is 1.4B)
         model = DuoModel(cfg.model)
     fm = model.flop_model
@@ -137,14 +167,12 @@ def model_info(cfg) -> dict:
 
 
 def cmd_info(args) -> None:
-    from .config import load_config, load_run_config
-
     if args.run and args.config:
         raise ValueError("give either a run folder or --config, not both")
     if args.run:
         if not Path(args.run).is_dir():
             raise ValueError(f"run folder {args.run} does not exist")
-        cfg = load_run_config(Path(args.run))
+        cfg = rundir.load_run_config(Path(args.run))
     else:
         cfg = load_config(args.config)
     info = model_info(cfg)
@@ -167,119 +195,66 @@ def cmd_info(args) -> None:
         print(f"  whole model, {k.replace('all_', 'all-'):<9} {_fmt_int(f[k]):>8}  ({f[k] / f['all_big']:.2f} of all-big)")
 
 
-# ----------------------------------------------------------------------------- oracle
+# ----------------------------------------------------------------------------- run and report
 
 
-def cmd_oracle(args) -> None:
-    from .oracle.command import kwargs_from_args, run_oracle_command
-
-    print(run_oracle_command(Path(args.run), **kwargs_from_args(args)))
-
-
-# ----------------------------------------------------------------------------- router
+def add_run_arguments(r: argparse.ArgumentParser) -> None:
+    r.add_argument("--config", help="preset (default cpu) or YAML file")
+    r.add_argument("--data", help="data spec (default builtin:pydoc)")
+    r.add_argument("--out", help="run folder (default runs/<preset or config file name>)")
+    r.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. study.tokens=4096")
 
 
-def cmd_router(args) -> None:
-    from .routers import run_router_command
-
-    print(run_router_command(Path(args.run), **vars(args)))
-
-
-# ----------------------------------------------------------------------------- run (the whole study)
-
-
-def cmd_run(args) -> None:
-    from .study import run_study
-
-    out = Path(args.out or f"runs/{Path(args.config).stem if args.config else 'cpu'}")
+def cmd_run(args) -> str:
+    out = Path(args.out) if args.out else default_out(args.config)
     run_study(args.config, args.data, out, args.set or [])
-    print(out)
+    return str(out)
 
 
-def cmd_report(args) -> None:
-    from .analysis.report import write_report
+def add_report_arguments(rp: argparse.ArgumentParser) -> None:
+    rp.add_argument("run")
 
+
+def cmd_report(args) -> str:
     if not Path(args.run).is_dir():
         raise ValueError(f"run folder {args.run} does not exist")
-    print(write_report(Path(args.run)))
+    return str(write_report(Path(args.run)))
 
 
-# ----------------------------------------------------------------------------- parser
+# ----------------------------------------------------------------------------- the table of commands
+
+# name -> (module or this one, add_arguments, run_command, help)
+COMMANDS: dict[str, tuple[str, str, str, str]] = {
+    "train": (__name__, "add_train_arguments", "cmd_train", "stage 1: random-routing pretraining"),
+    "eval": (__name__, "add_eval_arguments", "cmd_eval", "perplexity of a run under a routing"),
+    "oracle": ("duollm.oracle.command", "add_arguments", "run_command",
+               "stage 2: exhaustive routing search under a budget, with baselines"),
+    "router": ("duollm.routers.command", "add_arguments", "run_command",
+               "stage 3: train a router on the frozen model, evaluate it against the oracle"),
+    "generate": ("duollm.generate", "add_arguments", "run_command",
+                 "generate text under a routing policy; --show-routes prints the routes"),
+    "export": ("duollm.hf.export", "add_arguments", "run_command",
+               "export a run to the Hugging Face format (AutoModelForCausalLM)"),
+    "convert": ("duollm.hf.convert", "add_arguments", "run_command", "turn a pretrained Llama or GPT-2 model into a Duo run"),
+    "info": (__name__, "add_info_arguments", "cmd_info", "parameter counts and FLOPs per token"),
+    "run": (__name__, "add_run_arguments", "cmd_run", "the whole study, end to end"),
+    "report": (__name__, "add_report_arguments", "cmd_report",
+               "regenerate RUN/report/ (HTML, Markdown, JSON) from the run folder alone"),
+}
+LAZY = {"export", "convert"}  # their modules import transformers (seconds): only when one of them is the command
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser; ``command`` (the subcommand about to run) lets heavy subcommands load lazily."""
     p = argparse.ArgumentParser(prog="duollm", description="Duo-LLM: adaptive computation in language models")
     sub = p.add_subparsers(dest="command", required=True)
-
-    t = sub.add_parser("train", help="stage 1: random-routing pretraining")
-    t.add_argument("--config", help="preset (tiny, cpu, paper) or YAML file")
-    t.add_argument("--data", help="builtin:pydoc | file:PATH | hf:NAME[:CONFIG]")
-    t.add_argument("--out", help="run folder (default runs/<preset>)")
-    t.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.steps=100")
-    t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    t.set_defaults(func=cmd_train)
-
-    e = sub.add_parser("eval", help="perplexity of a run under a routing")
-    e.add_argument("run")
-    e.add_argument("--pattern", help="one route per layer over B, S, _ (e.g. SSSSBBBBSSSS)")
-    e.add_argument("--random-big", type=float, help="random routing, big with this probability (else small)")
-    e.add_argument("--router", help="route with a trained router of the run (hard decisions), by name")
-    e.add_argument("--data", help="evaluate on this data spec instead of the run's validation split")
-    e.add_argument("--max-tokens", help="cap on evaluation tokens: N >= 1, or all (default eval.max_tokens)")
-    e.add_argument("--per-token", help="write float32 per-token losses (canonical order) to this .npy")
-    e.add_argument("--json", action="store_true", help="print one JSON object")
-    e.set_defaults(func=cmd_eval)
-
-    o = sub.add_parser("oracle", help="stage 2: exhaustive routing search under a budget, with baselines")
-    o.add_argument("run")
-    from .oracle.command import add_arguments as add_oracle_arguments
-
-    add_oracle_arguments(o)
-    o.set_defaults(func=cmd_oracle)
-
-    rt = sub.add_parser("router", help="stage 3: train a router on the frozen model, evaluate it against the oracle")
-    rt.add_argument("run")
-    from .routers import add_arguments as add_router_arguments
-
-    add_router_arguments(rt)
-    rt.set_defaults(func=cmd_router)
-
-    from .generate import add_generate_arguments, run_generate_command
-
-    g = sub.add_parser("generate", help="generate text under a routing policy; --show-routes prints the routes")
-    add_generate_arguments(g)
-    g.set_defaults(func=run_generate_command)
-    # export and convert import transformers (seconds): only when one of them is the command
-    x = sub.add_parser("export", help="export a run to the Hugging Face format (AutoModelForCausalLM)")
-    c = sub.add_parser("convert", help="turn a pretrained Llama or GPT-2 model into a Duo run")
-    if command == "export":
-        from .hf.export import add_export_arguments, run_export_command
-
-        add_export_arguments(x)
-        x.set_defaults(func=run_export_command)
-    if command == "convert":
-        from .hf.convert import add_convert_arguments, run_convert_command
-
-        add_convert_arguments(c)
-        c.set_defaults(func=run_convert_command)
-
-    i = sub.add_parser("info", help="parameter counts and FLOPs per token")
-    i.add_argument("run", nargs="?")
-    i.add_argument("--config", help="preset or YAML file")
-    i.add_argument("--json", action="store_true")
-    i.set_defaults(func=cmd_info)
-
-    r = sub.add_parser("run", help="the whole study, end to end")
-    r.add_argument("--config", help="preset (default cpu) or YAML file")
-    r.add_argument("--data", help="data spec (default builtin:pydoc)")
-    r.add_argument("--out", help="run folder (default runs/<preset>)")
-    r.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. study.tokens=4096")
-    r.set_defaults(func=cmd_run)
-
-    rp = sub.add_parser("report", help="regenerate RUN/report/ (HTML, Markdown, JSON) from the run folder alone")
-    rp.add_argument("run")
-    rp.set_defaults(func=cmd_report)
+    for name, (module, add, run, help_) in COMMANDS.items():
+        sp = sub.add_parser(name, help=help_)
+        if name in LAZY and name != command:
+            continue
+        mod = importlib.import_module(module)
+        getattr(mod, add)(sp)
+        sp.set_defaults(func=getattr(mod, run))
     return p
 
 
@@ -288,7 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     command = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(command).parse_args(argv)
     try:
-        args.func(args)
+        last = args.func(args)
+        if last is not None:
+            print(last)
     except ValueError as e:
         print(f"duollm {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -13,11 +13,15 @@ import re
 import types
 import typing
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 
 import yaml
 
+from .data import parse_data_spec
+from .io import atomic_write_text
 from .model import ModelConfig
+from .routing import CONTEXTS, RouteProbs, parse_routing
 
 
 @dataclass
@@ -295,9 +299,6 @@ def validate_train(t: TrainConfig, prefix: str = "train.") -> None:
 
 
 def validate(cfg: RunConfig) -> None:
-    from .data import parse_data_spec
-    from .routing import RouteProbs
-
     RouteProbs(cfg.routing.p_skip, cfg.routing.p_small, cfg.routing.p_big)
     if cfg.routing.per not in ("token", "sequence"):
         raise ValueError(f"routing.per must be 'token' or 'sequence'; got {cfg.routing.per!r}")
@@ -321,9 +322,67 @@ def validate(cfg: RunConfig) -> None:
         raise ValueError("data.tokenizer must be bpe or a tokenizer name or path")
     if cfg.eval.max_tokens <= 0:
         raise ValueError(f"eval.max_tokens must be positive; got {cfg.eval.max_tokens}")
-    from .study import validate_study
-
     validate_study(cfg)
+
+
+# ----------------------------------------------------------------------------- the study's settings
+
+METHODS = ("budget", "imitation", "straight-through")  # router training methods (routers/, DESIGN 4.3)
+
+
+def parse_list(text: str) -> list[str]:
+    return [x.strip() for x in str(text).split(",") if x.strip()]
+
+
+def router_budgets(cfg: RunConfig) -> list[int]:
+    """Budgets k of the study's routers: each target fraction of L rounded (1/3, 1/2, 2/3 of 12 -> 4, 6, 8)."""
+    L = cfg.model.n_layers
+    ks = []
+    for item in parse_list(cfg.study.router_targets):
+        try:
+            f = Fraction(item)
+        except (ValueError, ZeroDivisionError):
+            raise ValueError(f"study.router_targets: {item!r} is not a fraction (e.g. 1/3 or 0.5)") from None
+        if not 0 < f <= 1:
+            raise ValueError(f"study.router_targets: {item} must be a fraction of the layers in (0, 1]")
+        k = max(1, round(f * L))
+        if k not in ks:
+            ks.append(k)
+    return sorted(ks)
+
+
+def router_methods(cfg: RunConfig) -> list[str]:
+    methods = parse_list(cfg.study.router_methods)
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise ValueError(f"study.router_methods: unknown method {bad[0]!r} (known: {', '.join(METHODS)})")
+    return methods
+
+
+def skip_count(cfg: RunConfig) -> int:
+    """Skipped layers in the skip study: round(skip_fraction * L), the paper's 6 of 12 (0: no skip study)."""
+    return round(cfg.study.skip_fraction * cfg.model.n_layers)
+
+
+def validate_study(cfg: RunConfig) -> None:
+    """One-line ValueErrors for a bad ``study`` section."""
+    st, L = cfg.study, cfg.model.n_layers
+    contexts = parse_list(st.contexts)
+    if not contexts or any(c not in CONTEXTS for c in contexts) or len(set(contexts)) != len(contexts):
+        raise ValueError(f"study.contexts must list shared and/or frozen, comma-separated; got {st.contexts!r}")
+    if "frozen" in contexts and parse_routing(st.reference, L).kind != "pattern":
+        raise ValueError(f"study.reference must be B, S or a pattern (the study's routers come later); got {st.reference!r}")
+    if not 0.0 <= st.skip_fraction < 1.0:
+        raise ValueError(f"study.skip_fraction must be in [0, 1); got {st.skip_fraction}")
+    if st.skip_fraction and not 0 < skip_count(cfg) < L:
+        raise ValueError(f"study.skip_fraction={st.skip_fraction} gives {skip_count(cfg)} of {L} layers skipped")
+    for name in ("router_steps", "batch_tokens"):
+        if getattr(st, name) <= 0:
+            raise ValueError(f"study.{name} must be positive; got {getattr(st, name)}")
+    if st.tokens < 0:
+        raise ValueError(f"study.tokens must be >= 0 (0: eval.max_tokens); got {st.tokens}")
+    router_budgets(cfg)
+    router_methods(cfg)
 
 
 # What a resume may change (README "Reliability"): how long and how often, where it runs and what is
@@ -355,15 +414,11 @@ def resume_conflict(saved: RunConfig, new: RunConfig) -> str | None:
 
 
 def save_config(cfg: RunConfig, path: Path) -> None:
-    from .io import atomic_write_text
-
     atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
-def load_run_config(run: Path) -> RunConfig:
-    path = Path(run) / "config.yaml"
-    if not path.is_file():
-        raise ValueError(f"{run} is not a run folder (no config.yaml)")
+def read_config_file(path: Path) -> RunConfig:
+    """A resolved config as saved in a run folder (strict; no preset merging)."""
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:

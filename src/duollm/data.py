@@ -11,24 +11,27 @@ Data specs (DESIGN section 5):
 Split: the corpus text is cut into chunks of ``data.split_chunk_chars`` characters and every
 k-th chunk (k = round(1 / val_fraction)) goes to validation, so validation is disjoint from
 training and spread over the whole corpus. The BPE tokenizer is trained on the training
-chunks only. Token ids are cached in the run folder as memmaps.
+chunks only. ``build_data`` does all of it in memory; ``rundir`` writes it into a run folder
+(the token ids as memmaps) and reads it back.
 
 Tensor name legend: S sequences, T positions, B batch.
 """
 
 from __future__ import annotations
 
+import ast
 import glob as globlib
 import hashlib
 import json
 import os
+import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .io import atomic_path, atomic_write_json
+from .io import atomic_path
 
 EOS = "<|endoftext|>"
 
@@ -80,9 +83,6 @@ def stdlib_docstrings(min_chars: int = 80) -> list[str]:
     preset's training budget (the model would see them ~20 times); the docstrings are the
     same kind of English technical prose and triple the corpus. Test suites are left out.
     """
-    import ast
-    import sysconfig
-
     root = Path(sysconfig.get_paths()["stdlib"])
     skip = {"test", "tests", "idlelib", "site-packages", "dist-packages", "lib2to3", "turtledemo"}
     docs = []
@@ -191,12 +191,22 @@ class TextTokenizer:
         """Per-token text (for per-token tables and coloured-token figures)."""
         return [self.decode([i]) for i in ids]
 
-    def save(self, run: Path) -> None:
+    def save(self, path: Path) -> None:
+        """A BPE tokenizer to the file ``path``, a pretrained one to the folder ``path``."""
         if self.kind == "bpe":
-            with atomic_path(Path(run) / "tokenizer.json") as tmp:
+            with atomic_path(path) as tmp:
                 self.backend.save(str(tmp))
         else:
-            self.backend.save_pretrained(str(Path(run) / "tokenizer"))
+            self.backend.save_pretrained(str(path))
+
+
+def load_bpe(path: Path) -> TextTokenizer:
+    from tokenizers import Tokenizer
+
+    try:
+        return TextTokenizer(Tokenizer.from_file(str(path)), "bpe")
+    except Exception:
+        raise ValueError(f"{path} is corrupt") from None
 
 
 def train_bpe(texts: list[str], vocab_size: int) -> TextTokenizer:
@@ -226,48 +236,15 @@ def pretrained_tokenizer(name: str) -> TextTokenizer:
         raise ValueError(f"cannot load tokenizer {name}: {first}") from None
 
 
-def load_tokenizer(run: Path) -> TextTokenizer:
-    run = Path(run)
-    if (run / "tokenizer.json").is_file():
-        from tokenizers import Tokenizer
-
-        try:
-            return TextTokenizer(Tokenizer.from_file(str(run / "tokenizer.json")), "bpe")
-        except Exception:
-            raise ValueError(f"{run / 'tokenizer.json'} is corrupt") from None
-    if (run / "tokenizer").is_dir():
-        return pretrained_tokenizer(str(run / "tokenizer"))
-    raise ValueError(f"{run} has no tokenizer (tokenizer.json or tokenizer/)")
-
-
 # ----------------------------------------------------------------------------- token cache
 
 
-def _dtype_for(vocab: int):
+def dtype_for(vocab: int):
     return np.uint16 if vocab <= 65535 else np.uint32
-
-
-def _write_tokens(path: Path, ids: np.ndarray) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(ids.tobytes())  # Python's write: a full disk is an OSError with its errno
 
 
 def data_fingerprint(cfg) -> str:
     return hashlib.sha256(json.dumps([cfg.data.__dict__, cfg.model.vocab_size]).encode()).hexdigest()[:16]
-
-
-def cached_meta(cfg, run: Path) -> dict | None:
-    """``RUN/data/meta.json`` if the run's token cache was made from exactly this data config."""
-    meta_path = Path(run) / "data" / "meta.json"
-    if not meta_path.is_file():
-        return None
-    try:
-        meta = json.loads(meta_path.read_text())
-    except ValueError:
-        return None
-    ok = meta.get("fingerprint") == data_fingerprint(cfg) and all(
-        (Path(run) / "data" / f"{split}.bin").is_file() for split in ("train", "val"))
-    return meta if ok else None
 
 
 @dataclass
@@ -305,34 +282,9 @@ def build_data(cfg, log=print) -> PreparedData:
         "chars": len(text),
         "train_tokens": int(splits["train"].size),
         "val_tokens": int(splits["val"].size),
-        "dtype": np.dtype(_dtype_for(cfg.model.vocab_size)).name,
+        "dtype": np.dtype(dtype_for(cfg.model.vocab_size)).name,
     }
     return PreparedData(tok, splits, meta)
-
-
-def write_data(prepared: PreparedData, run: Path) -> dict:
-    """The tokenizer and ``RUN/data/{train,val}.bin`` + ``meta.json`` (meta last: it vouches for the rest)."""
-    run = Path(run)
-    prepared.tokenizer.save(run)
-    for split, ids in prepared.splits.items():
-        _write_tokens(run / "data" / f"{split}.bin", ids.astype(prepared.meta["dtype"]))
-    atomic_write_json(run / "data" / "meta.json", prepared.meta)
-    return prepared.meta
-
-
-def prepare_data(cfg, run: Path, log=print) -> dict:
-    """The run's token cache for ``cfg``: reused when it matches, else built and written. Idempotent."""
-    return cached_meta(cfg, run) or write_data(build_data(cfg, log), run)
-
-
-def load_tokens(run: Path, split: str) -> np.ndarray:
-    run = Path(run)
-    meta_path = run / "data" / "meta.json"
-    path = run / "data" / f"{split}.bin"
-    if not meta_path.is_file() or not path.is_file():
-        raise ValueError(f"{run} has no {split} token cache (data/{split}.bin); train the run first")
-    meta = json.loads(meta_path.read_text())
-    return np.memmap(path, dtype=np.dtype(meta["dtype"]), mode="r")
 
 
 def check_length(tokens: np.ndarray, seq_len: int, what: str) -> None:
@@ -377,18 +329,3 @@ def parse_max_tokens(value, flag: str = "--max-tokens") -> int | None:
     if n < 1 or isinstance(value, bool):
         raise ValueError(f"{flag} must be an integer >= 1, or all for no cap; got {value!r}")
     return n
-
-
-def eval_tokens(run: Path, cfg, spec: str | None = None, max_tokens: int | None = None):
-    """The evaluation tokens shared by ``eval`` and ``oracle``: (``idx_ST``, ``tgt_ST``).
-
-    ``spec`` None: the run's validation split; otherwise the whole text of ``spec`` encoded
-    with the run's tokenizer. ``max_tokens`` None: ``cfg.eval.max_tokens``; 0: no cap.
-    """
-    if spec is None:
-        tokens = load_tokens(run, "val")
-    else:
-        tok = load_tokenizer(run)
-        tokens = np.asarray(tok.encode(read_corpus(spec, cfg.data.text_column, cfg.data.max_chars)), dtype=np.int64)
-    cap = cfg.eval.max_tokens if max_tokens is None else max_tokens
-    return sequences(tokens, cfg.train.seq_len, cap)

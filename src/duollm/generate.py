@@ -1,13 +1,7 @@
 """Text generation from a run under a routing policy, and the `duollm generate` command.
 
-A *policy spec* names how tokens are routed while generating (shared with ``duollm.hf`` and
-the lm-evaluation-harness wrapper):
-
-    all-big | all-small        every token, every layer (default: all-big, the dense model)
-    PATTERN                    one route per layer over B, S, _ (e.g. SSSSBBBBSSSS)
-    random:P                   each token and layer independently big with probability P, else small
-                               (the pretraining distribution of paper section 3.1 at P=0.5); seeded
-    router:NAME                the trained router RUN/routers/NAME (or a router folder path), hard argmax
+The policy is a routing spec (``routing.parse_routing``: all-big, all-small, a pattern, random:P,
+router:NAME), resolved against the run by ``rundir.routing_policy`` as everywhere else.
 
 Generation runs the prompt once, then one token per step with the KV cache
 (``duollm.model.KVCache``), so every token is routed exactly once, as the policy decided
@@ -25,80 +19,10 @@ from pathlib import Path
 
 import torch
 
-from .routing import BIG, SKIP, SMALL, LETTER_OF_ROUTE, parse_pattern
-
-# ----------------------------------------------------------------------------- policies
-
-
-class RandomPolicy:
-    """Routes each token at each layer independently: big with ``p_big``, skip with ``p_skip``, else small.
-
-    Seeded: the same seed and the same sequence of calls give the same routes (one CPU
-    generator, so results do not depend on the device).
-    """
-
-    def __init__(self, p_big: float, p_skip: float = 0.0, seed: int = 0):
-        if not (0.0 <= p_big <= 1.0 and 0.0 <= p_skip <= 1.0 and p_big + p_skip <= 1.0 + 1e-9):
-            raise ValueError(f"random policy needs 0 <= P <= 1 (big) and P + skip <= 1; got big={p_big}, skip={p_skip}")
-        self.p_big, self.p_skip, self.seed = p_big, p_skip, seed
-        self.generator = torch.Generator().manual_seed(seed)
-        self.name = f"random:{p_big:g}"
-
-    def reset(self) -> None:
-        self.generator.manual_seed(self.seed)
-
-    def __call__(self, layer: int, x_BTD: torch.Tensor) -> torch.Tensor:
-        u_BT = torch.rand(x_BTD.shape[:2], generator=self.generator)
-        route_BT = torch.full(u_BT.shape, SMALL, dtype=torch.long)
-        route_BT[u_BT < self.p_big] = BIG
-        route_BT[(u_BT >= self.p_big) & (u_BT < self.p_big + self.p_skip)] = SKIP
-        return route_BT.to(x_BTD.device)
-
-
-def resolve_policy(spec, n_layers: int, *, root: str | Path | None = None, seed: int = 0, device="cpu"):
-    """A policy spec (see the module docstring) -> ``(name, routes)`` for ``DuoModel.forward``.
-
-    ``root`` is the folder holding ``routers/`` (a run folder or an exported model folder).
-    A callable (a ``RoutingPolicy`` object) is passed through unchanged.
-    """
-    if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("", "all-big")):
-        return "all-big", "B" * n_layers
-    if callable(spec):
-        return getattr(spec, "name", type(spec).__name__), spec
-    if not isinstance(spec, str):
-        raise ValueError(f"routing policy must be a pattern, random:P, router:NAME or a policy object; got {type(spec).__name__}")
-    spec = spec.strip()
-    if spec.lower() == "all-small":
-        return "all-small", "S" * n_layers
-    kind, _, arg = spec.partition(":")
-    if kind == "random":
-        try:
-            p_big = float(arg)
-        except ValueError:
-            raise ValueError(f"policy {spec!r}: random:P needs a number P in [0, 1], e.g. random:0.5") from None
-        policy = RandomPolicy(p_big, seed=seed)
-        return policy.name, policy
-    if kind == "router":
-        if not arg:
-            raise ValueError("policy router: needs a router name, e.g. router:budget-0.5")
-        from . import routers
-
-        if Path(arg).is_dir():
-            router = routers.load_router_folder(Path(arg), device)[0]
-            router.name = f"router:{Path(arg).name}"
-        elif root is None:
-            raise ValueError(f"policy {spec!r}: no folder to look for routers in; give a router folder path")
-        else:
-            router = routers.load_router(Path(root), arg, device)
-        if router.n_layers != n_layers:
-            raise ValueError(f"router {arg!r} has {router.n_layers} layers but the model has {n_layers}")
-        router.mode = "hard"
-        return router.name, router
-    if ":" in spec:
-        raise ValueError(f"unknown policy {spec!r}: use a pattern over B/S/_, all-big, all-small, random:P or router:NAME")
-    parse_pattern(spec, n_layers)
-    return spec, spec
-
+from . import rundir
+from .data import EOS
+from .model import KVCache
+from .routing import BIG, LETTER_OF_ROUTE, SKIP, SMALL
 
 # ----------------------------------------------------------------------------- generation
 
@@ -125,8 +49,6 @@ def generate_ids(
     eos_id: int | None = None,
 ) -> Generation:
     """Autoregressive decoding of one prompt with the KV cache. ``temperature`` 0: greedy."""
-    from .model import KVCache
-
     if not prompt_ids:
         raise ValueError("the prompt is empty (it encodes to no tokens)")
     if temperature < 0:
@@ -199,7 +121,7 @@ def format_routes(route_LN: torch.Tensor, flops_N: torch.Tensor | None = None, f
 # ----------------------------------------------------------------------------- command line
 
 
-def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``duollm generate RUN --prompt TEXT [...]``."""
     parser.add_argument("run", help="run folder")
     parser.add_argument("--prompt", required=True, help="text to continue")
@@ -212,11 +134,8 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--show-routes", action="store_true", help="print the route each generated token took")
 
 
-def run_generate_command(args: argparse.Namespace) -> None:
+def run_command(args: argparse.Namespace) -> None:
     """``duollm generate``: print the prompt and its continuation (and the routes with --show-routes)."""
-    from .checkpoint import load_model
-    from .data import EOS, load_tokenizer
-
     if not (math.isfinite(args.temperature) and args.temperature >= 0):
         raise ValueError(f"--temperature must be a finite number >= 0 (0: greedy); got {args.temperature}")
     if args.max_new_tokens < 1:
@@ -228,9 +147,9 @@ def run_generate_command(args: argparse.Namespace) -> None:
     except UnicodeEncodeError:  # bytes that are not UTF-8 arrive as lone surrogates
         raise ValueError("--prompt is not valid UTF-8 text") from None
     run = Path(args.run)
-    model, cfg = load_model(run)
-    tok = load_tokenizer(run)
-    name, routes = resolve_policy(args.policy, cfg.model.n_layers, root=run, seed=args.seed)
+    model, cfg = rundir.load_model(run)
+    tok = rundir.load_tokenizer(run)
+    name, routes = rundir.routing_policy(args.policy, cfg.model.n_layers, root=run, seed=args.seed)
     prompt_ids = tok.encode(args.prompt)
     eos_id = None
     if tok.kind == "bpe":

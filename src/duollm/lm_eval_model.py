@@ -41,6 +41,11 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
 
+from . import rundir
+from .data import EOS
+from .generate import generate_ids
+from .routing import RandomPolicy
+
 
 class RollingLogLikelihood(float):
     """A document's log-likelihood (the float lm-eval expects) that also says how many tokens it scored,
@@ -60,9 +65,7 @@ class _Tokenizer:
 
     def __init__(self, run: Path | None, pretrained: Path | None):
         if run is not None:
-            from .data import EOS, load_tokenizer
-
-            tok = load_tokenizer(run)
+            tok = rundir.load_tokenizer(run)
             self._encode, self._decode = tok.encode, tok.decode
             if tok.kind == "bpe":
                 self.eot_id, self.bos_id = tok.backend.token_to_id(EOS), None
@@ -98,8 +101,6 @@ class DuoLM(TemplateLM):
         **kwargs,
     ):
         super().__init__()
-        from .generate import resolve_policy
-
         if (run is None) == (pretrained is None):
             raise ValueError("duollm model needs exactly one of run=RUN or pretrained=FOLDER in --model_args")
         unknown = sorted(k for k in kwargs if k not in ("trust_remote_code", "dtype"))
@@ -111,9 +112,7 @@ class DuoLM(TemplateLM):
         self._device = torch.device(device)
         root = Path(run or pretrained)
         if run is not None:
-            from .checkpoint import load_model
-
-            self.model, cfg = load_model(root, self._device)
+            self.model, cfg = rundir.load_model(root, self._device)
             window = cfg.train.seq_len
         else:
             import yaml
@@ -129,8 +128,8 @@ class DuoLM(TemplateLM):
             if policy is None:
                 policy = hf.config.routing
         self.tok = _Tokenizer(Path(run) if run else None, Path(pretrained) if pretrained else None)
-        self.policy_name, self.routes = resolve_policy(policy, self.model.cfg.n_layers, root=root, seed=int(seed),
-                                                       device=self._device)
+        self.policy_name, self.routes = rundir.routing_policy(policy, self.model.cfg.n_layers, root=root,
+                                                             seed=int(seed), device=self._device)
         self._max_length = int(max_length or window)
         if not 1 <= self._max_length <= self.model.cfg.max_seq_len:
             raise ValueError(f"max_length={self._max_length} must be in 1..{self.model.cfg.max_seq_len} (model.max_seq_len)")
@@ -228,8 +227,6 @@ class DuoLM(TemplateLM):
     # --- generation
 
     def generate_until(self, requests, disable_tqdm: bool = False):
-        from .generate import RandomPolicy, generate_ids
-
         out = []
         for req in tqdm(requests, desc="generate_until", disable=disable_tqdm, leave=False):
             context, gen_kwargs = req.args

@@ -10,17 +10,19 @@ The defaults are the paper's Llama-2 layer (RMSNorm, RoPE, SwiGLU, no biases). F
 GPT-2 checkpoints convert into Duo models (``duollm.hf.convert``) without changing their outputs.
 
 Tensor name legend (torchtitan style, the suffix carries the shape):
-    B  batch                 T  sequence positions (query)     S  key positions
+    B  batch                 T  sequence positions (query)     C  key positions (cached + new)
     D  model width           H  query heads                    K  key/value heads
     E  head dimension        F  FFN inner width                V  vocabulary
     L  layers                R  routes (skip, small, big)      N  flattened tokens
+(a subset of the project's legend, ``docs/NOTATION.md``)
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Protocol, Union
+from typing import Protocol, Union
 
 import torch
 import torch.nn as nn
@@ -218,8 +220,8 @@ class Attention(nn.Module):
             return q_BHTE, k_BKTE, v_BKTE
         return apply_rope(q_BHTE, cos_TE, sin_TE), apply_rope(k_BKTE, cos_TE, sin_TE), v_BKTE
 
-    def forward(self, x_BTD, cos_TE, sin_TE, cache: KVCache | None = None, layer: int = 0, mask_B1TS=None):
-        """``mask_B1TS``: which keys each query sees (padding); None: causal over cache + new tokens."""
+    def forward(self, x_BTD, cos_TE, sin_TE, cache: KVCache | None = None, layer: int = 0, mask_B1TC=None):
+        """``mask_B1TC``: which keys each query sees (padding); None: causal over cache + new tokens."""
         B, T, _ = x_BTD.shape
         q_BHTE, k_BKTE, v_BKTE = self.qkv(x_BTD, cos_TE, sin_TE)
         past = 0
@@ -227,14 +229,14 @@ class Attention(nn.Module):
             past = cache.seen(layer)  # per layer: earlier layers already cached this forward's tokens
             k_BKTE, v_BKTE = cache.update(layer, k_BKTE, v_BKTE)
         gqa = self.n_kv_heads != self.n_heads
-        if mask_B1TS is not None:
-            y_BHTE = F.scaled_dot_product_attention(q_BHTE, k_BKTE, v_BKTE, attn_mask=mask_B1TS, enable_gqa=gqa)
+        if mask_B1TC is not None:
+            y_BHTE = F.scaled_dot_product_attention(q_BHTE, k_BKTE, v_BKTE, attn_mask=mask_B1TC, enable_gqa=gqa)
         elif past == 0:
             y_BHTE = F.scaled_dot_product_attention(q_BHTE, k_BKTE, v_BKTE, is_causal=True, enable_gqa=gqa)
         else:  # queries at positions past..past+T-1 see keys 0..past+t
-            S = k_BKTE.shape[2]
-            mask_TS = torch.ones(T, S, dtype=torch.bool, device=x_BTD.device).tril(diagonal=past)
-            y_BHTE = F.scaled_dot_product_attention(q_BHTE, k_BKTE, v_BKTE, attn_mask=mask_TS, enable_gqa=gqa)
+            C = k_BKTE.shape[2]
+            mask_TC = torch.ones(T, C, dtype=torch.bool, device=x_BTD.device).tril(diagonal=past)
+            y_BHTE = F.scaled_dot_product_attention(q_BHTE, k_BKTE, v_BKTE, attn_mask=mask_TC, enable_gqa=gqa)
         return self.o_proj(y_BHTE.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -324,7 +326,7 @@ class DuoBlock(nn.Module):
         self.ffn_norm = make_norm(cfg)
         self.ffn = DuoFFN(cfg)
 
-    def forward(self, h_BTD, decide, layer, cos_TE, sin_TE, cache=None, path="routed", mask_B1TS=None):
+    def forward(self, h_BTD, decide, layer, cos_TE, sin_TE, cache=None, path="routed", mask_B1TC=None):
         """One layer. ``decide(layer, x_BTD)`` returns ``route_BT`` or ``prob_BTR``.
 
         Returns the new hidden state and the hard routes taken (argmax for soft weights).
@@ -332,10 +334,10 @@ class DuoBlock(nn.Module):
         if self.skip_mode == "block":  # the route is decided before the block it may skip
             route = decide(layer, h_BTD)
             keep_BT1 = self._keep(route).unsqueeze(-1)
-            h_BTD = h_BTD + keep_BT1 * self.attn(self.attn_norm(h_BTD), cos_TE, sin_TE, cache, layer, mask_B1TS)
+            h_BTD = h_BTD + keep_BT1 * self.attn(self.attn_norm(h_BTD), cos_TE, sin_TE, cache, layer, mask_B1TC)
             x_BTD = self.ffn_norm(h_BTD)
         else:  # attention always runs; the router sees the hidden state entering the FFN
-            h_BTD = h_BTD + self.attn(self.attn_norm(h_BTD), cos_TE, sin_TE, cache, layer, mask_B1TS)
+            h_BTD = h_BTD + self.attn(self.attn_norm(h_BTD), cos_TE, sin_TE, cache, layer, mask_B1TC)
             x_BTD = self.ffn_norm(h_BTD)
             route = decide(layer, x_BTD)
 
@@ -405,11 +407,11 @@ class DuoModel(nn.Module):
         cache: KVCache | None = None,
         return_logits: bool = True,
         pos_BT: torch.Tensor | None = None,
-        keep_BS: torch.Tensor | None = None,
+        keep_BC: torch.Tensor | None = None,
     ) -> DuoOutput:
         """Run the model under ``routes`` (None = all big). ``path``: "routed" or "masked".
 
-        For padded batches (generation, evaluation harnesses): ``keep_BS`` marks the real
+        For padded batches (generation, evaluation harnesses): ``keep_BC`` marks the real
         tokens among all key positions (cached and new; 0 = padding), ``pos_BT`` gives each
         new token's position (default: consecutive after the cache).
         """
@@ -422,20 +424,20 @@ class DuoModel(nn.Module):
             cos_TE, sin_TE = self.rope_cos[past : past + T], self.rope_sin[past : past + T]
         else:  # per-sequence positions: tables broadcast over heads as [B, 1, T, E]
             cos_TE, sin_TE = self.rope_cos[pos_BT].unsqueeze(1), self.rope_sin[pos_BT].unsqueeze(1)
-        mask_B1TS = None
-        if keep_BS is not None:
-            S = past + T
-            if keep_BS.shape != (B, S):
-                raise ValueError(f"keep_BS has shape {tuple(keep_BS.shape)}, expected {(B, S)} (cached + new tokens)")
-            causal_TS = torch.ones(T, S, dtype=torch.bool, device=idx_BT.device).tril(diagonal=past)
+        mask_B1TC = None
+        if keep_BC is not None:
+            C = past + T
+            if keep_BC.shape != (B, C):
+                raise ValueError(f"keep_BC has shape {tuple(keep_BC.shape)}, expected {(B, C)} (cached + new tokens)")
+            causal_TC = torch.ones(T, C, dtype=torch.bool, device=idx_BT.device).tril(diagonal=past)
             # every query also sees itself, so a padding query has one key and stays finite (no NaN to leak)
-            self_TS = torch.zeros(T, S, dtype=torch.bool, device=idx_BT.device).diagonal_scatter(
+            self_TC = torch.zeros(T, C, dtype=torch.bool, device=idx_BT.device).diagonal_scatter(
                 torch.ones(T, dtype=torch.bool, device=idx_BT.device), offset=past)
-            mask_B1TS = ((causal_TS & keep_BS.bool()[:, None, :]) | self_TS).unsqueeze(1)
+            mask_B1TC = ((causal_TC & keep_BC.bool()[:, None, :]) | self_TC).unsqueeze(1)
         h_BTD = self.embed(idx_BT, pos_BT if pos_BT is not None else past + torch.arange(T, device=idx_BT.device))
         routes_taken = []
         for layer, block in enumerate(self.layers):
-            h_BTD, route_BT = block(h_BTD, decide, layer, cos_TE, sin_TE, cache, path, mask_B1TS)
+            h_BTD, route_BT = block(h_BTD, decide, layer, cos_TE, sin_TE, cache, path, mask_B1TC)
             routes_taken.append(route_BT.expand(B, T))
         logits_BTV = self.lm_head(self.norm(h_BTD))
         loss = loss_BT = None

@@ -1,22 +1,35 @@
-"""Routes, the pattern notation, random route sampling and the FLOP cost model.
+"""Routes, the pattern notation, routing specs, random route sampling and the FLOP cost model.
 
 Notation (DESIGN section 3): a *route* is the choice at one layer for one token,
 ``SKIP=0``, ``SMALL=1``, ``BIG=2``. A *pattern* is one route per layer written as a
 string over ``B`` (big), ``S`` (small) and ``_`` (skip), first layer first.
 
-Tensor name legend: L layers, B batch, T sequence positions, R routes (3).
+A *routing spec* is how every command names a routing (``parse_routing``, the one parser):
+``all-big`` / ``B`` / ``big``, ``all-small`` / ``S`` / ``small``, a ``PATTERN``, ``random:P``
+(each token and layer big with probability P, else small), ``router:NAME`` (a trained router,
+resolved against a run folder by ``rundir.routing_policy``).
+
+Tensor name legend (a subset of ``docs/NOTATION.md``): L layers, B batch, T positions,
+R routes (3), P patterns, N tokens.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
+import re
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 SKIP, SMALL, BIG = 0, 1, 2
 ROUTE_NAMES = ("skip", "small", "big")
 LETTER_OF_ROUTE = {SKIP: "_", SMALL: "S", BIG: "B"}
 ROUTE_OF_LETTER = {v: k for k, v in LETTER_OF_ROUTE.items()}
+# how the oracle routes the context of a scored token (DESIGN 4.2): the candidate pattern routes
+# the whole sequence (``shared``), or the context keeps a reference routing (``frozen``)
+CONTEXTS = ("shared", "frozen")
 
 
 def parse_pattern(pattern: str, n_layers: int) -> tuple[int, ...]:
@@ -38,10 +51,6 @@ def parse_pattern(pattern: str, n_layers: int) -> tuple[int, ...]:
 def format_pattern(routes) -> str:
     """``(1, 1, 2, 2)`` (or a 1-D tensor) -> ``"SSBB"``."""
     return "".join(LETTER_OF_ROUTE[int(r)] for r in routes)
-
-
-def uniform_pattern(route: int, n_layers: int) -> str:
-    return LETTER_OF_ROUTE[route] * n_layers
 
 
 @dataclass(frozen=True)
@@ -89,6 +98,68 @@ def sample_routes(
     return draws.view(n_layers, batch, 1).expand(n_layers, batch, seq_len).contiguous()
 
 
+class RandomPolicy:
+    """A routing policy that draws each token's route at each layer with ``sample_routes``: big with
+    ``p_big``, skip with ``p_skip``, else small (paper section 3.1 at ``p_big=0.5``). Seeded: the same
+    seed and the same sequence of calls give the same routes (one CPU generator, any device)."""
+
+    def __init__(self, p_big: float, p_skip: float = 0.0, seed: int = 0):
+        self.probs = RouteProbs(skip=p_skip, small=1.0 - p_big - p_skip, big=p_big)  # checks the ranges
+        self.p_big, self.p_skip, self.seed = p_big, p_skip, seed
+        self.generator = torch.Generator().manual_seed(seed)
+        self.name = f"random:{p_big:g}"
+
+    def reset(self) -> None:
+        self.generator.manual_seed(self.seed)
+
+    def __call__(self, layer: int, x_BTD: torch.Tensor) -> torch.Tensor:
+        B, T = x_BTD.shape[:2]
+        return sample_routes(self.probs, 1, B, T, generator=self.generator)[0].to(x_BTD.device)
+
+
+@dataclass(frozen=True)
+class RoutingSpec:
+    """A parsed routing spec: ``kind`` pattern (``pattern`` set), random (``p_big``) or router (``router``)."""
+
+    kind: str
+    text: str  # the canonical name: all-big, all-small, the pattern, random:P, router:NAME
+    pattern: str | None = None
+    p_big: float | None = None
+    router: str | None = None
+
+
+_SHORT = {"all-big": "B", "b": "B", "big": "B", "all-small": "S", "s": "S", "small": "S"}
+
+
+def parse_routing(spec, n_layers: int) -> RoutingSpec:
+    """The one routing-spec parser (module docstring); a one-line ValueError saying what is wrong."""
+    if spec is None:
+        spec = "all-big"
+    if not isinstance(spec, str):
+        raise ValueError(f"a routing must be all-big, all-small, a pattern, random:P or router:NAME; got {spec!r}")
+    text = spec.strip()
+    letter = _SHORT.get(text.lower())
+    if letter is not None:
+        return RoutingSpec("pattern", "all-big" if letter == "B" else "all-small", pattern=letter * n_layers)
+    kind, colon, arg = text.partition(":")
+    if colon and kind == "random":
+        try:
+            p_big = float(arg)
+        except ValueError:
+            p_big = math.nan
+        if not 0.0 <= p_big <= 1.0:
+            raise ValueError(f"routing {spec!r}: random:P needs a number P in [0, 1], e.g. random:0.5")
+        return RoutingSpec("random", f"random:{p_big:g}", p_big=p_big)
+    if colon and kind == "router":
+        if not arg:
+            raise ValueError("routing router: needs a router name, e.g. router:budget-0.50")
+        return RoutingSpec("router", f"router:{arg}", router=arg)
+    if colon:
+        raise ValueError(f"unknown routing {spec!r}: use all-big, all-small, a pattern over B/S/_, random:P or router:NAME")
+    parse_pattern(text, n_layers)
+    return RoutingSpec("pattern", text, pattern=text)
+
+
 @dataclass(frozen=True)
 class FlopModel:
     """Forward FLOPs per token (multiply-add = 2 FLOPs), DESIGN section 3.
@@ -104,7 +175,7 @@ class FlopModel:
     n_layers: int
 
     @classmethod
-    def from_config(cls, cfg, context: int | None = None) -> "FlopModel":
+    def from_config(cls, cfg, context: int | None = None) -> FlopModel:
         D, E = cfg.d_model, cfg.head_dim
         H, K = cfg.n_heads, cfg.kv_heads
         ctx = (context or cfg.max_seq_len) / 2  # mean causal context length
@@ -146,14 +217,8 @@ class FlopModel:
 # contiguous ranges — the shape the oracle's tree walk needs.
 # Legend here: P patterns, L layers, N tokens.
 
-import itertools  # noqa: E402  (kept with the section that uses it)
-import math  # noqa: E402
-import re  # noqa: E402
-
-import numpy as np  # noqa: E402
 
 OPTION_ORDER = "SB_"  # canonical order of per-layer options in names and outputs
-_LETTER_ROUTE = {"S": SMALL, "B": BIG, "_": SKIP}
 
 
 def parse_options(options: str) -> str:
@@ -251,7 +316,8 @@ class CandidateSpace:
             if isinstance(self.skips, bool) or not isinstance(self.skips, int) or not 0 <= self.skips <= L:
                 raise ValueError(f"skips must be an integer in 0..{L}; got {self.skips!r}")
             if self.skips > 0 and self.skips_mode == "exact" and "_" not in self.options:
-                raise ValueError(f"impossible constraints: exactly {self.skips} skips but options {self.options} have no _ (skip)")
+                raise ValueError(f"impossible constraints: exactly {self.skips} skips "
+                                 f"but options {self.options} have no _ (skip)")
         budgets = parse_budgets(self.budgets if not isinstance(self.budgets, tuple) else list(self.budgets), L)
         feasible = tuple(k for k in range(L + 1) if self._count_members(k, (k,) if self.budget_mode == "exact" else None) > 0)
         if not feasible:
@@ -289,11 +355,6 @@ class CandidateSpace:
         if self.skips is None:
             return True
         return skips == self.skips if self.skips_mode == "exact" else skips <= self.skips
-
-    def _bigs_ok(self, bigs: int, budgets) -> bool:
-        if budgets is None:  # "max" mode membership is decided by the caller
-            return True
-        return bigs in budgets
 
     def _count_members(self, k: int, exact_set) -> int:
         L = self.n_layers
@@ -369,7 +430,7 @@ class CandidateSpace:
             )
         L = self.n_layers
         if len(self.options) ** L <= 4 * n + 4096:  # dense: every option product, then filter
-            routes_O = np.array([_LETTER_ROUTE[c] for c in self.options], dtype=np.int8)
+            routes_O = np.array([ROUTE_OF_LETTER[c] for c in self.options], dtype=np.int8)
             n_opt = len(routes_O)
             digits_PL = (np.arange(n_opt**L, dtype=np.int64)[:, None] // n_opt ** np.arange(L - 1, -1, -1)) % n_opt
             route_PL = routes_O[digits_PL]

@@ -30,79 +30,23 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
-from typing import Callable
 
-from .config import RunConfig, load_config, resume_conflict
+from . import rundir, train
+from .analysis.report import write_report
+from .checkpoint import latest_checkpoint
+from .config import RunConfig, load_config, parse_list, resume_conflict, router_budgets, router_methods, skip_count
+from .distributed import resolve_device
 from .io import atomic_write_json
-
-CONTEXTS = ("shared", "frozen")
-
-
-# ----------------------------------------------------------------------------- the study's settings
-
-
-def parse_list(text: str) -> list[str]:
-    return [x.strip() for x in str(text).split(",") if x.strip()]
-
-
-def router_budgets(cfg: RunConfig) -> list[int]:
-    """Budgets k of the routers: each target fraction of L rounded (1/3, 1/2, 2/3 of 12 -> 4, 6, 8)."""
-    L = cfg.model.n_layers
-    ks = []
-    for item in parse_list(cfg.study.router_targets):
-        try:
-            f = Fraction(item)
-        except (ValueError, ZeroDivisionError):
-            raise ValueError(f"study.router_targets: {item!r} is not a fraction (e.g. 1/3 or 0.5)") from None
-        if not 0 < f <= 1:
-            raise ValueError(f"study.router_targets: {item} must be a fraction of the layers in (0, 1]")
-        k = max(1, round(f * L))
-        if k not in ks:
-            ks.append(k)
-    return sorted(ks)
-
-
-def router_methods(cfg: RunConfig) -> list[str]:
-    methods = parse_list(cfg.study.router_methods)
-    try:
-        from .routers import METHODS
-    except ImportError:  # routers not installed: the study runs without them
-        return []
-    bad = [m for m in methods if m not in METHODS]
-    if bad:
-        raise ValueError(f"study.router_methods: unknown method {bad[0]!r} (known: {', '.join(METHODS)})")
-    return methods
-
-
-def skip_count(cfg: RunConfig) -> int:
-    """Skipped layers in the skip study: round(skip_fraction * L), the paper's 6 of 12 (0: no skip study)."""
-    return round(cfg.study.skip_fraction * cfg.model.n_layers)
-
-
-def validate_study(cfg: RunConfig) -> None:
-    """One-line ValueErrors for a bad ``study`` section (called by ``config.validate``)."""
-    st, L = cfg.study, cfg.model.n_layers
-    contexts = parse_list(st.contexts)
-    if not contexts or any(c not in CONTEXTS for c in contexts) or len(set(contexts)) != len(contexts):
-        raise ValueError(f"study.contexts must list shared and/or frozen, comma-separated; got {st.contexts!r}")
-    if "frozen" in contexts:
-        from .oracle.plan import normalize_reference
-
-        normalize_reference(st.reference, L)
-    if not 0.0 <= st.skip_fraction < 1.0:
-        raise ValueError(f"study.skip_fraction must be in [0, 1); got {st.skip_fraction}")
-    if st.skip_fraction and not 0 < skip_count(cfg) < L:
-        raise ValueError(f"study.skip_fraction={st.skip_fraction} gives {skip_count(cfg)} of {L} layers skipped")
-    for name in ("router_steps", "batch_tokens"):
-        if getattr(st, name) <= 0:
-            raise ValueError(f"study.{name} must be positive; got {getattr(st, name)}")
-    if st.tokens < 0:
-        raise ValueError(f"study.tokens must be >= 0 (0: eval.max_tokens); got {st.tokens}")
-    router_budgets(cfg)
-    router_methods(cfg)
+from .oracle import command as oracle_command
+from .routers import command as router_command
+from .routers.config import router_name
+from .routers.evaluate import evaluate_router
+from .routers.labels import load_oracle_table
+from .routing import FlopModel
+from .rundir import ROUTER_EVAL
 
 
 def resolve_config(config: str | None, data: str | None, out: Path, overrides=()) -> RunConfig:
@@ -113,7 +57,7 @@ def resolve_config(config: str | None, data: str | None, out: Path, overrides=()
     its ``study`` section; anything a resume may not change (``config.resume_conflict``) is
     refused (more ``train.steps`` continue the training)."""
     overrides = list(overrides) + ([f"data.spec={data}"] if data else [])
-    saved = Path(out) / "config.yaml"
+    saved = rundir.config_path(out)
     if not saved.is_file():
         return load_config(config, overrides)
     trained = load_config(str(saved))
@@ -142,8 +86,6 @@ def _prefixes(L: int, skips: int | None) -> list[int]:
 
 def costs(cfg: RunConfig, tokens: int) -> dict[str, float]:
     """Forward-equivalent FLOPs of each kind of stage (backward = 2 forwards), for the ETA only."""
-    from .routing import FlopModel
-
     fm = FlopModel.from_config(cfg.model, cfg.train.seq_len)
     L = cfg.model.n_layers
     big, small = fm.all_big(), fm.pattern([1] * L)
@@ -207,19 +149,12 @@ class Study:
 
     # -- shared facts -------------------------------------------------------------------
     def trained_step(self) -> int:
-        from .checkpoint import latest_checkpoint
-
-        ckpt = latest_checkpoint(self.out)
-        if ckpt is None or not (self.out / "config.yaml").is_file():
-            return 0
-        return int(ckpt.name.split("-")[-1])  # checkpoint folders are step-0000600 (checkpoint.py)
+        return rundir.trained_step(self.out)
 
     def tokens(self) -> int:
         """Evaluation tokens every oracle and router scores (whole sequences, capped)."""
         if self._tokens is None:
-            from .data import eval_tokens
-
-            idx_ST, _ = eval_tokens(self.out, self.cfg, max_tokens=self.requested_tokens())
+            idx_ST, _ = rundir.eval_tokens(self.out, self.cfg, max_tokens=self.requested_tokens())
             self._tokens = int(idx_ST.numel())
         return self._tokens
 
@@ -227,9 +162,7 @@ class Study:
         return self.cfg.study.tokens or self.cfg.eval.max_tokens
 
     def oracle_name(self, context: str, options: str = "SB", skips: int | None = None) -> str:
-        from .oracle.command import build_spec
-
-        return build_spec(self.L, budgets="all", options=options, skips=skips, context=context,
+        return oracle_command.build_spec(self.L, budgets="all", options=options, skips=skips, context=context,
                           reference=self.cfg.study.reference if context == "frozen" else None).name()
 
     @property
@@ -257,25 +190,17 @@ class Study:
         return out
 
     def train(self) -> None:
-        from .train import pretrain
-
-        pretrain(self.cfg, self.out, resume=(self.out / "config.yaml").is_file(), log=self.log)
+        train.pretrain(self.cfg, self.out, resume=rundir.has_run(self.out), log=self.log)
 
     def oracle_stage(self, title: str, cost: float, *, context: str, options: str = "SB", skips: int | None = None) -> Stage:
-        from .analysis.rundata import is_complete_oracle
-
         name = self.oracle_name(context, options, skips)
-        folder = self.out / "oracle" / name
+        folder = rundir.oracle_dir(self.out, name)
 
         def complete() -> bool:
-            if not is_complete_oracle(folder):
-                return False
-            return json.loads((folder / "summary.json").read_text()).get("tokens") == self.tokens()
+            return rundir.is_complete_oracle(folder) and rundir.oracle_summary(folder).get("tokens") == self.tokens()
 
         def run(stale: bool) -> None:
-            from .oracle.command import run_oracle_command
-
-            run_oracle_command(self.out, budgets="all", options=options, skips=skips, context=context,
+            oracle_command.run_oracle_command(self.out, budgets="all", options=options, skips=skips, context=context,
                                reference=self.cfg.study.reference if context == "frozen" else None,
                                max_tokens=self.requested_tokens(), name=name, batch_tokens=self.cfg.study.batch_tokens)
 
@@ -283,30 +208,27 @@ class Study:
                      lambda: {"step": self.trained_step(), "tokens": self.tokens(), "name": name}, complete, run)
 
     def router_stage(self, method: str, k: int, cost: float) -> Stage:
-        target = k / self.L
-        name = f"{method}-{target:.2f}"  # routers.RouterConfig.name for options SB
-        folder = self.out / "routers" / name
-        study_eval = self.out / "study" / "routers" / f"{name}.json"
+        target = k / self.L  # the fraction the router's budget term aims at (the library's budgets are k)
+        name = router_name(method, target)
+        folder = rundir.router_dir(self.out, name)
+        study_eval = rundir.study_router_eval(self.out, name)
 
         def eval_tokens_of(path: Path):
             return json.loads(path.read_text()).get("tokens") if path.is_file() else None
 
         def complete() -> bool:  # evaluated on the oracle's tokens, by the router command or by the study
-            if eval_tokens_of(folder / "eval.json") == self.tokens():
+            if eval_tokens_of(folder / ROUTER_EVAL) == self.tokens():
                 return not study_eval.exists()
-            return (folder / "eval.json").is_file() and eval_tokens_of(study_eval) == self.tokens()
+            return (folder / ROUTER_EVAL).is_file() and eval_tokens_of(study_eval) == self.tokens()
 
         def run(stale: bool) -> None:
-            from .checkpoint import latest_checkpoint
-            from .routers import run_router_command
-
             if stale:  # trained by an earlier study on another model or tokens: start over
                 shutil.rmtree(folder, ignore_errors=True)
-            if not (folder / "eval.json").is_file():
-                run_router_command(self.out, target=target, method=method, steps=self.cfg.study.router_steps,
+            if not (folder / ROUTER_EVAL).is_file():
+                router_command.run_router_command(self.out, target=target, method=method, steps=self.cfg.study.router_steps,
                                    oracle=self.oracle_name(self.primary_context), log=self.log,
                                    resume=latest_checkpoint(folder) is not None, set=self.router_sets())
-            if eval_tokens_of(folder / "eval.json") != self.tokens():
+            if eval_tokens_of(folder / ROUTER_EVAL) != self.tokens():
                 self.evaluate_router_on_study_tokens(name, k)
             elif study_eval.is_file():
                 study_eval.unlink()
@@ -317,38 +239,26 @@ class Study:
                      complete, run)
 
     def router_sets(self) -> list[str]:
-        """Router config overrides: budget calibration (where the router module has it) measures on as
-        many training tokens as the study evaluates, which keeps its cost at the study's scale."""
-        from dataclasses import fields
-
-        from .routers import RouterConfig
-
-        have = {f.name for f in fields(RouterConfig)}
-        return [f"calibration_tokens={self.requested_tokens()}"] if "calibration_tokens" in have else []
+        """Router config overrides: budget calibration measures on as many training tokens as the study
+        evaluates, which keeps its cost at the study's scale."""
+        return [f"calibration_tokens={self.requested_tokens()}"]
 
     def evaluate_router_on_study_tokens(self, name: str, k: int) -> None:
         """The router's evaluation (routers.evaluate_router) on the oracle's tokens."""
-        from .checkpoint import load_model
-        from .data import eval_tokens
-        from .routers import evaluate_router, load_oracle_table, load_router_folder
-        from .train import resolve_device
-
         device = resolve_device(self.cfg.train.device)
-        model, cfg = load_model(self.out, device)
-        router, rcfg = load_router_folder(self.out / "routers" / name, device)
-        idx_ST, tgt_ST = eval_tokens(self.out, cfg, max_tokens=self.requested_tokens())
+        model, cfg = rundir.load_model(self.out, device)
+        router, rcfg = rundir.load_router_folder(rundir.router_dir(self.out, name), device)
+        idx_ST, tgt_ST = rundir.eval_tokens(self.out, cfg, max_tokens=self.requested_tokens())
         oracle = load_oracle_table(self.out, self.oracle_name(self.primary_context), k, idx_ST, tgt_ST, rcfg.options)
         result = evaluate_router(model, router, idx_ST, tgt_ST, rcfg, oracle)
-        atomic_write_json(self.out / "study" / "routers" / f"{name}.json", result)
+        atomic_write_json(rundir.study_router_eval(self.out, name), result)
 
     def report(self) -> None:
-        from .analysis.report import write_report
-
         write_report(self.out)
 
     # -- running ------------------------------------------------------------------------
     def marker(self, stage: Stage) -> Path:
-        return self.out / "study" / "stages" / f"{stage.id}.json"
+        return rundir.stage_marker(self.out, stage.id)
 
     def run(self) -> list[dict]:
         """Run every stage not yet complete; returns what each stage did (id, seconds, skipped)."""
@@ -392,13 +302,14 @@ class Study:
 
 def results_table(out: Path) -> str:
     """A short text table of the report's numbers (from ``RUN/report/results.json``)."""
-    res = json.loads((Path(out) / "report" / "results.json").read_text())
+    res = json.loads((rundir.report_dir(out) / "results.json").read_text())
     f = lambda x, nd=2: "—" if x is None else f"{x:.{nd}f}"  # noqa: E731
     lines = []
     sweeps = res["oracle"]  # the primary context first
     if sweeps:
         first = sweeps[0]
-        head = f"{'k':>3} " + " ".join(f"{'oracle ' + o['context']:>15}" for o in sweeps) + f" {'fixed':>9} {'best100':>9} {'random':>9}"
+        head = (f"{'k':>3} " + " ".join(f"{'oracle ' + o['context']:>15}" for o in sweeps)
+                + f" {'fixed':>9} {'best100':>9} {'random':>9}")
         lines.append(head)
         by_ctx = [{b["k"]: b for b in o["budgets"]} for o in sweeps]
         for b in first["budgets"]:
@@ -425,17 +336,14 @@ def run_study(config: str | None, data: str | None, out: Path, overrides=(), log
     ``config``: a preset or YAML file (default ``cpu``; for an existing run folder, its own
     config); ``data``: a data spec; ``overrides``: ``key=value`` strings (``study.*`` included).
     Rerunning after an interruption continues where it stopped."""
-    from .rundir import writing
-    from .train import check_run_folder, resolve_device
-
     out = Path(out)
     cfg = resolve_config(config, data, out, overrides)
     resolve_device(cfg.train.device)
-    check_run_folder(cfg, out, resume=(out / "config.yaml").is_file())
+    train.check_run_folder(cfg, out, resume=rundir.has_run(out))
     study = Study(cfg, out, log)
     t0 = time.time()
-    with writing(out, create=True):  # one writer for the whole study; its stages take the same lock again
+    with rundir.writing(out, create=True):  # one writer for the whole study; its stages take the same lock again
         study.run()
     log(results_table(out))
-    log(f"study finished in {_fmt_s(time.time() - t0)}; report: {out / 'report' / 'index.html'}")
-    return out / "report" / "index.html"
+    log(f"study finished in {_fmt_s(time.time() - t0)}; report: {rundir.report_dir(out) / 'index.html'}")
+    return rundir.report_dir(out) / "index.html"

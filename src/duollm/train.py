@@ -22,18 +22,24 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from .checkpoint import commit_checkpoint, latest_checkpoint, load_state, load_weights, stage_checkpoint, tensors_finite
-from .config import RunConfig, TrainConfig, resume_conflict, save_config
+from . import rundir
+from .checkpoint import LATEST, commit_checkpoint, latest_checkpoint, load_state, load_weights, stage_checkpoint, tensors_finite
+from .config import RunConfig, TrainConfig, resume_conflict, save_config, to_dict
+from .data import build_data, check_length, sample_batch, sequences
+from .distributed import init_distributed, resolve_device
+from .evaluate import validation_metrics
 from .io import append_line, atomic_write_text, read_json_lines
+from .model import DuoModel
+from .routing import RouteProbs, sample_routes
 
 
 @dataclass
@@ -42,40 +48,6 @@ class Objective:
     loss: Callable[[torch.nn.Module, dict], torch.Tensor]  # (possibly wrapped) module, micro-batch -> loss
     make_batch: Callable[[torch.Tensor, torch.Tensor, torch.Generator], dict] | None = None
     evaluate: Callable[[torch.nn.Module], dict] | None = None  # periodic validation metrics
-
-
-# ----------------------------------------------------------------------------- distributed
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device: torch.device) -> Dist:
-    """Join the process group when launched by torchrun (WORLD_SIZE > 1)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Dist()
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        return torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"train.device={name} but CUDA is not available")
-    return torch.device(name)
 
 
 def autocast(device: torch.device, dtype: str):
@@ -111,7 +83,7 @@ class MetricsLog:
     """``metrics.jsonl`` always; TensorBoard and Weights & Biases (offline) when enabled."""
 
     def __init__(self, out: Path, t: TrainConfig, resume_step: int, enabled: bool, run_config: dict):
-        self.path = Path(out) / "metrics.jsonl"
+        self.path = rundir.metrics_path(out)
         self.enabled = enabled
         self.tb = self.wandb = None
         if not enabled:
@@ -177,8 +149,6 @@ def train_loop(
     at step s, with its exact state, and committed during step s + 1 once those checks passed; the
     last one after a probe forward on the next batch. A divergence names a checkpoint that is good.
     """
-    from .data import sample_batch
-
     out = Path(out)
     ddp = init_distributed(device)
     if t.batch_size % (ddp.world * t.grad_accum):
@@ -322,9 +292,6 @@ def train_loop(
 
 def pretrain_objective(model, cfg: RunConfig, val_idx_ST, val_tgt_ST) -> Objective:
     """Random routing (paper section 3.1): each token independently big or small at every layer."""
-    from .evaluate import validation_metrics
-    from .routing import RouteProbs, sample_routes
-
     probs = RouteProbs(cfg.routing.p_skip, cfg.routing.p_small, cfg.routing.p_big)
     L = cfg.model.n_layers
 
@@ -348,16 +315,12 @@ def check_run_folder(cfg: RunConfig, out: Path, resume: bool) -> None:
     a new or empty folder or one without a checkpoint; a resume only continues the same model,
     tokenizer, data and routing (``config.resume_conflict``) to at least the step it has.
     """
-    from .checkpoint import LATEST
-    from .config import load_run_config
-    from .rundir import LOCK, check_out_folder
-
-    check_out_folder(out)
-    has_config = (out / "config.yaml").is_file()
+    rundir.check_out_folder(out)
+    has_config = rundir.has_run(out)
     if not has_config:
         if resume:
             raise ValueError(f"cannot resume: {out} is not a run folder (no config.yaml)")
-        strays = [p.name for p in out.iterdir() if p.name != LOCK] if out.is_dir() else []
+        strays = [p.name for p in out.iterdir() if p.name != rundir.LOCK] if out.is_dir() else []
         if strays:
             raise ValueError(f"--out {out} is not empty and holds no run (found {sorted(strays)[0]!r}); "
                              f"choose a new or empty folder")
@@ -368,7 +331,7 @@ def check_run_folder(cfg: RunConfig, out: Path, resume: bool) -> None:
             raise ValueError(f"{out} already holds a checkpoint ({ckpt.name}); pass --resume to continue it "
                              f"or choose another --out")
         return
-    conflict = resume_conflict(load_run_config(out), cfg)
+    conflict = resume_conflict(rundir.load_run_config(out), cfg)
     if conflict:
         raise ValueError(f"cannot resume {out}: {conflict}")
     link = out / LATEST
@@ -389,29 +352,24 @@ def pretrain(cfg: RunConfig, out: Path, *, resume: bool = False, log=print) -> d
     Everything is validated (the config, the run folder, the corpus read and tokenized in memory)
     before the first byte is written, and the folder is written under its lock (``rundir``).
     """
-    from .config import to_dict
-    from .data import build_data, cached_meta, check_length, load_tokens, sequences, write_data
-    from .model import DuoModel
-    from .rundir import writing
-
     out = Path(out)
     device = resolve_device(cfg.train.device)
     check_run_folder(cfg, out, resume)
     ddp = init_distributed(device)
     prepared = None
-    if ddp.main and cached_meta(cfg, out) is None:
+    if ddp.main and rundir.cached_meta(cfg, out) is None:
         prepared = build_data(cfg, log=log)  # may refuse the corpus: nothing is written yet
-    with writing(out, create=ddp.main):
+    with rundir.writing(out, create=ddp.main):
         if ddp.main:
             check_run_folder(cfg, out, resume)  # again, now that no other writer can change the folder
-            meta = write_data(prepared, out) if prepared is not None else cached_meta(cfg, out)
-            save_config(cfg, out / "config.yaml")
+            meta = rundir.write_data(prepared, out) if prepared is not None else rundir.cached_meta(cfg, out)
+            save_config(cfg, rundir.config_path(out))
             log(f"corpus {cfg.data.spec}: {meta['train_tokens']:,} training and {meta['val_tokens']:,} validation tokens")
         if ddp.world > 1:
             dist.barrier()
-        train_tokens = load_tokens(out, "train")
+        train_tokens = rundir.load_tokens(out, "train")
         check_length(train_tokens, cfg.train.seq_len, "training")
-        val_idx, val_tgt = sequences(load_tokens(out, "val"), cfg.train.seq_len, cfg.train.eval_tokens)
+        val_idx, val_tgt = sequences(rundir.load_tokens(out, "val"), cfg.train.seq_len, cfg.train.eval_tokens)
         torch.manual_seed(cfg.train.seed)
         model = DuoModel(cfg.model)
         objective = pretrain_objective(model, cfg, val_idx, val_tgt)

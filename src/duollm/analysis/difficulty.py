@@ -27,7 +27,10 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
+from .. import rundir
 from ..io import atomic_path, atomic_write_json
 from .rundata import RunData, reference_budgets
 
@@ -165,15 +168,12 @@ def difficulty(run: Path) -> dict | None:
 
 def write_difficulty(run: Path, rd: RunData | None = None) -> dict | None:
     """Write ``RUN/report/difficulty.json`` and ``difficulty.parquet``; return the summary."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     rd = rd or RunData(run)
     tab = token_table(rd)
     if tab is None:
         return None
     summary = summarize(rd, tab)
-    out = Path(run) / "report"
+    out = rundir.report_dir(run)
     cols = {
         "sequence": tab["sequence_N"].astype(np.int32),
         "position": tab["position_N"].astype(np.int32),

@@ -29,8 +29,9 @@ import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
+from ..oracle.reductions import linear_schedule
 from ..routing import BIG, SKIP
-from .difficulty import reference_k, token_table
+from .difficulty import rankdata, reference_k, summarize, token_table
 from .rundata import RunData, early_exit_pattern, reference_budgets
 
 # fixed style, independent of the user's matplotlibrc, so output depends on the run folder only
@@ -227,8 +228,6 @@ def fig_router_usage(rd: RunData) -> Figure | None:
 def fig_position_budgets(rd: RunData) -> Figure | None:
     """Oracle perplexity when the budget falls, rises or stays constant along the sequence, at the
     same mean budget (paper section 4.2: 6 -> 2, 2 -> 6, constant 4 for L = 12)."""
-    from ..oracle.reductions import linear_schedule
-
     entries = {ctx: o.summary.get("position_budgets") or [] for ctx, o in rd.sweeps.items()}
     entries = {ctx: e for ctx, e in entries.items() if e}
     if not entries:
@@ -303,8 +302,6 @@ def fig_token_losses(rd: RunData) -> Figure | None:
 def fig_difficulty_ranking(rd: RunData, summary: dict | None = None) -> Figure | None:
     """Tokens ranked by difficulty gap vs by raw small-model loss: a rank-rank scatter with the
     Spearman correlation, and the head of each ranking."""
-    from .difficulty import rankdata, summarize
-
     tab = token_table(rd)
     if tab is None:
         return None

@@ -22,8 +22,11 @@ import math
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from .. import rundir
 from ..io import atomic_write_bytes, atomic_write_text
+from ..model import DuoModel, param_counts
 from ..rundir import writing
 from .difficulty import reference_k, token_table, write_difficulty
 from .figures import render_all, sample_sequence, visible
@@ -57,10 +60,6 @@ def _r(x, nd: int = 4):
 
 
 def model_summary(rd: RunData) -> dict:
-    import torch
-
-    from ..model import DuoModel, param_counts
-
     cfg = rd.config
     with torch.device("meta"):  # counts without allocating weights
         params = param_counts(DuoModel(cfg.model))
@@ -349,7 +348,7 @@ def write_report(run_dir) -> Path:
 
 def _write_report(run_dir: Path) -> Path:
     rd = RunData(run_dir)
-    out = rd.run / "report"
+    out = rundir.report_dir(rd.run)
     difficulty = write_difficulty(rd.run, rd)
     pngs = render_all(rd, difficulty)
     res = results(rd, difficulty, list(pngs))

@@ -1,16 +1,12 @@
 """Reading a run folder for analysis: which oracle is which, router evaluations, tokens.
 
-Everything in ``duollm.analysis`` is a pure function of the run folder; this module is the one
-place that knows where the study's outputs live and how to tell them apart:
+Everything in ``duollm.analysis`` is a pure function of the run folder, read through ``rundir``
+(where things are). This module tells the study's outputs apart by their contents, never by name:
 
-    RUN/oracle/<name>/summary.json     one per oracle run (DESIGN 5); told apart by its fields:
-                                       options SB, no skip constraint  -> budget sweep, per context
-                                       options B_, an exact skip count -> the skip study
-    RUN/oracle/<name>/per_token.parquet, usage.npy, patterns.parquet
-    RUN/routers/<name>/eval.json       a router's evaluation (routers.py)
-    RUN/study/routers/<name>.json      the same evaluation on the oracle's tokens, written by
-                                       ``duollm run`` when the oracle scores fewer tokens than
-                                       ``eval.max_tokens`` (preferred when present)
+    an oracle's summary.json (DESIGN 5)  options SB, no skip constraint  -> budget sweep, per context
+                                         options B_, an exact skip count -> the skip study
+    a router's evaluation                ``rundir.router_eval``: the study's re-evaluation on the
+                                         oracle's tokens when present, else its eval.json
 
 Array name legend: J budgets, R routes (skip, small, big), L layers, T positions, N tokens.
 """
@@ -23,8 +19,10 @@ from functools import cached_property
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 
-from ..config import RunConfig, load_run_config
+from .. import rundir
+from ..config import RunConfig
 
 
 def _json(path: Path):
@@ -64,32 +62,21 @@ class Oracle:
         return next((b for b in self.budgets if int(b["k"]) == k), None)
 
     def usage_JRLT(self) -> np.ndarray | None:
-        path = self.folder / "usage.npy"
+        path = self.folder / rundir.USAGE
         return np.load(path) if path.is_file() else None
 
     def per_token(self):
         """The per-token table (pyarrow Table) or None."""
-        import pyarrow.parquet as pq
-
-        path = self.folder / "per_token.parquet"
+        path = self.folder / rundir.PER_TOKEN
         return pq.read_table(path) if path.is_file() else None
 
     def pattern_losses(self) -> dict[str, float]:
         """Mean loss of every evaluated pattern (``patterns.parquet``)."""
-        import pyarrow.parquet as pq
-
-        path = self.folder / "patterns.parquet"
+        path = self.folder / rundir.PATTERNS
         if not path.is_file():
             return {}
         t = pq.read_table(path, columns=["pattern", "mean_loss"]).to_pydict()
         return dict(zip(t["pattern"], t["mean_loss"]))
-
-
-def is_complete_oracle(folder: Path) -> bool:
-    """An oracle folder whose run finished: the summary and ``run.json`` (written last) exist and
-    no partial chunks remain (``oracle/runner.py``)."""
-    folder = Path(folder)
-    return (folder / "summary.json").is_file() and (folder / "run.json").is_file() and not (folder / ".partial").exists()
 
 
 class RunData:
@@ -102,7 +89,7 @@ class RunData:
 
     @cached_property
     def config(self) -> RunConfig:
-        return load_run_config(self.run)
+        return rundir.load_run_config(self.run)
 
     @property
     def n_layers(self) -> int:
@@ -110,10 +97,7 @@ class RunData:
 
     @cached_property
     def oracles(self) -> list[Oracle]:
-        root = self.run / "oracle"
-        if not root.is_dir():
-            return []
-        return [Oracle(p, _json(p / "summary.json")) for p in sorted(root.iterdir()) if is_complete_oracle(p)]
+        return [Oracle(p, rundir.oracle_summary(p)) for p in rundir.oracle_folders(self.run)]
 
     def _plain(self, o: Oracle) -> bool:
         s = o.summary
@@ -123,15 +107,14 @@ class RunData:
     @cached_property
     def sweeps(self) -> dict[str, Oracle]:
         """Budget sweeps (options SB, every budget) by context policy, shared first. Where a context
-        has several, the one ``duollm run`` writes wins (``SB-shared``, ``SB-frozen-B``: all-big
-        context tokens), then the first by name."""
+        has several, the one ``duollm run`` writes wins (all budgets; frozen: all-big context tokens),
+        then the first by name."""
         by_context: dict[str, list[Oracle]] = {}
         for o in self.oracles:
             s = o.summary
             if self._plain(o) and s.get("options") == "SB" and s.get("skips") in (None, 0) and len(o.budgets) >= 2:
                 by_context.setdefault(o.context, []).append(o)
-        study_name = {"shared": "SB-shared", "frozen": "SB-frozen-B"}
-        return {ctx: min(found, key=lambda o: (o.name != study_name.get(ctx), o.summary.get("reference") not in (None, "B"), o.name))
+        return {ctx: min(found, key=lambda o: (o.summary.get("reference") not in (None, "B"), -len(o.budgets), o.name))
                 for ctx, found in sorted(by_context.items(), key=lambda kv: (kv[0] != "shared", kv[0]))}
 
     @property
@@ -151,26 +134,18 @@ class RunData:
     def routers(self) -> list[dict]:
         """Router evaluations (with ``name``), sorted by target then method; the study's
         re-evaluation on the oracle's tokens is preferred over ``eval.json``."""
-        root = self.run / "routers"
-        if not root.is_dir():
-            return []
-        out = []
-        for folder in sorted(root.iterdir()):
-            study = self.run / "study" / "routers" / f"{folder.name}.json"
-            path = study if study.is_file() else folder / "eval.json"
-            if path.is_file():
-                out.append({"name": folder.name, **_json(path)})
+        out = [{"name": name, **rundir.router_eval(self.run, name)} for name in rundir.router_names(self.run)]
         return sorted(out, key=lambda r: (float(r.get("target", 0)), str(r.get("method")), r["name"]))
 
     @cached_property
     def data_meta(self) -> dict:
-        path = self.run / "data" / "meta.json"
+        path = rundir.data_dir(self.run) / "meta.json"
         return _json(path) if path.is_file() else {}
 
     @cached_property
     def final_metrics(self) -> dict:
         """The last value of every metric in ``metrics.jsonl`` (training loss, validation losses)."""
-        path = self.run / "metrics.jsonl"
+        path = rundir.metrics_path(self.run)
         out: dict = {}
         if path.is_file():
             for line in path.read_text().splitlines():
@@ -184,10 +159,8 @@ class RunData:
 
     @cached_property
     def tokenizer(self):
-        from ..data import load_tokenizer
-
         try:
-            return load_tokenizer(self.run)
+            return rundir.load_tokenizer(self.run)
         except ValueError:
             return None
 

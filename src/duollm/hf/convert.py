@@ -31,7 +31,12 @@ from pathlib import Path
 
 import torch
 
+from .. import rundir
+from ..checkpoint import save_checkpoint
+from ..config import load_config, save_config, validate
+from ..data import build_data, sample_batch
 from ..model import DuoModel, ModelConfig
+from ..train import make_optimizer
 
 SMALL_INITS = ("weights", "activations", "random")
 SUPPORTED = ("llama", "gpt2")
@@ -227,11 +232,6 @@ def check_all_big(model: DuoModel, hf_model, vocab: int, n: int = 16) -> tuple[f
 def convert(source: str, out, *, d_ff_small: int | None = None, small_init: str = "weights",
             data: str | None = None, sets: list[str] | tuple = (), log=print) -> Path:
     """Convert ``source`` into the Duo run folder ``out`` (written to ``out.tmp``, then renamed)."""
-    from ..checkpoint import save_checkpoint
-    from ..config import load_config, save_config, validate
-    from ..data import load_tokens, prepare_data, sample_batch
-    from ..train import make_optimizer
-
     out = Path(out)
     if out.exists():
         raise ValueError(f"{out} already exists; choose a new run folder")
@@ -270,13 +270,13 @@ def convert(source: str, out, *, d_ff_small: int | None = None, small_init: str 
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        prepare_data(cfg, tmp, log=log)  # the pretrained tokenizer into tokenizer/, the token cache into data/
+        rundir.write_data(build_data(cfg, log=log), tmp)  # the pretrained tokenizer, the token cache
         idx_BT = None
         if small_init == "activations":
-            tokens = load_tokens(tmp, "train")
+            tokens = rundir.load_tokens(tmp, "train")
             idx_BT = sample_batch(tokens, 16, cfg.train.seq_len, torch.Generator().manual_seed(cfg.train.seed))[0]
         init_small_from_big(model, small_init, idx_BT, seed=cfg.train.seed)
-        save_config(cfg, tmp / "config.yaml")
+        save_config(cfg, rundir.config_path(tmp))
         # step 0 with a fresh optimizer: `duollm train --resume` continues from here
         save_checkpoint(tmp, model, {"step": 0, "optimizer": make_optimizer(model, cfg.train).state_dict(),
                                      "converted_from": source_ref, "small_init": small_init})
@@ -288,7 +288,7 @@ def convert(source: str, out, *, d_ff_small: int | None = None, small_init: str 
     return out
 
 
-def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``duollm convert SOURCE OUT [...]``."""
     parser.add_argument("source", help="Hugging Face model name or local folder (Llama family or GPT-2)")
     parser.add_argument("out", help="new run folder")
@@ -300,11 +300,11 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
                         help="config overrides, e.g. train.steps=100 (model.* only d_ff_small, skip_mode)")
 
 
-def run_convert_command(args: argparse.Namespace) -> None:
+def run_command(args: argparse.Namespace) -> str:
     """``duollm convert``: write the run folder; its path is the last line printed."""
     from . import require_transformers
 
     require_transformers("convert")
     out = convert(args.source, Path(args.out), d_ff_small=args.small_ffn, small_init=args.small_init,
                   data=args.data, sets=list(args.set or []))
-    print(out)
+    return str(out)

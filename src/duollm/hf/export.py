@@ -17,6 +17,10 @@ import os
 import shutil
 from pathlib import Path
 
+from .. import rundir
+from ..checkpoint import latest_checkpoint, load_state
+from ..data import EOS
+
 RUN_CONFIG_FILE = "duollm_run.yaml"
 
 # ``trust_remote_code=True`` loaders (tools that never import duollm) find the classes here;
@@ -34,16 +38,15 @@ def hf_tokenizer(run: Path, model_max_length: int):
     """The run's tokenizer as a transformers tokenizer (``AutoTokenizer`` can reload what it saves)."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    from ..data import EOS
-
-    run = Path(run)
-    if (run / "tokenizer.json").is_file():
+    path = rundir.tokenizer_file(Path(run))
+    if path.is_file():
         # the BPE tokenizer trained on the corpus: <|endoftext|> ends (and pads) sequences; no BOS
-        return PreTrainedTokenizerFast(tokenizer_file=str(run / "tokenizer.json"), eos_token=EOS, pad_token=EOS,
+        return PreTrainedTokenizerFast(tokenizer_file=str(path), eos_token=EOS, pad_token=EOS,
                                        model_max_length=model_max_length, clean_up_tokenization_spaces=False)
-    if (run / "tokenizer").is_dir():
-        return AutoTokenizer.from_pretrained(str(run / "tokenizer"))
-    raise ValueError(f"{run} has no tokenizer (tokenizer.json or tokenizer/)")
+    if path.is_dir():
+        return AutoTokenizer.from_pretrained(str(path))
+    rundir.load_tokenizer(Path(run))  # raises the one-line error naming what is missing
+    raise AssertionError("unreachable")
 
 
 def _is_export(folder: Path) -> bool:
@@ -59,13 +62,12 @@ def export_run(run, out, *, routing: str | None = None) -> Path:
     ``routing`` becomes the exported model's default policy (``config.routing``); None: all big.
     An existing ``out`` is replaced only if it is itself a Duo export.
     """
-    from ..checkpoint import latest_checkpoint, load_model, load_state
-    from .modeling import DuoForCausalLM
+    from .modeling import DuoForCausalLM  # transformers: only when exporting
 
     run, out = Path(run), Path(out)
     if out.exists() and not (out.is_dir() and (_is_export(out) or not any(out.iterdir()))):
         raise ValueError(f"{out} exists and is not a Duo export; choose another output folder")
-    duo, cfg = load_model(run)
+    duo, cfg = rundir.load_model(run)
     tok = hf_tokenizer(run, cfg.model.max_seq_len)
     model = DuoForCausalLM.from_duo_model(
         duo, routing=routing, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id
@@ -82,17 +84,17 @@ def export_run(run, out, *, routing: str | None = None) -> Path:
         tok.save_pretrained(str(tmp))
         for name, text in _SHIMS.items():
             (tmp / name).write_text(text)
-        (tmp / RUN_CONFIG_FILE).write_text((run / "config.yaml").read_text())
+        (tmp / RUN_CONFIG_FILE).write_text(rundir.config_path(run).read_text())
         ckpt = latest_checkpoint(run)
         provenance = {"run": str(run.resolve()), "checkpoint": ckpt.name, "step": load_state(ckpt)["step"]}
         (tmp / "duollm_export.json").write_text(json.dumps(provenance, indent=2) + "\n")
-        routers = run / "routers"
+        routers = run / rundir.ROUTERS
         if routers.is_dir():
             for folder in sorted(routers.iterdir()):
-                if (folder / "router.yaml").is_file() and (folder / "router.safetensors").is_file():
-                    dest = tmp / "routers" / folder.name
+                if (folder / rundir.ROUTER_YAML).is_file() and (folder / rundir.ROUTER_WEIGHTS).is_file():
+                    dest = tmp / rundir.ROUTERS / folder.name  # an export holds routers/ like a run folder
                     dest.mkdir(parents=True)
-                    for f in ("router.yaml", "router.safetensors", "eval.json"):
+                    for f in (rundir.ROUTER_YAML, rundir.ROUTER_WEIGHTS, rundir.ROUTER_EVAL):
                         if (folder / f).is_file():
                             shutil.copy2(folder / f, dest / f)
         old = out.parent / f".{out.name}.old"
@@ -106,7 +108,7 @@ def export_run(run, out, *, routing: str | None = None) -> Path:
     return out
 
 
-def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``duollm export RUN OUT [--policy SPEC]``."""
     parser.add_argument("run", help="run folder")
     parser.add_argument("out", help="output folder (Hugging Face format)")
@@ -114,10 +116,9 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
                         help="default routing of the exported model: a pattern, random:P or router:NAME (default all-big)")
 
 
-def run_export_command(args: argparse.Namespace) -> None:
+def run_command(args: argparse.Namespace) -> str:
     """``duollm export``: write the folder, then print its path (the last line)."""
     from . import require_transformers
 
     require_transformers("export")
-    out = export_run(Path(args.run), Path(args.out), routing=args.policy)
-    print(out)
+    return str(export_run(Path(args.run), Path(args.out), routing=args.policy))

@@ -7,7 +7,7 @@ the embedding, and ``save_pretrained`` / ``from_pretrained`` use safetensors.
 Routing: a policy set on the model (``model.set_routing(...)``, or ``config.routing`` saved in
 ``config.json``) routes every forward, including each step of ``generate()``; a forward may
 also take ``routes=`` (anything ``DuoModel.forward`` accepts). Policies are the specs of
-``duollm.generate.resolve_policy``: all-big (default), all-small, a pattern, ``random:P``,
+``rundir.routing_policy``: all-big (default), all-small, a pattern, ``random:P``,
 ``router:NAME`` (a router saved under ``<model folder>/routers/NAME``), or a policy object.
 
 KV cache: transformers 5.x hands the cache to ``forward`` as ``cache`` (a ``Cache``;
@@ -20,7 +20,7 @@ Padding: ``attention_mask`` (0 = padding, covering cached and new tokens) become
 model's key mask and ``position_ids`` its positions, so left-padded batches generate like
 single prompts (RoPE scores depend only on relative positions).
 
-Tensor name legend: B batch, T new positions, S key positions (cached + new), L layers,
+Tensor name legend: B batch, T new positions, C key positions (cached + new), L layers,
 V vocabulary, K kv heads, E head dimension.
 """
 
@@ -36,6 +36,7 @@ from transformers import GenerationMixin, PreTrainedConfig, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from .. import rundir
 from ..model import DuoModel, ModelConfig
 
 MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig))
@@ -90,7 +91,7 @@ class DuoConfig(PreTrainedConfig):
         return ModelConfig(**{name: getattr(self, name) for name in MODEL_FIELDS})
 
     @classmethod
-    def from_model_config(cls, cfg: ModelConfig, **kwargs) -> "DuoConfig":
+    def from_model_config(cls, cfg: ModelConfig, **kwargs) -> DuoConfig:
         return cls(**dataclasses.asdict(cfg), **kwargs)
 
 
@@ -136,7 +137,7 @@ class DuoForCausalLM(PreTrainedModel, GenerationMixin):
     # --- construction from a live DuoModel (export, wrapping a run without copying weights)
 
     @classmethod
-    def from_duo_model(cls, duo: DuoModel, **config_kwargs) -> "DuoForCausalLM":
+    def from_duo_model(cls, duo: DuoModel, **config_kwargs) -> DuoForCausalLM:
         """Wrap ``duo`` (its parameters are shared, not copied)."""
         config = DuoConfig.from_model_config(duo.cfg, **config_kwargs)
         with torch.device("meta"):  # skip a random initialisation that ``duo`` replaces at once
@@ -145,11 +146,9 @@ class DuoForCausalLM(PreTrainedModel, GenerationMixin):
         return model
 
     @classmethod
-    def from_run(cls, run, device="cpu", **config_kwargs) -> "DuoForCausalLM":
+    def from_run(cls, run, device="cpu", **config_kwargs) -> DuoForCausalLM:
         """The model of a run folder (its ``latest`` checkpoint), in eval mode."""
-        from ..checkpoint import load_model
-
-        duo, _ = load_model(Path(run), device)
+        duo, _ = rundir.load_model(Path(run), device)
         model = cls.from_duo_model(duo, **config_kwargs)
         model.config.name_or_path = str(run)  # where router:NAME policies are looked up
         return model.eval()
@@ -174,7 +173,7 @@ class DuoForCausalLM(PreTrainedModel, GenerationMixin):
 
     # --- routing
 
-    def set_routing(self, policy=None, *, seed: int | None = None) -> "DuoForCausalLM":
+    def set_routing(self, policy=None, *, seed: int | None = None) -> DuoForCausalLM:
         """Route every later forward (and ``generate()``) with ``policy``; returns the model.
 
         ``policy``: None / "all-big", "all-small", a pattern over B/S/_, "random:P",
@@ -182,13 +181,11 @@ class DuoForCausalLM(PreTrainedModel, GenerationMixin):
         or a policy object ``policy(layer, x_BTD) -> route_BT``. String policies are saved
         with the model (``config.routing``).
         """
-        from ..generate import resolve_policy
-
         if seed is not None:
             self.config.routing_seed = seed
         root = self.config.name_or_path if self.config.name_or_path and Path(self.config.name_or_path).is_dir() else None
-        _, routes = resolve_policy(policy, self.config.n_layers, root=root, seed=self.config.routing_seed,
-                                   device=self.device)
+        _, routes = rundir.routing_policy(policy, self.config.n_layers, root=root, seed=self.config.routing_seed,
+                                          device=self.device)
         object.__setattr__(self, "_routes", routes)  # never a submodule: a router is not part of the LM's weights
         self.config.routing = policy if isinstance(policy, str) and policy.strip().lower() != "all-big" else None
         return self
@@ -229,13 +226,13 @@ class DuoForCausalLM(PreTrainedModel, GenerationMixin):
         adapter = _CacheAdapter(cache) if cache is not None else None
         past = adapter.length if adapter is not None else 0
 
-        keep_BS = None
+        keep_BC = None
         if attention_mask is not None:
             if attention_mask.dim() != 2 or attention_mask.shape != (B, past + T):
                 raise ValueError(f"attention_mask must be 2-D [batch, cached + new tokens] = {(B, past + T)}; "
                                  f"got {tuple(attention_mask.shape)}")
             if not bool(attention_mask.all()):
-                keep_BS = attention_mask
+                keep_BC = attention_mask
         pos_BT = None
         if position_ids is not None:
             pos_BT = position_ids.expand(B, T)
@@ -247,7 +244,7 @@ class DuoForCausalLM(PreTrainedModel, GenerationMixin):
             routes = self.routing_policy
         if isinstance(routes, torch.nn.Module):
             routes.to(input_ids.device)
-        out = self.model(input_ids, routes=routes, cache=adapter, pos_BT=pos_BT, keep_BS=keep_BS)
+        out = self.model(input_ids, routes=routes, cache=adapter, pos_BT=pos_BT, keep_BC=keep_BC)
 
         logits_BTV = out.logits
         loss = None

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .command import add_arguments, build_spec, kwargs_from_args, run_oracle_command
+from .command import add_arguments, build_spec, run_command, run_oracle_command
 from .context import FrozenContext, SharedContext, make_context
 from .naive import naive_losses
 from .plan import OracleSpec, Plan, build_plan
@@ -37,6 +37,6 @@ def pattern_losses(model, idx_ST, tgt_ST, route_PL, *, context="shared", referen
 
 __all__ = [
     "FrozenContext", "OracleSpec", "Plan", "SharedContext", "add_arguments", "beam_search", "build_plan",
-    "build_spec", "kwargs_from_args", "make_context", "naive_flops", "naive_losses", "pattern_losses",
+    "build_spec", "run_command", "make_context", "naive_flops", "naive_losses", "pattern_losses",
     "run_oracle", "run_oracle_command", "tree_flops", "walk_tree",
 ]

@@ -1,18 +1,24 @@
 """``duollm oracle RUN ...``: the command-line entry to the oracle engine (DESIGN section 5).
 
-The CLI calls ``add_arguments(parser)`` to get the flags and
-``run_oracle_command(Path(args.run), **kwargs_from_args(args))``, which returns the output name
-that the CLI prints as its last line.
+Like every command module: ``add_arguments(parser)`` adds the flags, ``run_command(args)`` runs
+it and returns the line the CLI prints last (here the output name). ``run_oracle_command`` is the
+same as a library call.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
-from ..routing import CandidateSpace, parse_budgets
-from .plan import OracleSpec, normalize_reference
-from ..rundir import writing
+import numpy as np
+
+from .. import rundir
+from ..data import parse_max_tokens
+from ..distributed import resolve_device
+from ..io import atomic_write_json
+from ..routing import CandidateSpace, parse_budgets, parse_routing
+from .plan import OracleSpec
 from .runner import DTYPES, run_oracle
 
 # flag dest -> keyword of run_oracle_command (kept in one place so the two cannot drift)
@@ -23,8 +29,9 @@ KEYWORDS = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the oracle's flags (not the RUN positional) to an argparse (sub)parser."""
+    """The flags of ``duollm oracle RUN``."""
     a = parser.add_argument
+    a("run")
     a("--budgets", default="all", help="budgets k (big layers per token): all (default), a range 0-12, or a list 4,6,8")
     a("--options", default="SB", help="per-layer routes to search: SB (default), B_ (big or skip), SB_")
     a("--skips", type=int, default=None, help="number of skipped layers (the paper's skip study: --options B_ --skips 6)")
@@ -54,9 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       help="fuse elementwise work with torch.compile (auto: for large runs)")
 
 
-def kwargs_from_args(args: argparse.Namespace) -> dict:
-    """The keyword arguments of ``run_oracle_command`` from parsed flags."""
-    return {k: getattr(args, k) for k in KEYWORDS if hasattr(args, k)}
+def run_command(args: argparse.Namespace) -> str:
+    """``duollm oracle``: the output name, printed as the last line (DESIGN 5)."""
+    return run_oracle_command(Path(args.run), **{k: getattr(args, k) for k in KEYWORDS if hasattr(args, k)})
 
 
 def build_spec(
@@ -75,8 +82,6 @@ def build_spec(
     seed: int = 0,
 ) -> OracleSpec:
     """Validate the user's choices into an ``OracleSpec`` (one-line ValueErrors)."""
-    if context not in ("shared", "frozen"):
-        raise ValueError(f"unknown context {context!r}; use shared or frozen")
     if isinstance(patterns, str):
         patterns = tuple(p.strip() for p in patterns.split(",") if p.strip())
     if patterns is not None:
@@ -91,50 +96,22 @@ def build_spec(
             n_layers, options=options, budgets=parse_budgets(budgets, n_layers), budget_mode=budget_mode,
             skips=skips, skips_mode=skips_mode,
         )
-    if context == "frozen":
-        reference = normalize_reference(reference, n_layers)
     return OracleSpec(space, context=context, reference=reference, search=search, beam_width=beam_width,
                       seed=seed, patterns=patterns)
-
-
-def _device(device: str):
-    """The torch device; under torchrun each process takes its own GPU (LOCAL_RANK)."""
-    import os
-
-    import torch
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device != "cpu" and not device.startswith("cuda"):
-        raise ValueError(f"device must be auto, cpu, cuda or cuda:N; got {device!r}")
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {device} requested but CUDA is not available")
-        if device == "cuda" and "LOCAL_RANK" in os.environ:
-            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-        torch.cuda.set_device(torch.device(device))
-    return device
 
 
 def beam_gap(run_dir: Path, spec: OracleSpec, out_dir: Path) -> None:
     """Beam/greedy vs exhaustive on the same tokens (DESIGN 4.2): if the exhaustive oracle of the same
     candidates and context exists in ``RUN/oracle/``, add the gap per budget to the beam's summary."""
-    import dataclasses
-    import json
-
-    import numpy as np
-
-    from ..io import atomic_write_json
-
     exhaustive = dataclasses.replace(spec, search="exhaustive", beam_width=4).name()
-    ex_dir = run_dir / "oracle" / exhaustive
-    if not (ex_dir / "summary.json").is_file():
+    ex_dir = rundir.oracle_dir(run_dir, exhaustive)
+    if not (ex_dir / rundir.SUMMARY).is_file():
         return
-    ex, beam = json.loads((ex_dir / "summary.json").read_text()), json.loads((out_dir / "summary.json").read_text())
+    ex, beam = rundir.oracle_summary(ex_dir), rundir.oracle_summary(out_dir)
     if ex.get("tokens") != beam.get("tokens") or ex.get("data") != beam.get("data"):
         return
     ex_rows = {b["k"]: j for j, b in enumerate(ex["budgets"])}
-    ex_JN, beam_JN = np.load(ex_dir / "oracle_loss.npy"), np.load(out_dir / "oracle_loss.npy")
+    ex_JN, beam_JN = np.load(ex_dir / rundir.ORACLE_LOSS), np.load(out_dir / rundir.ORACLE_LOSS)
     for j, entry in enumerate(beam["budgets"]):
         if entry["k"] not in ex_rows:
             continue
@@ -150,7 +127,7 @@ def beam_gap(run_dir: Path, spec: OracleSpec, out_dir: Path) -> None:
             entry["fixed_ppl"], entry["fixed_pattern"] = e["fixed_ppl"], e["fixed_pattern"]
             entry["fixed_from"] = exhaustive
     beam["exhaustive_reference"] = exhaustive
-    atomic_write_json(out_dir / "summary.json", beam)
+    atomic_write_json(out_dir / rundir.SUMMARY, beam)
 
 
 def run_oracle_command(
@@ -184,21 +161,14 @@ def run_oracle_command(
     budget outside 0..L, options not a subset of SB_, impossible constraints, unknown context or
     search, malformed reference pattern, missing or corrupt run.
     """
-    from ..checkpoint import load_model
-    from ..config import load_run_config
-    from ..data import eval_tokens, parse_max_tokens
-
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ValueError(f"run folder {run_dir} does not exist")
-    cfg = load_run_config(run_dir)
-    dev = _device(device)
-    if context == "frozen" and isinstance(reference, str) and reference.startswith("router:"):
-        from ..routers import load_router  # a trained router of this run routes the context (hard decisions)
-
-        reference = load_router(run_dir, reference.partition(":")[2] or "?", dev)
-        if reference.n_layers != cfg.model.n_layers:
-            raise ValueError(f"router {reference.name} has {reference.n_layers} layers but the model has {cfg.model.n_layers}")
+    cfg = rundir.load_run_config(run_dir)
+    dev = resolve_device(device)
+    if context == "frozen" and isinstance(reference, str) and parse_routing(reference, cfg.model.n_layers).kind == "router":
+        # a trained router of this run routes the context (hard decisions)
+        reference = rundir.routing_policy(reference, cfg.model.n_layers, root=run_dir, device=dev)[1]
     spec = build_spec(
         cfg.model.n_layers, budgets=budgets, options=options, skips=skips, skips_mode=skips_mode,
         budget_mode=budget_mode, context=context, reference=reference, search=search, beam_width=beam_width,
@@ -212,9 +182,9 @@ def run_oracle_command(
     name = name or spec.name()
     if batch_tokens < 1:
         raise ValueError(f"--batch-tokens must be positive; got {batch_tokens}")
-    model, cfg = load_model(run_dir, dev)
-    idx_ST, tgt_ST = eval_tokens(run_dir, cfg, spec=data, max_tokens=max_tokens)
-    with writing(run_dir):
+    model, cfg = rundir.load_model(run_dir, dev)
+    idx_ST, tgt_ST = rundir.eval_tokens(run_dir, cfg, spec=data, max_tokens=max_tokens)
+    with rundir.writing(run_dir):
         return _run(run_dir, model, idx_ST, tgt_ST, spec, name, batch_tokens=batch_tokens, dtype=dtype,
                     save_matrix=save_matrix, progress=progress, compile=compile, data=data)
 
@@ -222,11 +192,11 @@ def run_oracle_command(
 def _run(run_dir: Path, model, idx_ST, tgt_ST, spec: OracleSpec, name: str, *, batch_tokens, dtype, save_matrix,
          progress, compile, data) -> str:
     summary = run_oracle(
-        model, idx_ST, tgt_ST, spec, run_dir / "oracle" / name, batch_tokens=batch_tokens, dtype=dtype,
+        model, idx_ST, tgt_ST, spec, rundir.oracle_dir(run_dir, name), batch_tokens=batch_tokens, dtype=dtype,
         keep_matrix=save_matrix, progress=progress,
         compile={"on": True, "off": False, "auto": "auto", True: True, False: False}.get(compile, compile),
         meta={"name": name, "data": data or "validation split", "dtype": dtype},
     )
     if summary is not None and spec.search == "beam":
-        beam_gap(run_dir, spec, run_dir / "oracle" / name)
+        beam_gap(run_dir, spec, rundir.oracle_dir(run_dir, name))
     return name

@@ -17,7 +17,7 @@ layer ``layer``'s attention, for M independent hidden-state variants per positio
 treats each variant m as its own sequence (variant m of every position shares one prefix);
 ``frozen`` treats every (position, variant) as its own scored token.
 
-Tensor name legend: B sequences, T positions (queries), S key positions, M variants (prefixes)
+Tensor name legend: B sequences, T positions (queries), C key positions (the reference context), M variants (prefixes)
 per position, D model width, H query heads, K key/value heads, E head dim, L layers, V vocab.
 """
 
@@ -31,8 +31,6 @@ import torch.nn.functional as F
 from ..model import DuoModel, apply_rope
 from ..routing import SKIP, parse_pattern
 from . import kernels as K
-
-CONTEXTS = ("shared", "frozen")
 
 
 class SharedContext:
@@ -91,7 +89,7 @@ class FrozenContext:
         self.route_LBT = reference_routes(model, idx_BT, reference)
         self.k_ref, self.v_ref = self._reference_kv(idx_BT)
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
-        self.strict_TS = torch.ones(T, T, dtype=torch.bool, device=idx_BT.device).tril(-1)
+        self.strict_TC = torch.ones(T, T, dtype=torch.bool, device=idx_BT.device).tril(-1)
 
     @torch.no_grad()
     def _reference_kv(self, idx_BT):
@@ -121,11 +119,11 @@ class FrozenContext:
         block = self.model.layers[layer]
         return self.kernels(
             frozen_attn_residual, block, h_BTMD, self.k_ref[layer], self.v_ref[layer], self.cos_TE, self.sin_TE,
-            self.strict_TS, self.scale,
+            self.strict_TC, self.scale,
         )
 
 
-def frozen_attn_residual(block, h_BTMD, k_BKSE, v_BKSE, cos_TE, sin_TE, strict_TS, scale: float):
+def frozen_attn_residual(block, h_BTMD, k_BKCE, v_BKCE, cos_TE, sin_TE, strict_TC, scale: float):
     """h + attention where each (position t, variant m) attends to the reference keys/values of
     positions < t and to its own key/value (the frozen context)."""
     attn = block.attn
@@ -141,20 +139,20 @@ def frozen_attn_residual(block, h_BTMD, k_BKSE, v_BKSE, cos_TE, sin_TE, strict_T
     if K != H:  # grouped KV heads: query head h reads KV head h // (H / K), as SDPA's enable_gqa
         k_BTMHE = k_BTMKE.repeat_interleave(H // K, dim=3)
         v_BTMHE = v_BTMKE.repeat_interleave(H // K, dim=3)
-        k_BHSE = k_BKSE.repeat_interleave(H // K, dim=1)
-        v_BHSE = v_BKSE.repeat_interleave(H // K, dim=1)
+        k_BHCE = k_BKCE.repeat_interleave(H // K, dim=1)
+        v_BHCE = v_BKCE.repeat_interleave(H // K, dim=1)
     else:
-        k_BTMHE, v_BTMHE, k_BHSE, v_BHSE = k_BTMKE, v_BTMKE, k_BKSE, v_BKSE
+        k_BTMHE, v_BTMHE, k_BHCE, v_BHCE = k_BTMKE, v_BTMKE, k_BKCE, v_BKCE
     q_BHXE = q_BTMHE.permute(0, 3, 1, 2, 4).reshape(B, H, T * M, E)  # X = (position, variant)
     # context: reference keys of strictly earlier positions; self: the token's own key
-    ctx_BHXS = (q_BHXE @ k_BHSE.transpose(-1, -2)).float() * scale
-    mask_XS = strict_TS.repeat_interleave(M, dim=0)
-    ctx_BHXS = ctx_BHXS.masked_fill(~mask_XS, float("-inf"))
+    ctx_BHXC = (q_BHXE @ k_BHCE.transpose(-1, -2)).float() * scale
+    mask_XC = strict_TC.repeat_interleave(M, dim=0)
+    ctx_BHXC = ctx_BHXC.masked_fill(~mask_XC, float("-inf"))
     own_BHX = (q_BTMHE * k_BTMHE).sum(-1).permute(0, 3, 1, 2).reshape(B, H, T * M).float() * scale
-    p_BHXS1 = torch.softmax(torch.cat([ctx_BHXS, own_BHX.unsqueeze(-1)], -1), dim=-1).to(q_BHXE.dtype)
-    y_BHXE = p_BHXS1[..., :T] @ v_BHSE
+    p_BHXC1 = torch.softmax(torch.cat([ctx_BHXC, own_BHX.unsqueeze(-1)], -1), dim=-1).to(q_BHXE.dtype)
+    y_BHXE = p_BHXC1[..., :T] @ v_BHCE
     v_own_BHXE = v_BTMHE.permute(0, 3, 1, 2, 4).reshape(B, H, T * M, E)
-    y_BHXE = y_BHXE + p_BHXS1[..., T:] * v_own_BHXE
+    y_BHXE = y_BHXE + p_BHXC1[..., T:] * v_own_BHXE
     y_BTMD = y_BHXE.view(B, H, T, M, E).permute(0, 2, 3, 1, 4).reshape(B, T, M, H * E)
     return h_BTMD + attn.o_proj(y_BTMD)
 
@@ -189,8 +187,3 @@ class Head:
             args = (h_ND[a : a + self.rows], norm, w_VD, tgt_N[a : a + self.rows])
             out_N[a : a + self.rows] = self.kernels(K.head_block, *args)
         return out_N.view(shape)
-
-
-def head_loss(model: DuoModel, h_XD: torch.Tensor, tgt_X: torch.Tensor, rows: int = 512) -> torch.Tensor:
-    """Eager ``Head`` in one call."""
-    return Head(model, rows)(h_XD, tgt_X)

@@ -13,7 +13,7 @@ Tensor name legend: S sequences, B batch, T positions, L layers, P patterns, N t
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch

@@ -16,8 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..routing import BIG, SMALL, CandidateSpace, parse_pattern, pattern_codes
-from .context import CONTEXTS
+from ..routing import BIG, CONTEXTS, SMALL, CandidateSpace, parse_pattern, parse_routing, pattern_codes
 
 SEARCHES = ("exhaustive", "beam", "greedy")
 
@@ -36,18 +35,16 @@ def reference_label(reference, n_layers: int) -> str:
 
 
 def normalize_reference(reference, n_layers: int):
-    """Accept ``B``/``big``, ``S``/``small``, a full pattern, or a policy object; return a pattern or the object."""
+    """A frozen context's reference: None (all big), a routing spec naming a pattern (``B``, ``S``, a
+    pattern; ``routing.parse_routing``), or a policy object such as a router; returns a pattern or the object."""
     if reference is None:
         return "B" * n_layers
-    if isinstance(reference, str):
-        short = {"b": "B", "big": "B", "all-big": "B", "s": "S", "small": "S", "all-small": "S"}.get(reference.lower())
-        if short is not None:
-            return short * n_layers
-        parse_pattern(reference, n_layers)  # raises a one-line ValueError on a malformed pattern
-        return reference
     if callable(reference):
         return reference
-    raise ValueError(f"reference must be B, S, a pattern or a routing policy; got {type(reference).__name__}")
+    r = parse_routing(reference, n_layers)
+    if r.kind != "pattern":
+        raise ValueError(f"reference {reference!r} must be B, S, a pattern or router:NAME (a trained router of the run)")
+    return r.pattern
 
 
 @dataclass

@@ -26,17 +26,21 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from ..distributed import init_distributed
 from ..io import atomic_path, atomic_write_json
 from ..model import DuoModel
-from ..routing import SKIP, BIG, code_strings, decode_codes
+from ..routing import BIG, SKIP, code_strings, decode_codes
+from ..rundir import ORACLE_LOSS, PARTIAL, PATTERNS, PER_TOKEN, RUN_JSON, SUMMARY, USAGE
 from .context import Head, make_context
 from .kernels import Kernels
 from .plan import OracleSpec, Plan, build_plan
@@ -45,7 +49,6 @@ from .search import beam_search, max_children
 from .tree import walk_tree
 
 ENGINE_VERSION = 1
-PARTIAL = ".partial"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -93,22 +96,9 @@ def _allocate_matrix(path: Path, shape: tuple[int, int]) -> None:
 
 
 def _save_parquet(path: Path, columns: dict) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     table = pa.table(columns)
     with atomic_path(path) as tmp:
         pq.write_table(table, str(tmp))
-
-
-def _dist_info(device: torch.device):
-    """(rank, world size, whether we initialised the process group); torchrun sets the environment."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), False
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_available():  # launched by torchrun
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        return dist.get_rank(), dist.get_world_size(), True
-    return 0, 1, False
 
 
 def engine_model(model: DuoModel, dtype: str) -> DuoModel:
@@ -201,7 +191,8 @@ def run_oracle(
     N = S * T
     per_chunk = max(1, batch_tokens // T)
     chunks = [(i, a, min(S, a + per_chunk)) for i, a in enumerate(range(0, S, per_chunk))]
-    rank, world, we_initialized = _dist_info(device)
+    ddp = init_distributed(device)
+    rank, world = ddp.rank, ddp.world
     mine = [c for c in chunks if c[0] % world == rank]
     P = len(plan.code_P)
     if compile not in (True, False, "auto"):
@@ -286,7 +277,7 @@ def run_oracle(
         if keep_matrix:
             del matrix
             os.replace(partial / "loss_matrix.npy", out_dir / "loss_matrix.npy")
-        atomic_write_json(out_dir / "run.json", {
+        atomic_write_json(out_dir / RUN_JSON, {
             "wall_s": round(time.time() - t_start, 3),
             "compute_s": round(compute_s, 3),
             "chunks": len(chunks), "chunks_resumed": resumed, "chunks_computed_rank0": computed,
@@ -298,7 +289,7 @@ def run_oracle(
         shutil.rmtree(partial, ignore_errors=True)
     if world > 1:
         dist.barrier()
-        if we_initialized:
+        if ddp.initialized_here:
             dist.destroy_process_group()
     return summary
 
@@ -339,8 +330,8 @@ def _write_outputs(out_dir: Path, plan: Plan, merged: dict, idx_ST, tgt_ST, mode
             "(filled from the exhaustive run when one exists); random_mean_ppl is over the random draw"
         )
     J = len(plan.budgets)
-    _save_npy(out_dir / "oracle_loss.npy", merged["best_loss_JN"].astype(np.float32))
-    _save_npy(out_dir / "usage.npy", usage_JRLT)
+    _save_npy(out_dir / ORACLE_LOSS, merged["best_loss_JN"].astype(np.float32))
+    _save_npy(out_dir / USAGE, usage_JRLT)
     cols = {
         "sequence": np.repeat(np.arange(S, dtype=np.int32), T),
         "position": position_N.astype(np.int32),
@@ -349,17 +340,15 @@ def _write_outputs(out_dir: Path, plan: Plan, merged: dict, idx_ST, tgt_ST, mode
         "loss_all_small": merged["all_small_N"].astype(np.float32),
         "loss_all_big": merged["all_big_N"].astype(np.float32),
     }
-    import pyarrow as pa
-
     for j, k in enumerate(plan.budgets):
         cols[f"oracle_loss_k{k}"] = merged["best_loss_JN"][j].astype(np.float32)
     for j, k in enumerate(plan.budgets):
         strings = code_strings(merged["best_code_JN"][j], L)
         cols[f"best_pattern_k{k}"] = pa.array(strings.tolist(), type=pa.string()).dictionary_encode()
-    _save_parquet(out_dir / "per_token.parquet", cols)
+    _save_parquet(out_dir / PER_TOKEN, cols)
     route_PL = decode_codes(plan.code_P, L)
     N = S * T
-    _save_parquet(out_dir / "patterns.parquet", {
+    _save_parquet(out_dir / PATTERNS, {
         "pattern": code_strings(plan.code_P, L).tolist(),
         "bigs": (route_PL == BIG).sum(1).astype(np.int16),
         "skips": (route_PL == SKIP).sum(1).astype(np.int16),
@@ -367,7 +356,7 @@ def _write_outputs(out_dir: Path, plan: Plan, merged: dict, idx_ST, tgt_ST, mode
         "mean_loss": (merged["sum_P"] / N).astype(np.float64),
     })
     assert J == len(summary["budgets"])
-    atomic_write_json(out_dir / "summary.json", _jsonable(summary))
+    atomic_write_json(out_dir / SUMMARY, _jsonable(summary))
     return summary
 
 

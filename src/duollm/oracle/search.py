@@ -27,7 +27,7 @@
 With ``width`` at least the size of every cell nothing is pruned and the result equals the
 exhaustive oracle (a test checks this). The gap to exhaustive is reported where both run.
 
-Tensor name legend: B sequences, T positions, M live prefixes (slots), C children, W width,
+Tensor name legend: B sequences, T positions, M live prefixes (slots), Q their children, W width,
 D model width, J budgets, L layers.
 """
 
@@ -36,10 +36,9 @@ from __future__ import annotations
 import torch
 
 from ..model import DuoModel
-from ..routing import BIG, SKIP, SMALL, CandidateSpace, _LETTER_ROUTE
-from . import kernels as K
+from ..routing import BIG, ROUTE_OF_LETTER, SKIP, CandidateSpace
 from .context import Head
-
+from .step import layer_children
 
 SEQ_FACTOR = 4  # shared context: a sequence keeps up to 4 x width prefixes per cell
 
@@ -53,11 +52,10 @@ class BeamSearch:
                  head: Head | None = None):
         self.model, self.ctx, self.space = model, ctx, space
         self.head = head or Head(model, kernels=ctx.kernels)
-        self.kern = ctx.kernels
         self.budgets, self.width = tuple(budgets), width
         self.unit = "token" if ctx.name == "frozen" else "sequence"
         self.rows = rows  # cap on hidden-state rows per matrix product (memory)
-        self.routes = [_LETTER_ROUTE[c] for c in ("B", "S", "_") if c in space.options]
+        self.routes = [ROUTE_OF_LETTER[c] for c in ("B", "S", "_") if c in space.options]
 
     # -- pieces of the forward ------------------------------------------------------------
     def _groups(self, B: int, T: int, M: int):
@@ -68,16 +66,14 @@ class BeamSearch:
         B, T, M, _ = h_BTMD.shape
         return torch.cat([self.ctx.residual(layer, h_BTMD[:, :, a:b]) for a, b in self._groups(B, T, M)], dim=2)
 
-    def _complete(self, h_BTCD: torch.Tensor, start: int, tgt_BT: torch.Tensor) -> torch.Tensor:
+    def _complete(self, h_BTQD: torch.Tensor, start: int, tgt_BT: torch.Tensor) -> torch.Tensor:
         """Score children: loss of the prefix completed with big FFNs from layer ``start`` on."""
-        B, T, C, _ = h_BTCD.shape
+        B, T, C, _ = h_BTQD.shape
         out = []
         for a, b in self._groups(B, T, C):
-            h = h_BTCD[:, :, a:b]
+            h = h_BTQD[:, :, a:b]
             for layer in range(start, self.model.cfg.n_layers):
-                block = self.model.layers[layer]
-                h = self.ctx.residual(layer, h)
-                h = self.kern(K.ffn_residual, block.ffn.big, h, self.kern(K.norm, block.ffn_norm, h))
+                _, h = next(layer_children(self.ctx, layer, h, [BIG]))
             out.append(self.head(h, tgt_BT[:, :, None].expand(B, T, b - a)))
         return torch.cat(out, dim=2)
 
@@ -95,12 +91,10 @@ class BeamSearch:
         model, space = self.model, self.space
         L = model.cfg.n_layers
         B, T, D = h0_BTD.shape
-        block_skip = model.cfg.skip_mode == "block"
         h_BTMD = h0_BTD.unsqueeze(2)
         code_BTM = torch.zeros(B, T, 1, dtype=torch.long, device=h0_BTD.device)
         slots = [(0, 0)]  # (bigs, skips) of each slot; the same for every sequence/token
         for depth in range(L):
-            block = model.layers[depth]
             parents = {r: [] for r in self.routes}
             child_counts = []
             for r in self.routes:
@@ -110,40 +104,26 @@ class BeamSearch:
                         parents[r].append(m)
                         child_counts.append(_cells(space, b2, s2))
             assert child_counts, "feasible prefixes always have a feasible child"
-            used = {r for r in self.routes if parents[r]}
-            mid_BTMD = x_BTMD = None
-            if not block_skip or used != {SKIP}:
-                mid_BTMD = self._residual(depth, h_BTMD)
-            if used & {BIG, SMALL}:
-                x_BTMD = self.kern(K.norm, block.ffn_norm, mid_BTMD)
+            used = [r for r in self.routes if parents[r]]
+            select = {r: torch.tensor(parents[r], device=h0_BTD.device) for r in used}
             parts_h, parts_code = [], []
-            for r in self.routes:
-                if not parents[r]:
-                    continue
-                idx = torch.tensor(parents[r], device=h0_BTD.device)
-                if r == BIG:
-                    h = self.kern(K.ffn_residual, block.ffn.big, mid_BTMD[:, :, idx], x_BTMD[:, :, idx])
-                elif r == SMALL:
-                    h = self.kern(K.ffn_residual, block.ffn.small, mid_BTMD[:, :, idx], x_BTMD[:, :, idx])
-                else:
-                    h = (h_BTMD if block_skip else mid_BTMD)[:, :, idx]
+            for r, h in layer_children(self.ctx, depth, h_BTMD, used, residual=self._residual, select=select):
                 parts_h.append(h)
-                parts_code.append(code_BTM[:, :, idx] * 3 + r)
-            h_BTCD, code_BTC = torch.cat(parts_h, 2), torch.cat(parts_code, 2)
-            del mid_BTMD, x_BTMD
+                parts_code.append(code_BTM[:, :, select[r]] * 3 + r)
+            h_BTQD, code_BTQ = torch.cat(parts_h, 2), torch.cat(parts_code, 2)
             if depth == L - 1:
-                loss_BTC = self.head(h_BTCD, tgt_BT[:, :, None].expand(*code_BTC.shape))
-                return self._final(loss_BTC, code_BTC, child_counts)
+                loss_BTQ = self.head(h_BTQD, tgt_BT[:, :, None].expand(*code_BTQ.shape))
+                return self._final(loss_BTQ, code_BTQ, child_counts)
             # score (complete to the end) only the children of cells that must be pruned: cells
             # small enough to keep whole need no ranking — the early, most expensive depths
             crowded = {c for c in set(child_counts) if child_counts.count(c) > self.cap}
             need = [i for i, c in enumerate(child_counts) if c in crowded]
-            score_BTC = None
+            score_BTQ = None
             if need:
-                score_BTC = torch.full(code_BTC.shape, float("inf"), device=h0_BTD.device)
+                score_BTQ = torch.full(code_BTQ.shape, float("inf"), device=h0_BTD.device)
                 need_t = torch.tensor(need, device=h0_BTD.device)
-                score_BTC[:, :, need_t] = self._complete(h_BTCD[:, :, need_t], depth + 1, tgt_BT)
-            h_BTMD, code_BTM, slots = self._select(h_BTCD, code_BTC, score_BTC, child_counts)
+                score_BTQ[:, :, need_t] = self._complete(h_BTQD[:, :, need_t], depth + 1, tgt_BT)
+            h_BTMD, code_BTM, slots = self._select(h_BTQD, code_BTQ, score_BTQ, child_counts)
         raise AssertionError("unreachable")
 
     @property
@@ -151,9 +131,9 @@ class BeamSearch:
         """Prefixes a cell keeps: per token (frozen) ``width``; per sequence (shared) SEQ_FACTOR x width."""
         return self.width if self.unit == "token" else SEQ_FACTOR * self.width
 
-    def _select(self, h_BTCD, code_BTC, score_BTC, child_cells):
-        B, T, C, D = h_BTCD.shape
-        device = h_BTCD.device
+    def _select(self, h_BTQD, code_BTQ, score_BTQ, child_cells):
+        B, T, C, D = h_BTQD.shape
+        device = h_BTQD.device
         new_h, new_code, new_slots = [], [], []
         for cell in sorted(set(child_cells)):
             cidx = torch.tensor([i for i, c in enumerate(child_cells) if c == cell], device=device)
@@ -162,10 +142,10 @@ class BeamSearch:
                 top_BTW = torch.arange(W, device=device).view(1, 1, W).expand(B, T, W)
             elif self.unit == "token":  # each token keeps its own best prefixes
                 W = self.width
-                top_BTW = score_BTC[:, :, cidx].topk(W, dim=-1, largest=False, sorted=True).indices
+                top_BTW = score_BTQ[:, :, cidx].topk(W, dim=-1, largest=False, sorted=True).indices
             else:  # one set per sequence: the union of its tokens' best, most-voted first, capped
                 assert B == 1, "shared-context beams run one sequence at a time (their slot counts differ)"
-                s_Tc = score_BTC[0][:, cidx]
+                s_Tc = score_BTQ[0][:, cidx]
                 tok_top_TW = s_Tc.topk(self.width, dim=-1, largest=False).indices
                 votes_c = torch.zeros(len(cidx), device=device).scatter_add_(
                     0, tok_top_TW.reshape(-1), torch.ones(tok_top_TW.numel(), device=device)
@@ -175,24 +155,24 @@ class BeamSearch:
                 W = min(int((votes_c > 0).sum()), self.cap)
                 top_BTW = order_c[:W].view(1, 1, W).expand(1, T, W)
             sel_BTW = cidx[top_BTW]
-            new_h.append(h_BTCD.gather(2, sel_BTW[..., None].expand(B, T, W, D)))
-            new_code.append(code_BTC.gather(2, sel_BTW))
+            new_h.append(h_BTQD.gather(2, sel_BTW[..., None].expand(B, T, W, D)))
+            new_code.append(code_BTQ.gather(2, sel_BTW))
             new_slots += [cell] * W
         return torch.cat(new_h, 2), torch.cat(new_code, 2), new_slots
 
-    def _final(self, loss_BTC, code_BTC, child_cells):
-        B, T, C = loss_BTC.shape
+    def _final(self, loss_BTQ, code_BTQ, child_cells):
+        B, T, C = loss_BTQ.shape
         rows_loss, rows_code = [], []
         for k in self.budgets:
-            ok_C = torch.tensor(
+            ok_Q = torch.tensor(
                 [self.space.allowed(b, s) and bool(self.space.in_budget(b, k)) for b, s in child_cells],
-                device=loss_BTC.device,
+                device=loss_BTQ.device,
             )
-            masked_BTC = loss_BTC.masked_fill(~ok_C, float("inf"))
-            best_BT, arg_BT = masked_BTC.min(-1)
+            masked_BTQ = loss_BTQ.masked_fill(~ok_Q, float("inf"))
+            best_BT, arg_BT = masked_BTQ.min(-1)
             assert torch.isfinite(best_BT).all(), f"budget {k} lost all its candidates"
             rows_loss.append(best_BT.reshape(-1))
-            rows_code.append(code_BTC.gather(2, arg_BT[..., None]).reshape(-1))
+            rows_code.append(code_BTQ.gather(2, arg_BT[..., None]).reshape(-1))
         return torch.stack(rows_loss), torch.stack(rows_code)
 
 
@@ -204,7 +184,7 @@ def beam_search(model, ctx, h0_BTD, tgt_BT, space, budgets, width, rows=8192, he
 def max_children(space: CandidateSpace, width: int) -> int:
     """Most children the search holds at once (to size sequence groups for memory): a dry run of
     the slot bookkeeping, which is the same for every token."""
-    routes = [_LETTER_ROUTE[c] for c in ("B", "S", "_") if c in space.options]
+    routes = [ROUTE_OF_LETTER[c] for c in ("B", "S", "_") if c in space.options]
     slots, most = [(0, 0)], 1
     for depth in range(space.n_layers):
         cells = []

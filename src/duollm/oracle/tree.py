@@ -1,9 +1,9 @@
 """The tree evaluator: every candidate pattern's per-token loss, sharing work across prefixes.
 
 Patterns that share their first l routes share the hidden state after l layers (DESIGN 4.2).
-We walk the prefix tree depth first: at a node (a prefix of ``depth`` routes) we run the
-attention of layer ``depth`` once — with ``skip_mode="ffn"`` it does not depend on that layer's
-route — then the FFN once per child route (big, small; skip costs nothing), and recurse.
+We walk the prefix tree depth first: at a node (a prefix of ``depth`` routes) one oracle step
+(``step.layer_children``) runs the attention of layer ``depth`` once, then the FFN once per
+child route (big, small; skip costs nothing), and we recurse.
 Leaves (full patterns) go through the LM head and cross-entropy, siblings together, and are
 handed to ``consume`` as they come, so the pattern x token loss matrix is never held.
 Memory: one hidden state per depth for the tokens of the chunk, whatever the pattern count.
@@ -17,15 +17,15 @@ R sibling routes at a node (<= 3), N tokens of the chunk (B*T).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
 from ..model import DuoModel
-from ..routing import BIG, SKIP, SMALL, FlopModel, pattern_codes
-from . import kernels as K
+from ..routing import SKIP, FlopModel, pattern_codes
 from .context import Head
+from .step import layer_children
 
 Consume = Callable[[np.ndarray, torch.Tensor], None]  # (pattern indices [R], loss_RBT)
 
@@ -60,7 +60,6 @@ def walk_tree(
     """Evaluate every pattern of ``route_PL`` (any order, no duplicates) under context ``ctx``
     (whose ``kernels`` also run the FFNs: eager or compiled)."""
     head = head or Head(model, kernels=ctx.kernels)
-    kern = ctx.kernels
     L = model.cfg.n_layers
     P = len(route_PL)
     if P == 0:
@@ -68,26 +67,13 @@ def walk_tree(
     assert route_PL.shape[1] == L, "patterns must have one route per layer"
     order_P = sort_patterns(route_PL)
     sorted_PL = np.ascontiguousarray(route_PL[order_P])
-    block_skip = model.cfg.skip_mode == "block"
     h0_BTMD = h0_BTD.unsqueeze(2)  # M = 1: one prefix per node
 
     def visit(depth: int, lo: int, hi: int, h_BTMD: torch.Tensor) -> None:
-        block = model.layers[depth]
         children = _child_ranges(sorted_PL[:, depth], lo, hi)
-        routes = {r for r, _, _ in children}
-        mid_BTMD = x_BTMD = None
-        if not block_skip or routes != {SKIP}:
-            mid_BTMD = ctx.residual(depth, h_BTMD)
-        if routes & {BIG, SMALL}:
-            x_BTMD = kern(K.norm, block.ffn_norm, mid_BTMD)
         leaves, leaf_h = [], []
-        for route, a, b in children:
-            if route == BIG:
-                child = kern(K.ffn_residual, block.ffn.big, mid_BTMD, x_BTMD)
-            elif route == SMALL:
-                child = kern(K.ffn_residual, block.ffn.small, mid_BTMD, x_BTMD)
-            else:  # skip: the residual passes (with skip_mode="block" the attention output too)
-                child = h_BTMD if block_skip else mid_BTMD
+        steps = layer_children(ctx, depth, h_BTMD, [r for r, _, _ in children])
+        for (route, a, b), (_, child) in zip(children, steps):
             if depth == L - 1:
                 assert b == a + 1
                 leaves.append(order_P[a])

@@ -1,0 +1,170 @@
+"""``duollm router RUN``: train, save and evaluate a router on the frozen model of a run."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from .. import rundir
+from ..checkpoint import latest_checkpoint
+from ..config import METHODS, to_dict
+from ..data import sequences
+from ..distributed import resolve_device
+from ..routing import ROUTE_OF_LETTER
+from ..train import train_loop
+from .calibrate import calibrate_budget
+from .config import RouterConfig, resolve_router_config
+from .evaluate import write_eval
+from .labels import find_oracle, holdout_split, load_oracle_table
+from .objectives import RouterTrainer, router_objective
+from .policy import Router
+
+
+def train_router(run: Path, cfg: RouterConfig, *, resume: bool = False, log=print) -> str:
+    """Train, save and evaluate one router on the frozen model of ``run``; returns its name."""
+    run = Path(run)
+    device = resolve_device(cfg.train.device)
+    model, run_cfg = rundir.load_model(run, device)
+    model.requires_grad_(False)  # the LM stays frozen (paper section 3.3)
+    L = run_cfg.model.n_layers
+    idx_ST, tgt_ST = rundir.eval_tokens(run, run_cfg)
+    k = cfg.budget_k(L)
+    oracle_name = find_oracle(run, cfg.options, k, cfg.oracle)
+    oracle = load_oracle_table(run, oracle_name, k, idx_ST, tgt_ST, cfg.options) if oracle_name else None
+    imitation_data = None
+    if cfg.method == "imitation":
+        if oracle is None:
+            raise ValueError(f"imitation needs an oracle with options {cfg.options} and budget k={k} in {run / rundir.ORACLE}; "
+                             f"run `duollm oracle` first")
+        if cfg.train.seq_len != idx_ST.shape[1]:
+            raise ValueError(f"imitation trains on whole oracle sequences of {idx_ST.shape[1]} tokens; "
+                             f"train.seq_len={cfg.train.seq_len} differs")
+        train_seq, _ = holdout_split(oracle.sequences, cfg.holdout_every)
+        if len(train_seq) == 0:
+            raise ValueError(f"oracle {oracle.name} covers too few sequences to train on after the holdout")
+        used = set(oracle.route_LST[:, train_seq].unique().tolist())
+        if not used <= {ROUTE_OF_LETTER[c] for c in cfg.options}:
+            raise ValueError(f"oracle {oracle.name} uses routes outside the router's options {cfg.options}")
+        imitation_data = (idx_ST[train_seq], tgt_ST[train_seq], oracle.route_LST[:, train_seq])
+        train_tokens = torch.cat([idx_ST[train_seq].flatten(), tgt_ST[train_seq][-1, -1:]]).numpy()
+        log(f"imitation: {len(train_seq)} oracle sequences ({oracle.name}, k={k}) to train on, "
+            f"{len(oracle.sequences) - len(train_seq)} held out")
+    else:
+        train_tokens = rundir.load_tokens(run, "train")
+    out = rundir.router_dir(run, cfg.name)
+    if latest_checkpoint(out) is not None and not resume:
+        raise ValueError(f"router {cfg.name} already exists in {out}; pass --resume to continue it or remove the folder")
+    with rundir.writing(run):
+        return _train_router(run, out, cfg, model, idx_ST, tgt_ST, train_tokens, oracle, imitation_data,
+                             device=device, resume=resume, log=log)
+
+
+def _train_router(run: Path, out: Path, cfg: RouterConfig, model, idx_ST, tgt_ST, train_tokens, oracle,
+                  imitation_data, *, device, resume: bool, log) -> str:
+    L, D = model.cfg.n_layers, model.cfg.d_model
+    torch.manual_seed(cfg.train.seed)
+    router = Router(L, D, cfg.options)
+    if cfg.init == "target":
+        router.init_bias(cfg.probs_R())
+    trainer = RouterTrainer(router, model, cfg)
+    n_val = max(1, min(idx_ST.shape[0], cfg.train.eval_tokens // idx_ST.shape[1]))
+    objective = router_objective(trainer, cfg, idx_ST[:n_val], tgt_ST[:n_val], imitation_data)
+    rundir.write_router_yaml(out, router, cfg)  # the config of a router in training is on disk from the start
+    train_loop(objective, cfg.train, train_tokens, out, device=device, resume=resume,
+               desc=f"router {cfg.name}", run_config=to_dict(cfg))
+    if cfg.calibrate:  # on training-split tokens: the evaluation tokens stay unseen
+        cal_idx, cal_tgt = sequences(rundir.load_tokens(run, "train"), idx_ST.shape[1], cfg.calibration_tokens)
+        delta, got = calibrate_budget(model, router, cal_idx, cal_tgt, cfg.target, batch_size=cfg.eval_batch)
+        log(f"calibration: big logit offset {delta:+.3f} gives a big fraction of {got:.3f} (target {cfg.target:.3f})")
+    rundir.save_router(out, router, cfg)
+    write_eval(out, model, router, idx_ST, tgt_ST, cfg, oracle, log)
+    return cfg.name
+
+
+def reevaluate_router(run: Path, name: str, *, oracle: str = "", log=print) -> str:
+    """Rewrite ``eval.json`` of a trained router (same tokens; the oracle found now, or ``oracle``)."""
+    run = Path(run)
+    folder = rundir.router_dir(run, name)
+    if not (folder / "router.safetensors").is_file():
+        raise ValueError(f"no trained router {name!r} in {run / 'routers'} (train it first)")
+    router, cfg = rundir.load_router_folder(folder)
+    if oracle:
+        cfg.oracle = oracle
+    model, run_cfg = rundir.load_model(run)
+    idx_ST, tgt_ST = rundir.eval_tokens(run, run_cfg)
+    k = cfg.budget_k(run_cfg.model.n_layers)
+    oracle_name = find_oracle(run, cfg.options, k, cfg.oracle)
+    table = load_oracle_table(run, oracle_name, k, idx_ST, tgt_ST, cfg.options) if oracle_name else None
+    with rundir.writing(run):
+        write_eval(folder, model, router, idx_ST, tgt_ST, cfg, table, log)
+    return name
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``duollm router RUN``."""
+    parser.add_argument("run")
+    parser.add_argument("--target", required=True, help="fraction of routes that go big, in [0, 1] (0.5 or 6/12)")
+    parser.add_argument("--method", default="budget", help=f"{' | '.join(METHODS)} (default budget)")
+    parser.add_argument("--options", default="SB", help="routes a layer may take: SB (default), B_ or SB_")
+    parser.add_argument("--skip-target", default=None, help="fraction of routes that skip (options SB_; 0.25 or 3/12)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default 300)")
+    parser.add_argument("--oracle", default=None, help="oracle name for imitation labels and agreement (default: one "
+                        "with the router's options and budget, shared context first, then the newest)")
+    parser.add_argument("--set", nargs="*", metavar="KEY=VALUE",
+                        help="router config overrides, e.g. alpha=5 beta_end=200 train.lr=0.01")
+    parser.add_argument("--resume", action="store_true", help="continue a router's training from its last checkpoint")
+    parser.add_argument("--eval-only", dest="eval_only", action="store_true",
+                        help="re-evaluate the trained router of that name (e.g. against an oracle run since)")
+
+
+_CLI_PLUMBING = {"command", "func", "run"}
+
+
+def run_command(args: argparse.Namespace) -> str:
+    """``duollm router``: the router's name, printed as the last line."""
+    return run_router_command(Path(args.run), **vars(args))
+
+
+def parse_fraction(value, flag: str = "--target") -> float:
+    """``0.5``, ``"0.5"`` or ``"6/12"`` -> 0.5; ValueError naming the flag otherwise."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    text = str(value).strip()
+    try:
+        if "/" in text:
+            num, den = text.split("/")
+            return float(num) / float(den)
+        return float(text)
+    except (ValueError, ZeroDivisionError):
+        raise ValueError(f"{flag} must be a number or a ratio like 6/12; got {value!r}") from None
+
+
+def run_router_command(run_dir: Path, **kwargs) -> str:
+    """``duollm router``: resolve the config from the flags, train, save, evaluate; returns the name."""
+    log = kwargs.pop("log", print)
+    sets = kwargs.pop("set", None) or []
+    resume = bool(kwargs.pop("resume", False))
+    eval_only = bool(kwargs.pop("eval_only", False))
+    flags = {}
+    for key, cfg_key in (("target", "target"), ("method", "method"), ("options", "options"),
+                         ("skip_target", "skip_target"), ("steps", "train.steps"), ("oracle", "oracle")):
+        value = kwargs.pop(key, None)
+        if value is not None:
+            flags[cfg_key] = value
+    for key in ("target", "skip_target"):
+        if key in flags:
+            flags[key] = parse_fraction(flags[key], "--" + key.replace("_", "-"))
+    unknown = set(kwargs) - _CLI_PLUMBING
+    if unknown:
+        raise TypeError(f"run_router_command got unexpected arguments {sorted(unknown)}")
+    if "target" not in flags:
+        raise ValueError("--target is required (fraction of routes that go big, in [0, 1])")
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ValueError(f"run folder {run_dir} does not exist")
+    cfg = resolve_router_config(rundir.load_run_config(run_dir), flags, sets)
+    if eval_only:
+        return reevaluate_router(run_dir, cfg.name, oracle=cfg.oracle, log=log)
+    return train_router(run_dir, cfg, resume=resume, log=log)

@@ -1,0 +1,137 @@
+"""A router's evaluation at hard routing (its ``eval.json``), and the comparison with the oracle.
+
+Tensor legend (``docs/NOTATION.md``): L layers, S evaluation sequences, T positions.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from ..evaluate import per_token_loss, summarize
+from ..io import atomic_write_json
+from ..routing import BIG, SKIP
+from ..rundir import ROUTER_EVAL
+from .config import RouterConfig
+from .labels import OracleTable, holdout_split
+from .policy import Router
+
+
+def run_router(model, router: Router, idx_ST, tgt_ST, batch_size: int = 16) -> dict:
+    """Per-token loss and routes at hard routing (the router's mode is restored afterwards)."""
+    mode, training = router.mode, router.training
+    router.mode = "hard"
+    router.eval()
+    try:
+        return per_token_loss(model, idx_ST, tgt_ST, router, batch_size=batch_size)
+    finally:
+        router.mode = mode
+        router.train(training)
+
+
+def _r(x, nd: int = 5):
+    """Round floats (and nested lists of them) for compact JSON."""
+    if isinstance(x, list):
+        return [_r(v, nd) for v in x]
+    return round(float(x), nd)
+
+
+def usage(route_LST: torch.Tensor) -> dict:
+    """Per-layer and per-position usage of big and skip, and a one-line layer profile."""
+    big_LST = (route_LST == BIG).float()
+    skip_LST = (route_LST == SKIP).float()
+    per_layer_big = big_LST.mean(dim=(1, 2))
+    return {
+        "per_layer_big": _r(per_layer_big.tolist(), 4),
+        "per_layer_skip": _r(skip_LST.mean(dim=(1, 2)).tolist(), 4),
+        "per_position_big": _r(big_LST.mean(1).tolist(), 4),  # [L][T]
+        "per_position_skip": _r(skip_LST.mean(1).tolist(), 4),
+        "big_by_position": _r(big_LST.mean(dim=(0, 1)).tolist(), 4),  # [T], mean over layers
+        "layer_profile": layer_profile(per_layer_big.tolist()),
+    }
+
+
+def layer_profile(per_layer_big: list[float]) -> str:
+    """One line: the big fraction of each layer as a digit 0-9 (``9`` = at least 95% big), first layer first."""
+    return "".join(str(min(9, int(round(10 * f)))) if f < 0.95 else "9" for f in per_layer_big)
+
+
+def agreement(route_LST: torch.Tensor, oracle_LST: torch.Tensor, mask_ST: torch.Tensor) -> dict:
+    """Share of (token, layer) routes equal to the oracle's, and of whole patterns equal."""
+    if not mask_ST.any():
+        return {"agreement": float("nan"), "pattern_match": float("nan")}
+    eq_LST = route_LST == oracle_LST
+    return {
+        "agreement": eq_LST[:, mask_ST].float().mean().item(),
+        "pattern_match": eq_LST.all(0)[mask_ST].float().mean().item(),
+    }
+
+
+def evaluate_router(model, router: Router, idx_ST, tgt_ST, cfg: RouterConfig, oracle: OracleTable | None = None) -> dict:
+    """The router's ``eval.json``: hard routing on the evaluation tokens (DESIGN 4.3, 5)."""
+    L = model.cfg.n_layers
+    res = run_router(model, router, idx_ST, tgt_ST, cfg.eval_batch)
+    summary = summarize(res, model.flop_model.all_big())
+    out = {
+        "method": cfg.method,
+        "target": cfg.target,
+        "target_k": cfg.budget_k(L),
+        "options": cfg.options,
+        "skip_target": cfg.skip_target if cfg.options != "B_" else 1.0 - cfg.target,
+        **summary,
+        "n_layers": L,
+        "seq_len": int(idx_ST.shape[1]),
+        "train_steps": cfg.train.steps,
+        **usage(res["route_LST"]),
+    }
+    if oracle is not None:
+        out["oracle"] = oracle_comparison(model, res, idx_ST, tgt_ST, cfg, oracle)
+    return out
+
+
+def oracle_comparison(model, res: dict, idx_ST, tgt_ST, cfg: RouterConfig, oracle: OracleTable) -> dict:
+    """Agreement with the oracle at the same budget, on all covered tokens and on the held-out sequences."""
+    b = oracle.budget
+    comp = {
+        "name": oracle.name,
+        "k": oracle.k,
+        "context": oracle.summary.get("context"),
+        "tokens": int(oracle.covered_ST.sum()),
+        # the router's perplexity on the oracle's tokens (the oracle may cover fewer than eval does)
+        "ppl": math.exp(res["loss_ST"][oracle.covered_ST].double().mean().item()),
+        **agreement(res["route_LST"], oracle.route_LST, oracle.covered_ST),
+        **{key: b.get(key) for key in ("oracle_ppl", "fixed_ppl", "fixed_pattern", "random_mean_ppl", "best_of_100_ppl")},
+        "all_big_ppl": oracle.summary.get("all_big_ppl"),
+        "all_small_ppl": oracle.summary.get("all_small_ppl"),
+        "oracle_usage": usage(oracle.route_LST[:, oracle.sequences]),
+    }
+    _, held = holdout_split(oracle.sequences, cfg.holdout_every)
+    if len(held):
+        mask_ST = torch.zeros_like(oracle.covered_ST)
+        mask_ST[held] = True
+        h = {"sequences": int(len(held)), "tokens": int(mask_ST.sum()),
+             "ppl": math.exp(res["loss_ST"][held].double().mean().item()),
+             **agreement(res["route_LST"], oracle.route_LST, mask_ST)}
+        if oracle.loss_ST is not None and not torch.isnan(oracle.loss_ST[held]).any():
+            h["oracle_ppl"] = math.exp(oracle.loss_ST[held].double().mean().item())
+        if b.get("fixed_pattern"):
+            fixed = per_token_loss(model, idx_ST[held], tgt_ST[held], b["fixed_pattern"], batch_size=cfg.eval_batch)
+            h["fixed_ppl"] = math.exp(fixed["loss_ST"].double().mean().item())
+        comp["heldout"] = h
+    return comp
+
+
+def write_eval(out: Path, model, router: Router, idx_ST, tgt_ST, cfg: RouterConfig, oracle, log=print) -> dict:
+    """Evaluate at hard routing, write ``eval.json`` atomically and log a one-line summary."""
+    result = evaluate_router(model, router, idx_ST, tgt_ST, cfg, oracle)
+    atomic_write_json(Path(out) / ROUTER_EVAL, result)
+    line = (f"router {cfg.name}: ppl {result['ppl']:.3f}, big {result['big_fraction']:.3f} (target {cfg.target:.3f}), "
+            f"skip {result['skip_fraction']:.3f}, layers {result['layer_profile']}")
+    if oracle is not None:
+        o = result["oracle"]
+        line += (f"; on the oracle's {o['tokens']} tokens ppl {o['ppl']:.3f} vs oracle@{o['k']} {o['oracle_ppl']:.3f}, "
+                 f"agreement {o['agreement']:.3f}")
+    log(line)
+    return result

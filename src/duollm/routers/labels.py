@@ -1,0 +1,123 @@
+"""The oracle's per-token best patterns at one budget, as imitation labels and for agreement.
+
+Reads ``RUN/oracle/<name>/per_token.parquet`` (and ``oracle_loss.npy``) onto the evaluation grid,
+checking that the oracle scored this run's evaluation tokens.
+
+Tensor legend (``docs/NOTATION.md``): L layers, S evaluation sequences, T positions, N tokens, P patterns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from .. import rundir
+from ..routing import parse_pattern
+from .config import canonical_options
+
+
+@dataclass
+class OracleTable:
+    """The oracle's per-token best patterns at one budget, placed on the evaluation grid [S, T]."""
+
+    name: str
+    k: int
+    summary: dict  # summary.json
+    budget: dict  # the summary's entry for k
+    route_LST: torch.Tensor  # best pattern per token (int64); meaningful where covered_ST
+    covered_ST: torch.Tensor  # bool: tokens the oracle scored
+    loss_ST: torch.Tensor | None  # oracle loss per token at k (from oracle_loss.npy), where covered
+
+    @property
+    def sequences(self) -> torch.Tensor:
+        """Indices of the evaluation sequences the oracle covered completely."""
+        return self.covered_ST.all(1).nonzero().squeeze(1)
+
+
+def find_oracle(run: Path, options: str, k: int, name: str = "") -> str | None:
+    """The oracle to compare with: ``name`` if given, else one with these options and budget k,
+    preferring the paper's ``shared`` context, then the newest."""
+    run = Path(run)
+    names = rundir.oracle_names(run)
+    if name:
+        if name not in names:
+            raise ValueError(f"no oracle {name!r} in {run / rundir.ORACLE} (found: {', '.join(names) or 'none'})")
+        return name
+    matches = []
+    for n in names:
+        folder = rundir.oracle_dir(run, n)
+        summary = rundir.oracle_summary(folder)
+        if canonical_options(str(summary.get("options", "SB"))) == options and any(
+            b.get("k") == k for b in summary.get("budgets", [])
+        ):
+            matches.append((summary.get("context") == "shared", (folder / rundir.SUMMARY).stat().st_mtime, n))
+    return max(matches)[2] if matches else None
+
+
+def load_oracle_table(run: Path, name: str, k: int, idx_ST: torch.Tensor, tgt_ST: torch.Tensor,
+                      options: str | None = None) -> OracleTable:
+    """Read ``RUN/oracle/<name>`` at budget ``k`` onto the evaluation grid of ``idx_ST``.
+
+    The table's rows carry ``sequence`` and ``position`` in the canonical evaluation order
+    (DESIGN 5) and ``token``; the tokens are checked against ``idx_ST`` (or ``tgt_ST``) so an
+    oracle computed on other text is refused rather than silently compared.
+    """
+    folder = rundir.oracle_dir(run, name)
+    summary = rundir.oracle_summary(folder)
+    L = int(summary.get("n_layers", 0)) or None
+    if options is not None and canonical_options(str(summary.get("options", "SB"))) != options:
+        raise ValueError(f"oracle {name} has options {summary.get('options')}; the router uses {options}")
+    ks = [b.get("k") for b in summary.get("budgets", [])]
+    if k not in ks:
+        raise ValueError(f"oracle {name} has no budget k={k} (has {', '.join(map(str, ks))})")
+    column = f"best_pattern_k{k}"
+    table = pq.read_table(folder / rundir.PER_TOKEN)
+    if column not in table.column_names:
+        raise ValueError(f"oracle {name}: per_token.parquet has no column {column}")
+    seq_N = torch.from_numpy(table.column("sequence").to_numpy().astype(np.int64))
+    pos_N = torch.from_numpy(table.column("position").to_numpy().astype(np.int64))
+    S, T = idx_ST.shape
+    if len(seq_N) and (seq_N.max() >= S or pos_N.max() >= T or seq_N.min() < 0 or pos_N.min() < 0):
+        raise ValueError(f"oracle {name} covers positions outside the evaluation tokens ({S} x {T}); "
+                         f"was it computed with another sequence length or data?")
+    if "token" in table.column_names:
+        tok_N = torch.from_numpy(table.column("token").to_numpy().astype(np.int64))
+        if not (torch.equal(tok_N, idx_ST[seq_N, pos_N]) or torch.equal(tok_N, tgt_ST[seq_N, pos_N])):
+            raise ValueError(f"oracle {name} was computed on other tokens than this run's evaluation tokens")
+    patterns = np.asarray(table.column(column).to_pylist(), dtype=object)
+    uniq, inverse = np.unique(patterns.astype(str), return_inverse=True)
+    L = L or len(uniq[0])
+    route_PL = torch.tensor([parse_pattern(p, L) for p in uniq], dtype=torch.long).view(len(uniq), L)
+    route_LN = route_PL[torch.from_numpy(inverse.reshape(-1)).long()].T
+    route_LST = torch.zeros(L, S, T, dtype=torch.long)
+    covered_ST = torch.zeros(S, T, dtype=torch.bool)
+    route_LST[:, seq_N, pos_N] = route_LN
+    covered_ST[seq_N, pos_N] = True
+    loss_ST = None
+    npy = folder / rundir.ORACLE_LOSS
+    if f"oracle_loss_k{k}" in table.column_names:
+        loss_ST = torch.full((S, T), float("nan"))
+        loss_ST[seq_N, pos_N] = torch.from_numpy(table.column(f"oracle_loss_k{k}").to_numpy().astype(np.float32))
+    elif npy.is_file():  # rows in the order of budgets, columns in canonical token order (DESIGN 5)
+        losses = np.load(npy, mmap_mode="r")
+        row = np.array(losses[ks.index(k)], dtype=np.float32)  # a copy: the memmap is read-only
+        if row.size <= S * T:
+            loss_ST = torch.full((S * T,), float("nan"))
+            loss_ST[: row.size] = torch.from_numpy(row)
+            loss_ST = loss_ST.view(S, T)
+    return OracleTable(name=name, k=k, summary=summary, budget=summary["budgets"][ks.index(k)],
+                       route_LST=route_LST, covered_ST=covered_ST, loss_ST=loss_ST)
+
+
+def holdout_split(seq_S: torch.Tensor, every: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, held-out) sequence indices: every ``every``-th sequence is held out (0: none)."""
+    if every == 0:
+        return seq_S, seq_S[:0]
+    held = (torch.arange(len(seq_S)) % every) == every - 1
+    return seq_S[~held], seq_S[held]
+
+

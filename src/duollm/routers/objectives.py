@@ -1,0 +1,137 @@
+"""The three training methods on one module (``RouterTrainer``) for ``train.train_loop``.
+
+Tensor legend (``docs/NOTATION.md``): B batch, T positions, L layers, R routes, O options, S sequences.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..routing import BIG, SKIP
+from ..train import Objective
+from .config import RouterConfig
+from .evaluate import run_router
+from .policy import Router
+
+
+def beta_at(step: int, c: RouterConfig) -> float:
+    """Softmax sharpness at ``step`` (0-based), annealed upward from beta_start to beta_end (3.3).
+
+    The paper's formula is misprinted (DESIGN 2); softmax(beta * logits) with beta rising
+    moves the mix from soft towards the hard argmax used at evaluation.
+    """
+    frac = min(1.0, step / max(1, c.train.steps - 1))
+    if c.beta_schedule == "constant":
+        return c.beta_start
+    if c.beta_schedule == "geometric":
+        return c.beta_start * (c.beta_end / c.beta_start) ** frac
+    return c.beta_start + (c.beta_end - c.beta_start) * frac
+
+
+
+
+class RouterTrainer(nn.Module):
+    """What ``train_loop`` trains and checkpoints: the router plus a step counter.
+
+    The frozen LM is held outside the module tree (a tuple, not a submodule) so it is not
+    checkpointed with every router, not handed to the optimizer and not synchronised by DDP.
+    ``steps_done`` is a buffer, hence checkpointed: the beta schedule continues exactly on resume.
+    """
+
+    def __init__(self, router: Router, model: nn.Module, cfg: RouterConfig):
+        super().__init__()
+        self.router = router
+        self._lm = (model,)
+        self.cfg = cfg
+        self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
+
+    @property
+    def lm(self) -> nn.Module:
+        return self._lm[0]
+
+    def forward(self, mb: dict) -> torch.Tensor:
+        if self.cfg.method == "imitation":
+            return self.imitation_loss(mb)
+        return self.budget_loss(mb)
+
+    def budget_loss(self, mb: dict) -> torch.Tensor:
+        """CE + alpha * mean_B (mean_{L,T} P(big) - target)^2 (paper section 3.3), per sequence.
+
+        ``budget`` mixes the routes softly; ``straight-through`` routes hard, so its budget term
+        measures the realised fractions (value) while its gradient is the softmax's.
+        """
+        c = self.cfg
+        mode = "soft" if c.method == "budget" else "straight-through"
+        beta = float(mb["beta_B"][0])
+        w_L = []
+
+        def policy(layer, x_BTD):
+            prob_BTR = self.router.weights(self.router.logits(layer, x_BTD), mode, beta)
+            w_L.append(prob_BTR)
+            return prob_BTR
+
+        out = self.lm(mb["idx_BT"], mb["tgt_BT"], policy, return_logits=False)
+        prob_LBTR = torch.stack(w_L)
+        big_B = prob_LBTR[..., BIG].mean(dim=(0, 2))
+        penalty = ((big_B - c.target) ** 2).mean()
+        if c.options == "SB_":
+            skip_B = prob_LBTR[..., SKIP].mean(dim=(0, 2))
+            penalty = penalty + ((skip_B - c.skip_target) ** 2).mean()
+        return out.loss + c.alpha * penalty
+
+    def imitation_loss(self, mb: dict) -> torch.Tensor:
+        """Cross-entropy of each layer's router logits against the oracle's route (teacher forcing).
+
+        The model is routed by the oracle's patterns; the LM's weights are frozen and its
+        input needs no gradient, so no graph is built through it: only the router learns.
+        """
+        route_LBT = mb["route_BLT"].transpose(0, 1)
+        logits_L = []
+
+        def policy(layer, x_BTD):
+            logits_L.append(self.router.logits(layer, x_BTD))
+            return route_LBT[layer]
+
+        self.lm(mb["idx_BT"], None, policy, return_logits=False)
+        logits_LBTO = torch.stack(logits_L)
+        label_LBT = self.router.option_of_R[route_LBT]
+        return F.cross_entropy(logits_LBTO.flatten(0, 2), label_LBT.flatten())
+
+
+def router_objective(trainer: RouterTrainer, cfg: RouterConfig, val_idx_ST, val_tgt_ST,
+                     imitation_data: tuple | None = None):
+    """An ``Objective`` for ``train.train_loop``.
+
+    ``make_batch`` is called by the loop exactly once per optimizer step on every process;
+    it advances the checkpointed step counter and passes that step's beta with the batch.
+    For imitation it replaces the loop's random windows by whole oracle-labelled sequences
+    (``imitation_data`` = idx_ST, tgt_ST, route_LST), drawn with the loop's per-step generator
+    so a resumed run sees the same batches.
+    """
+    def make_batch(idx_BT, tgt_BT, gen):
+        step = int(trainer.steps_done)
+        trainer.steps_done += 1
+        B = idx_BT.shape[0]
+        batch = {"beta_B": torch.full((B,), beta_at(step, cfg))}
+        if imitation_data is not None:
+            idx_ST, tgt_ST, route_LST = imitation_data
+            rows = torch.randint(0, idx_ST.shape[0], (B,), generator=gen)
+            batch.update(idx_BT=idx_ST[rows], tgt_BT=tgt_ST[rows], route_BLT=route_LST[:, rows].transpose(0, 1))
+        return batch
+
+    def loss(module, mb):
+        return module(mb)
+
+    def evaluate(module):
+        router, model = module.router, module.lm
+        res = run_router(model, router, val_idx_ST, val_tgt_ST, cfg.eval_batch)
+        return {"val/loss": res["loss_ST"].double().mean().item(),
+                "val/big_fraction": (res["route_LST"] == BIG).float().mean().item(),
+                "val/skip_fraction": (res["route_LST"] == SKIP).float().mean().item(),
+                "beta": beta_at(max(0, int(module.steps_done) - 1), cfg)}
+
+    return Objective(module=trainer, loss=loss, make_batch=make_batch, evaluate=evaluate)
+
+
