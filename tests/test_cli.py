@@ -6,20 +6,11 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import duollm
-
-
-def assert_one_line_error(proc, *fragments):
-    assert proc.returncode != 0
-    assert "Traceback" not in proc.stderr, proc.stderr
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and not ln.startswith(("pretrain", "\r"))]
-    assert len(lines) == 1, proc.stderr
-    for f in fragments:
-        assert f in lines[0], lines[0]
+from conftest import assert_one_line_error, cli
 
 
 def test_eval_json_and_per_token(tiny_run, tmp_path):
-    proc = duollm("eval", tiny_run, "--pattern", "SBSB", "--json", "--per-token", tmp_path / "l.npy")
+    proc = cli("eval", tiny_run, "--pattern", "SBSB", "--json", "--per-token", tmp_path / "l.npy")
     out = json.loads(proc.stdout)
     assert {"loss", "ppl", "tokens"} <= out.keys()
     assert out["ppl"] == pytest.approx(np.exp(out["loss"]))
@@ -33,7 +24,7 @@ def test_eval_per_token_matches_the_model(tiny_run, tmp_path):
     """The canonical token order: row-major over the run's validation sequences."""
     from duollm.rundir import eval_tokens, load_model
 
-    duollm("eval", tiny_run, "--pattern", "BBSS", "--per-token", tmp_path / "l.npy")
+    cli("eval", tiny_run, "--pattern", "BBSS", "--per-token", tmp_path / "l.npy")
     model, cfg = load_model(tiny_run)
     idx_ST, tgt_ST = eval_tokens(tiny_run, cfg)
     with torch.no_grad():
@@ -42,12 +33,12 @@ def test_eval_per_token_matches_the_model(tiny_run, tmp_path):
 
 
 def test_eval_table_and_info(tiny_run):
-    table = duollm("eval", tiny_run).stdout
+    table = cli("eval", tiny_run).stdout
     assert "all-big" in table and "all-small" in table and "random-big-0.5" in table
-    info = json.loads(duollm("info", tiny_run, "--json").stdout)
+    info = json.loads(cli("info", tiny_run, "--json").stdout)
     assert info["params"]["total"] > 0
     assert set(info["flops_per_token"]["per_layer"]) == {"skip", "small", "big"}
-    paper = json.loads(duollm("info", "--config", "paper", "--json").stdout)
+    paper = json.loads(cli("info", "--config", "paper", "--json").stdout)
     assert round(paper["params"]["total"] / 1e9, 3) == 1.399
 
 
@@ -55,12 +46,12 @@ def test_train_tiny_on_a_local_file_and_resume(tmp_path):
     from conftest import SHARED_CORPUS
 
     run = tmp_path / "shakespeare"
-    duollm("train", "--config", "tiny", "--data", f"file:{SHARED_CORPUS}", "--out", run, "--set", "train.steps=4")
+    cli("train", "--config", "tiny", "--data", f"file:{SHARED_CORPUS}", "--out", run, "--set", "train.steps=4")
     assert (run / "config.yaml").is_file() and (run / "tokenizer.json").is_file()
     assert "file:" in (run / "config.yaml").read_text()
-    again = duollm("train", "--config", "tiny", "--out", run, check=False)
+    again = cli("train", "--config", "tiny", "--out", run, check=False)
     assert_one_line_error(again, "already holds a checkpoint", "--resume")
-    duollm("train", "--resume", "--out", run, "--set", "train.steps=6")
+    cli("train", "--resume", "--out", run, "--set", "train.steps=6")
     assert (run / "latest").resolve().name == "step-0000006"
 
 
@@ -76,7 +67,7 @@ def test_train_tiny_on_a_local_file_and_resume(tmp_path):
 ])
 def test_bad_input_before_any_run_exists(tmp_path, args, fragments):
     out = tmp_path / "run"
-    proc = duollm(*args, *(["--out", out] if args[0] == "train" else []), check=False)
+    proc = cli(*args, *(["--out", out] if args[0] == "train" else []), check=False)
     assert_one_line_error(proc, *fragments)
     assert not out.exists()  # nothing half-written
 
@@ -86,18 +77,18 @@ def test_bad_input_before_any_run_exists(tmp_path, args, fragments):
     ("SBXQ", "letter(s) 'QX'"),
 ])
 def test_malformed_pattern(tiny_run, tmp_path, pattern, fragment):
-    proc = duollm("eval", tiny_run, "--pattern", pattern, "--per-token", tmp_path / "x.npy", check=False)
+    proc = cli("eval", tiny_run, "--pattern", pattern, "--per-token", tmp_path / "x.npy", check=False)
     assert_one_line_error(proc, fragment)
     assert not (tmp_path / "x.npy").exists()
 
 
 def test_empty_and_too_short_corpus(tmp_path):
     (tmp_path / "empty.txt").write_text("\n\n  ")
-    proc = duollm("train", "--config", "tiny", "--data", f"file:{tmp_path / 'empty.txt'}", "--out", tmp_path / "a",
+    proc = cli("train", "--config", "tiny", "--data", f"file:{tmp_path / 'empty.txt'}", "--out", tmp_path / "a",
                   check=False)
     assert_one_line_error(proc, "is empty")
     (tmp_path / "short.txt").write_text("to be or not to be, that is the question. " * 3)
-    proc = duollm("train", "--config", "tiny", "--data", f"file:{tmp_path / 'short.txt'}", "--out", tmp_path / "b",
+    proc = cli("train", "--config", "tiny", "--data", f"file:{tmp_path / 'short.txt'}", "--out", tmp_path / "b",
                   check=False)
     assert_one_line_error(proc, "corpus too short")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
@@ -108,8 +99,8 @@ def test_corrupt_and_truncated_checkpoint(tiny_run, tmp_path):
     shutil.copytree(tiny_run, run, symlinks=True)
     weights = run / "latest" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    assert_one_line_error(duollm("eval", run, check=False), "corrupt checkpoint")
+    assert_one_line_error(cli("eval", run, check=False), "corrupt checkpoint")
     weights.write_bytes(b"\x00" * 64)
-    assert_one_line_error(duollm("eval", run, check=False), "corrupt checkpoint")
+    assert_one_line_error(cli("eval", run, check=False), "corrupt checkpoint")
     (run / "latest" / "trainer_state.json").write_bytes(b"garbage")
-    assert_one_line_error(duollm("train", "--resume", "--out", run, check=False), "corrupt checkpoint", "trainer_state.json")
+    assert_one_line_error(cli("train", "--resume", "--out", run, check=False), "corrupt checkpoint", "trainer_state.json")

@@ -22,29 +22,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_CORPUS, duollm
-
-from duollm.cli import main
+from conftest import SHARED_CORPUS, assert_one_line_error, copy_trained, duollm, error_lines
+from conftest import cli as run_cli
 
 QUIET = ["train.log_every=5"]
 
 
 def cli(capsys, *args):
     """``duollm ARGS`` in-process: (exit code, the stderr lines that are not progress bars)."""
-    capsys.readouterr()
-    rc = main([str(a) for a in args])
-    err = capsys.readouterr().err
-    lines = [ln for ln in err.splitlines() if ln.strip() and "it/s" not in ln and "\r" not in ln and "s/it" not in ln
-             and not ln.startswith(("pretrain", "router ", "step "))]
-    return rc, lines
+    proc = run_cli(*args, check=False)
+    return proc.returncode, error_lines(proc.stderr)
 
 
 def refused(capsys, *args, fragment: str = "", code: int = 2):
-    rc, lines = cli(capsys, *args)
-    assert rc == code, lines
-    assert len(lines) == 1 and "Traceback" not in lines[0], lines
-    assert fragment in lines[0], lines[0]
-    return lines[0]
+    proc = run_cli(*args, check=False)
+    assert proc.returncode == code, proc.stderr
+    return assert_one_line_error(proc, fragment)
 
 
 def snapshot(folder: Path) -> dict:
@@ -64,9 +57,7 @@ def snapshot(folder: Path) -> dict:
 @pytest.fixture
 def run(tiny_run, tmp_path) -> Path:
     """A private copy of the trained tiny run (30 steps, checkpoint step-0000030)."""
-    dst = tmp_path / "run"
-    shutil.copytree(tiny_run, dst, symlinks=True)
-    return dst
+    return copy_trained(tiny_run, tmp_path / "run")
 
 
 @pytest.fixture
@@ -536,7 +527,7 @@ def test_kill_9_mid_run_then_rerun_gives_identical_outputs(tiny_run, tmp_path, w
     def fresh(name):  # the same folder name (the report names it), in two places
         folder = tmp_path / name / "run"
         if what not in ("train", "run"):
-            shutil.copytree(tiny_run, folder, symlinks=True)
+            copy_trained(tiny_run, folder)
         return folder
 
     whole = fresh("whole")

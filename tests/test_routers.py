@@ -4,8 +4,6 @@ import argparse
 import json
 import math
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pyarrow as pa
@@ -13,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
+from conftest import copy_trained
 
 from duollm.analysis.report import router_rows
 from duollm.analysis.rundata import RunData
@@ -33,13 +32,9 @@ QUIET = ["train.eval_every=1000", "train.save_every=1000", "train.log_every=1000
 
 
 @pytest.fixture(scope="session")
-def router_run(tmp_path_factory):
-    """A tiny model of our own: router tests write RUN/routers and RUN/oracle into it."""
-    out = tmp_path_factory.mktemp("router_runs") / "tiny"
-    proc = subprocess.run([sys.executable, "-m", "duollm.cli", "train", "--config", "tiny", "--out", str(out)],
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out
+def router_run(tiny_run, tmp_path_factory):
+    """A copy of the trained tiny run: router tests write RUN/routers and RUN/oracle into it."""
+    return copy_trained(tiny_run, tmp_path_factory.mktemp("router_runs") / "tiny")
 
 
 def read_eval(run, name):

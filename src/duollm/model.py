@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol, Union
 
 import torch
@@ -93,6 +93,7 @@ class RoutingPolicy(Protocol):
 
 
 Routes = Union[None, str, torch.Tensor, RoutingPolicy]
+PATHS = ("routed", "masked")  # how a routed FFN runs: the fast path, and the reference it must equal
 
 
 def route_fn(routes: Routes, n_layers: int, B: int, T: int, device) -> Callable[[int, torch.Tensor], torch.Tensor]:
@@ -326,8 +327,20 @@ class DuoBlock(nn.Module):
         self.ffn_norm = make_norm(cfg)
         self.ffn = DuoFFN(cfg)
 
-    def forward(self, h_BTD, decide, layer, cos_TE, sin_TE, cache=None, path="routed", mask_B1TC=None):
-        """One layer. ``decide(layer, x_BTD)`` returns ``route_BT`` or ``prob_BTR``.
+    def forward(
+        self,
+        h_BTD: torch.Tensor,
+        decide: Callable[[int, torch.Tensor], torch.Tensor],
+        layer: int,
+        cos_TE: torch.Tensor,
+        sin_TE: torch.Tensor,
+        *,
+        cache: KVCache | None = None,
+        path: str = "routed",
+        mask_B1TC: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One layer. ``decide(layer, x_BTD)`` returns ``route_BT`` or ``prob_BTR``; ``path`` is
+        "routed" (gather, compute, scatter) or "masked" (the reference: every module on every token).
 
         Returns the new hidden state and the hard routes taken (argmax for soft weights).
         """
@@ -364,7 +377,6 @@ class DuoOutput:
     loss_BT: torch.Tensor | None  # per-token cross-entropy
     route_LBT: torch.Tensor  # hard routes taken (argmax where the mix was soft)
     flops_BT: torch.Tensor  # forward FLOPs spent per token (cost model of routing.FlopModel)
-    aux: dict = field(default_factory=dict)
 
 
 class DuoModel(nn.Module):
@@ -415,6 +427,8 @@ class DuoModel(nn.Module):
         tokens among all key positions (cached and new; 0 = padding), ``pos_BT`` gives each
         new token's position (default: consecutive after the cache).
         """
+        if path not in PATHS:
+            raise ValueError(f"path must be one of {', '.join(PATHS)}; got {path!r}")
         B, T = idx_BT.shape
         past = cache.length if cache is not None else 0
         if past + T > self.cfg.max_seq_len:
@@ -437,10 +451,11 @@ class DuoModel(nn.Module):
         h_BTD = self.embed(idx_BT, pos_BT if pos_BT is not None else past + torch.arange(T, device=idx_BT.device))
         routes_taken = []
         for layer, block in enumerate(self.layers):
-            h_BTD, route_BT = block(h_BTD, decide, layer, cos_TE, sin_TE, cache, path, mask_B1TC)
+            h_BTD, route_BT = block(h_BTD, decide, layer, cos_TE, sin_TE, cache=cache, path=path, mask_B1TC=mask_B1TC)
             routes_taken.append(route_BT.expand(B, T))
-        logits_BTV = self.lm_head(self.norm(h_BTD))
-        loss = loss_BT = None
+        loss = loss_BT = logits_BTV = None
+        if return_logits or targets_BT is not None:  # the head only when something needs it
+            logits_BTV = self.lm_head(self.norm(h_BTD))
         if targets_BT is not None:
             loss_BT = F.cross_entropy(
                 logits_BTV.float().flatten(0, 1), targets_BT.flatten(), reduction="none"

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ..model import DuoModel, apply_rope
-from ..routing import SKIP, parse_pattern
+from ..routing import CONTEXTS, SKIP, parse_pattern
 from . import kernels as K
 
 
@@ -158,12 +158,11 @@ def frozen_attn_residual(block, h_BTMD, k_BKCE, v_BKCE, cos_TE, sin_TE, strict_T
 
 
 def make_context(model: DuoModel, context: str, idx_BT: torch.Tensor, reference=None, kernels: K.Kernels = K.EAGER):
+    assert context in CONTEXTS, "OracleSpec validates the context"
     if context == "shared":
         return SharedContext(model, idx_BT.shape[1], kernels)
-    if context == "frozen":
-        ref = reference if reference is not None else "B" * model.cfg.n_layers
-        return FrozenContext(model, idx_BT, ref, kernels)
-    raise ValueError(f"unknown context {context!r}; use shared or frozen")
+    ref = reference if reference is not None else "B" * model.cfg.n_layers
+    return FrozenContext(model, idx_BT, ref, kernels)
 
 
 class Head:
