@@ -152,6 +152,50 @@ def compute_chunk(model: DuoModel, plan: Plan, idx_BT, tgt_BT, *, batch_tokens: 
 # ----------------------------------------------------------------------------- the run
 
 
+def _open_partial(partial: Path, fingerprint: str, matrix_shape: tuple[int, int] | None) -> None:
+    """``.partial/`` for these inputs: saved chunks of other inputs are dropped; the matrix reserved."""
+    stamp = partial / "fingerprint.json"
+    if stamp.is_file() and json.loads(stamp.read_text()).get("fingerprint") != fingerprint:
+        shutil.rmtree(partial)  # different inputs: the saved chunks do not apply
+    partial.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(stamp, {"fingerprint": fingerprint})
+    if matrix_shape is not None and not (partial / "loss_matrix.npy").is_file():
+        _allocate_matrix(partial / "loss_matrix.npy", matrix_shape)
+
+
+class ChunkProgress:
+    """The oracle's progress bar in tokens: the tree walk reports leaves (one pattern over one chunk),
+    the bar moves by ``share`` of a chunk as they come (in beam mode the random draws cover half;
+    the search the rest, at the end of the chunk) and shows the pattern rate."""
+
+    def __init__(self, total_tokens: int, n_patterns: int, desc: str, *, enabled: bool, share: float):
+        self.bar = tqdm(total=total_tokens, unit="tok", unit_scale=True, desc=desc,
+                        disable=not enabled or total_tokens == 0, dynamic_ncols=True)
+        self.P, self.share = n_patterns, share
+        self.leaves = 0  # over all chunks of this call
+        self.chunk_tokens = self.shown = 0.0
+        self.t0 = time.time()
+
+    def start_chunk(self, n_tokens: int) -> None:
+        self.chunk_tokens, self.shown = n_tokens, 0.0
+
+    def leaves_done(self, n: int) -> None:
+        self.leaves += n
+        step = n * self.chunk_tokens * self.share / self.P
+        self.shown += step
+        self.bar.update(step)
+        rate = self.leaves / max(time.time() - self.t0, 1e-9)
+        self.bar.set_postfix_str(f"{rate:.3g} patterns/s x {self.chunk_tokens:.0f} tok, {self.P} patterns", refresh=False)
+
+    def end_chunk(self) -> None:
+        self.bar.update(self.chunk_tokens - self.shown)
+
+    def close(self) -> float:
+        """Close the bar; the seconds since it started (the compute time of this call)."""
+        self.bar.close()
+        return time.time() - self.t0
+
+
 def run_oracle(
     model: DuoModel,
     idx_ST: torch.Tensor,
@@ -208,23 +252,15 @@ def run_oracle(
     }, sort_keys=True).encode()).hexdigest()
     partial = out_dir / PARTIAL
     if rank == 0:
-        stamp = partial / "fingerprint.json"
-        if stamp.is_file() and json.loads(stamp.read_text()).get("fingerprint") != fingerprint:
-            shutil.rmtree(partial)  # different inputs: the saved chunks do not apply
-        partial.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(stamp, {"fingerprint": fingerprint})
-        if keep_matrix and not (partial / "loss_matrix.npy").is_file():
-            _allocate_matrix(partial / "loss_matrix.npy", (P, N))
+        _open_partial(partial, fingerprint, (P, N) if keep_matrix else None)
     if world > 1:
         dist.barrier()
 
     matrix = np.lib.format.open_memmap(partial / "loss_matrix.npy", mode="r+") if keep_matrix else None
     results, resumed, computed = {}, 0, 0
     todo_tokens = sum((b - a) * T for i, a, b in mine if not (partial / f"chunk_{i:05d}.npz").is_file())
-    bar = tqdm(total=todo_tokens, unit="tok", unit_scale=True, desc=f"oracle {spec.name()}",
-               disable=not progress or rank != 0 or todo_tokens == 0, dynamic_ncols=True)
-    t_compute = time.time()
-    leaves = [0]
+    bar = ChunkProgress(todo_tokens, P, f"oracle {spec.name()}", enabled=progress and rank == 0,
+                        share=1.0 if spec.search == "exhaustive" else 0.5)
     for i, a, b in mine:
         path = partial / f"chunk_{i:05d}.npz"
         if path.is_file():
@@ -232,27 +268,16 @@ def run_oracle(
                 results[i] = {k: z[k] for k in z.files}
             resumed += 1
             continue
-        n_tok = (b - a) * T
-        shown = [0.0]
-        # the tree walk moves the bar; in beam mode it covers the random draws only, the search the rest
-        share = 1.0 if spec.search == "exhaustive" else 0.5
-
-        def on_leaves(n, n_tok=n_tok):
-            leaves[0] += n
-            shown[0] += n * n_tok * share / P
-            bar.update(n * n_tok * share / P)
-            dt = max(time.time() - t_compute, 1e-9)
-            # a leaf is one pattern over one chunk: patterns/s at this chunk size
-            bar.set_postfix_str(f"{leaves[0] / dt:.3g} patterns/s x {n_tok} tok, {P} patterns", refresh=False)
 
         def matrix_cb(p_R, loss_RN, a=a, b=b):
             matrix[p_R, a * T : b * T] = loss_RN.float().cpu().numpy()
 
+        bar.start_chunk((b - a) * T)
         res = compute_chunk(
             emodel, plan, idx_ST[a:b].to(device), tgt_ST[a:b].to(device), batch_tokens=batch_tokens,
-            on_leaves=on_leaves, matrix_cb=matrix_cb if keep_matrix else None, kernels=kernels,
+            on_leaves=bar.leaves_done, matrix_cb=matrix_cb if keep_matrix else None, kernels=kernels,
         )
-        bar.update(n_tok - shown[0])
+        bar.end_chunk()
         if matrix is not None:
             matrix.flush()
         _save_npz(path, res)
@@ -260,8 +285,7 @@ def run_oracle(
         computed += 1
         if on_chunk is not None:
             on_chunk(i)
-    bar.close()
-    compute_s = time.time() - t_compute
+    compute_s = bar.close()
 
     if world > 1:
         gathered = [None] * world if rank == 0 else None
