@@ -87,7 +87,7 @@ def reevaluate_router(run: Path, name: str, *, oracle: str = "", log=print) -> s
     """Rewrite ``eval.json`` of a trained router (same tokens; the oracle found now, or ``oracle``)."""
     run = Path(run)
     folder = rundir.router_dir(run, name)
-    if not (folder / "router.safetensors").is_file():
+    if not (folder / rundir.ROUTER_WEIGHTS).is_file():
         raise ValueError(f"no trained router {name!r} in {run / 'routers'} (train it first)")
     router, cfg = rundir.load_router_folder(folder)
     if oracle:
