@@ -77,20 +77,19 @@ def test_prepare_data_caches_tokens(tmp_path):
     assert rundir.prepare_data(cfg, tmp_path, log=lambda *_: None) == meta  # second call reuses the cache
     idx_ST, tgt_ST = rundir.eval_tokens(tmp_path, cfg, max_tokens=320)
     assert idx_ST.shape == (10, cfg.train.seq_len)
-    assert (idx_ST[:, 1:] == tgt_ST[:, :-1]).all() and (idx_ST[1:, 0] == tgt_ST[:-1, -1]).all()
+    assert (idx_ST[:, 1:] == tgt_ST[:, :-1]).all()  # targets are the next tokens
 
 
-def test_pretrained_tokenizer_from_a_local_folder(tmp_path):
-    """data.tokenizer may name a pretrained tokenizer (a Hub name, or here a local folder: no network)."""
-    transformers = pytest.importorskip("transformers")
-    bpe = data.train_bpe([data.read_corpus("builtin:pydoc-topics")[:30_000]], 300)
-    transformers.PreTrainedTokenizerFast(tokenizer_object=bpe.backend).save_pretrained(tmp_path / "tok")
-    tok = data.pretrained_tokenizer(str(tmp_path / "tok"))
-    assert tok.encode("def f(x): return x") == bpe.encode("def f(x): return x")
-    cfg = load_config("tiny", [f"data.tokenizer={tmp_path / 'tok'}", "model.vocab_size=512"])
-    run = tmp_path / "run"
-    rundir.prepare_data(cfg, run, log=lambda *_: None)
-    assert rundir.load_tokenizer(run).encode("hello") == bpe.encode("hello")
-    too_small = load_config("tiny", [f"data.tokenizer={tmp_path / 'tok'}", "model.vocab_size=100"])
-    with pytest.raises(ValueError, match="model.vocab_size=100"):
-        rundir.prepare_data(too_small, tmp_path / "run2", log=lambda *_: None)
+def test_capped_evaluation_windows_are_whole_spread_and_nested():
+    T = 8
+    tokens = np.arange(10 * T + 1)  # ten windows; token i has value i
+    idx_ST, tgt_ST = data.sequences(tokens, T, max_tokens=5 * T)
+    assert (idx_ST[:, 0] // T).tolist() == [0, 5, 2, 7, 1]  # van der Corput: 0, 1/2, 1/4, 3/4, 1/8 of the split
+    assert (idx_ST == idx_ST[:, :1] + np.arange(T)).all() and (tgt_ST == idx_ST + 1).all()  # whole windows
+    fewer, _ = data.sequences(tokens, T, max_tokens=3 * T)
+    assert (fewer == idx_ST[:3]).all()  # a smaller cap is a prefix: oracle and eval rows line up
+    all_ST, _ = data.sequences(tokens, T)
+    assert sorted((all_ST[:, 0] // T).tolist()) == list(range(10))  # uncapped: every window once
+    for W in (1, 2, 3, 7, 64, 1000):
+        order = data.window_order(W, W)
+        assert sorted(order.tolist()) == list(range(W))

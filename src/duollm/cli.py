@@ -115,9 +115,10 @@ def evaluation_table(run: Path, args) -> list[dict]:
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'routing':<22} {'loss':>8} {'ppl':>9} {'big':>6} {'compute':>8} {'tokens':>8}")
+    print(f"{'routing':<22} {'loss':>8} {'ppl':>9} {'95% interval':>19} {'big':>6} {'compute':>8} {'tokens':>8}")
     for r in rows:
-        print(f"{r['routing']:<22} {r['loss']:8.4f} {r['ppl']:9.2f} {r['big_fraction']:6.2f} "
+        ci = f"[{r['ppl_lo']:.2f}, {r['ppl_hi']:.2f}]"
+        print(f"{r['routing']:<22} {r['loss']:8.4f} {r['ppl']:9.2f} {ci:>19} {r['big_fraction']:6.2f} "
               f"{r['compute']:8.2f} {r['tokens']:8d}")
 
 

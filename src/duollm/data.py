@@ -303,17 +303,38 @@ def sample_batch(tokens: np.ndarray, batch: int, seq_len: int, generator: torch.
     return w[:, :-1], w[:, 1:]
 
 
-def sequences(tokens: np.ndarray, seq_len: int, max_tokens: int | None = None):
-    """Canonical evaluation sequences: consecutive non-overlapping windows (``idx_ST``, ``tgt_ST``).
+def window_order(n_windows: int, n: int) -> np.ndarray:
+    """The first ``n`` of ``n_windows`` windows in van der Corput order: window floor(v(i) * W) for the
+    base-2 radical inverses v(0), v(1), ... = 0, 1/2, 1/4, 3/4, 1/8, ..., repeats skipped.
 
-    The canonical token order is row-major over [S, T]; ``max_tokens`` caps S * T.
+    Every prefix is spread evenly over the split, and a smaller cap takes a prefix of a larger one,
+    so evaluations with different caps (an oracle on 1,024 tokens, ``eval`` on 8,192) share rows.
+    """
+    m = max(1, int(np.ceil(np.log2(max(n_windows, 2)))))
+    i = np.arange(1 << m, dtype=np.int64)
+    rev = np.zeros_like(i)
+    for bit in range(m):  # reverse the m bits of i: v(i) = rev / 2^m
+        rev |= ((i >> bit) & 1) << (m - 1 - bit)
+    w = rev * n_windows >> m  # floor(v * W); j = 0..2^m-1 with 2^m >= W reach every window
+    _, first = np.unique(w, return_index=True)
+    return w[np.sort(first)][:n]
+
+
+def sequences(tokens: np.ndarray, seq_len: int, max_tokens: int | None = None):
+    """Canonical evaluation sequences (``idx_ST``, ``tgt_ST``): whole non-overlapping windows of
+    ``seq_len`` tokens, spread over the whole split (DESIGN 4.4a), never just its first pages.
+
+    The split holds W = (len - 1) // seq_len windows; S of them are taken (all, or as many as
+    ``max_tokens`` allows) in ``window_order``. The canonical token order is row-major over [S, T]
+    in that order, so the evaluation of a smaller cap is the first rows of a larger one.
     """
     check_length(tokens, seq_len, "evaluation")
-    n_seq = (len(tokens) - 1) // seq_len
-    if max_tokens:
-        n_seq = max(1, min(n_seq, max_tokens // seq_len))
-    flat = torch.from_numpy(np.asarray(tokens[: n_seq * seq_len + 1], dtype=np.int64))
-    return flat[:-1].view(n_seq, seq_len), flat[1:].view(n_seq, seq_len)
+    n_windows = (len(tokens) - 1) // seq_len
+    n_seq = n_windows if not max_tokens else max(1, min(n_windows, max_tokens // seq_len))
+    start_S = window_order(n_windows, n_seq) * seq_len
+    window_ST = start_S[:, None] + np.arange(seq_len + 1, dtype=np.int64)[None, :]
+    w = torch.from_numpy(np.asarray(tokens[window_ST.reshape(-1)], dtype=np.int64).reshape(n_seq, seq_len + 1))
+    return w[:, :-1].contiguous(), w[:, 1:].contiguous()
 
 
 def parse_max_tokens(value, flag: str = "--max-tokens") -> int | None:

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from .model import DuoModel, Routes
 from .routing import RouteProbs, sample_routes
+from .stats import ppl_interval
 
 
 def random_routes(n_layers: int, n_seq: int, seq_len: int, p_big: float, p_skip: float = 0.0, seed: int = 0):
@@ -52,12 +53,16 @@ def per_token_loss(
 
 
 def summarize(result: dict[str, torch.Tensor], flops_all_big: float) -> dict:
-    """Mean loss, perplexity, tokens, realised route fractions and compute relative to all-big."""
+    """Mean loss, perplexity with its 95% bootstrap interval over sequences, tokens, realised route
+    fractions and compute relative to all-big."""
     loss = result["loss_ST"].double().mean().item()
     route = result["route_LST"]
+    ci = ppl_interval(result["loss_ST"])  # 95% bootstrap over sequences
     return {
         "loss": loss,
         "ppl": math.exp(loss),
+        "ppl_lo": ci["ppl_lo"],
+        "ppl_hi": ci["ppl_hi"],
         "tokens": int(result["loss_ST"].numel()),
         "big_fraction": (route == 2).float().mean().item(),
         "small_fraction": (route == 1).float().mean().item(),

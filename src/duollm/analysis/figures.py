@@ -118,6 +118,9 @@ def fig_ppl_vs_budget(rd: RunData) -> Figure | None:
     for i, (ctx, o) in enumerate(sweeps.items()):
         ax.plot(o.ks, col("oracle_ppl", o), marker="o", ms=3, color=COLORS["oracle"], ls="-" if i == 0 else "--",
                 label=f"oracle, {o.label}")
+        lo, hi = col("oracle_ppl_lo", o), col("oracle_ppl_hi", o)
+        if np.isfinite(lo).any():  # the 95% bootstrap interval over sequences (stats.py)
+            ax.fill_between(o.ks, lo, hi, color=COLORS["oracle"], alpha=0.15 if i == 0 else 0.08, lw=0)
     ax.plot(ks, col("fixed_ppl"), "-s", ms=3, color=COLORS["fixed"], label="fixed (best single pattern)")
     ax.plot(ks, col("best_of_100_ppl"), "-^", ms=3, color=COLORS["best_of_100"], label="best of 100 random patterns")
     ax.plot(ks, col("random_mean_ppl"), ":", color=COLORS["random"], label="random pattern (mean)")
@@ -129,10 +132,15 @@ def fig_ppl_vs_budget(rd: RunData) -> Figure | None:
         rs = [r for r in rd.routers if r.get("method") == method]
         ax.scatter([r["big_fraction"] * L for r in rs], [r["ppl"] for r in rs], marker="D", s=28, zorder=5,
                    color=COLORS.get(method, "#333333"), edgecolor="black", lw=0.5, label=f"router: {method}")
+        with_ci = [r for r in rs if r.get("ppl_lo") is not None]
+        if with_ci:
+            ax.errorbar([r["big_fraction"] * L for r in with_ci], [r["ppl"] for r in with_ci],
+                        yerr=[[r["ppl"] - r["ppl_lo"] for r in with_ci], [r["ppl_hi"] - r["ppl"] for r in with_ci]],
+                        fmt="none", ecolor=COLORS.get(method, "#333333"), lw=0.8, capsize=2, zorder=4)
     ax.set_xlabel("budget k (big layers per token)")
     ax.set_ylabel("perplexity")
     ax.set_xticks(range(0, L + 1, max(1, L // 12)))
-    fig.suptitle(f"Perplexity vs budget ({s['tokens']:,} tokens; routers at their realised budget)")
+    fig.suptitle(f"Perplexity vs budget ({s['tokens']:,} tokens; bands, bars: 95% intervals over sequences)")
     comp = col("fixed_compute")
     ok = np.isfinite(comp)
     if ok.sum() >= 2:  # compute is affine in k for big/small patterns

@@ -70,12 +70,13 @@ def model_summary(rd: RunData) -> dict:
 
 
 def oracle_section(o) -> dict:
-    keys = ("k", "candidates", "oracle_ppl", "fixed_ppl", "fixed_pattern", "best_of_100_ppl",
-            "best_of_100_per_token_ppl", "random_mean_ppl", "oracle_compute", "fixed_compute")
+    keys = ("k", "candidates", "oracle_ppl", "oracle_ppl_lo", "oracle_ppl_hi", "fixed_ppl", "fixed_pattern",
+            "best_of_100_ppl", "best_of_100_per_token_ppl", "random_mean_ppl", "oracle_compute", "fixed_compute")
     s = o.summary
     return {
         "name": o.name, "context": o.context, "reference": s.get("reference"), "tokens": s.get("tokens"),
         "all_big_ppl": _r(s.get("all_big_ppl")), "all_small_ppl": _r(s.get("all_small_ppl")),
+        **{k: _r(s.get(k)) for k in ("all_big_ppl_lo", "all_big_ppl_hi", "all_small_ppl_lo", "all_small_ppl_hi")},
         "all_small_compute": _r(s.get("all_small_compute")),
         "budgets": [{k: (_r(b.get(k)) if isinstance(b.get(k), float) else b.get(k)) for k in keys} for b in o.budgets],
         "position_budgets": [{k: (_r(v) if isinstance(v, float) else v) for k, v in e.items()}
@@ -89,11 +90,14 @@ def router_rows(rd: RunData) -> list[dict]:
         o = r.get("oracle") or {}
         rows.append({
             "name": r["name"], "method": r.get("method"), "target": _r(r.get("target")), "k": o.get("k", r.get("target_k")),
-            "ppl": _r(r.get("ppl")), "big_fraction": _r(r.get("big_fraction")), "skip_fraction": _r(r.get("skip_fraction")),
+            "ppl": _r(r.get("ppl")), "ppl_lo": _r(r.get("ppl_lo")), "ppl_hi": _r(r.get("ppl_hi")),
+            "big_fraction": _r(r.get("big_fraction")), "skip_fraction": _r(r.get("skip_fraction")),
             "compute": _r(r.get("compute")), "tokens": r.get("tokens"), "layer_profile": r.get("layer_profile"),
             "oracle_ppl": _r(o.get("oracle_ppl")), "fixed_ppl": _r(o.get("fixed_ppl")),
             "best_of_100_ppl": _r(o.get("best_of_100_ppl")), "random_mean_ppl": _r(o.get("random_mean_ppl")),
             "agreement": _r(o.get("agreement")), "pattern_match": _r(o.get("pattern_match")),
+            **{key: ({k: _r(v) for k, v in o[key].items()} if o.get(key) else None)
+               for key in ("router_minus_oracle", "router_minus_fixed")},
             "oracle_tokens": o.get("tokens"), "heldout_ppl": _r((o.get("heldout") or {}).get("ppl")),
             "heldout_oracle_ppl": _r((o.get("heldout") or {}).get("oracle_ppl")),
         })
@@ -147,6 +151,17 @@ def _fmt(x, nd: int = 2) -> str:
     return str(x)
 
 
+def _with_ci(x, lo, hi, nd: int = 2) -> str:
+    """``12.34 [11.90, 12.80]``: a value and its 95% interval (the value alone where there is none)."""
+    if lo is None or hi is None:
+        return _fmt(x, nd)
+    return f"{_fmt(x, nd)} [{_fmt(lo, nd)}, {_fmt(hi, nd)}]"
+
+
+def _diff(d: dict | None, nd: int = 2) -> str:
+    return "—" if not d else f"{d['diff']:+.{nd}f} [{d['lo']:+.{nd}f}, {d['hi']:+.{nd}f}]"
+
+
 def _verdict(v) -> str:
     return {True: "reproduced", False: "not reproduced", None: "not tested"}[v]
 
@@ -192,14 +207,17 @@ def tables(res: dict) -> list[tuple[str, list[str], list[list[str]]]]:
                  for f in res["findings"]]))
     for o in res["oracle"]:
         ctx = o["context"]
-        rows = [[str(b["k"]), _fmt(b["candidates"]), _fmt(b["oracle_ppl"]), _fmt(b["fixed_ppl"]),
+        rows = [[str(b["k"]), _fmt(b["candidates"]), _with_ci(b["oracle_ppl"], b.get("oracle_ppl_lo"), b.get("oracle_ppl_hi")),
+                 _fmt(b["fixed_ppl"]),
                  b["fixed_pattern"] or "—", _fmt(b["best_of_100_ppl"]), _fmt(b["best_of_100_per_token_ppl"]),
                  _fmt(b["random_mean_ppl"]), _fmt(b["oracle_compute"], 3)] for b in o["budgets"]]
         ref = f", context tokens {o['reference']}" if o["reference"] else ""
         small = "all-small (scored token only)" if o["reference"] else "all-small"
-        out.append((f"Oracle, {ctx} context{ref}: all-big {_fmt(o['all_big_ppl'])}, {small} {_fmt(o['all_small_ppl'])} "
+        big = _with_ci(o["all_big_ppl"], o.get("all_big_ppl_lo"), o.get("all_big_ppl_hi"))
+        small_ppl = _with_ci(o["all_small_ppl"], o.get("all_small_ppl_lo"), o.get("all_small_ppl_hi"))
+        out.append((f"Oracle, {ctx} context{ref}: all-big {big}, {small} {small_ppl} "
                     f"(compute {_fmt(o['all_small_compute'], 3)}), {_fmt(o['tokens'])} tokens",
-                    ["k", "candidates", "oracle", "fixed", "fixed pattern", "best of 100", "best of 100 per token",
+                    ["k", "candidates", "oracle [95% interval]", "fixed", "fixed pattern", "best of 100", "best of 100 per token",
                      "random", "compute"], rows))
         if o["position_budgets"]:
             out.append((f"Position-varying budgets, {ctx} context",
@@ -215,11 +233,13 @@ def tables(res: dict) -> list[tuple[str, list[str], list[list[str]]]]:
                       _fmt(b["random_mean_ppl"]), _fmt(s["early_exit_share"], 3)]]))
     if res["routers"]:
         out.append(("Routers (hard routing) next to the oracle at their budget",
-                    ["router", "k", "ppl", "big", "oracle", "fixed", "best of 100", "random", "agreement",
-                     "layer profile", "tokens"],
-                    [[r["name"], _fmt(r["k"]), _fmt(r["ppl"]), _fmt(r["big_fraction"], 3), _fmt(r["oracle_ppl"]),
-                      _fmt(r["fixed_ppl"]), _fmt(r["best_of_100_ppl"]), _fmt(r["random_mean_ppl"]),
-                      _fmt(r["agreement"], 3), r["layer_profile"] or "—", _fmt(r["tokens"])] for r in res["routers"]]))
+                    ["router", "k", "ppl [95% interval]", "big", "oracle", "router − oracle [paired 95%]", "fixed",
+                     "router − fixed [paired 95%]", "best of 100", "random", "agreement", "layer profile", "tokens"],
+                    [[r["name"], _fmt(r["k"]), _with_ci(r["ppl"], r.get("ppl_lo"), r.get("ppl_hi")),
+                      _fmt(r["big_fraction"], 3), _fmt(r["oracle_ppl"]), _diff(r.get("router_minus_oracle")),
+                      _fmt(r["fixed_ppl"]), _diff(r.get("router_minus_fixed")), _fmt(r["best_of_100_ppl"]),
+                      _fmt(r["random_mean_ppl"]), _fmt(r["agreement"], 3), r["layer_profile"] or "—", _fmt(r["tokens"])]
+                     for r in res["routers"]]))
     d = res["difficulty"]
     if d:
         out.append((f"Token difficulty (gap = all-small loss - oracle loss at k={d['k_ref']}, {d['context']} context)",

@@ -41,6 +41,7 @@ from ..io import atomic_path, atomic_write_json
 from ..model import DuoModel
 from ..routing import BIG, SKIP, code_strings, decode_codes
 from ..rundir import ORACLE_LOSS, PARTIAL, PATTERNS, PER_TOKEN, RUN_JSON, SUMMARY, USAGE
+from ..stats import ppl_interval
 from .context import Head, make_context
 from .kernels import Kernels
 from .plan import OracleSpec, Plan, build_plan
@@ -324,6 +325,13 @@ def _write_outputs(out_dir: Path, plan: Plan, merged: dict, idx_ST, tgt_ST, mode
     L = plan.n_layers
     position_N = np.tile(np.arange(T), S)
     summary_core, usage_JRLT = finalize(plan, merged, position_N, T, model.flop_model)
+    # 95% bootstrap intervals over sequences (stats.py): the baselines and oracle@k per budget
+    for key, loss_N in (("all_big", merged["all_big_N"]), ("all_small", merged["all_small_N"])):
+        ci = ppl_interval(loss_N.reshape(S, T))
+        summary_core[f"{key}_ppl_lo"], summary_core[f"{key}_ppl_hi"] = ci["ppl_lo"], ci["ppl_hi"]
+    for j, entry in enumerate(summary_core["budgets"]):
+        ci = ppl_interval(merged["best_loss_JN"][j].reshape(S, T))
+        entry["oracle_ppl_lo"], entry["oracle_ppl_hi"] = ci["ppl_lo"], ci["ppl_hi"]
     summary = {
         "name": meta.get("name", spec.name()),
         **spec.describe(),
@@ -342,6 +350,7 @@ def _write_outputs(out_dir: Path, plan: Plan, merged: dict, idx_ST, tgt_ST, mode
                "context tokens keep the reference routing; only the scored token's own routes vary "
                "(all-big/all-small baselines too: the scored token's routes, the context at the reference)"),
             "compute is FLOPs per token relative to all-big (routing.FlopModel)",
+            "*_lo / *_hi: 95% bootstrap interval over sequences (1000 seeded replicates, stats.py)",
             "random_mean_ppl = exp(mean over candidates of the per-pattern mean loss)",
             "best_of_100: seeded uniform draw of up to 100 candidates per budget; _ppl = best single pattern, "
             "_per_token_ppl = each token's best among the draw",

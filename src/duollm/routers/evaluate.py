@@ -14,6 +14,7 @@ from ..evaluate import per_token_loss, summarize
 from ..io import atomic_write_json
 from ..routing import BIG, SKIP
 from ..rundir import ROUTER_EVAL
+from ..stats import paired_ppl_difference, ppl_interval
 from .config import RouterConfig
 from .labels import OracleTable, holdout_split
 from .policy import Router
@@ -107,7 +108,19 @@ def oracle_comparison(model, res: dict, idx_ST, tgt_ST, cfg: RouterConfig, oracl
         "all_small_ppl": oracle.summary.get("all_small_ppl"),
         "oracle_usage": usage(oracle.route_LST[:, oracle.sequences]),
     }
-    _, held = holdout_split(oracle.sequences, cfg.holdout_every)
+    # paired comparisons on the sequences the oracle covers whole (stats.py: bootstrap over sequences)
+    seq = oracle.sequences
+    router_ST = res["loss_ST"][seq]
+    if len(seq):
+        ci = ppl_interval(router_ST)
+        comp["ppl_lo"], comp["ppl_hi"] = ci["ppl_lo"], ci["ppl_hi"]
+    if len(seq) and oracle.loss_ST is not None and not torch.isnan(oracle.loss_ST[seq]).any():
+        comp["router_minus_oracle"] = paired_ppl_difference(router_ST, oracle.loss_ST[seq])
+    fixed_ST = None
+    if len(seq) and b.get("fixed_pattern"):
+        fixed_ST = per_token_loss(model, idx_ST[seq], tgt_ST[seq], b["fixed_pattern"], batch_size=cfg.eval_batch)["loss_ST"]
+        comp["router_minus_fixed"] = paired_ppl_difference(router_ST, fixed_ST)
+    _, held = holdout_split(seq, cfg.holdout_every)
     if len(held):
         mask_ST = torch.zeros_like(oracle.covered_ST)
         mask_ST[held] = True
@@ -116,9 +129,9 @@ def oracle_comparison(model, res: dict, idx_ST, tgt_ST, cfg: RouterConfig, oracl
              **agreement(res["route_LST"], oracle.route_LST, mask_ST)}
         if oracle.loss_ST is not None and not torch.isnan(oracle.loss_ST[held]).any():
             h["oracle_ppl"] = math.exp(oracle.loss_ST[held].double().mean().item())
-        if b.get("fixed_pattern"):
-            fixed = per_token_loss(model, idx_ST[held], tgt_ST[held], b["fixed_pattern"], batch_size=cfg.eval_batch)
-            h["fixed_ppl"] = math.exp(fixed["loss_ST"].double().mean().item())
+        if fixed_ST is not None:
+            at = torch.isin(seq, held)  # the held-out sequences' rows among the covered ones
+            h["fixed_ppl"] = math.exp(fixed_ST[at].double().mean().item())
         comp["heldout"] = h
     return comp
 
