@@ -207,6 +207,20 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def checkpoint_step(ckpt: Path) -> int:
+    """The step a checkpoint holds, from its small JSON state (the optimizer's tensors stay unread)."""
+    path = Path(ckpt) / STATE
+    if not path.is_file():
+        return load_state(ckpt)["step"]
+    try:
+        step = _unflatten(json.loads(path.read_text())["step"], {})
+        if not isinstance(step, int):
+            raise ValueError("no step")
+        return step
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"corrupt checkpoint {path}: {_first_line(e)}") from None
+
+
 def load_state(ckpt: Path) -> dict:
     """The trainer state of a checkpoint (``step``, ``optimizer``); one line naming the file if it is bad."""
     ckpt = Path(ckpt)

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 import yaml
 
-from .checkpoint import latest_checkpoint, load_weights, module_tensors, save_tensors
+from .checkpoint import latest_checkpoint, load_weights, module_tensors, save_tensors, step_of
 from .config import RunConfig, from_dict, read_config_file, to_dict
 from .data import (
     PreparedData,
@@ -175,7 +175,7 @@ def eval_tokens(run: Path, cfg: RunConfig, spec: str | None = None, max_tokens: 
 def trained_step(run: Path) -> int:
     """The step of the run's checkpoint (0: none)."""
     ckpt = latest_checkpoint(run)
-    return int(ckpt.name.split("-")[-1]) if ckpt is not None and has_run(run) else 0
+    return step_of(ckpt) if ckpt is not None and has_run(run) else 0
 
 
 def load_model(run: Path, device: str | torch.device = "cpu"):

@@ -32,7 +32,16 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from . import rundir
-from .checkpoint import LATEST, commit_checkpoint, latest_checkpoint, load_state, load_weights, stage_checkpoint, tensors_finite
+from .checkpoint import (
+    LATEST,
+    checkpoint_step,
+    commit_checkpoint,
+    latest_checkpoint,
+    load_state,
+    load_weights,
+    stage_checkpoint,
+    tensors_finite,
+)
 from .config import RunConfig, TrainConfig, resume_conflict, save_config, to_dict
 from .data import build_data, check_length, sample_batch, sequences
 from .distributed import init_distributed, resolve_device
@@ -184,7 +193,7 @@ def train_loop(
     tokens_per_step = t.batch_size * t.seq_len
     tick = time.perf_counter()
     params = [p for p in module.parameters() if p.requires_grad]
-    good = latest_checkpoint(out)  # the checkpoint a divergence message names
+    good = ckpt  # the checkpoint a divergence message names
 
     def batch_of(step: int) -> dict:
         gen = step_generator(t.seed, step)
@@ -340,7 +349,7 @@ def check_run_folder(cfg: RunConfig, out: Path, resume: bool) -> None:
         raise ValueError(f"cannot resume {out}: latest points to {target}, which is not a complete checkpoint, "
                          f"and no complete step folder is left")
     if ckpt is not None:
-        step = load_state(ckpt)["step"]
+        step = checkpoint_step(ckpt)
         if cfg.train.steps < step:
             raise ValueError(f"cannot resume {out} with train.steps={cfg.train.steps}: it is already trained to "
                              f"step {step} (set train.steps={step} or more)")
