@@ -428,3 +428,25 @@ def test_compiled_kernels_equal_eager(model, toks, tmp_path):
             np.load(tmp_path / f"c{context}" / "oracle_loss.npy"), np.load(tmp_path / f"e{context}" / "oracle_loss.npy"),
             atol=ATOL,
         )
+
+
+@pytest.mark.parametrize("context", ["shared", "frozen"])
+def test_intervals_of_fixed_patterns_come_from_their_exact_per_token_losses(model, tmp_path, context):
+    """fixed@k's interval is the bootstrap of the fixed pattern's own per-token losses (checked against
+    the naive evaluator), and the oracle never loses to it: every replicate of the paired gain is <= 0."""
+    from duollm.stats import paired_ppl_difference, ppl_interval
+
+    idx, tgt = tokens(S=6, T=8)
+    spec = build_spec(4, context=context, reference="B_SB" if context == "frozen" else None)
+    s = run_oracle(model, idx, tgt, spec, tmp_path / context, batch_tokens=16, progress=False)
+    oracle_JN = np.load(tmp_path / context / "oracle_loss.npy")
+    for j, b in enumerate(s["budgets"]):
+        (_, naive_ST), = naive_losses(model, idx, tgt, routes_of([b["fixed_pattern"]]), context=context,
+                                      reference=spec.reference)
+        want = ppl_interval(naive_ST.numpy())
+        assert b["fixed_ppl"] == pytest.approx(want["ppl"], rel=1e-5)
+        assert (b["fixed_ppl_lo"], b["fixed_ppl_hi"]) == pytest.approx((want["ppl_lo"], want["ppl_hi"]), rel=1e-5)
+        gain = b["oracle_minus_fixed"]
+        assert gain["hi"] <= 1e-6 and gain == pytest.approx(
+            paired_ppl_difference(oracle_JN[j].reshape(6, 8), naive_ST.numpy()), abs=1e-2)  # engine vs naive rounding
+        assert b["oracle_ppl_lo"] <= b["oracle_ppl"] <= b["oracle_ppl_hi"]

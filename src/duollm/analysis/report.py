@@ -70,15 +70,18 @@ def model_summary(rd: RunData) -> dict:
 
 
 def oracle_section(o) -> dict:
-    keys = ("k", "candidates", "oracle_ppl", "oracle_ppl_lo", "oracle_ppl_hi", "fixed_ppl", "fixed_pattern",
-            "best_of_100_ppl", "best_of_100_per_token_ppl", "random_mean_ppl", "oracle_compute", "fixed_compute")
+    keys = ("k", "candidates", "oracle_ppl", "oracle_ppl_lo", "oracle_ppl_hi", "fixed_ppl", "fixed_ppl_lo", "fixed_ppl_hi",
+            "fixed_pattern", "best_of_100_ppl", "best_of_100_ppl_lo", "best_of_100_ppl_hi", "best_of_100_per_token_ppl",
+            "random_mean_ppl", "oracle_compute", "fixed_compute")
     s = o.summary
     return {
         "name": o.name, "context": o.context, "reference": s.get("reference"), "tokens": s.get("tokens"),
         "all_big_ppl": _r(s.get("all_big_ppl")), "all_small_ppl": _r(s.get("all_small_ppl")),
         **{k: _r(s.get(k)) for k in ("all_big_ppl_lo", "all_big_ppl_hi", "all_small_ppl_lo", "all_small_ppl_hi")},
         "all_small_compute": _r(s.get("all_small_compute")),
-        "budgets": [{k: (_r(b.get(k)) if isinstance(b.get(k), float) else b.get(k)) for k in keys} for b in o.budgets],
+        "budgets": [{**{k: (_r(b.get(k)) if isinstance(b.get(k), float) else b.get(k)) for k in keys},
+                     "oracle_minus_fixed": {k: _r(v) for k, v in b["oracle_minus_fixed"].items()}
+                     if b.get("oracle_minus_fixed") else None} for b in o.budgets],
         "position_budgets": [{k: (_r(v) if isinstance(v, float) else v) for k, v in e.items()}
                              for e in s.get("position_budgets") or []],
     }
@@ -158,6 +161,11 @@ def _with_ci(x, lo, hi, nd: int = 2) -> str:
     return f"{_fmt(x, nd)} [{_fmt(lo, nd)}, {_fmt(hi, nd)}]"
 
 
+def _ci(d: dict, key: str) -> str:
+    """``d[key]`` with its interval ``d[key + "_lo"]``, ``d[key + "_hi"]``."""
+    return _with_ci(d.get(key), d.get(f"{key}_lo"), d.get(f"{key}_hi"))
+
+
 def _diff(d: dict | None, nd: int = 2) -> str:
     return "—" if not d else f"{d['diff']:+.{nd}f} [{d['lo']:+.{nd}f}, {d['hi']:+.{nd}f}]"
 
@@ -207,17 +215,17 @@ def tables(res: dict) -> list[tuple[str, list[str], list[list[str]]]]:
                  for f in res["findings"]]))
     for o in res["oracle"]:
         ctx = o["context"]
-        rows = [[str(b["k"]), _fmt(b["candidates"]), _with_ci(b["oracle_ppl"], b.get("oracle_ppl_lo"), b.get("oracle_ppl_hi")),
-                 _fmt(b["fixed_ppl"]),
-                 b["fixed_pattern"] or "—", _fmt(b["best_of_100_ppl"]), _fmt(b["best_of_100_per_token_ppl"]),
-                 _fmt(b["random_mean_ppl"]), _fmt(b["oracle_compute"], 3)] for b in o["budgets"]]
+        rows = [[str(b["k"]), _fmt(b["candidates"]), _ci(b, "oracle_ppl"), _ci(b, "fixed_ppl"),
+                 _diff(b.get("oracle_minus_fixed")), b["fixed_pattern"] or "—", _ci(b, "best_of_100_ppl"),
+                 _fmt(b["best_of_100_per_token_ppl"]), _fmt(b["random_mean_ppl"]), _fmt(b["oracle_compute"], 3)]
+                for b in o["budgets"]]
         ref = f", context tokens {o['reference']}" if o["reference"] else ""
         small = "all-small (scored token only)" if o["reference"] else "all-small"
-        big = _with_ci(o["all_big_ppl"], o.get("all_big_ppl_lo"), o.get("all_big_ppl_hi"))
-        small_ppl = _with_ci(o["all_small_ppl"], o.get("all_small_ppl_lo"), o.get("all_small_ppl_hi"))
+        big, small_ppl = _ci(o, "all_big_ppl"), _ci(o, "all_small_ppl")
         out.append((f"Oracle, {ctx} context{ref}: all-big {big}, {small} {small_ppl} "
                     f"(compute {_fmt(o['all_small_compute'], 3)}), {_fmt(o['tokens'])} tokens",
-                    ["k", "candidates", "oracle [95% interval]", "fixed", "fixed pattern", "best of 100", "best of 100 per token",
+                    ["k", "candidates", "oracle [95% interval]", "fixed [95%]", "oracle − fixed [paired 95%]", "fixed pattern",
+                     "best of 100 [95%]", "best of 100 per token",
                      "random", "compute"], rows))
         if o["position_budgets"]:
             out.append((f"Position-varying budgets, {ctx} context",
@@ -235,7 +243,7 @@ def tables(res: dict) -> list[tuple[str, list[str], list[list[str]]]]:
         out.append(("Routers (hard routing) next to the oracle at their budget",
                     ["router", "k", "ppl [95% interval]", "big", "oracle", "router − oracle [paired 95%]", "fixed",
                      "router − fixed [paired 95%]", "best of 100", "random", "agreement", "layer profile", "tokens"],
-                    [[r["name"], _fmt(r["k"]), _with_ci(r["ppl"], r.get("ppl_lo"), r.get("ppl_hi")),
+                    [[r["name"], _fmt(r["k"]), _ci(r, "ppl"),
                       _fmt(r["big_fraction"], 3), _fmt(r["oracle_ppl"]), _diff(r.get("router_minus_oracle")),
                       _fmt(r["fixed_ppl"]), _diff(r.get("router_minus_fixed")), _fmt(r["best_of_100_ppl"]),
                       _fmt(r["random_mean_ppl"]), _fmt(r["agreement"], 3), r["layer_profile"] or "—", _fmt(r["tokens"])]

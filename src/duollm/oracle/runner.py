@@ -39,9 +39,9 @@ from tqdm.auto import tqdm
 from ..distributed import init_distributed
 from ..io import atomic_path, atomic_write_json
 from ..model import DuoModel
-from ..routing import BIG, SKIP, code_strings, decode_codes
+from ..routing import BIG, SKIP, code_strings, decode_codes, parse_pattern
 from ..rundir import ORACLE_LOSS, PARTIAL, PATTERNS, PER_TOKEN, RUN_JSON, SUMMARY, USAGE
-from ..stats import ppl_interval
+from ..stats import paired_ppl_difference, ppl_interval
 from .context import Head, make_context
 from .kernels import Kernels
 from .plan import OracleSpec, Plan, build_plan
@@ -116,6 +116,30 @@ def engine_model(model: DuoModel, dtype: str) -> DuoModel:
 
 
 @torch.no_grad()
+@torch.no_grad()
+def pattern_token_losses(model: DuoModel, spec: OracleSpec, route_PL: np.ndarray, idx_ST, tgt_ST, *,
+                         batch_tokens: int, kernels: Kernels) -> np.ndarray:
+    """``loss_PST`` (float32): every token's loss under each of a few patterns, from the same engine
+    and context policy as the oracle's pass (so they equal what its reductions saw)."""
+    S, T = idx_ST.shape
+    out_PST = np.empty((len(route_PL), S, T), dtype=np.float32)
+    if len(route_PL) == 0:
+        return out_PST
+    device = model.embed.weight.device
+    head = Head(model, kernels=kernels)
+    per_chunk = max(1, batch_tokens // T)
+    for a in range(0, S, per_chunk):
+        b = min(S, a + per_chunk)
+        idx_BT, tgt_BT = idx_ST[a:b].to(device), tgt_ST[a:b].to(device)
+        ctx = make_context(model, spec.context, idx_BT, spec.reference, kernels)
+
+        def consume(p_R, loss_RBT, a=a, b=b):
+            out_PST[p_R, a:b] = loss_RBT.float().cpu().numpy()
+
+        walk_tree(model, ctx, route_PL, model.embed(idx_BT), tgt_BT, consume, head)
+    return out_PST
+
+
 def compute_chunk(model: DuoModel, plan: Plan, idx_BT, tgt_BT, *, batch_tokens: int, on_leaves=None, matrix_cb=None,
                   kernels: Kernels | None = None):
     """All reductions of one chunk of sequences (numpy arrays, see ``ChunkReducer.result``)."""
@@ -298,7 +322,13 @@ def run_oracle(
     if rank == 0:
         assert sorted(results) == [c[0] for c in chunks], "every chunk must be computed by some process"
         merged = merge_chunks([results[i] for i, _, _ in chunks])
-        summary = _write_outputs(out_dir, plan, merged, idx_ST, tgt_ST, emodel, meta or {})
+
+        def rescore(patterns: list[str]) -> dict[str, np.ndarray]:
+            route_PL = np.array([parse_pattern(p, spec.n_layers) for p in patterns], dtype=np.int8).reshape(-1, spec.n_layers)
+            return dict(zip(patterns, pattern_token_losses(emodel, spec, route_PL, idx_ST, tgt_ST,
+                                                           batch_tokens=batch_tokens, kernels=kernels)))
+
+        summary = _write_outputs(out_dir, plan, merged, idx_ST, tgt_ST, emodel, meta or {}, rescore)
         if keep_matrix:
             del matrix
             os.replace(partial / "loss_matrix.npy", out_dir / "loss_matrix.npy")
@@ -319,7 +349,10 @@ def run_oracle(
     return summary
 
 
-def _write_outputs(out_dir: Path, plan: Plan, merged: dict, idx_ST, tgt_ST, model: DuoModel, meta: dict) -> dict:
+def _write_outputs(out_dir: Path, plan: Plan, merged: dict, idx_ST, tgt_ST, model: DuoModel, meta: dict,
+                   rescore: Callable[[list[str]], dict[str, np.ndarray]]) -> dict:
+    """The output files. ``rescore(patterns)``: every token's loss under a few patterns (the fixed and
+    best-of-100 pattern of each budget), for their intervals and the paired oracle-vs-pattern gains."""
     spec = plan.spec
     S, T = idx_ST.shape
     L = plan.n_layers
@@ -329,9 +362,19 @@ def _write_outputs(out_dir: Path, plan: Plan, merged: dict, idx_ST, tgt_ST, mode
     for key, loss_N in (("all_big", merged["all_big_N"]), ("all_small", merged["all_small_N"])):
         ci = ppl_interval(loss_N.reshape(S, T))
         summary_core[f"{key}_ppl_lo"], summary_core[f"{key}_ppl_hi"] = ci["ppl_lo"], ci["ppl_hi"]
+    pattern_loss = rescore(sorted({b[key] for b in summary_core["budgets"]
+                                   for key in ("fixed_pattern", "best_of_100_pattern") if b.get(key)}))
     for j, entry in enumerate(summary_core["budgets"]):
-        ci = ppl_interval(merged["best_loss_JN"][j].reshape(S, T))
+        oracle_ST = merged["best_loss_JN"][j].reshape(S, T)
+        ci = ppl_interval(oracle_ST)
         entry["oracle_ppl_lo"], entry["oracle_ppl_hi"] = ci["ppl_lo"], ci["ppl_hi"]
+        for key in ("fixed", "best_of_100"):
+            loss_ST = pattern_loss.get(entry.get(f"{key}_pattern"))
+            if loss_ST is not None:
+                ci = ppl_interval(loss_ST)
+                entry[f"{key}_ppl_lo"], entry[f"{key}_ppl_hi"] = ci["ppl_lo"], ci["ppl_hi"]
+                # the oracle's gain over the pattern, paired (the same sequences in every replicate)
+                entry[f"oracle_minus_{key}"] = paired_ppl_difference(oracle_ST, loss_ST)
     summary = {
         "name": meta.get("name", spec.name()),
         **spec.describe(),
