@@ -547,3 +547,19 @@ def test_kill_9_mid_run_then_rerun_gives_identical_outputs(tiny_run, tmp_path, w
     assert compare(cut) == compare(whole)
     assert temporaries(cut) == [] and not (cut / ".lock").exists()
     assert killed or what == "oracle", "the command finished before the kill: make it longer"
+
+
+@pytest.mark.parametrize("again", [[], ["--resume"]])
+def test_a_run_killed_before_its_data_was_written_restarts(capsys, tmp_path, monkeypatch, again):
+    """The config is written first: a folder killed while its token cache was being written is a run
+    with no checkpoint, which `train` (or `train --resume`) simply starts again."""
+    import duollm.rundir
+
+    out = tmp_path / "r"
+    real = duollm.rundir.write_data
+    monkeypatch.setattr(duollm.rundir, "write_data", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert cli(capsys, "train", "--config", "tiny", "--out", out, "--set", "train.steps=2")[0] == 130
+    monkeypatch.setattr(duollm.rundir, "write_data", real)
+    rc, lines = cli(capsys, "train", "--config", "tiny", "--out", out, "--set", "train.steps=2", *again)
+    assert rc == 0, lines
+    assert (out / "latest").resolve().name == "step-0000002"

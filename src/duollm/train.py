@@ -371,8 +371,9 @@ def pretrain(cfg: RunConfig, out: Path, *, resume: bool = False, log=print) -> d
     with rundir.writing(out, create=ddp.main):
         if ddp.main:
             check_run_folder(cfg, out, resume)  # again, now that no other writer can change the folder
-            meta = rundir.write_data(prepared, out) if prepared is not None else rundir.cached_meta(cfg, out)
+            # the config first: a folder killed before its data is complete is still a run (restartable)
             save_config(cfg, rundir.config_path(out))
+            meta = rundir.write_data(prepared, out) if prepared is not None else rundir.cached_meta(cfg, out)
             log(f"corpus {cfg.data.spec}: {meta['train_tokens']:,} training and {meta['val_tokens']:,} validation tokens")
         if ddp.world > 1:
             dist.barrier()
