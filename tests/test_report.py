@@ -2,6 +2,7 @@
 copes with whatever the run folder holds (issue 5, DESIGN 4.4)."""
 
 import json
+import math
 import shutil
 
 import numpy as np
@@ -151,6 +152,21 @@ def test_report_without_routers_or_skip_study(oracle_only_run):
     assert isinstance(verdict["one_big_beats_all_big"], bool)
     assert res["evaluation"]["contexts"] == ["shared"] and res["routers"] == [] and res["skip_study"] is None
     assert "not tested" in index.read_text() and "not tested" in (oracle_only_run / "report" / "report.md").read_text()
+
+
+def test_a_barely_trained_run_carries_the_smoke_test_banner(oracle_only_run):
+    """The 30-step tiny model is worse than a unigram model of its training tokens: its report says so."""
+    from duollm import rundir
+
+    write_report(oracle_only_run)
+    res = json.loads((oracle_only_run / "report" / "results.json").read_text())
+    q = res["model_quality"]
+    table = pq.read_table(oracle_only_run / "oracle" / "SB-shared" / "per_token.parquet")
+    counts = np.bincount(np.asarray(rundir.load_tokens(oracle_only_run, "train")), minlength=512) + 1.0
+    unigram = math.exp(-np.log(counts[table.column("target").to_numpy()] / counts.sum()).mean())
+    assert q["unigram_ppl"] == pytest.approx(unigram, rel=1e-4) and q["ratio"] >= 0.8 and q["smoke_test"] is True
+    for page in ("report.md", "index.html"):
+        assert "SMOKE TEST" in (oracle_only_run / "report" / page).read_text()
 
 
 def test_difficulty_matches_the_oracle_table(oracle_only_run):

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import rundir, train
-from .analysis.report import write_report
+from .analysis.report import smoke_banner, write_report
 from .checkpoint import latest_checkpoint
 from .config import RunConfig, load_config, parse_list, resume_conflict, router_budgets, router_methods, skip_count
 from .distributed import resolve_device
@@ -327,6 +327,8 @@ def results_table(out: Path) -> str:
         lines.append(f"  {mark}  {x['claim']}{ctx}")
     n = res["reproduced"]
     lines.append(f"{n['reproduced']} of {n['tested']} tested findings reproduced")
+    if smoke_banner(res):
+        lines.append(smoke_banner(res))
     return "\n".join(lines)
 
 

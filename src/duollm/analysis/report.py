@@ -87,6 +87,24 @@ def oracle_section(o) -> dict:
     }
 
 
+SMOKE_RATIO = 0.8  # all-big within 20% of the unigram model's perplexity (or worse): a smoke test
+
+
+def model_quality(rd: RunData) -> dict | None:
+    """The trained model (all big) against a unigram model of the training tokens (add-one smoothing),
+    on the primary oracle's tokens: how far training got beyond word frequencies."""
+    o = rd.primary
+    table = o.per_token() if o is not None else None
+    if table is None or "target" not in table.column_names:
+        return None
+    counts_V = np.bincount(np.asarray(rundir.load_tokens(rd.run, "train")), minlength=rd.config.model.vocab_size) + 1.0
+    tgt_N = table.column("target").to_numpy()
+    unigram = math.exp(-float(np.log(counts_V[tgt_N] / counts_V.sum()).mean()))
+    ratio = o.summary["all_big_ppl"] / unigram
+    return {"unigram_ppl": _r(unigram), "all_big_ppl": _r(o.summary["all_big_ppl"]), "ratio": _r(ratio),
+            "smoke_test": bool(ratio >= SMOKE_RATIO)}
+
+
 def router_rows(rd: RunData) -> list[dict]:
     rows = []
     for r in rd.routers:
@@ -124,13 +142,14 @@ def results(rd: RunData, difficulty: dict | None, figures: list[str]) -> dict:
                      "final": {k: _r(v) for k, v in sorted(m.items()) if k.startswith(("train/", "val/"))}},
         "evaluation": {"tokens": primary.summary.get("tokens") if primary else None,
                        "sequences": primary.summary.get("sequences") if primary else None,
-                       "text": "the run's validation split (the first sequences, in canonical order)",
+                       "text": "whole windows spread over the run's validation split (van der Corput order)",
                        "contexts": list(rd.sweeps)},
         "oracle": [oracle_section(o) for o in rd.sweeps.values()],  # a list: the primary context first
         "skip_study": oracle_section(skip) | {"skips": skip.summary.get("skips"),
                                               "early_exit_share": _r(skip.budgets[0].get("oracle_early_exit_share"))}
         if skip is not None and skip.budgets else None,
         "routers": router_rows(rd),
+        "model_quality": model_quality(rd),
         "difficulty": difficulty,
         "findings": findings,
         "reproduced": {"tested": sum(f["reproduced"] is not None for f in findings),
@@ -304,6 +323,16 @@ def _headline(res: dict) -> str:
     return f"{n['reproduced']} of {n['tested']} tested findings reproduced"
 
 
+def smoke_banner(res: dict) -> str | None:
+    """The warning a barely trained run carries (DESIGN 4.4a), or None."""
+    q = res.get("model_quality")
+    if not q or not q["smoke_test"]:
+        return None
+    return (f"SMOKE TEST: the model's all-big perplexity ({_fmt(q['all_big_ppl'])}) is {_fmt(q['ratio'], 2)}x that of a "
+            f"unigram model of its training tokens ({_fmt(q['unigram_ppl'])}); a model this barely trained tests the "
+            f"pipeline, and its findings say nothing about the paper")
+
+
 # ----------------------------------------------------------------------------- HTML and Markdown
 
 CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
@@ -321,6 +350,8 @@ def render_html(res: dict, pngs: dict[str, bytes], tokens_html: str) -> str:
              f"<p>{e(_headline(res))}. Model {e(res['model']['preset'])}, data {e(res['data']['spec'])}, "
              f"{_fmt(res['evaluation']['tokens'])} evaluation tokens, context policies "
              f"{e(', '.join(res['evaluation']['contexts']) or '—')}. Method: Alizadeh et al., arXiv 2410.10846.</p>"]
+    if smoke_banner(res):
+        parts.append(f'<p class="not-reproduced">{e(smoke_banner(res))}.</p>')
     for title, header, rows in tables(res):
         parts.append(f"<h2>{e(title)}</h2><table>")
         if any(header):
@@ -356,6 +387,8 @@ def render_markdown(res: dict, pngs: dict[str, bytes]) -> str:
              f"{_headline(res)}. Model {res['model']['preset']}, data {_md_cell(res['data']['spec'])}, "
              f"{_fmt(res['evaluation']['tokens'])} evaluation tokens, context policies "
              f"{', '.join(res['evaluation']['contexts']) or '—'}. Method: Alizadeh et al., arXiv 2410.10846.", ""]
+    if smoke_banner(res):
+        lines += [f"**{smoke_banner(res)}.**", ""]
     for title, header, rows in tables(res):
         lines += [f"## {title}", ""]
         lines.append("| " + " | ".join(_md_cell(h) for h in header) + " |")
