@@ -109,7 +109,7 @@ def load_tokenizer(run: Path) -> TextTokenizer:
     raise ValueError(f"{run} has no tokenizer ({TOKENIZER_FILE} or {TOKENIZER_DIR}/)")
 
 
-def tokenizer_file(run: Path) -> Path | None:
+def tokenizer_file(run: Path) -> Path:
     """The BPE tokenizer file, or the pretrained tokenizer's folder (exports copy it)."""
     run = Path(run)
     return run / TOKENIZER_FILE if (run / TOKENIZER_FILE).is_file() else run / TOKENIZER_DIR
