@@ -105,9 +105,11 @@ def test_killed_stages_resume_and_finished_ones_are_not_recomputed(study):
     # pass 1: the run was trained already (reused, not retrained); killed in the frozen oracle
     assert not names(first, "pretrain")
     assert [kw["context"] for kw in names(first, "run_oracle_command")] == ["shared", "frozen"]
-    # pass 2: the shared oracle is not recomputed; the frozen one continues from its saved chunk
-    assert [kw["context"] for kw in names(second, "run_oracle_command")] == ["frozen", "shared"]  # + skip study
-    assert names(second, "run_oracle_command")[1]["options"] == "B_"
+    # pass 2: the shared oracle is not recomputed; the frozen one continues from its saved chunk; then
+    # the null control's sweep (on RUN/null) and the skip study
+    oracles = names(second, "run_oracle_command")
+    assert [kw["context"] for kw in oracles] == ["frozen", "shared", "shared"]
+    assert oracles[1]["options"] == "SB" and oracles[2]["options"] == "B_"
     frozen = json.loads((out / "oracle" / "SB-frozen-B" / "run.json").read_text())
     assert frozen["chunks"] == 2 and frozen["chunks_resumed"] == 1
     assert len(names(second, "run_router_command")) == 1  # killed in the first router
@@ -196,6 +198,29 @@ def test_study_config_is_strict():
     assert router_budgets(cfg) == [4, 6, 8]  # the paper's budgets for 12 layers
 
 
+def test_the_null_control_is_the_model_at_initialisation_on_the_same_tokens(study):
+    import pyarrow.parquet as pq
+    import torch
+
+    from duollm import rundir
+    from duollm.model import DuoModel
+
+    out = study["out"]
+    null = rundir.null_dir(out)
+    cfg = rundir.load_run_config(out)
+    torch.manual_seed(cfg.train.seed)
+    init = DuoModel(cfg.model)
+    model, _ = rundir.load_model(null)
+    assert rundir.trained_step(null) == 0
+    assert all(torch.equal(a, b) for a, b in zip(init.state_dict().values(), model.state_dict().values()))
+    real = pq.read_table(out / "oracle" / "SB-shared" / "per_token.parquet", columns=["token", "target"])
+    nul = pq.read_table(null / "oracle" / "SB-shared" / "per_token.parquet", columns=["token", "target"])
+    assert real.equals(nul)  # the same tokens, in the same order
+    res = json.loads((out / "report" / "results.json").read_text())
+    assert res["null"]["oracle"]["all_big_ppl"] > 400  # near the 512-token uniform: an untrained model
+    assert "Null control" in (out / "report" / "report.md").read_text()
+
+
 def test_existing_run_keeps_its_config_and_unfinished_training_resumes(tiny_run, tmp_path):
     out = tmp_path / "tiny"
     shutil.copytree(tiny_run, out, symlinks=True)
@@ -214,3 +239,10 @@ def test_existing_run_keeps_its_config_and_unfinished_training_resumes(tiny_run,
         train.run(False)
         assert calls.log[0][1] == {"resume": True, "log": QUIET}
     assert train.complete() and Study(cfg, out).trained_step() == 35
+
+
+def test_the_null_control_can_be_switched_off(tmp_path):
+    on = [s.id for s in Study(load_config("tiny"), tmp_path / "a", QUIET).stages()]
+    off = [s.id for s in Study(load_config("tiny", ["study.null=false"]), tmp_path / "b", QUIET).stages()]
+    assert "null" in on and "null-oracle-SB-shared" in on
+    assert not [s for s in off if s.startswith("null")] and len(off) == len(on) - 2

@@ -87,6 +87,7 @@ class StudyConfig:
     router_methods: str = "budget,imitation,straight-through"  # "" for no routers
     router_steps: int = 300
     batch_tokens: int = 4096  # oracle chunk size: matrix size, memory bound and resume granularity
+    null: bool = True  # a null control: the oracle of the model at initialisation, on the same tokens (DESIGN 4.4a)
 
 
 @dataclass

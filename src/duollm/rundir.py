@@ -14,6 +14,7 @@ This is the one module that knows the layout of a run folder::
     RUN/study/stages/<stage>.json      what a study stage was run on  stage_marker
     RUN/study/routers/<name>.json      a router on the oracle's tokens  study_router_eval
     RUN/report/                        index.html report.md results.json figures/  report_dir
+    RUN/null/                          the null control: a run folder of the model at initialisation  null_dir
     RUN/.lock                          only while a command writes    writing
 
 ``writing(run)`` is held by every command that writes into a run folder (train, oracle, router,
@@ -43,8 +44,8 @@ import numpy as np
 import torch
 import yaml
 
-from .checkpoint import latest_checkpoint, load_weights, module_tensors, save_tensors, step_of
-from .config import RunConfig, from_dict, read_config_file, to_dict
+from .checkpoint import latest_checkpoint, load_weights, module_tensors, save_checkpoint, save_tensors, step_of
+from .config import RunConfig, from_dict, read_config_file, save_config, to_dict
 from .data import (
     PreparedData,
     TextTokenizer,
@@ -55,14 +56,14 @@ from .data import (
     read_corpus,
     sequences,
 )
-from .io import TMP_SUFFIX, as_os_error, atomic_path, atomic_write_json, atomic_write_text
+from .io import TMP_SUFFIX, as_os_error, atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_text
 from .model import DuoModel
 from .routers.config import RouterConfig
 from .routers.policy import Router
 from .routing import RandomPolicy, parse_routing
 
 CONFIG, TOKENIZER_FILE, TOKENIZER_DIR, DATA, METRICS = "config.yaml", "tokenizer.json", "tokenizer", "data", "metrics.jsonl"
-ORACLE, ROUTERS, STUDY, REPORT = "oracle", "routers", "study", "report"
+ORACLE, ROUTERS, STUDY, REPORT, NULL = "oracle", "routers", "study", "report", "null"
 # inside RUN/oracle/<name>/ (written by oracle/runner.py)
 SUMMARY, RUN_JSON, PER_TOKEN, ORACLE_LOSS, USAGE, PATTERNS, PARTIAL = (
     "summary.json", "run.json", "per_token.parquet", "oracle_loss.npy", "usage.npy", "patterns.parquet", ".partial")
@@ -322,6 +323,33 @@ def study_router_eval(run: Path, name: str) -> Path:
 
 def report_dir(run: Path) -> Path:
     return Path(run) / REPORT
+
+
+def null_dir(run: Path) -> Path:
+    return Path(run) / NULL
+
+
+def make_null_run(run: Path) -> Path:
+    """``RUN/null/``: a run folder holding the run's own model at initialisation (the same seed the
+    training started from, step 0) with the run's config, tokenizer and token cache, so that every
+    command scores it on exactly the run's evaluation tokens. The null control of DESIGN 4.4a."""
+    cfg = load_run_config(run)
+    out = null_dir(run)
+    with writing(out, create=True):
+        save_config(cfg, config_path(out))
+        src = tokenizer_file(run)
+        dst = out / src.name
+        if src.is_dir():
+            shutil.rmtree(dst, ignore_errors=True)
+            shutil.copytree(src, dst)
+        else:
+            atomic_write_bytes(dst, src.read_bytes())
+        for f in sorted(data_dir(run).iterdir()):
+            if not f.name.startswith("."):
+                atomic_write_bytes(data_dir(out) / f.name, f.read_bytes())
+        torch.manual_seed(cfg.train.seed)  # as pretraining does before it builds the model
+        save_checkpoint(out, DuoModel(cfg.model), {"step": 0})
+    return out
 
 
 # ----------------------------------------------------------------------------- one writer

@@ -179,6 +179,14 @@ class Study:
             ref = f" (context tokens {self.cfg.study.reference})" if ctx == "frozen" else ""
             out.append(self.oracle_stage(f"oracle over every budget, {ctx} context{ref}", c["oracle"],
                                          context=ctx))
+        if self.cfg.study.null:  # the null control (DESIGN 4.4a): the same sweep on the model at initialisation
+            null = rundir.null_dir(self.out)
+            out.append(Stage("null", "null control: the model at initialisation (step 0, the training seed)", 0.0,
+                             "null", lambda: {"seed": self.cfg.train.seed}, lambda: rundir.trained_step(null) == 0
+                             and rundir.has_run(null) and rundir.latest_checkpoint(null) is not None,
+                             lambda stale: rundir.make_null_run(self.out)))
+            out.append(self.oracle_stage(f"null control: oracle over every budget, {self.primary_context} context",
+                                         c["oracle"], context=self.primary_context, run=null))
         if self.skips:
             out.append(self.oracle_stage(f"skip study: big or skip, {self.skips} of {self.L} layers skipped", c["skip"],
                                          context=self.primary_context, options="B_", skips=self.skips))
@@ -192,20 +200,24 @@ class Study:
     def train(self) -> None:
         train.pretrain(self.cfg, self.out, resume=rundir.has_run(self.out), log=self.log)
 
-    def oracle_stage(self, title: str, cost: float, *, context: str, options: str = "SB", skips: int | None = None) -> Stage:
+    def oracle_stage(self, title: str, cost: float, *, context: str, options: str = "SB", skips: int | None = None,
+                     run: Path | None = None) -> Stage:
+        """An oracle sweep of the run's model (or of the run folder ``run``: the null control)."""
+        run = run or self.out
         name = self.oracle_name(context, options, skips)
-        folder = rundir.oracle_dir(self.out, name)
+        folder = rundir.oracle_dir(run, name)
 
         def complete() -> bool:
             return rundir.is_complete_oracle(folder) and rundir.oracle_summary(folder).get("tokens") == self.tokens()
 
-        def run(stale: bool) -> None:
-            oracle_command.run_oracle_command(self.out, budgets="all", options=options, skips=skips, context=context,
+        def go(stale: bool) -> None:
+            oracle_command.run_oracle_command(run, budgets="all", options=options, skips=skips, context=context,
                                reference=self.cfg.study.reference if context == "frozen" else None,
                                max_tokens=self.requested_tokens(), name=name, batch_tokens=self.cfg.study.batch_tokens)
 
-        return Stage(f"oracle-{name}", title, cost, "oracle",
-                     lambda: {"step": self.trained_step(), "tokens": self.tokens(), "name": name}, complete, run)
+        prefix = "" if run == self.out else f"{run.name}-"
+        return Stage(f"{prefix}oracle-{name}", title, cost, "oracle",
+                     lambda: {"step": rundir.trained_step(run), "tokens": self.tokens(), "name": name}, complete, go)
 
     def router_stage(self, method: str, k: int, cost: float) -> Stage:
         target = k / self.L  # the fraction the router's budget term aims at (the library's budgets are k)

@@ -149,6 +149,7 @@ def results(rd: RunData, difficulty: dict | None, figures: list[str]) -> dict:
                                               "early_exit_share": _r(skip.budgets[0].get("oracle_early_exit_share"))}
         if skip is not None and skip.budgets else None,
         "routers": router_rows(rd),
+        "null": {"oracle": oracle_section(rd.null.primary)} if rd.null is not None and rd.null.primary else None,
         "model_quality": model_quality(rd),
         "difficulty": difficulty,
         "findings": findings,
@@ -251,6 +252,16 @@ def tables(res: dict) -> list[tuple[str, list[str], list[list[str]]]]:
                         ["schedule", "k along the sequence", "mean k", "oracle ppl", "compute"],
                         [[e["name"], e["schedule"], _fmt(e["mean_budget"]), _fmt(e["oracle_ppl"]), _fmt(e["compute"], 3)]
                          for e in o["position_budgets"]]))
+    n = res.get("null")
+    if n and res["oracle"]:
+        real, null = res["oracle"][0], n["oracle"]
+        by_k = {b["k"]: b for b in null["budgets"]}
+        gain = lambda b, o: None if b.get("oracle_ppl") is None else 1.0 - b["oracle_ppl"] / o["all_big_ppl"]  # noqa: E731
+        out.append((f"Null control: the model at initialisation on the same tokens ({null['context']} context): "
+                    f"all-big {_ci(null, 'all_big_ppl')}, all-small {_ci(null, 'all_small_ppl')}",
+                    ["k", "oracle, null [95%]", "oracle gain over all-big, null", "oracle gain over all-big, trained"],
+                    [[str(b["k"]), _ci(by_k[b["k"]], "oracle_ppl"), _fmt(gain(by_k[b["k"]], null), 3),
+                      _fmt(gain(b, real), 3)] for b in real["budgets"] if b["k"] in by_k]))
     s = res["skip_study"]
     if s:
         b = s["budgets"][0]

@@ -138,6 +138,12 @@ class RunData:
         return sorted(out, key=lambda r: (float(r.get("target", 0)), str(r.get("method")), r["name"]))
 
     @cached_property
+    def null(self) -> RunData | None:
+        """The null control's outputs (``RUN/null``: the model at initialisation, the same tokens), if run."""
+        folder = rundir.null_dir(self.run)
+        return RunData(folder) if rundir.has_run(folder) else None
+
+    @cached_property
     def data_meta(self) -> dict:
         path = rundir.data_dir(self.run) / "meta.json"
         return _json(path) if path.is_file() else {}
