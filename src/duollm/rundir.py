@@ -329,6 +329,15 @@ def null_dir(run: Path) -> Path:
     return Path(run) / NULL
 
 
+def _link_or_copy(src: Path, dst: Path) -> None:
+    with atomic_path(dst) as tmp:
+        os.unlink(tmp)
+        try:
+            os.link(src, tmp)
+        except OSError:  # another file system, or links not allowed: copy
+            shutil.copyfile(src, tmp)
+
+
 def make_null_run(run: Path) -> Path:
     """``RUN/null/``: a run folder holding the run's own model at initialisation (the same seed the
     training started from, step 0) with the run's config, tokenizer and token cache, so that every
@@ -346,7 +355,7 @@ def make_null_run(run: Path) -> Path:
             atomic_write_bytes(dst, src.read_bytes())
         for f in sorted(data_dir(run).iterdir()):
             if not f.name.startswith("."):
-                atomic_write_bytes(data_dir(out) / f.name, f.read_bytes())
+                _link_or_copy(f, data_dir(out) / f.name)  # token caches can be large: a hard link where possible
         torch.manual_seed(cfg.train.seed)  # as pretraining does before it builds the model
         save_checkpoint(out, DuoModel(cfg.model), {"step": 0})
     return out
