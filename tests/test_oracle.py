@@ -450,3 +450,8 @@ def test_intervals_of_fixed_patterns_come_from_their_exact_per_token_losses(mode
         assert gain["hi"] <= 1e-6 and gain == pytest.approx(
             paired_ppl_difference(oracle_JN[j].reshape(6, 8), naive_ST.numpy()), abs=1e-2)  # engine vs naive rounding
         assert b["oracle_ppl_lo"] <= b["oracle_ppl"] <= b["oracle_ppl_hi"]
+    by_name = {e["name"]: e for e in s["position_budgets"]}
+    for name in ("falling", "rising"):  # paired against the constant schedule on the same tokens
+        d = by_name[name]["minus_constant"]
+        assert d["diff"] == pytest.approx(by_name[name]["oracle_ppl"] - by_name["constant"]["oracle_ppl"])
+        assert d["lo"] <= d["diff"] <= d["hi"]

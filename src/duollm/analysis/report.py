@@ -82,7 +82,8 @@ def oracle_section(o) -> dict:
         "budgets": [{**{k: (_r(b.get(k)) if isinstance(b.get(k), float) else b.get(k)) for k in keys},
                      "oracle_minus_fixed": {k: _r(v) for k, v in b["oracle_minus_fixed"].items()}
                      if b.get("oracle_minus_fixed") else None} for b in o.budgets],
-        "position_budgets": [{k: (_r(v) if isinstance(v, float) else v) for k, v in e.items()}
+        "position_budgets": [{k: (_r(v) if isinstance(v, float) else
+                                  {kk: _r(vv) for kk, vv in v.items()} if isinstance(v, dict) else v) for k, v in e.items()}
                              for e in s.get("position_budgets") or []],
     }
 
@@ -249,9 +250,10 @@ def tables(res: dict) -> list[tuple[str, list[str], list[list[str]]]]:
                      "random", "compute"], rows))
         if o["position_budgets"]:
             out.append((f"Position-varying budgets, {ctx} context",
-                        ["schedule", "k along the sequence", "mean k", "oracle ppl", "compute"],
-                        [[e["name"], e["schedule"], _fmt(e["mean_budget"]), _fmt(e["oracle_ppl"]), _fmt(e["compute"], 3)]
-                         for e in o["position_budgets"]]))
+                        ["schedule", "k along the sequence", "mean k", "oracle ppl [95%]", "minus constant [paired 95%]",
+                         "compute"],
+                        [[e["name"], e["schedule"], _fmt(e["mean_budget"]), _ci(e, "oracle_ppl"),
+                          _diff(e.get("minus_constant")), _fmt(e["compute"], 3)] for e in o["position_budgets"]]))
     n = res.get("null")
     if n and res["oracle"]:
         real, null = res["oracle"][0], n["oracle"]

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ..routing import BIG, SKIP, FlopModel, code_strings, decode_codes
+from ..stats import paired_ppl_difference, ppl_interval
 from .plan import Plan
 
 
@@ -176,13 +177,22 @@ def position_budgets(plan: Plan, best_loss_JN: np.ndarray, best_code_JN, positio
         j_N = np.array([j_of[int(k)] for k in sched_T])[position_N]
         cols = np.arange(len(position_N))
         loss_N = best_loss_JN[j_N, cols]
+        ci = ppl_interval(loss_N.reshape(-1, T))  # position_N is row-major over [sequences, T]
         out.append({
             "name": name,
             "schedule": f"{start}->{stop}",
             "mean_budget": float(sched_T[position_N].mean()),
             "oracle_ppl": _ppl(float(loss_N.astype(np.float64).mean())),
+            "oracle_ppl_lo": ci["ppl_lo"],
+            "oracle_ppl_hi": ci["ppl_hi"],
             "compute": compute_of_codes(best_code_JN[j_N, cols], flop_model),
+            "_loss_ST": loss_N.reshape(-1, T),
         })
+    constant = next((e["_loss_ST"] for e in out if e["name"] == "constant"), None)
+    for e in out:
+        loss_ST = e.pop("_loss_ST")
+        if constant is not None and e["name"] != "constant":  # paired: the same tokens under both schedules
+            e["minus_constant"] = paired_ppl_difference(loss_ST, constant)
     return out
 
 
