@@ -28,13 +28,13 @@ from conftest import cli as run_cli
 QUIET = ["train.log_every=5"]
 
 
-def cli(capsys, *args):
+def cli(*args):
     """``duollm ARGS`` in-process: (exit code, the stderr lines that are not progress bars)."""
     proc = run_cli(*args, check=False)
     return proc.returncode, error_lines(proc.stderr)
 
 
-def refused(capsys, *args, fragment: str = "", code: int = 2):
+def refused(*args, fragment: str = "", code: int = 2):
     proc = run_cli(*args, check=False)
     assert proc.returncode == code, proc.stderr
     return assert_one_line_error(proc, fragment)
@@ -103,57 +103,57 @@ def temporaries(folder: Path) -> list[str]:
     (["--resume", "--set", "train.lr=0.01"], "train.lr"),
     (["--resume", "--config", "cpu"], "in the run but"),
 ])
-def test_refused_train_leaves_the_run_byte_identical(capsys, run, other_text, extra, fragment):
+def test_refused_train_leaves_the_run_byte_identical(run, other_text, extra, fragment):
     """1 and 3: a refused train or resume changes nothing (tokenizer, data, config stay)."""
     before = snapshot(run)
     extra = [a.format(other=other_text) for a in extra]
     base = [] if "--resume" in extra else ["--config", "tiny"]
-    refused(capsys, "train", *base, "--out", run, *extra, fragment=fragment)
+    refused("train", *base, "--out", run, *extra, fragment=fragment)
     assert snapshot(run) == before
 
 
-def test_resume_may_extend_steps_and_says_which_keys_it_may_change(capsys, run):
-    rc, _ = cli(capsys, "train", "--resume", "--out", run, "--set", "train.steps=35", "train.save_every=35", *QUIET)
+def test_resume_may_extend_steps_and_says_which_keys_it_may_change(run):
+    rc, _ = cli("train", "--resume", "--out", run, "--set", "train.steps=35", "train.save_every=35", *QUIET)
     assert rc == 0 and (run / "latest").resolve().name == "step-0000035"
     assert "steps: 35" in (run / "config.yaml").read_text()
-    line = refused(capsys, "train", "--resume", "--out", run, "--set", "train.seed=3")
+    line = refused("train", "--resume", "--out", run, "--set", "train.seed=3")
     assert "train.steps" in line and "train.seed" in line
 
 
-def test_train_refuses_a_folder_that_is_not_a_run(capsys, tmp_path):
+def test_train_refuses_a_folder_that_is_not_a_run(tmp_path):
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "thesis.tex").write_text("precious")
-    refused(capsys, "train", "--config", "tiny", "--out", tmp_path / "notes", fragment="holds no run")
+    refused("train", "--config", "tiny", "--out", tmp_path / "notes", fragment="holds no run")
     assert os.listdir(tmp_path / "notes") == ["thesis.tex"]
     (tmp_path / "file").write_text("x")
-    refused(capsys, "train", "--config", "tiny", "--out", tmp_path / "file", fragment="is not a folder")
-    refused(capsys, "run", "--config", "tiny", "--out", tmp_path / "file", fragment="is not a folder")
+    refused("train", "--config", "tiny", "--out", tmp_path / "file", fragment="is not a folder")
+    refused("run", "--config", "tiny", "--out", tmp_path / "file", fragment="is not a folder")
     assert (tmp_path / "file").read_text() == "x"
 
 
 # ----------------------------------------------------------------------------- 2: dangling latest
 
 
-def test_dangling_latest_falls_back_to_the_newest_complete_checkpoint(capsys, run):
+def test_dangling_latest_falls_back_to_the_newest_complete_checkpoint(run):
     """2: latest -> step-9999999 (missing): resume continues step-0000030, deletes nothing, keeps metrics."""
     rows_before = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
     (run / "latest").unlink()
     (run / "latest").symlink_to("step-9999999")
-    rc, _ = cli(capsys, "train", "--resume", "--out", run, "--set", "train.steps=45", "train.save_every=15", *QUIET)
+    rc, _ = cli("train", "--resume", "--out", run, "--set", "train.steps=45", "train.save_every=15", *QUIET)
     assert rc == 0
     assert (run / "latest").resolve().name == "step-0000045"
     rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
     assert rows[: len(rows_before)] == rows_before and rows[-1]["step"] == 45
 
 
-def test_no_complete_checkpoint_behind_a_dangling_latest_refuses(capsys, run):
+def test_no_complete_checkpoint_behind_a_dangling_latest_refuses(run):
     shutil.rmtree(run / "step-0000030")
     before = snapshot(run)
-    refused(capsys, "train", "--resume", "--out", run, fragment="not a complete checkpoint")
+    refused("train", "--resume", "--out", run, fragment="not a complete checkpoint")
     assert snapshot(run) == before
 
 
-def test_an_incomplete_newer_step_folder_is_not_used_or_deleted_wrongly(capsys, run):
+def test_an_incomplete_newer_step_folder_is_not_used_or_deleted_wrongly(run):
     """A crash can leave only temporaries; a step folder without its state is not a checkpoint."""
     (run / "step-0000099").mkdir()
     (run / "step-0000099" / "model.safetensors").write_bytes(b"half")
@@ -167,10 +167,10 @@ def test_an_incomplete_newer_step_folder_is_not_used_or_deleted_wrongly(capsys, 
 # ----------------------------------------------------------------------------- 4: non-finite guard
 
 
-def test_divergence_names_a_checkpoint_that_is_really_good(capsys, tmp_path):
+def test_divergence_names_a_checkpoint_that_is_really_good(tmp_path):
     """4: lr=1e6 diverges; the named last good checkpoint holds finite weights with a finite loss."""
     out = tmp_path / "hot"
-    line = refused(capsys, "train", "--config", "tiny", "--out", out, "--set", "train.lr=1e6", "train.min_lr=0",
+    line = refused("train", "--config", "tiny", "--out", out, "--set", "train.lr=1e6", "train.min_lr=0",
                    "train.save_every=1", "train.eval_every=100", *QUIET, fragment="training diverged")
     assert "at step" in line
     from duollm.checkpoint import latest_checkpoint
@@ -222,17 +222,17 @@ def test_the_loop_checks_the_gradient_norm_before_the_step(tmp_path, monkeypatch
     ("data.split_chunk_chars=0", "split_chunk_chars"),
     ("eval.max_tokens=0", "eval.max_tokens"),
 ])
-def test_out_of_range_values_are_refused_before_anything_is_written(capsys, tmp_path, setting, fragment):
-    refused(capsys, "train", "--config", "tiny", "--out", tmp_path / "r", "--set", setting, fragment=fragment)
+def test_out_of_range_values_are_refused_before_anything_is_written(tmp_path, setting, fragment):
+    refused("train", "--config", "tiny", "--out", tmp_path / "r", "--set", setting, fragment=fragment)
     assert not (tmp_path / "r").exists()
 
 
-def test_a_refused_router_leaves_no_trace(capsys, run):
+def test_a_refused_router_leaves_no_trace(run):
     """5: a router refused for its settings (or for a missing oracle) writes nothing."""
     before = snapshot(run)
-    refused(capsys, "router", run, "--target", "0.5", "--set", "train.lr=nan", fragment="router train.lr")
-    refused(capsys, "router", run, "--target", "0.5", "--method", "imitation", fragment="imitation needs an oracle")
-    refused(capsys, "router", run, "--target", "0.5", "--set", "train.grad_clip=-1", fragment="grad_clip")
+    refused("router", run, "--target", "0.5", "--set", "train.lr=nan", fragment="router train.lr")
+    refused("router", run, "--target", "0.5", "--method", "imitation", fragment="imitation needs an oracle")
+    refused("router", run, "--target", "0.5", "--set", "train.grad_clip=-1", fragment="grad_clip")
     assert snapshot(run) == before
 
 
@@ -246,24 +246,24 @@ def test_a_refused_router_leaves_no_trace(capsys, run):
     (["generate", "{run}", "--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens"),
     (["eval", "{run}", "--per-token", "{run}"], "is a folder"),
 ])
-def test_bad_numbers_and_paths_get_one_line(capsys, run, args, fragment):
+def test_bad_numbers_and_paths_get_one_line(run, args, fragment):
     before = snapshot(run)
-    refused(capsys, *[a.format(run=run) for a in args], fragment=fragment)
+    refused(*[a.format(run=run) for a in args], fragment=fragment)
     assert snapshot(run) == before
 
 
 # ----------------------------------------------------------------------------- 6: environment errors
 
 
-def test_disk_full_during_train_is_one_line_and_leaves_no_temporaries(capsys, tmp_path):
+def test_disk_full_during_train_is_one_line_and_leaves_no_temporaries(tmp_path):
     with mounted(tmp_path / "small", "size=160k") as disk:
-        rc, lines = cli(capsys, "train", "--config", "tiny", "--out", disk / "r", "--set", *QUIET)
+        rc, lines = cli("train", "--config", "tiny", "--out", disk / "r", "--set", *QUIET)
         assert rc == 1 and len(lines) == 1, lines
         assert "No space left on device" in lines[0] and str(disk / "r") in lines[0]
         assert temporaries(disk) == []
 
 
-def test_disk_full_during_the_oracle_and_stale_temporaries_cleaned(capsys, run, tmp_path):
+def test_disk_full_during_the_oracle_and_stale_temporaries_cleaned(run, tmp_path):
     size = sum(p.stat().st_size for p in run.rglob("*") if p.is_file())
     with mounted(tmp_path / "small", f"size={size // 1024 + 400}k") as disk:
         copy = disk / "run"
@@ -274,36 +274,36 @@ def test_disk_full_during_the_oracle_and_stale_temporaries_cleaned(capsys, run, 
         filler = disk / "filler"  # leave ~24 KB free: some chunks fit, the outputs do not
         filler.write_bytes(b"\0" * (shutil.disk_usage(disk).free - 24_000))
         # the loss matrix (16 patterns x 1024 tokens) is reserved up front: no SIGBUS from a memory map later
-        rc, lines = cli(capsys, "oracle", copy, "--batch-tokens", "256", "--save-matrix")
+        rc, lines = cli("oracle", copy, "--batch-tokens", "256", "--save-matrix")
         assert rc == 1 and len(lines) == 1 and "loss_matrix.npy: No space left on device" in lines[0], lines
         assert temporaries(copy) == []  # its own and the stale one
-        rc, lines = cli(capsys, "oracle", copy, "--batch-tokens", "256")
+        rc, lines = cli("oracle", copy, "--batch-tokens", "256")
         assert rc == 1 and len(lines) == 1 and "No space left on device" in lines[0], lines
         assert temporaries(copy) == []
         filler.unlink()
-        rc, lines = cli(capsys, "oracle", copy, "--batch-tokens", "256")  # resumes from the saved chunks
+        rc, lines = cli("oracle", copy, "--batch-tokens", "256")  # resumes from the saved chunks
         assert rc == 0, lines
-        assert cli(capsys, "oracle", run, "--batch-tokens", "256")[0] == 0  # uninterrupted, on the disk
+        assert cli("oracle", run, "--batch-tokens", "256")[0] == 0  # uninterrupted, on the disk
         for name in ("oracle_loss.npy", "per_token.parquet", "patterns.parquet"):
             assert (copy / "oracle" / "SB-shared" / name).read_bytes() == (run / "oracle" / "SB-shared" / name).read_bytes()
 
 
-def test_read_only_run_folder(capsys, run, tmp_path):
+def test_read_only_run_folder(run, tmp_path):
     with mounted(tmp_path / "ro", "ro", source=str(run)) as ro:
         before = snapshot(ro)
-        rc, lines = cli(capsys, "oracle", ro, "--patterns", "BBBB")
+        rc, lines = cli("oracle", ro, "--patterns", "BBBB")
         assert rc == 1 and len(lines) == 1 and "Read-only file system" in lines[0], lines
-        rc, lines = cli(capsys, "report", ro)
+        rc, lines = cli("report", ro)
         assert rc == 1 and len(lines) == 1 and "Read-only file system" in lines[0], lines
         assert snapshot(ro) == before
-        rc, _ = cli(capsys, "eval", ro, "--json")  # reading still works
+        rc, _ = cli("eval", ro, "--json")  # reading still works
         assert rc == 0
 
 
 # ----------------------------------------------------------------------------- 7: one writer
 
 
-def test_a_second_writer_is_refused_with_the_holders_pid(capsys, run):
+def test_a_second_writer_is_refused_with_the_holders_pid(run):
     from duollm.rundir import writing
 
     with writing(run):
@@ -312,7 +312,7 @@ def test_a_second_writer_is_refused_with_the_holders_pid(capsys, run):
         proc = duollm("oracle", run, "--patterns", "BBBB", check=False)
         assert proc.returncode == 2 and "in use by another duollm command" in proc.stderr
     assert not (run / ".lock").exists()  # released and removed: a finished command leaves no lock file
-    rc, _ = cli(capsys, "train", "--resume", "--out", run, "--set", "train.steps=35", *QUIET)
+    rc, _ = cli("train", "--resume", "--out", run, "--set", "train.steps=35", *QUIET)
     assert rc == 0
 
 
@@ -341,10 +341,10 @@ def test_two_concurrent_trainings_into_one_folder(tmp_path):
 # ----------------------------------------------------------------------------- 8: torn metrics line
 
 
-def test_a_torn_last_metrics_line_is_dropped_on_resume(capsys, run):
+def test_a_torn_last_metrics_line_is_dropped_on_resume(run):
     with open(run / "metrics.jsonl", "a") as f:
         f.write('{"step": 31, "train/lo')
-    rc, err = cli(capsys, "train", "--resume", "--out", run, "--set", "train.steps=35", *QUIET)
+    rc, err = cli("train", "--resume", "--out", run, "--set", "train.steps=35", *QUIET)
     assert rc == 0 and any("torn last line" in ln for ln in err), err
     rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 35
@@ -353,23 +353,23 @@ def test_a_torn_last_metrics_line_is_dropped_on_resume(capsys, run):
 # ----------------------------------------------------------------------------- 9: router reference
 
 
-def test_frozen_oracle_with_a_router_reference_through_the_cli(capsys, run):
-    rc, _ = cli(capsys, "router", run, "--target", "0.5", "--steps", "4")
+def test_frozen_oracle_with_a_router_reference_through_the_cli(run):
+    rc, _ = cli("router", run, "--target", "0.5", "--steps", "4")
     assert rc == 0
-    rc, _ = cli(capsys, "oracle", run, "--context", "frozen", "--reference", "router:budget-0.50", "--max-tokens", "64")
+    rc, _ = cli("oracle", run, "--context", "frozen", "--reference", "router:budget-0.50", "--max-tokens", "64")
     assert rc == 0
     summary = json.loads((run / "oracle" / "SB-frozen-router:budget-0.50" / "summary.json").read_text())
     assert summary["context"] == "frozen" and summary["tokens"] == 64
-    refused(capsys, "oracle", run, "--context", "frozen", "--reference", "router:nope", fragment="no router 'nope'")
+    refused("oracle", run, "--context", "frozen", "--reference", "router:nope", fragment="no router 'nope'")
 
 
 # ----------------------------------------------------------------------------- 10: literal paths, messages, bytes
 
 
 @pytest.mark.parametrize("name", ["a #b.txt", "my: notes.txt"])
-def test_data_paths_are_taken_literally(capsys, tmp_path, other_text, name):
+def test_data_paths_are_taken_literally(tmp_path, other_text, name):
     shutil.copy(other_text, tmp_path / name)
-    rc, _ = cli(capsys, "train", "--config", "tiny", "--data", f"file:{tmp_path / name}", "--out", tmp_path / "r",
+    rc, _ = cli("train", "--config", "tiny", "--data", f"file:{tmp_path / name}", "--out", tmp_path / "r",
                 "--set", "train.steps=2", *QUIET)
     assert rc == 0
     assert name in (tmp_path / "r" / "config.yaml").read_text()
@@ -381,15 +381,15 @@ def test_data_paths_are_taken_literally(capsys, tmp_path, other_text, name):
     ("corpus.txt", "must start with builtin:, file: or hf:"),
     ("builtin:nope", "unknown builtin corpus"),
 ])
-def test_malformed_data_specs(capsys, tmp_path, spec, fragment):
-    refused(capsys, "train", "--config", "tiny", "--data", spec, "--out", tmp_path / "r", fragment=fragment)
+def test_malformed_data_specs(tmp_path, spec, fragment):
+    refused("train", "--config", "tiny", "--data", spec, "--out", tmp_path / "r", fragment=fragment)
     assert not (tmp_path / "r").exists()
 
 
-def test_a_vocabulary_mismatch_is_named_as_such(capsys, run):
+def test_a_vocabulary_mismatch_is_named_as_such(run):
     cfg = run / "config.yaml"
     cfg.write_text(cfg.read_text().replace("vocab_size: 512", "vocab_size: 1024"))
-    line = refused(capsys, "eval", run, fragment="does not match the model config")
+    line = refused("eval", run, fragment="does not match the model config")
     assert "corrupt" not in line and "vocab_size" in line
 
 
@@ -423,32 +423,32 @@ class _Payload:
         return (Path.touch, (Path(self.marker),))
 
 
-def test_a_crafted_trainer_state_runs_no_code(capsys, run, tmp_path):
+def test_a_crafted_trainer_state_runs_no_code(run, tmp_path):
     ckpt = run / "step-0000030"
     for name in ("trainer_state.json", "optimizer.safetensors"):
         (ckpt / name).unlink()
     marker = tmp_path / "pwned"
     with open(ckpt / "trainer_state.pt", "wb") as f:  # the legacy format, pickled by an attacker
         pickle.dump({"step": 30, "optimizer": _Payload(marker)}, f)
-    refused(capsys, "train", "--resume", "--out", run, "--set", "train.steps=35", fragment="trainer_state.pt")
+    refused("train", "--resume", "--out", run, "--set", "train.steps=35", fragment="trainer_state.pt")
     assert not marker.exists()
 
 
-def test_a_legacy_trainer_state_still_resumes(capsys, run):
+def test_a_legacy_trainer_state_still_resumes(run):
     from duollm.checkpoint import load_state
 
     ckpt = run / "step-0000030"
     torch.save(load_state(ckpt), ckpt / "trainer_state.pt")
     for name in ("trainer_state.json", "optimizer.safetensors"):
         (ckpt / name).unlink()
-    rc, _ = cli(capsys, "train", "--resume", "--out", run, "--set", "train.steps=32", "train.log_every=1")
+    rc, _ = cli("train", "--resume", "--out", run, "--set", "train.steps=32", "train.log_every=1")
     assert rc == 0 and (run / "latest").resolve().name == "step-0000032"
 
 
 # ----------------------------------------------------------------------------- copies, moves, links
 
 
-def test_copied_moved_and_linked_runs_resume_like_the_original(capsys, run, tmp_path):
+def test_copied_moved_and_linked_runs_resume_like_the_original(run, tmp_path):
     from safetensors.torch import load_file
 
     copies = {"cp -a": tmp_path / "a", "cp -rL": tmp_path / "L", "mv": tmp_path / "moved"}
@@ -459,11 +459,11 @@ def test_copied_moved_and_linked_runs_resume_like_the_original(capsys, run, tmp_
     run.rename(copies["mv"])
     (tmp_path / "link").symlink_to(copies["mv"])
     copies["symlink"] = tmp_path / "link"
-    rc, _ = cli(capsys, "train", "--resume", "--out", original, "--set", "train.steps=33", "train.log_every=1")
+    rc, _ = cli("train", "--resume", "--out", original, "--set", "train.steps=33", "train.log_every=1")
     assert rc == 0
     want = load_file(str(original / "latest" / "model.safetensors"))
     for how, folder in copies.items():
-        rc, _ = cli(capsys, "train", "--resume", "--out", folder, "--set", "train.steps=33", "train.log_every=1")
+        rc, _ = cli("train", "--resume", "--out", folder, "--set", "train.steps=33", "train.log_every=1")
         assert rc == 0, how
         assert (folder / "latest").is_symlink() and (folder / "latest").resolve().name == "step-0000033", how
         got = load_file(str(folder / "latest" / "model.safetensors"))
@@ -482,8 +482,8 @@ def test_undecodable_prompt_is_one_line(run):
     assert proc.returncode == 2 and "not valid UTF-8" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_per_token_output_is_written_whole(capsys, run, tmp_path):
-    rc, _ = cli(capsys, "eval", run, "--per-token", tmp_path / "deep" / "l.npy")
+def test_per_token_output_is_written_whole(run, tmp_path):
+    rc, _ = cli("eval", run, "--per-token", tmp_path / "deep" / "l.npy")
     assert rc == 0 and np.load(tmp_path / "deep" / "l.npy").dtype == np.float32
     assert temporaries(tmp_path) == []
 
@@ -550,7 +550,7 @@ def test_kill_9_mid_run_then_rerun_gives_identical_outputs(tiny_run, tmp_path, w
 
 
 @pytest.mark.parametrize("again", [[], ["--resume"]])
-def test_a_run_killed_before_its_data_was_written_restarts(capsys, tmp_path, monkeypatch, again):
+def test_a_run_killed_before_its_data_was_written_restarts(tmp_path, monkeypatch, again):
     """The config is written first: a folder killed while its token cache was being written is a run
     with no checkpoint, which `train` (or `train --resume`) simply starts again."""
     import duollm.rundir
@@ -558,8 +558,8 @@ def test_a_run_killed_before_its_data_was_written_restarts(capsys, tmp_path, mon
     out = tmp_path / "r"
     real = duollm.rundir.write_data
     monkeypatch.setattr(duollm.rundir, "write_data", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
-    assert cli(capsys, "train", "--config", "tiny", "--out", out, "--set", "train.steps=2")[0] == 130
+    assert cli("train", "--config", "tiny", "--out", out, "--set", "train.steps=2")[0] == 130
     monkeypatch.setattr(duollm.rundir, "write_data", real)
-    rc, lines = cli(capsys, "train", "--config", "tiny", "--out", out, "--set", "train.steps=2", *again)
+    rc, lines = cli("train", "--config", "tiny", "--out", out, "--set", "train.steps=2", *again)
     assert rc == 0, lines
     assert (out / "latest").resolve().name == "step-0000002"

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from pathlib import Path
 import yaml
 
 from .data import parse_data_spec
+from .distributed import DEVICE_NAMES
 from .io import atomic_write_text
 from .model import ModelConfig
 from .routing import CONTEXTS, RouteProbs, parse_routing
@@ -295,7 +295,7 @@ def validate_train(t: TrainConfig, prefix: str = "train.") -> None:
         raise ValueError(f"{prefix}batch_size={t.batch_size} is not divisible by {prefix}grad_accum={t.grad_accum}")
     if t.dtype not in ("auto", "float32", "bfloat16"):
         raise ValueError(f"{prefix}dtype must be auto, float32 or bfloat16; got {t.dtype!r}")
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", t.device):
+    if not DEVICE_NAMES.fullmatch(t.device):
         raise ValueError(f"{prefix}device must be auto, cpu, cuda, cuda:N or mps; got {t.device!r}")
 
 

@@ -56,7 +56,7 @@ from .data import (
     read_corpus,
     sequences,
 )
-from .io import TMP_SUFFIX, as_os_error, atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_text
+from .io import TMP_SUFFIX, as_os_error, atomic_path, atomic_write_json, atomic_write_text
 from .model import DuoModel
 from .routers.config import RouterConfig
 from .routers.policy import Router
@@ -352,7 +352,7 @@ def make_null_run(run: Path) -> Path:
             shutil.rmtree(dst, ignore_errors=True)
             shutil.copytree(src, dst)
         else:
-            atomic_write_bytes(dst, src.read_bytes())
+            _link_or_copy(src, dst)
         for f in sorted(data_dir(run).iterdir()):
             if not f.name.startswith("."):
                 _link_or_copy(f, data_dir(out) / f.name)  # token caches can be large: a hard link where possible

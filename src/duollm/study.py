@@ -339,8 +339,9 @@ def results_table(out: Path) -> str:
         lines.append(f"  {mark}  {x['claim']}{ctx}")
     n = res["reproduced"]
     lines.append(f"{n['reproduced']} of {n['tested']} tested findings reproduced")
-    if smoke_banner(res):
-        lines.append(smoke_banner(res))
+    banner = smoke_banner(res)
+    if banner:
+        lines.append(banner)
     return "\n".join(lines)
 
 

@@ -175,16 +175,13 @@ def _fmt(x, nd: int = 2) -> str:
     return str(x)
 
 
-def _with_ci(x, lo, hi, nd: int = 2) -> str:
-    """``12.34 [11.90, 12.80]``: a value and its 95% interval (the value alone where there is none)."""
+def _ci(d: dict, key: str, nd: int = 2) -> str:
+    """``d[key]`` with its 95% interval ``d[key + "_lo"]``, ``d[key + "_hi"]``: ``12.34 [11.90, 12.80]``
+    (the value alone where there is none)."""
+    lo, hi = d.get(f"{key}_lo"), d.get(f"{key}_hi")
     if lo is None or hi is None:
-        return _fmt(x, nd)
-    return f"{_fmt(x, nd)} [{_fmt(lo, nd)}, {_fmt(hi, nd)}]"
-
-
-def _ci(d: dict, key: str) -> str:
-    """``d[key]`` with its interval ``d[key + "_lo"]``, ``d[key + "_hi"]``."""
-    return _with_ci(d.get(key), d.get(f"{key}_lo"), d.get(f"{key}_hi"))
+        return _fmt(d.get(key), nd)
+    return f"{_fmt(d.get(key), nd)} [{_fmt(lo, nd)}, {_fmt(hi, nd)}]"
 
 
 def _diff(d: dict | None, nd: int = 2) -> str:
@@ -363,8 +360,9 @@ def render_html(res: dict, pngs: dict[str, bytes], tokens_html: str) -> str:
              f"<p>{e(_headline(res))}. Model {e(res['model']['preset'])}, data {e(res['data']['spec'])}, "
              f"{_fmt(res['evaluation']['tokens'])} evaluation tokens, context policies "
              f"{e(', '.join(res['evaluation']['contexts']) or '—')}. Method: Alizadeh et al., arXiv 2410.10846.</p>"]
-    if smoke_banner(res):
-        parts.append(f'<p class="not-reproduced">{e(smoke_banner(res))}.</p>')
+    banner = smoke_banner(res)
+    if banner:
+        parts.append(f'<p class="not-reproduced">{e(banner)}.</p>')
     for title, header, rows in tables(res):
         parts.append(f"<h2>{e(title)}</h2><table>")
         if any(header):
@@ -400,8 +398,9 @@ def render_markdown(res: dict, pngs: dict[str, bytes]) -> str:
              f"{_headline(res)}. Model {res['model']['preset']}, data {_md_cell(res['data']['spec'])}, "
              f"{_fmt(res['evaluation']['tokens'])} evaluation tokens, context policies "
              f"{', '.join(res['evaluation']['contexts']) or '—'}. Method: Alizadeh et al., arXiv 2410.10846.", ""]
-    if smoke_banner(res):
-        lines += [f"**{smoke_banner(res)}.**", ""]
+    banner = smoke_banner(res)
+    if banner:
+        lines += [f"**{banner}.**", ""]
     for title, header, rows in tables(res):
         lines += [f"## {title}", ""]
         lines.append("| " + " | ".join(_md_cell(h) for h in header) + " |")
