@@ -87,7 +87,9 @@ class StudyConfig:
     router_methods: str = "budget,imitation,straight-through"  # "" for no routers
     router_steps: int = 300
     batch_tokens: int = 4096  # oracle chunk size: matrix size, memory bound and resume granularity
-    null: bool = True  # a null control: the oracle of the model at initialisation, on the same tokens (DESIGN 4.4a)
+    null: bool = True  # a null control: the model at initialisation through the same stages, same tokens (DESIGN 4.4a)
+    sequential: bool = True  # the sequential oracle at the paper's position-varying budgets (oracle/sequential.py)
+    seeds: int = 1  # language models (and their routers) trained with seeds train.seed, +1, ...: RUN/seeds/seed-<s>/
 
 
 @dataclass
@@ -122,7 +124,8 @@ PRESETS: dict[str, dict] = {
         "eval": dict(max_tokens=8192),
         # `duollm run` in ~12 minutes on 2 cores: the oracle costs ~2^(L+1) layer evaluations per token
         # (~0.09 CPU-s per token per context), a budget router ~0.8 CPU-s per step
-        "study": dict(tokens=1024, router_steps=100, router_methods="budget,imitation", batch_tokens=1024),
+        "study": dict(tokens=1024, contexts="shared", router_steps=100, router_methods="budget,imitation",
+                      batch_tokens=1024),
     },
     # the paper's 1.4B model (section 2 of the brief): 12 x 2560, FFN 10240 / 640, 32k vocab, tied
     "paper": {
@@ -369,7 +372,7 @@ def validate_study(cfg: RunConfig) -> None:
     """One-line ValueErrors for a bad ``study`` section."""
     st, L = cfg.study, cfg.model.n_layers
     contexts = parse_list(st.contexts)
-    if not contexts or any(c not in CONTEXTS for c in contexts) or len(set(contexts)) != len(contexts):
+    if not contexts or any(c not in CONTEXTS[:2] for c in contexts) or len(set(contexts)) != len(contexts):
         raise ValueError(f"study.contexts must list shared and/or frozen, comma-separated; got {st.contexts!r}")
     if "frozen" in contexts and parse_routing(st.reference, L).kind != "pattern":
         raise ValueError(f"study.reference must be B, S or a pattern (the study's routers come later); got {st.reference!r}")
@@ -377,7 +380,7 @@ def validate_study(cfg: RunConfig) -> None:
         raise ValueError(f"study.skip_fraction must be in [0, 1); got {st.skip_fraction}")
     if st.skip_fraction and not 0 < skip_count(cfg) < L:
         raise ValueError(f"study.skip_fraction={st.skip_fraction} gives {skip_count(cfg)} of {L} layers skipped")
-    for name in ("router_steps", "batch_tokens"):
+    for name in ("router_steps", "batch_tokens", "seeds"):
         if getattr(st, name) <= 0:
             raise ValueError(f"study.{name} must be positive; got {getattr(st, name)}")
     if st.tokens < 0:

@@ -29,7 +29,7 @@ LETTER_OF_ROUTE = {SKIP: "_", SMALL: "S", BIG: "B"}
 ROUTE_OF_LETTER = {v: k for k, v in LETTER_OF_ROUTE.items()}
 # how the oracle routes the context of a scored token (DESIGN 4.2): the candidate pattern routes
 # the whole sequence (``shared``), or the context keeps a reference routing (``frozen``)
-CONTEXTS = ("shared", "frozen")
+CONTEXTS = ("shared", "frozen", "sequential")  # oracle/context.py, oracle/sequential.py
 
 
 def parse_pattern(pattern: str, n_layers: int) -> tuple[int, ...]:

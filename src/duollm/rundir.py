@@ -338,6 +338,18 @@ def _link_or_copy(src: Path, dst: Path) -> None:
             shutil.copyfile(src, tmp)
 
 
+def seed_dir(run: Path, seed: int) -> Path:
+    """``RUN/seeds/seed-<s>/``: the study repeated with another training seed (``study.seeds``)."""
+    return Path(run) / "seeds" / f"seed-{int(seed)}"
+
+
+def seed_dirs(run: Path) -> list[Path]:
+    """The finished seed runs of a multi-seed study, by seed."""
+    root = Path(run) / "seeds"
+    found = [p for p in root.glob("seed-*") if p.is_dir() and has_run(p)] if root.is_dir() else []
+    return sorted(found, key=lambda p: int(p.name.split("-", 1)[1]) if p.name.split("-", 1)[1].isdigit() else 0)
+
+
 def make_null_run(run: Path) -> Path:
     """``RUN/null/``: a run folder holding the run's own model at initialisation (the same seed the
     training started from, step 0) with the run's config, tokenizer and token cache, so that every

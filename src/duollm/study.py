@@ -5,10 +5,16 @@ report:
 
     train                 stage 1, random-routing pretraining (reused when finished, resumed when not)
     oracle <context>      stage 2, every budget k = 0..L over big/small, per context policy
-                          (``shared``, and ``frozen`` with all-big context tokens); the same pass gives
-                          fixed@k, best of 100 random, random@k and the position-varying budgets
+                          (``shared``; ``frozen`` with all-big context tokens on request); the same pass
+                          gives fixed@k, best of 100 random, random@k and the position-varying budgets
+    sequential oracle     the position-varying budgets where they are not a convexity identity: each
+                          token chooses given its predecessors' own choices (oracle/sequential.py)
+    null control          RUN/null: the model at initialisation through the oracle, sequential
+                          schedules, skip study and the paper's router at k = L/2 (DESIGN 4.4a)
     skip study            big-or-skip with s = L/2 skipped layers (the paper: 6 of 12)
     router <method> k     stage 3, one router per method and budget (the paper: 4, 6, 8 of 12)
+    seed <s>              ``study.seeds`` > 1: the whole study again with training seed s in
+                          RUN/seeds/seed-<s>/ (no null of its own: the findings use RUN/null)
     report                token difficulty, figures, findings: RUN/report/ (analysis/)
 
 Resuming: a stage is complete when its outputs are (an oracle's ``run.json``, written after its
@@ -26,6 +32,7 @@ differs), so every number in the report compares like with like.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import shutil
@@ -35,12 +42,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import rundir, train
-from .analysis.report import smoke_banner, write_report
+from .analysis.report import headline, smoke_banner, write_report
 from .checkpoint import latest_checkpoint
 from .config import RunConfig, load_config, parse_list, resume_conflict, router_budgets, router_methods, skip_count
 from .distributed import resolve_device
 from .io import atomic_write_json
 from .oracle import command as oracle_command
+from .oracle.reductions import default_schedules
 from .routers import command as router_command
 from .routers.config import router_name
 from .routers.evaluate import evaluate_router
@@ -95,6 +103,7 @@ def costs(cfg: RunConfig, tokens: int) -> dict[str, float]:
     return {
         "train": 3 * t.steps * t.batch_size * t.seq_len * (big + small) / 2,
         "oracle": tokens * (sum(_prefixes(L, None)) * layer + 2**L * fm.head),
+        "sequential": 2.5 * tokens * (sum(_prefixes(L, None)) * layer + 2**L * fm.head),  # measured ~2.2x the sweep
         "skip": tokens * (sum(_prefixes(L, s)) * (fm.attention + fm.ffn[2] / 2) + math.comb(L, s) * fm.head) if s else 0.0,
         # the soft mix runs both FFNs; batch size and length from routers.router_train_defaults
         "router": 3 * cfg.study.router_steps * 16 * t.seq_len * (big + small - L * fm.attention) + 4 * tokens * big,
@@ -165,6 +174,15 @@ class Study:
         return oracle_command.build_spec(self.L, budgets="all", options=options, skips=skips, context=context,
                           reference=self.cfg.study.reference if context == "frozen" else None).name()
 
+    def sequential_budgets(self) -> str:
+        """The budgets of the paper's schedules (falling, rising, constant: 2..6 of 12)."""
+        ks = [k for _, a, b in default_schedules(self.L) for k in (a, b)]
+        return f"{min(ks)}-{max(ks)}"
+
+    def seeds(self) -> list[int]:
+        """The training seeds of the extra language models (``study.seeds`` - 1 of them)."""
+        return [self.cfg.train.seed + i for i in range(1, self.cfg.study.seeds)]
+
     @property
     def primary_context(self) -> str:
         return self.contexts[0]
@@ -179,20 +197,36 @@ class Study:
             ref = f" (context tokens {self.cfg.study.reference})" if ctx == "frozen" else ""
             out.append(self.oracle_stage(f"oracle over every budget, {ctx} context{ref}", c["oracle"],
                                          context=ctx))
-        if self.cfg.study.null:  # the null control (DESIGN 4.4a): the same sweep on the model at initialisation
-            null = rundir.null_dir(self.out)
-            out.append(Stage("null", "null control: the model at initialisation (step 0, the training seed)", 0.0,
-                             "null", lambda: {"seed": self.cfg.train.seed}, lambda: rundir.trained_step(null) == 0
-                             and rundir.has_run(null) and rundir.latest_checkpoint(null) is not None,
-                             lambda stale: rundir.make_null_run(self.out)))
-            out.append(self.oracle_stage(f"null control: oracle over every budget, {self.primary_context} context",
-                                         c["oracle"], context=self.primary_context, run=null))
+        seq = self.cfg.study.sequential
+        if seq:
+            out.append(self.oracle_stage(f"sequential oracle: budgets {self.sequential_budgets()} and the position "
+                                         f"schedules", c["sequential"], context="sequential"))
         if self.skips:
             out.append(self.oracle_stage(f"skip study: big or skip, {self.skips} of {self.L} layers skipped", c["skip"],
                                          context=self.primary_context, options="B_", skips=self.skips))
         for k in self.router_ks:
             for method in self.methods:
                 out.append(self.router_stage(method, k, c["router"]))
+        if self.cfg.study.null:  # the null control (DESIGN 4.4a): the same stages on the model at initialisation
+            null = rundir.null_dir(self.out)
+            out.append(Stage("null", "null control: the model at initialisation (step 0, the training seed)", 0.0,
+                             "null", lambda: {"seed": self.cfg.train.seed}, lambda: rundir.trained_step(null) == 0
+                             and rundir.has_run(null) and rundir.latest_checkpoint(null) is not None,
+                             lambda stale: rundir.make_null_run(self.out)))
+            for ctx in self.contexts:
+                out.append(self.oracle_stage(f"null control: oracle over every budget, {ctx} context", c["oracle"],
+                                             context=ctx, run=null))
+            if seq:
+                out.append(self.oracle_stage("null control: sequential oracle, the position schedules", c["sequential"] / 2,
+                                             context="sequential", run=null))
+            if self.skips:
+                out.append(self.oracle_stage("null control: skip study", c["skip"], context=self.primary_context,
+                                             options="B_", skips=self.skips, run=null))
+            if "budget" in self.methods and self.router_ks:  # the paper's router at the middle budget
+                k = self.router_ks[len(self.router_ks) // 2]
+                out.append(self.router_stage("budget", k, c["router"], run=null))
+        for seed in self.seeds():
+            out.append(self.seed_stage(seed, sum(c.values())))
         out.append(Stage("report", "difficulty, figures, findings, report", 0.0, "report", lambda: {}, lambda: False,
                          lambda stale: self.report()))
         return out
@@ -210,60 +244,89 @@ class Study:
         def complete() -> bool:
             return rundir.is_complete_oracle(folder) and rundir.oracle_summary(folder).get("tokens") == self.tokens()
 
+        sequential = context == "sequential"
+
         def go(stale: bool) -> None:
-            oracle_command.run_oracle_command(run, budgets="all", options=options, skips=skips, context=context,
+            oracle_command.run_oracle_command(run, budgets=self.sequential_budgets() if sequential else "all",
+                               options=options, skips=skips, context=context,
                                reference=self.cfg.study.reference if context == "frozen" else None,
-                               max_tokens=self.requested_tokens(), name=name, batch_tokens=self.cfg.study.batch_tokens)
+                               max_tokens=self.requested_tokens(), name=name, batch_tokens=self.cfg.study.batch_tokens,
+                               schedules_only=sequential and run != self.out)
 
         prefix = "" if run == self.out else f"{run.name}-"
         return Stage(f"{prefix}oracle-{name}", title, cost, "oracle",
                      lambda: {"step": rundir.trained_step(run), "tokens": self.tokens(), "name": name}, complete, go)
 
-    def router_stage(self, method: str, k: int, cost: float) -> Stage:
+    def router_stage(self, method: str, k: int, cost: float, run: Path | None = None) -> Stage:
+        """A router of the run's model (or of the run folder ``run``: the null control), evaluated on the
+        study's tokens with the per-sequence evidence the findings resample."""
+        run_dir = run or self.out
         target = k / self.L  # the fraction the router's budget term aims at (the library's budgets are k)
         name = router_name(method, target)
-        folder = rundir.router_dir(self.out, name)
-        study_eval = rundir.study_router_eval(self.out, name)
+        folder = rundir.router_dir(run_dir, name)
+        study_eval = rundir.study_router_eval(run_dir, name)
 
-        def eval_tokens_of(path: Path):
-            return json.loads(path.read_text()).get("tokens") if path.is_file() else None
+        def usable(path: Path) -> bool:  # on the oracle's tokens, with the per-sequence evidence
+            if not path.is_file():
+                return False
+            res = json.loads(path.read_text())
+            return res.get("tokens") == self.tokens() and bool((res.get("oracle") or {}).get("per_sequence"))
 
-        def complete() -> bool:  # evaluated on the oracle's tokens, by the router command or by the study
-            if eval_tokens_of(folder / ROUTER_EVAL) == self.tokens():
+        def complete() -> bool:  # evaluated by the router command or by the study
+            if usable(folder / ROUTER_EVAL):
                 return not study_eval.exists()
-            return (folder / ROUTER_EVAL).is_file() and eval_tokens_of(study_eval) == self.tokens()
+            return (folder / ROUTER_EVAL).is_file() and usable(study_eval)
 
-        def run(stale: bool) -> None:
+        def go(stale: bool) -> None:
             if stale:  # trained by an earlier study on another model or tokens: start over
                 shutil.rmtree(folder, ignore_errors=True)
             if not (folder / ROUTER_EVAL).is_file():
-                router_command.run_router_command(self.out, target=target, method=method, steps=self.cfg.study.router_steps,
+                router_command.run_router_command(run_dir, target=target, method=method, steps=self.cfg.study.router_steps,
                                    oracle=self.oracle_name(self.primary_context), log=self.log,
                                    resume=latest_checkpoint(folder) is not None, set=self.router_sets())
-            if eval_tokens_of(folder / ROUTER_EVAL) != self.tokens():
-                self.evaluate_router_on_study_tokens(name, k)
+            if not usable(folder / ROUTER_EVAL):
+                self.evaluate_router_on_study_tokens(run_dir, name, k)
             elif study_eval.is_file():
                 study_eval.unlink()
 
-        key = lambda: {"step": self.trained_step(), "tokens": self.tokens(), "steps": self.cfg.study.router_steps,  # noqa: E731
-                       "oracle": self.oracle_name(self.primary_context)}
-        return Stage(f"router-{name}", f"router {method} at k={k} of {self.L} (target {target:.2f})", cost, "router", key,
-                     complete, run)
+        key = lambda: {"step": rundir.trained_step(run_dir), "tokens": self.tokens(),  # noqa: E731
+                       "steps": self.cfg.study.router_steps, "oracle": self.oracle_name(self.primary_context)}
+        prefix, title = ("", "") if run_dir == self.out else (f"{run_dir.name}-", "null control: ")
+        return Stage(f"{prefix}router-{name}", f"{title}router {method} at k={k} of {self.L} (target {target:.2f})", cost,
+                     "router", key, complete, go)
+
+    def seed_stage(self, seed: int, cost: float) -> Stage:
+        """The whole study once more with training seed ``seed`` (``study.seeds``), in its own folder."""
+        folder = rundir.seed_dir(self.out, seed)
+
+        def go(stale: bool) -> None:
+            cfg = copy.deepcopy(self.cfg)
+            cfg.train.seed, cfg.study.seeds, cfg.study.null = seed, 1, False
+            if rundir.config_path(folder).is_file():
+                conflict = resume_conflict(load_config(str(rundir.config_path(folder))), cfg)
+                if conflict:
+                    raise ValueError(f"{folder} holds another run: {conflict}")
+            train.check_run_folder(cfg, folder, resume=rundir.has_run(folder))
+            with rundir.writing(folder, create=True):
+                Study(cfg, folder, self.log).run()
+
+        return Stage(f"seed-{seed}", f"the study with training seed {seed} ({folder})", cost, "seed",
+                     lambda: {"seed": seed}, lambda: False, go)
 
     def router_sets(self) -> list[str]:
         """Router config overrides: budget calibration measures on as many training tokens as the study
         evaluates, which keeps its cost at the study's scale."""
         return [f"calibration_tokens={self.requested_tokens()}"]
 
-    def evaluate_router_on_study_tokens(self, name: str, k: int) -> None:
+    def evaluate_router_on_study_tokens(self, run: Path, name: str, k: int) -> None:
         """The router's evaluation (routers.evaluate_router) on the oracle's tokens."""
         device = resolve_device(self.cfg.train.device)
-        model, cfg = rundir.load_model(self.out, device)
-        router, rcfg = rundir.load_router_folder(rundir.router_dir(self.out, name), device)
-        idx_ST, tgt_ST = rundir.eval_tokens(self.out, cfg, max_tokens=self.requested_tokens())
-        oracle = load_oracle_table(self.out, self.oracle_name(self.primary_context), k, idx_ST, tgt_ST, rcfg.options)
+        model, cfg = rundir.load_model(run, device)
+        router, rcfg = rundir.load_router_folder(rundir.router_dir(run, name), device)
+        idx_ST, tgt_ST = rundir.eval_tokens(run, cfg, max_tokens=self.requested_tokens())
+        oracle = load_oracle_table(run, self.oracle_name(self.primary_context), k, idx_ST, tgt_ST, rcfg.options)
         result = evaluate_router(model, router, idx_ST, tgt_ST, rcfg, oracle)
-        atomic_write_json(rundir.study_router_eval(self.out, name), result)
+        atomic_write_json(rundir.study_router_eval(run, name), result)
 
     def report(self) -> None:
         write_report(self.out)
@@ -334,11 +397,11 @@ def results_table(out: Path) -> str:
         lines.append(f"router {r['name']:<24} ppl {f(r['ppl'])}  big {f(r['big_fraction'], 3)}  "
                      f"oracle@{r['k']} {f(r['oracle_ppl'])}  fixed {f(r['fixed_ppl'])}  layers {r['layer_profile']}")
     for x in res["findings"]:
-        mark = {True: "yes", False: "no ", None: " - "}[x["reproduced"]]
+        e = x["effect"] or {}
         ctx = f" [{x['context']}]" if x["context"] else ""
-        lines.append(f"  {mark}  {x['claim']}{ctx}")
-    n = res["reproduced"]
-    lines.append(f"{n['reproduced']} of {n['tested']} tested findings reproduced")
+        eff = f"{e['value']:+.3f} [{f(e.get('lo'), 3)}, {f(e.get('hi'), 3)}], null {f(e.get('null'), 3)}" if e else ""
+        lines.append(f"  {(x['verdict'] or 'not tested'):<13} {x['claim']}{ctx}  {eff}")
+    lines.append(headline(res))
     banner = smoke_banner(res)
     if banner:
         lines.append(banner)

@@ -1,11 +1,20 @@
-"""The paper's findings (DESIGN section 2), each checked on a run's numbers with an explicit criterion.
+"""The paper's findings (DESIGN section 2), each decided with an interval and against a null (DESIGN 4.4a).
 
-Every check is a small function that returns a ``Finding``: the paper's claim, the criterion
-applied here in words, the numbers it used, and ``reproduced`` — True, False, or None when the
-run lacks what the check needs (e.g. no routers). Checks of the oracle run once per context
-policy (``shared`` is our reading of the paper, ``frozen`` the causally consistent oracle).
+Every check is a small function returning a ``Finding``: the paper's claim, the criterion in words,
+the effect (a number whose sign is the paper's claim), its 95% bootstrap interval over sequences,
+the same statistic on the null control (the model at initialisation, the same tokens) and the
+paired difference, and one of three verdicts (``stats.verdict``):
 
-Array name legend: L layers, T positions.
+- **reproduced**: the effect's interval excludes zero in the paper's direction, and the paired
+  effect-minus-null interval does too (a criterion an untrained model passes cannot reproduce);
+- **contradicted**: the effect's interval excludes zero the other way;
+- **inconclusive**: otherwise. ``verdict`` None: the run lacks what the check needs.
+
+Effects are scale-free where models are compared (relative perplexity gains, shares, slopes), so
+that the trained model and the null, whose perplexities differ ~20x, are measured alike. The
+criteria follow the paper's budgets: L/3, L/2 and 2L/3 (4, 6 and 8 of 12 big layers).
+
+Array name legend (``docs/NOTATION.md``): S sequences, T positions, L layers.
 """
 
 from __future__ import annotations
@@ -15,7 +24,10 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .rundata import Oracle, RunData, early_exit_pattern, reference_budgets
+from ..stats import bootstrap, verdict, verdict_of
+from .difficulty import rankdata, reference_k
+from .evidence import OracleView, gain, max_drop, ppl_of, slope, view
+from .rundata import RunData, early_exit_pattern, reference_budgets
 
 
 @dataclass
@@ -23,7 +35,8 @@ class Finding:
     id: str
     claim: str  # the paper's finding, in words
     criterion: str  # the test applied to this run's numbers
-    reproduced: bool | None  # None: not testable on this run
+    verdict: str | None  # reproduced | contradicted | inconclusive; None: not testable on this run
+    effect: dict | None = None  # stats.bootstrap: value, lo, hi (+ null, null_lo, null_hi, minus_null)
     numbers: dict = field(default_factory=dict)
     context: str | None = None  # the oracle's context policy, where it matters
 
@@ -38,200 +51,345 @@ def _r(x, nd: int = 4):
     return round(x, nd) if math.isfinite(x) else None
 
 
-def _halves(per_layer: list[float]) -> tuple[float, float]:
-    """Mean of the first half of the layers and of the second half (the middle layer of an odd L is left out)."""
-    a = np.asarray(per_layer, dtype=np.float64)
-    h = len(a) // 2
-    return float(a[:h].mean()), float(a[len(a) - h:].mean())
+def _rounded(effect: dict) -> dict:
+    return {k: (_rounded(v) if isinstance(v, dict) else _r(v, 5)) for k, v in effect.items()}
+
+
+def _decide(fid, claim, criterion, stat, n_seq, null_stat=None, numbers=None, context=None, direction=1) -> Finding:
+    effect = bootstrap(stat, n_seq, null_stat=null_stat)
+    return Finding(fid, claim, criterion, verdict_of(effect, direction), _rounded(effect), numbers or {}, context)
+
+
+def _combine(verdicts: list[str]) -> str:
+    """Several parts of one claim: reproduced if all are, contradicted if any is, else inconclusive."""
+    if verdicts and all(v == "reproduced" for v in verdicts):
+        return "reproduced"
+    return "contradicted" if "contradicted" in verdicts else "inconclusive"
+
+
+def _same_tokens(a: OracleView | None, b: OracleView | None) -> bool:
+    return a is not None and b is not None and (a.S, a.T) == (b.S, b.T) and \
+        (a.table.column("target").to_numpy() == b.table.column("target").to_numpy()).all()
+
+
+def _null(v: OracleView, nv: OracleView | None) -> OracleView | None:
+    """The null's view, when it scores the same tokens (else the verdict cannot be gated by it)."""
+    return nv if _same_tokens(v, nv) else None
 
 
 # ----------------------------------------------------------------------------- the oracle (sections 4.1, 4.2)
 
 
-def oracle_u_shape(o: Oracle, L: int) -> Finding:
+def u_window(L: int) -> tuple[int, int]:
+    return max(1, L // 2 - 1), min(L, -(-L // 2) + 1)
+
+
+def oracle_u_shape(v: OracleView | None, nv: OracleView | None, L: int, context=None) -> Finding:
     """Paper fig. 2: oracle perplexity falls from k=1 to about k=L/2, then rises to k=L."""
-    ppl = {int(b["k"]): b["oracle_ppl"] for b in o.budgets if b.get("oracle_ppl") is not None}
+    lo, hi = u_window(L)
     claim = "Oracle perplexity falls from k=1 to about k=L/2 and rises again to k=L (C(L,k) peaks at L/2)."
-    lo, hi = math.ceil(L / 4), math.floor(3 * L / 4)
-    criterion = (f"the best budget k* over 1..L lies strictly between 1 and L, within L/4..3L/4 = {lo}..{hi}, "
-                 f"and ppl(1) > ppl(k*) < ppl(L)")
-    if 1 not in ppl or L not in ppl:
-        return Finding("oracle_u_shape", claim, criterion, None, {}, o.context)
-    inner = {k: v for k, v in ppl.items() if 1 <= k <= L}
-    k_star = min(inner, key=lambda k: (inner[k], k))
-    ok = 1 < k_star < L and lo <= k_star <= hi and ppl[1] > ppl[k_star] < ppl[L]
-    return Finding("oracle_u_shape", claim, criterion, bool(ok),
-                   {"k_best": k_star, "ppl_k1": _r(ppl[1]), "ppl_best": _r(ppl[k_star]), "ppl_kL": _r(ppl[L]),
-                    "L": L}, o.context)
+    criterion = (f"effect = relative perplexity gain of the best budget within L/2±1 = {lo}..{hi} over the best "
+                 f"budget outside it (among 1..L): > 0 iff the minimum lies in the window, both sides worse")
+    if v is None or not {1, L} <= set(v.budgets):
+        return Finding("oracle_u_shape", claim, criterion, None, context=context)
+
+    def stat_of(w: OracleView):
+        inside = [w.seq_loss(f"oracle_loss_k{k}") for k in range(lo, hi + 1) if k in w.budgets]
+        outside = [w.seq_loss(f"oracle_loss_k{k}") for k in range(1, L + 1) if k in w.budgets and not lo <= k <= hi]
+        return lambda idx: gain(min((x[idx] for x in inside), key=np.mean), min((x[idx] for x in outside), key=np.mean))
+
+    ppl = {k: ppl_of(v.seq_loss(f"oracle_loss_k{k}")) for k in v.budgets if k >= 1}
+    k_best = min(ppl, key=lambda k: (ppl[k], k))
+    nv = _null(v, nv)
+    return _decide("oracle_u_shape", claim, criterion, stat_of(v), v.S, stat_of(nv) if nv else None,
+                   {"k_best": k_best, "ppl_k1": _r(ppl[1]), "ppl_best": _r(ppl[k_best]), "ppl_kL": _r(ppl[L]), "L": L},
+                   context)
 
 
-def one_big_beats_all_big(o: Oracle) -> Finding:
+def one_big_beats_all_big(v: OracleView | None, nv: OracleView | None, context=None) -> Finding:
     """Paper section 4.1: the oracle with a single big layer beats every layer big."""
-    b1 = o.budget(1)
     claim = "The oracle with one big layer per token beats all layers big."
-    criterion = "oracle ppl at k=1 < all-big ppl"
-    if b1 is None:
-        return Finding("one_big_beats_all_big", claim, criterion, None, {}, o.context)
-    big = o.summary["all_big_ppl"]
-    return Finding("one_big_beats_all_big", claim, criterion, bool(b1["oracle_ppl"] < big),
-                   {"oracle_ppl_k1": _r(b1["oracle_ppl"]), "all_big_ppl": _r(big),
-                    "compute_k1": _r(b1.get("oracle_compute"))}, o.context)
+    criterion = "effect = relative perplexity gain of oracle@1 over all-big (paired, same tokens)"
+    if v is None or 1 not in v.budgets:
+        return Finding("one_big_beats_all_big", claim, criterion, None, context=context)
+
+    def stat_of(w):
+        a, b = w.seq_loss("oracle_loss_k1"), w.seq_loss("loss_all_big")
+        return lambda idx: gain(a[idx], b[idx])
+
+    nv = _null(v, nv)
+    return _decide("one_big_beats_all_big", claim, criterion, stat_of(v), v.S, stat_of(nv) if nv else None,
+                   {"oracle_ppl_k1": _r(ppl_of(v.seq_loss("oracle_loss_k1"))),
+                    "all_big_ppl": _r(ppl_of(v.seq_loss("loss_all_big")))}, context)
 
 
-def big_layers_by_budget(o: Oracle, L: int) -> Finding:
+def big_layers_by_budget(v: OracleView | None, nv: OracleView | None, L: int, context=None) -> Finding:
     """Paper figs. 3-4: at a small budget the big modules go to late layers, at a large one to early layers."""
     ks = reference_budgets(L)
     claim = "At a small budget the oracle gives big modules to late layers; at a large budget to early layers."
-    criterion = (f"share of big in the second half of the layers > in the first half at k={ks['small']}, "
-                 f"and < at k={ks['large']} (oracle_big_share_by_layer)")
-    small, large = o.budget(ks["small"]), o.budget(ks["large"])
-    if small is None or large is None or ks["small"] == ks["large"]:
-        return Finding("big_layers_by_budget", claim, criterion, None, {}, o.context)
-    s_early, s_late = _halves(small["oracle_big_share_by_layer"])
-    l_early, l_late = _halves(large["oracle_big_share_by_layer"])
-    return Finding("big_layers_by_budget", claim, criterion, bool(s_late > s_early and l_late < l_early),
-                   {"k_small": ks["small"], "small_first_half": _r(s_early), "small_second_half": _r(s_late),
-                    "k_large": ks["large"], "large_first_half": _r(l_early), "large_second_half": _r(l_late)},
-                   o.context)
+    criterion = (f"slope of the oracle's big share over the layer index: > 0 at k={ks['small']} (L/3) and < 0 at "
+                 f"k={ks['large']} (2L/3), each interval excluding zero and beyond the null's slope")
+    if v is None or not {ks["small"], ks["large"]} <= set(v.budgets) or ks["small"] == ks["large"]:
+        return Finding("big_layers_by_budget", claim, criterion, None, context=context)
+
+    def stat_of(w, k):
+        share_SL = w.share_SL(f"best_pattern_k{k}", "B")
+        return lambda idx: slope(share_SL[idx].mean(0))
+
+    nv = _null(v, nv)
+    parts = {}
+    for name, direction in (("small", 1), ("large", -1)):
+        k = ks[name]
+        e = bootstrap(stat_of(v, k), v.S, null_stat=stat_of(nv, k) if nv else None)
+        parts[name] = {"k": k, "direction": direction, "verdict": verdict_of(e, direction), **_rounded(e),
+                       "big_share_by_layer": [_r(x, 3) for x in v.share_SL(f"best_pattern_k{k}", "B").mean(0)]}
+    # the headline effect: the difference of the two slopes (small minus large; > 0 as the paper says)
+    e = bootstrap(lambda idx: stat_of(v, ks["small"])(idx) - stat_of(v, ks["large"])(idx), v.S,
+                  null_stat=(lambda idx: stat_of(nv, ks["small"])(idx) - stat_of(nv, ks["large"])(idx)) if nv else None)
+    return Finding("big_layers_by_budget", claim, criterion, _combine([p["verdict"] for p in parts.values()]),
+                   _rounded(e), {"slopes": parts}, context)
 
 
-def constant_budget_best(o: Oracle) -> Finding:
-    """Paper section 4.2: a constant per-token budget beats one that falls or rises along the sequence."""
-    entries = {e["name"]: e for e in o.summary.get("position_budgets") or []}
-    claim = "A constant per-token budget beats one that falls or rises along the sequence (same mean budget)."
-    criterion = "oracle ppl with the constant schedule < with the falling and < with the rising schedule"
-    if not {"constant", "falling", "rising"} <= set(entries):
-        return Finding("constant_budget_best", claim, criterion, None, {}, o.context)
-    c, f, r = (entries[n]["oracle_ppl"] for n in ("constant", "falling", "rising"))
-    return Finding("constant_budget_best", claim, criterion, bool(c < f and c < r),
-                   {"constant": _r(c), "falling": _r(f), "rising": _r(r),
-                    "schedules": {n: entries[n]["schedule"] for n in ("constant", "falling", "rising")}}, o.context)
-
-
-def skip_not_early_exit(o: Oracle | None, L: int) -> Finding:
+def skip_not_early_exit(v: OracleView | None, nv: OracleView | None, L: int, skips: int | None) -> Finding:
     """Paper section 4.3: optimal skip patterns do not look like early exit."""
     claim = "Optimal skip patterns do not look like early exit (run the first layers, skip the rest)."
-    criterion = ("fewer than half of the tokens take the early-exit pattern as their oracle pattern, "
-                 "and the best fixed skip pattern is not early exit")
-    if o is None or not o.budgets:
-        return Finding("skip_not_early_exit", claim, criterion, None, {})
-    b = o.budgets[0]
-    s = int(o.summary["skips"])
-    ee = early_exit_pattern(L, s)
-    share = b.get("oracle_early_exit_share")
-    losses = o.pattern_losses()
-    skip_by_layer = b.get("oracle_skip_share_by_layer") or []
-    late_share = float(np.sum(skip_by_layer[L - s:]) / max(np.sum(skip_by_layer), 1e-12)) if skip_by_layer else None
-    numbers = {"skips": s, "early_exit_pattern": ee, "early_exit_token_share": _r(share),
-               "late_skip_share": _r(late_share), "late_skip_share_early_exit": 1.0,
-               "fixed_pattern": b.get("fixed_pattern"), "fixed_ppl": _r(b.get("fixed_ppl")),
-               "early_exit_ppl": _r(math.exp(losses[ee])) if ee in losses else None,
-               "oracle_ppl": _r(b.get("oracle_ppl"))}
-    if share is None:
-        return Finding("skip_not_early_exit", claim, criterion, None, numbers, o.context)
-    return Finding("skip_not_early_exit", claim, criterion, bool(share < 0.5 and b.get("fixed_pattern") != ee),
-                   numbers, o.context)
+    criterion = ("effect = the largest fall of the oracle's per-layer skip rate going deeper (0 for early exit and "
+                 "any rate that only rises with depth; > 0: an earlier layer is skipped more than a later one)")
+    if v is None or not skips:
+        return Finding("skip_not_early_exit", claim, criterion, None)
+    column = next(c for c in v.table.column_names if c.startswith("best_pattern_k"))
+
+    def stat_of(w):
+        skip_SL = w.share_SL(column, "_")
+        return lambda idx: max_drop(skip_SL[idx].mean(0))
+
+    rate_L = v.share_SL(column, "_").mean(0)
+    ee = early_exit_pattern(L, skips)
+    losses = v.oracle.pattern_losses()
+    order = sorted(losses, key=losses.get)
+    nv = _null(v, nv)
+    return _decide("skip_not_early_exit", claim, criterion, stat_of(v), v.S, stat_of(nv) if nv else None,
+                   {"skips": skips, "skip_rate_by_layer": [_r(x, 3) for x in rate_L],
+                    "rate_spread": _r(rate_L.max() - rate_L.min()), "early_exit_pattern": ee,
+                    "early_exit_rank": order.index(ee) + 1 if ee in losses else None, "candidates": len(order),
+                    "best_fixed_pattern": order[0] if order else None,
+                    "early_exit_token_share": _r((v.letters(column) == np.array(list(ee))).all(-1).mean())}, None)
+
+
+def constant_budget_best(seq: OracleView | None, nseq: OracleView | None, predictions: dict) -> Finding:
+    """Paper section 4.2: a constant per-token budget beats one that falls or rises along the sequence."""
+    claim = "A constant per-token budget beats one that falls or rises along the sequence (same mean budget)."
+    criterion = ("sequential oracle (each token chooses given its predecessors' own choices): effect = the smaller "
+                 "relative perplexity gain of the constant schedule over the falling and over the rising one. Under the "
+                 "shared and frozen oracles the comparison is the convexity of oracle@k (measured = predicted)")
+    cols = ("oracle_loss_k{c}", "schedule_loss_falling", "schedule_loss_rising")
+    if seq is None or not seq.has(cols[1]) or not seq.has(cols[2]):
+        return Finding("constant_budget_best", claim, criterion, None, numbers={"predictions": predictions},
+                       context="sequential")
+    entries = {e["name"]: e for e in seq.oracle.summary.get("position_budgets", [])}
+    c = int(round(entries["constant"]["mean_budget"]))
+
+    def stat_of(w):
+        const, fall, rise = (w.seq_loss(col.format(c=c)) for col in cols)
+        return lambda idx: min(gain(const[idx], fall[idx]), gain(const[idx], rise[idx]))
+
+    nseq = _null(seq, nseq) if nseq is not None and nseq.has(cols[1]) and nseq.has(cols[0].format(c=c)) else None
+    return _decide("constant_budget_best", claim, criterion, stat_of(seq), seq.S, stat_of(nseq) if nseq else None,
+                   {"schedules": {n: entries[n]["schedule"] for n in ("constant", "falling", "rising")},
+                    "predictions": predictions}, "sequential")
+
+
+def schedule_predictions(rd: RunData) -> dict:
+    """Per context: each schedule's measured perplexity beside the per-token prediction Σ w_k·oracle@k."""
+    out = {}
+    for o in [*rd.sweeps.values(), *([rd.sequential] if rd.sequential else [])]:
+        out[o.label] = {e["name"]: {"measured": _r(e["oracle_ppl"]), "predicted": _r(e.get("predicted_ppl"))}
+                        for e in o.summary.get("position_budgets") or []}
+    return out
 
 
 # ----------------------------------------------------------------------------- routers (section 4.4)
 
 
-def _paper_routers(rd: RunData) -> tuple[list[dict], str]:
-    """The paper's router (method ``budget``) if trained, else every router."""
-    budget = [r for r in rd.routers if r.get("method") == "budget"]
-    return (budget, "budget") if budget else (rd.routers, "all methods")
+def _paper_routers(rd: RunData | None) -> list[dict]:
+    """The paper's routers (method ``budget``) with per-sequence evidence; else every router that has it."""
+    if rd is None:
+        return []
+    have = [r for r in rd.routers if (r.get("oracle") or {}).get("per_sequence")]
+    budget = [r for r in have if r.get("method") == "budget"]
+    return budget or have
 
 
-def routers_near_baselines(rd: RunData) -> Finding:
+def routers_near_baselines(rd: RunData, v: OracleView | None) -> Finding:
     claim = "Trained routers land near the fixed and best-of-random baselines, far from the oracle."
-    criterion = ("for every router of the paper's method, its ppl is closer to the nearest of fixed@k, best-of-100@k "
-                 "and random@k than to oracle@k (same tokens, k = target budget)")
-    routers, which = _paper_routers(rd)
-    rows = []
+    criterion = ("per router of the paper's method: the router-fixed perplexity interval holds 0, the router-oracle "
+                 "gap is at least 80% of the fixed-oracle gap (effect = gap ratio - 0.8; the oracle interpolated to "
+                 "the router's realised big fraction), and the oracle's gain over fixed exceeds the null model's")
+    routers = _paper_routers(rd)
+    if not routers or v is None:
+        return Finding("routers_near_baselines", claim, criterion, None)
+    null_gain = {}
+    if rd.null is not None and rd.null.primary is not None:
+        for b in rd.null.primary.budgets:
+            if b.get("fixed_ppl"):
+                null_gain[int(b["k"])] = 1 - b["oracle_ppl"] / b["fixed_ppl"]
+    rows, verdicts = [], []
     for r in routers:
-        o = r.get("oracle") or {}
-        if o.get("oracle_ppl") is None:
-            continue
-        base = [o.get(key) for key in ("fixed_ppl", "best_of_100_ppl", "random_mean_ppl") if o.get(key) is not None]
-        d_oracle = abs(r["ppl"] - o["oracle_ppl"])
-        d_base = min(abs(r["ppl"] - b) for b in base) if base else float("inf")
-        rows.append({"router": r["name"], "k": o.get("k"), "ppl": _r(r["ppl"]), "oracle_ppl": _r(o["oracle_ppl"]),
-                     "fixed_ppl": _r(o.get("fixed_ppl")), "best_of_100_ppl": _r(o.get("best_of_100_ppl")),
-                     "random_mean_ppl": _r(o.get("random_mean_ppl")), "big_fraction": _r(r.get("big_fraction")),
-                     "nearer_baselines": bool(d_base < d_oracle), "tokens": r.get("tokens"),
-                     "oracle_tokens": o.get("tokens")})
-    if not rows:
-        return Finding("routers_near_baselines", claim, criterion, None, {"methods": which})
-    return Finding("routers_near_baselines", claim, criterion, all(x["nearer_baselines"] for x in rows),
-                   {"methods": which, "routers": rows})
+        ps = r["oracle"]["per_sequence"]
+        seqs = np.asarray(ps["sequence"])
+        router_S, fixed_S = np.asarray(ps["loss"]), np.asarray(ps["fixed_loss"])
+        k_real = float(r["big_fraction"]) * rd.n_layers
+        k0 = min(int(math.floor(k_real)), rd.n_layers - 1)
+        w = k_real - k0
+        oracle_S = ((1 - w) * v.seq_loss(f"oracle_loss_k{k0}") + w * v.seq_loss(f"oracle_loss_k{k0 + 1}"))[seqs]
+        ratio = bootstrap(lambda idx: (ppl_of(router_S[idx]) - ppl_of(oracle_S[idx]))
+                          / (ppl_of(fixed_S[idx]) - ppl_of(oracle_S[idx])) - 0.8, len(seqs))
+        near = bootstrap(lambda idx: ppl_of(router_S[idx]) - ppl_of(fixed_S[idx]), len(seqs))
+        k = int(r["oracle"]["k"])
+        real = bootstrap(lambda idx: gain(oracle_S[idx], fixed_S[idx]), len(seqs))
+        gap_real = k in null_gain and real["lo"] > null_gain[k]
+        if ratio["hi"] < 0:
+            vd = "contradicted"
+        elif ratio["lo"] > 0 and near["lo"] <= 0 <= near["hi"] and gap_real:
+            vd = "reproduced"
+        else:
+            vd = "inconclusive"
+        verdicts.append(vd)
+        rows.append({"router": r["name"], "k": k, "realised_k": _r(k_real, 3), "verdict": vd,
+                     "gap_ratio_minus_0.8": _rounded(ratio), "router_minus_fixed_ppl": _rounded(near),
+                     "oracle_gain_over_fixed": _rounded(real), "null_oracle_gain_over_fixed": _r(null_gain.get(k)),
+                     "ppl": _r(ppl_of(router_S)), "fixed_ppl": _r(ppl_of(fixed_S)), "oracle_ppl": _r(ppl_of(oracle_S))})
+    worst = min(rows, key=lambda x: x["gap_ratio_minus_0.8"]["value"])
+    return Finding("routers_near_baselines", claim, criterion, _combine(verdicts), worst["gap_ratio_minus_0.8"],
+                   {"routers": rows})
+
+
+def _router_stat(routers: list[dict], of_router):
+    """A statistic averaged over routers, of their per-sequence evidence; sequences are shared."""
+    arrays = [of_router(r["oracle"]["per_sequence"]) for r in routers]
+    return lambda idx: float(np.mean([fn(idx) for fn in arrays]))
+
+
+def _late_layers(ps):
+    big_SL = np.asarray(ps["big_by_layer"])
+    return lambda idx: slope(big_SL[idx].mean(0))
+
+
+def _early_tokens(ps):
+    d_S = np.asarray(ps["big_early"]) - np.asarray(ps["big_rest"])
+    return lambda idx: float(d_S[idx].mean())
 
 
 def routers_favour_late_layers(rd: RunData) -> Finding:
     claim = "Routers favour late layers for the big modules."
-    criterion = "mean over the paper's routers of (big share in the second half of layers - in the first half) > 0"
-    routers, which = _paper_routers(rd)
-    diffs = {}
-    for r in routers:
-        if r.get("per_layer_big"):
-            early, late = _halves(r["per_layer_big"])
-            diffs[r["name"]] = _r(late - early)
-    if not diffs:
-        return Finding("routers_favour_late_layers", claim, criterion, None, {"methods": which})
-    mean = float(np.mean(list(diffs.values())))
-    return Finding("routers_favour_late_layers", claim, criterion, bool(mean > 0),
-                   {"methods": which, "late_minus_early": diffs, "mean": _r(mean),
+    criterion = ("effect = slope of the routers' big share over the layer index, mean over the paper's routers; "
+                 "the null: the same router trained on the model at initialisation")
+    routers = _paper_routers(rd)
+    if not routers:
+        return Finding("routers_favour_late_layers", claim, criterion, None)
+    null = _paper_routers(rd.null)
+    n_seq = len(routers[0]["oracle"]["per_sequence"]["sequence"])
+    null_ok = null and len(null[0]["oracle"]["per_sequence"]["sequence"]) == n_seq
+    return _decide("routers_favour_late_layers", claim, criterion, _router_stat(routers, _late_layers), n_seq,
+                   _router_stat(null, _late_layers) if null_ok else None,
+                   {"routers": [r["name"] for r in routers], "null_routers": [r["name"] for r in null] if null_ok else [],
                     "layer_profiles": {r["name"]: r.get("layer_profile") for r in routers}})
 
 
 def routers_early_tokens_more_big(rd: RunData) -> Finding:
     claim = "Routers give early tokens (the first positions of a sequence) more big modules."
-    criterion = ("mean over the paper's routers of (big share over the first quarter of positions - over the rest) > 0")
-    routers, which = _paper_routers(rd)
-    diffs = {}
-    for r in routers:
-        by_pos = r.get("big_by_position")
-        if by_pos and len(by_pos) >= 4:
-            a = np.asarray(by_pos, dtype=np.float64)
-            q = len(a) // 4
-            diffs[r["name"]] = _r(a[:q].mean() - a[q:].mean())
-    if not diffs:
-        return Finding("routers_early_tokens_more_big", claim, criterion, None, {"methods": which})
-    mean = float(np.mean(list(diffs.values())))
-    return Finding("routers_early_tokens_more_big", claim, criterion, bool(mean > 0),
-                   {"methods": which, "first_quarter_minus_rest": diffs, "mean": _r(mean)})
+    criterion = ("per router: big share at positions 1..T/4 (position 0 excluded) minus at the rest, per sequence; "
+                 "effect = the smallest over the paper's routers (the same sign at every budget), reproduced only "
+                 "if it is at least 0.02, its interval excludes 0, and it exceeds the null router's")
+    routers = _paper_routers(rd)
+    if not routers:
+        return Finding("routers_early_tokens_more_big", claim, criterion, None)
+    arrays = [_early_tokens(r["oracle"]["per_sequence"]) for r in routers]
+    n_seq = len(routers[0]["oracle"]["per_sequence"]["sequence"])
+    null = _paper_routers(rd.null)
+    null_ok = null and len(null[0]["oracle"]["per_sequence"]["sequence"]) == n_seq
+    null_arrays = [_early_tokens(r["oracle"]["per_sequence"]) for r in null] if null_ok else []
+    effect = bootstrap(lambda idx: min(fn(idx) for fn in arrays), n_seq,
+                       null_stat=(lambda idx: min(fn(idx) for fn in null_arrays)) if null_ok else None)
+    vd = verdict_of(effect)
+    if vd == "reproduced" and effect["value"] < 0.02:
+        vd = "inconclusive"
+    per_router = {r["name"]: _r(fn(np.arange(n_seq))) for r, fn in zip(routers, arrays)}
+    return Finding("routers_early_tokens_more_big", claim, criterion, vd, _rounded(effect),
+                   {"early_minus_rest": per_router, "threshold": 0.02})
 
 
 # ----------------------------------------------------------------------------- difficulty
 
 
-def difficulty_not_raw_loss(summary: dict | None) -> Finding:
+def spearman_ST(a_ST: np.ndarray, b_ST: np.ndarray, idx) -> float:
+    a, b = a_ST[idx].reshape(-1), b_ST[idx].reshape(-1)
+    ra, rb = rankdata(a), rankdata(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    den = math.sqrt((ra * ra).sum() * (rb * rb).sum())
+    return float((ra * rb).sum() / den) if den > 0 else float("nan")
+
+
+def difficulty_not_raw_loss(v: OracleView | None, nv: OracleView | None, L: int) -> Finding:
     claim = ("A token's difficulty is its potential to gain from compute, not its raw loss: "
              "the two rank tokens differently.")
-    criterion = "Spearman rank correlation of all-small loss with the gap (all-small - oracle at k=L/2) < 0.5"
-    if not summary or summary.get("spearman_small_loss_vs_gap") is None:
-        return Finding("difficulty_not_raw_loss", claim, criterion, None, {})
-    rho = summary["spearman_small_loss_vs_gap"]
-    return Finding("difficulty_not_raw_loss", claim, criterion, bool(rho < 0.5),
-                   {"spearman": rho, "k": summary["k_ref"], "high_loss_low_gain_share": summary["high_loss_low_gain_share"],
-                    "top_decile_overlap": summary["top_decile_overlap"]}, summary.get("context"))
+    criterion = ("effect = 0.5 - Spearman(all-small loss, gap), gap = all-small - oracle at k=L/2, over tokens; "
+                 "reproduced if below 0.5 and ranking loss and gain apart more than the null model does")
+    if v is None:
+        return Finding("difficulty_not_raw_loss", claim, criterion, None)
+    k = reference_k(v.budgets, L)
+
+    def stat_of(w):
+        small = w.loss("loss_all_small")
+        gap = small - w.loss(f"oracle_loss_k{k}")
+        return lambda idx: 0.5 - spearman_ST(small, gap, idx)
+
+    def high_loss_low_gain(w):
+        small = w.loss("loss_all_small").reshape(-1)
+        gap = small - w.loss(f"oracle_loss_k{k}").reshape(-1)
+        return _r((gap[small >= np.quantile(small, 0.75)] < np.median(gap)).mean())
+
+    nv = _null(v, nv)
+    return _decide("difficulty_not_raw_loss", claim, criterion, stat_of(v), v.S, stat_of(nv) if nv else None,
+                   {"k": k, "high_loss_low_gain_share": high_loss_low_gain(v),
+                    "null_high_loss_low_gain_share": high_loss_low_gain(nv) if nv else None}, v.oracle.context)
 
 
 # ----------------------------------------------------------------------------- all of them
 
 
-_EMPTY = Oracle(folder=None, summary={"budgets": [], "context": None})  # type: ignore[arg-type]  # no oracle: not testable
-
-
-def check_all(rd: RunData, difficulty: dict | None) -> list[Finding]:
-    """Every finding, oracle checks once per context policy, in the order of DESIGN section 2."""
+def check_all(rd: RunData, null: RunData | None = None) -> list[Finding]:
+    """Every finding, oracle checks once per context policy, in the order of DESIGN section 2.
+    ``null``: the null control's outputs (default ``rd.null``; a seed of a multi-seed study uses its
+    parent's)."""
     L = rd.n_layers
-    sweeps = list(rd.sweeps.values())
+    null = null if null is not None else rd.null
+    null_primary = view(null.primary) if null is not None else None
     out: list[Finding] = []
-    for check in (lambda o: oracle_u_shape(o, L), one_big_beats_all_big, lambda o: big_layers_by_budget(o, L)):
-        out += [check(o) for o in sweeps] or [check(_EMPTY)]
-    out.append(skip_not_early_exit(rd.skip_study, L))
-    out += [constant_budget_best(o) for o in sweeps] or [constant_budget_best(_EMPTY)]
-    out += [routers_near_baselines(rd), routers_favour_late_layers(rd), routers_early_tokens_more_big(rd)]
-    out.append(difficulty_not_raw_loss(difficulty))
+    sweeps = [(o.context, view(o)) for o in rd.sweeps.values()] or [(None, None)]
+    for ctx, v in sweeps:
+        nv = view(null.sweeps.get(ctx)) if null is not None and ctx else None
+        out += [oracle_u_shape(v, nv, L, ctx), one_big_beats_all_big(v, nv, ctx), big_layers_by_budget(v, nv, L, ctx)]
+    skips = int(rd.skip_study.summary["skips"]) if rd.skip_study else None
+    out.append(skip_not_early_exit(view(rd.skip_study), view(null.skip_study) if null is not None else None, L, skips))
+    out.append(constant_budget_best(view(rd.sequential), view(null.sequential) if null is not None else None,
+                                    schedule_predictions(rd)))
+    primary = view(rd.primary)
+    out += [routers_near_baselines(rd, primary), routers_favour_late_layers(rd), routers_early_tokens_more_big(rd)]
+    out.append(difficulty_not_raw_loss(primary, null_primary, L))
+    for f in out:  # DESIGN 4.4a: a finding counts only against a null
+        gated = f.id == "routers_near_baselines" or (f.effect is not None and f.effect.get("null") is not None)
+        if f.verdict == "reproduced" and not gated:
+            f.verdict = "inconclusive"
+            f.numbers["without_null"] = "no null control for this statistic (study.null=false?): not evidence"
     return out
 
+
+def counts(findings: list[dict]) -> dict:
+    """The headline: how many findings got each verdict (and how many were testable)."""
+    out = {v: sum(f["verdict"] == v for f in findings) for v in ("reproduced", "contradicted", "inconclusive")}
+    out["tested"] = sum(f["verdict"] is not None for f in findings)
+    return out
+
+
+__all__ = ["Finding", "check_all", "counts", "verdict"]

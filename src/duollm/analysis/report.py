@@ -30,7 +30,7 @@ from ..model import DuoModel, param_counts
 from ..rundir import writing
 from .difficulty import reference_k, token_table, write_difficulty
 from .figures import render_all, sample_sequence, visible
-from .findings import check_all
+from .findings import check_all, counts
 from .rundata import RunData
 
 FIGURE_CAPTIONS = {
@@ -131,7 +131,7 @@ def results(rd: RunData, difficulty: dict | None, figures: list[str]) -> dict:
     m = rd.final_metrics
     primary = rd.primary
     skip = rd.skip_study
-    findings = [f.as_dict() for f in check_all(rd, difficulty)]
+    findings = [f.as_dict() for f in check_all(rd)]
     return {
         "run": rd.run.name,
         "model": model_summary(rd),
@@ -150,14 +150,36 @@ def results(rd: RunData, difficulty: dict | None, figures: list[str]) -> dict:
                                               "early_exit_share": _r(skip.budgets[0].get("oracle_early_exit_share"))}
         if skip is not None and skip.budgets else None,
         "routers": router_rows(rd),
+        "sequential": oracle_section(rd.sequential) if rd.sequential is not None else None,
         "null": {"oracle": oracle_section(rd.null.primary)} if rd.null is not None and rd.null.primary else None,
         "model_quality": model_quality(rd),
         "difficulty": difficulty,
         "findings": findings,
-        "reproduced": {"tested": sum(f["reproduced"] is not None for f in findings),
-                       "reproduced": sum(f["reproduced"] is True for f in findings)},
+        "verdicts": counts(findings),
+        "seeds": seed_table(rd, findings),
         "figures": figures,
     }
+
+
+def seed_table(rd: RunData, findings: list[dict]) -> dict | None:
+    """``study.seeds`` > 1: every finding's effect per training seed (each against the run's null
+    control), the across-seed mean and standard deviation beside the bootstrap intervals."""
+    runs = [RunData(p) for p in rundir.seed_dirs(rd.run)]
+    if not runs:
+        return None
+    seeds = [rd.config.train.seed] + [r.config.train.seed for r in runs]
+    per_run = [findings] + [[f.as_dict() for f in check_all(r, null=rd.null)] for r in runs]
+    rows = []
+    for i, f in enumerate(findings):
+        same = [fs[i] for fs in per_run if i < len(fs) and fs[i]["id"] == f["id"] and fs[i]["context"] == f["context"]]
+        values = [x["effect"]["value"] for x in same if x["effect"] and x["effect"].get("value") is not None]
+        rows.append({"id": f["id"], "claim": f["claim"], "context": f["context"],
+                     "effects": [x["effect"] for x in same], "verdicts": [x["verdict"] for x in same],
+                     "mean": _r(float(np.mean(values))) if values else None,
+                     "sd": _r(float(np.std(values, ddof=1))) if len(values) > 1 else None})
+    quality = [{"seed": s, "all_big_ppl": _r(r.primary.summary["all_big_ppl"]) if r.primary else None}
+               for s, r in zip(seeds, [rd, *runs])]
+    return {"seeds": seeds, "findings": rows, "models": quality}
 
 
 # ----------------------------------------------------------------------------- rendering helpers
@@ -189,7 +211,15 @@ def _diff(d: dict | None, nd: int = 2) -> str:
 
 
 def _verdict(v) -> str:
-    return {True: "reproduced", False: "not reproduced", None: "not tested"}[v]
+    return v or "not tested"
+
+
+def _effect(e: dict | None, key: str = "value", nd: int = 3) -> str:
+    """A finding's effect (or its null, ``key="null"``) with the 95% interval."""
+    if not e or e.get(key) is None:
+        return "—"
+    lo, hi = e.get(f"{key}_lo" if key != "value" else "lo"), e.get(f"{key}_hi" if key != "value" else "hi")
+    return f"{e[key]:+.{nd}f} [{_fmt(lo, nd)}, {_fmt(hi, nd)}]"
 
 
 def _numbers(d: dict) -> str:
@@ -198,10 +228,10 @@ def _numbers(d: dict) -> str:
     for k, v in d.items():
         if isinstance(v, list):
             v = "; ".join(", ".join(f"{kk}={_fmt(vv)}" for kk, vv in item.items()
-                                    if kk in ("router", "ppl", "oracle_ppl", "fixed_ppl", "best_of_100_ppl"))
+                                    if kk in ("router", "verdict", "ppl", "oracle_ppl", "fixed_ppl", "realised_k"))
                           if isinstance(item, dict) else _fmt(item) for item in v)
         elif isinstance(v, dict):
-            v = ", ".join(f"{kk}={_fmt(vv)}" for kk, vv in v.items())
+            v = ", ".join(f"{kk}={_fmt(vv) if not isinstance(vv, dict) else _numbers(vv)}" for kk, vv in v.items())
         else:
             v = _fmt(v, 4 if isinstance(v, float) and abs(v) < 10 else 2)
         parts.append(f"{k}: {v}")
@@ -227,9 +257,12 @@ def tables(res: dict) -> list[tuple[str, list[str], list[list[str]]]]:
         ["context policies", ", ".join(res["evaluation"]["contexts"]) or "—"],
     ]
     out.append(("Setup", ["", ""], setup))
-    out.append(("Findings of the paper, checked here",
-                ["finding", "context", "verdict", "criterion", "numbers"],
-                [[f["claim"], f["context"] or "—", _verdict(f["reproduced"]), f["criterion"], _numbers(f["numbers"])]
+    out.append(("Findings of the paper, checked here (effects with 95% bootstrap intervals over sequences; "
+                "the null is the same statistic for the model at initialisation on the same tokens)",
+                ["finding", "context", "verdict", "effect [95%]", "null [95%]", "effect − null [paired 95%]", "criterion",
+                 "numbers"],
+                [[f["claim"], f["context"] or "—", _verdict(f["verdict"]), _effect(f["effect"]), _effect(f["effect"], "null"),
+                  _diff((f["effect"] or {}).get("minus_null"), 3), f["criterion"], _numbers(f["numbers"])]
                  for f in res["findings"]]))
     for o in res["oracle"]:
         ctx = o["context"]
@@ -245,12 +278,15 @@ def tables(res: dict) -> list[tuple[str, list[str], list[list[str]]]]:
                     ["k", "candidates", "oracle [95% interval]", "fixed [95%]", "oracle − fixed [paired 95%]", "fixed pattern",
                      "best of 100 [95%]", "best of 100 per token",
                      "random", "compute"], rows))
-        if o["position_budgets"]:
-            out.append((f"Position-varying budgets, {ctx} context",
-                        ["schedule", "k along the sequence", "mean k", "oracle ppl [95%]", "minus constant [paired 95%]",
-                         "compute"],
-                        [[e["name"], e["schedule"], _fmt(e["mean_budget"]), _ci(e, "oracle_ppl"),
-                          _diff(e.get("minus_constant")), _fmt(e["compute"], 3)] for e in o["position_budgets"]]))
+        out += position_table(o, f"{ctx} context")
+    if res.get("sequential"):
+        q = res["sequential"]
+        out.append((f"Sequential oracle (each token chooses given its predecessors' own choices): all-big "
+                    f"{_ci(q, 'all_big_ppl')}, {_fmt(q['tokens'])} tokens",
+                    ["k", "candidates", "oracle [95% interval]", "compute"],
+                    [[str(b["k"]), _fmt(b["candidates"]), _ci(b, "oracle_ppl"), _fmt(b["oracle_compute"], 3)]
+                     for b in q["budgets"]]))
+        out += position_table(q, "sequential oracle")
     n = res.get("null")
     if n and res["oracle"]:
         real, null = res["oracle"][0], n["oracle"]
@@ -261,6 +297,14 @@ def tables(res: dict) -> list[tuple[str, list[str], list[list[str]]]]:
                     ["k", "oracle, null [95%]", "oracle gain over all-big, null", "oracle gain over all-big, trained"],
                     [[str(b["k"]), _ci(by_k[b["k"]], "oracle_ppl"), _fmt(gain(by_k[b["k"]], null), 3),
                       _fmt(gain(b, real), 3)] for b in real["budgets"] if b["k"] in by_k]))
+    sd = res.get("seeds")
+    if sd:
+        out.append((f"Across {len(sd['seeds'])} training seeds ({', '.join(map(str, sd['seeds']))}; all-big perplexity "
+                    + ", ".join(_fmt(m["all_big_ppl"]) for m in sd["models"]) + ")",
+                    ["finding", "context", "effect per seed [95%]", "mean ± sd over seeds", "verdicts"],
+                    [[r["claim"], r["context"] or "—", "; ".join(_effect(e) for e in r["effects"]),
+                      "—" if r["mean"] is None else f"{r['mean']:+.3f} ± {_fmt(r['sd'], 3)}",
+                      ", ".join(v or "not tested" for v in r["verdicts"])] for r in sd["findings"]]))
     s = res["skip_study"]
     if s:
         b = s["budgets"][0]
@@ -293,6 +337,17 @@ def tables(res: dict) -> list[tuple[str, list[str], list[list[str]]]]:
                         [[visible(t["text"]), _fmt(t["loss_small"]), _fmt(t["loss_big"]), _fmt(t["loss_oracle"]), _fmt(t["gap"]),
                           str(t["loss_rank"]), str(t["gap_rank"])] for t in d[key]]))
     return out
+
+
+def position_table(o: dict, label: str) -> list:
+    """The position-varying budgets of one oracle, the measured score beside the per-token prediction."""
+    if not o["position_budgets"]:
+        return []
+    return [(f"Position-varying budgets, {label} (predicted = exp(Σ_k w_k · mean oracle loss at constant k))",
+             ["schedule", "k along the sequence", "mean k", "oracle ppl [95%]", "predicted", "minus constant [paired 95%]",
+              "compute"],
+             [[e["name"], e["schedule"], _fmt(e["mean_budget"]), _ci(e, "oracle_ppl"), _fmt(e.get("predicted_ppl")),
+               _diff(e.get("minus_constant")), _fmt(e["compute"], 3)] for e in o["position_budgets"]])]
 
 
 def coloured_tokens_html(rd: RunData) -> str:
@@ -328,9 +383,11 @@ def coloured_tokens_html(rd: RunData) -> str:
             + "\n".join(lines))
 
 
-def _headline(res: dict) -> str:
-    n = res["reproduced"]
-    return f"{n['reproduced']} of {n['tested']} tested findings reproduced"
+def headline(res: dict) -> str:
+    n = res["verdicts"]
+    null = "against the null control" if res.get("null") else "WITHOUT a null control (study.null=false)"
+    return (f"Of {n['tested']} tested findings, {n['reproduced']} reproduced, {n['contradicted']} contradicted, "
+            f"{n['inconclusive']} inconclusive ({null}; 95% intervals)")
 
 
 def smoke_banner(res: dict) -> str | None:
@@ -349,7 +406,8 @@ CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;
 table{border-collapse:collapse;margin:0.5em 0 1.5em;font-size:0.88em}td,th{border:1px solid #ccc;padding:3px 7px;
 vertical-align:top}th{background:#f3f3f3}img{max-width:100%}figure{margin:1em 0 2em}figcaption{font-size:0.9em;color:#555}
 .toks{font-family:monospace;white-space:pre-wrap;line-height:1.7;margin:0.3em 0}.toks b{display:inline-block;width:7em}
-.reproduced{color:#1a7f37;font-weight:600}.not-reproduced{color:#b42318;font-weight:600}.not-tested{color:#777}"""
+.reproduced{color:#1a7f37;font-weight:600}.contradicted{color:#b42318;font-weight:600}.inconclusive{color:#9a6700}
+.not-tested{color:#777}.banner{color:#b42318;font-weight:600}"""
 
 
 def render_html(res: dict, pngs: dict[str, bytes], tokens_html: str) -> str:
@@ -357,12 +415,12 @@ def render_html(res: dict, pngs: dict[str, bytes], tokens_html: str) -> str:
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
              f"<title>duollm study: {e(res['run'])}</title><style>{CSS}</style></head><body>",
              f"<h1>Duo-LLM study: {e(res['run'])}</h1>",
-             f"<p>{e(_headline(res))}. Model {e(res['model']['preset'])}, data {e(res['data']['spec'])}, "
+             f"<p>{e(headline(res))}. Model {e(res['model']['preset'])}, data {e(res['data']['spec'])}, "
              f"{_fmt(res['evaluation']['tokens'])} evaluation tokens, context policies "
              f"{e(', '.join(res['evaluation']['contexts']) or '—')}. Method: Alizadeh et al., arXiv 2410.10846.</p>"]
     banner = smoke_banner(res)
     if banner:
-        parts.append(f'<p class="not-reproduced">{e(banner)}.</p>')
+        parts.append(f'<p class="banner">{e(banner)}.</p>')
     for title, header, rows in tables(res):
         parts.append(f"<h2>{e(title)}</h2><table>")
         if any(header):
@@ -370,7 +428,8 @@ def render_html(res: dict, pngs: dict[str, bytes], tokens_html: str) -> str:
         for row in rows:
             cells = []
             for cell in row:
-                cls = {"reproduced": "reproduced", "not reproduced": "not-reproduced", "not tested": "not-tested"}.get(cell)
+                cls = {"reproduced": "reproduced", "contradicted": "contradicted", "inconclusive": "inconclusive",
+                       "not tested": "not-tested"}.get(cell)
                 cells.append(f'<td class="{cls}">{e(cell)}</td>' if cls else f"<td>{e(cell)}</td>")
             parts.append("<tr>" + "".join(cells) + "</tr>")
         parts.append("</table>")
@@ -395,7 +454,7 @@ def _md_cell(s: str) -> str:
 
 def render_markdown(res: dict, pngs: dict[str, bytes]) -> str:
     lines = [f"# Duo-LLM study: {res['run']}", "",
-             f"{_headline(res)}. Model {res['model']['preset']}, data {_md_cell(res['data']['spec'])}, "
+             f"{headline(res)}. Model {res['model']['preset']}, data {_md_cell(res['data']['spec'])}, "
              f"{_fmt(res['evaluation']['tokens'])} evaluation tokens, context policies "
              f"{', '.join(res['evaluation']['contexts']) or '—'}. Method: Alizadeh et al., arXiv 2410.10846.", ""]
     banner = smoke_banner(res)

@@ -112,7 +112,8 @@ class RunData:
         by_context: dict[str, list[Oracle]] = {}
         for o in self.oracles:
             s = o.summary
-            if self._plain(o) and s.get("options") == "SB" and s.get("skips") in (None, 0) and len(o.budgets) >= 2:
+            if (self._plain(o) and s.get("options") == "SB" and s.get("skips") in (None, 0) and len(o.budgets) >= 2
+                    and o.context != "sequential"):
                 by_context.setdefault(o.context, []).append(o)
         return {ctx: min(found, key=lambda o: (o.summary.get("reference") not in (None, "B"), -len(o.budgets), o.name))
                 for ctx, found in sorted(by_context.items(), key=lambda kv: (kv[0] != "shared", kv[0]))}
@@ -121,6 +122,13 @@ class RunData:
     def primary(self) -> Oracle | None:
         """The sweep the token analysis and the routers use: shared if present (our reading of the paper)."""
         return next(iter(self.sweeps.values()), None)
+
+    @cached_property
+    def sequential(self) -> Oracle | None:
+        """The sequential oracle (options SB) with the position-varying schedules, if run."""
+        found = [o for o in self.oracles if o.context == "sequential" and o.summary.get("options") == "SB"
+                 and o.summary.get("position_budgets")]
+        return min(found, key=lambda o: (o.name != "SB-sequential", o.name)) if found else None
 
     @cached_property
     def skip_study(self) -> Oracle | None:
@@ -180,10 +188,10 @@ class RunData:
 
 
 def reference_budgets(n_layers: int) -> dict[str, int]:
-    """The small, middle and large budgets the heatmaps and findings look at: for L = 12,
-    k = 2, 6, 10 (small and large symmetric about L/2, the middle where C(L, k) peaks)."""
-    small = max(1, round(n_layers / 6))
-    return {"small": small, "middle": n_layers // 2, "large": max(small, n_layers - small)}
+    """The small, middle and large budgets the heatmaps and findings look at — the paper's own,
+    L/3, L/2 and 2L/3 (4, 6 and 8 of 12; DESIGN 4.4a)."""
+    small = max(1, round(n_layers / 3))
+    return {"small": small, "middle": n_layers // 2, "large": max(small, round(2 * n_layers / 3))}
 
 
 def early_exit_pattern(n_layers: int, skips: int) -> str:

@@ -19,12 +19,14 @@ from ..distributed import resolve_device
 from ..io import atomic_write_json
 from ..routing import CandidateSpace, parse_budgets, parse_routing
 from .plan import OracleSpec
-from .runner import DTYPES, run_oracle
+from .runner import DTYPES, engine_model, run_oracle
+from .sequential import run_sequential
 
 # flag dest -> keyword of run_oracle_command (kept in one place so the two cannot drift)
 KEYWORDS = (
     "budgets", "options", "skips", "skips_mode", "budget_mode", "context", "reference", "max_tokens", "data",
     "search", "beam_width", "name", "batch_tokens", "dtype", "patterns", "seed", "save_matrix", "device", "compile",
+    "schedules_only",
 )
 
 
@@ -39,8 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       help="--skips counts exactly (default) or at most")
     a("--budget-mode", dest="budget_mode", choices=("exact", "max"), default="exact",
       help="budget k means exactly k big layers (default, the paper) or at most k")
-    a("--context", default="shared", help="shared (the pattern routes the whole sequence; default) or frozen "
-      "(context tokens keep --reference, only the scored token's routes vary)")
+    a("--context", default="shared", help="shared (the pattern routes the whole sequence; default), frozen "
+      "(context tokens keep --reference, only the scored token's routes vary) or sequential (left to right, "
+      "each token chooses given the earlier tokens' own choices; one pass per budget, plus falling/rising)")
     a("--reference", default=None, help="frozen context routing: B (all big, default), S (all small), a pattern, "
       "or router:NAME (a trained router of the run)")
     a("--max-tokens", dest="max_tokens", default=None, help="cap on evaluation tokens: N >= 1, or all "
@@ -57,6 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--save-matrix", dest="save_matrix", action="store_true",
       help="also write loss_matrix.npy [patterns, tokens] (large; off by default)")
     a("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
+    a("--schedules-only", dest="schedules_only", action="store_true",
+      help="sequential context: only the paper's constant, falling and rising schedules (no per-budget prediction)")
     a("--compile", default="auto", choices=("auto", "on", "off"),
       help="fuse elementwise work with torch.compile (auto: for large runs)")
 
@@ -153,6 +158,7 @@ def run_oracle_command(
     device: str = "auto",
     compile: str = "auto",
     progress: bool = True,
+    schedules_only: bool = False,
 ) -> str:
     """Run the oracle on a trained run and write ``RUN/oracle/<name>/``; return ``<name>``.
 
@@ -184,13 +190,20 @@ def run_oracle_command(
         raise ValueError(f"--batch-tokens must be positive; got {batch_tokens}")
     model, cfg = rundir.load_model(run_dir, dev)
     idx_ST, tgt_ST = rundir.eval_tokens(run_dir, cfg, spec=data, max_tokens=max_tokens)
+    if schedules_only and spec.context != "sequential":
+        raise ValueError("--schedules-only applies to the sequential context only (use --context sequential)")
     with rundir.writing(run_dir):
         return _run(run_dir, model, idx_ST, tgt_ST, spec, name, batch_tokens=batch_tokens, dtype=dtype,
-                    save_matrix=save_matrix, progress=progress, compile=compile, data=data)
+                    save_matrix=save_matrix, progress=progress, compile=compile, data=data, schedules_only=schedules_only)
 
 
 def _run(run_dir: Path, model, idx_ST, tgt_ST, spec: OracleSpec, name: str, *, batch_tokens, dtype, save_matrix,
-         progress, compile, data) -> str:
+         progress, compile, data, schedules_only=False) -> str:
+    if spec.context == "sequential":
+        run_sequential(engine_model(model, dtype), idx_ST, tgt_ST, spec, rundir.oracle_dir(run_dir, name),
+                       progress=progress, meta={"name": name, "data": data or "validation split", "dtype": dtype},
+                       schedules_only=schedules_only)
+        return name
     summary = run_oracle(
         model, idx_ST, tgt_ST, spec, rundir.oracle_dir(run_dir, name), batch_tokens=batch_tokens, dtype=dtype,
         keep_matrix=save_matrix, progress=progress,

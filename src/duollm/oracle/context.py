@@ -124,8 +124,9 @@ class FrozenContext:
 
 
 def frozen_attn_residual(block, h_BTMD, k_BKCE, v_BKCE, cos_TE, sin_TE, strict_TC, scale: float):
-    """h + attention where each (position t, variant m) attends to the reference keys/values of
-    positions < t and to its own key/value (the frozen context)."""
+    """h + attention where each (position t, variant m) attends to the context keys/values that
+    ``strict_TC`` allows ([T, C]: the reference's positions < t for the frozen context, every cached
+    position for the sequential oracle) and to its own key/value."""
     attn = block.attn
     B, T, M, D = h_BTMD.shape
     H, K, E = attn.n_heads, attn.n_kv_heads, attn.head_dim
@@ -150,9 +151,10 @@ def frozen_attn_residual(block, h_BTMD, k_BKCE, v_BKCE, cos_TE, sin_TE, strict_T
     ctx_BHXC = ctx_BHXC.masked_fill(~mask_XC, float("-inf"))
     own_BHX = (q_BTMHE * k_BTMHE).sum(-1).permute(0, 3, 1, 2).reshape(B, H, T * M).float() * scale
     p_BHXC1 = torch.softmax(torch.cat([ctx_BHXC, own_BHX.unsqueeze(-1)], -1), dim=-1).to(q_BHXE.dtype)
-    y_BHXE = p_BHXC1[..., :T] @ v_BHCE
+    C = k_BKCE.shape[2]  # T for the frozen context; the cached positions < t for the sequential oracle
+    y_BHXE = p_BHXC1[..., :C] @ v_BHCE
     v_own_BHXE = v_BTMHE.permute(0, 3, 1, 2, 4).reshape(B, H, T * M, E)
-    y_BHXE = y_BHXE + p_BHXC1[..., T:] * v_own_BHXE
+    y_BHXE = y_BHXE + p_BHXC1[..., C:] * v_own_BHXE
     y_BTMD = y_BHXE.view(B, H, T, M, E).permute(0, 2, 3, 1, 4).reshape(B, T, M, H * E)
     return h_BTMD + attn.o_proj(y_BTMD)
 

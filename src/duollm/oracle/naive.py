@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..model import DuoModel
-from ..routing import format_pattern
+from ..routing import format_pattern, pattern_codes
 from .context import reference_routes
 
 
@@ -63,3 +63,32 @@ def naive_losses(
             loss_BTT = out.loss_BT.view(B, T, T)
             parts.append(loss_BTT.diagonal(dim1=1, dim2=2).float().cpu())
         yield p, torch.cat(parts)
+
+
+@torch.no_grad()
+def naive_sequential(model: DuoModel, idx_BT: torch.Tensor, tgt_BT: torch.Tensor, schedule_T, candidates):
+    """The sequential oracle by brute force: for t = 0..T-1 and every candidate p of budget
+    ``schedule_T[t]`` (in code order), a full forward in which positions < t follow their chosen
+    patterns and position t follows p; token t keeps the first pattern of lowest loss.
+    Returns ``(loss_BT, code_BT)`` like ``sequential.sequential_oracle``."""
+    L = model.cfg.n_layers
+    B, T = idx_BT.shape
+    device = idx_BT.device
+    chosen_LBT = torch.zeros(L, B, T, dtype=torch.long, device=device)
+    loss_BT = torch.empty(B, T)
+    code_BT = np.empty((B, T), dtype=np.int64)
+    for t in range(T):
+        route_PL = np.asarray(candidates(int(schedule_T[t])))
+        code_P = pattern_codes(route_PL)
+        order = np.argsort(code_P, kind="stable")
+        best = torch.full((B,), float("inf"))
+        for p in order:
+            route_LBT = chosen_LBT.clone()
+            route_LBT[:, :, t:] = torch.as_tensor(route_PL[p], device=device).long().view(L, 1, 1)
+            loss_B = model(idx_BT, tgt_BT, route_LBT, return_logits=False).loss_BT[:, t].float().cpu()
+            better = loss_B < best
+            best = torch.where(better, loss_B, best)
+            code_BT[better.numpy(), t] = code_P[p]
+            chosen_LBT[:, better.to(device), t] = torch.as_tensor(route_PL[p], device=device).long().view(L, 1)
+        loss_BT[:, t] = best
+    return loss_BT, code_BT

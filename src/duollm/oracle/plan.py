@@ -63,9 +63,11 @@ class OracleSpec:
     def __post_init__(self):
         L = self.space.n_layers
         if self.context not in CONTEXTS:
-            raise ValueError(f"unknown context {self.context!r}; use shared or frozen")
-        if self.context == "shared" and self.reference is not None:
+            raise ValueError(f"unknown context {self.context!r}; use shared, frozen or sequential")
+        if self.context != "frozen" and self.reference is not None:
             raise ValueError("--reference applies to the frozen context only (use --context frozen)")
+        if self.context == "sequential" and (self.search != "exhaustive" or self.patterns is not None):
+            raise ValueError("the sequential oracle searches every candidate of each budget; drop --search/--patterns")
         if self.context == "frozen":
             self.reference = normalize_reference(self.reference, L)
         if self.search not in SEARCHES:

@@ -186,6 +186,10 @@ def position_budgets(plan: Plan, best_loss_JN: np.ndarray, best_code_JN, positio
             "oracle_ppl_lo": ci["ppl_lo"],
             "oracle_ppl_hi": ci["ppl_hi"],
             "compute": compute_of_codes(best_code_JN[j_N, cols], flop_model),
+            # Σ_k w_k·oracle@k: what the schedule scores from the per-budget means alone; under the shared and
+            # frozen contexts a token's budget never changes another's context, so measured ≈ predicted
+            "predicted_ppl": _ppl(sum(float((sched_T == k).mean()) * float(best_loss_JN[j_of[k]].astype(np.float64).mean())
+                                      for k in needed)),
             "_loss_ST": loss_N.reshape(-1, T),
         })
     constant = next((e["_loss_ST"] for e in out if e["name"] == "constant"), None)

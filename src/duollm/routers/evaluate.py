@@ -120,6 +120,8 @@ def oracle_comparison(model, res: dict, idx_ST, tgt_ST, cfg: RouterConfig, oracl
     if len(seq) and b.get("fixed_pattern"):
         fixed_ST = per_token_loss(model, idx_ST[seq], tgt_ST[seq], b["fixed_pattern"], batch_size=cfg.eval_batch)["loss_ST"]
         comp["router_minus_fixed"] = paired_ppl_difference(router_ST, fixed_ST)
+    if len(seq) and fixed_ST is not None and oracle.loss_ST is not None:
+        comp["per_sequence"] = per_sequence(res["route_LST"][:, seq], router_ST, fixed_ST, oracle.loss_ST[seq], seq)
     _, held = holdout_split(seq, cfg.holdout_every)
     if len(held):
         mask_ST = torch.zeros_like(oracle.covered_ST)
@@ -134,6 +136,26 @@ def oracle_comparison(model, res: dict, idx_ST, tgt_ST, cfg: RouterConfig, oracl
             h["fixed_ppl"] = math.exp(fixed_ST[at].double().mean().item())
         comp["heldout"] = h
     return comp
+
+
+def per_sequence(route_LST: torch.Tensor, router_ST, fixed_ST, oracle_ST, seq) -> dict:
+    """What the findings resample (analysis/findings.py): per evaluated sequence, the mean loss of the
+    router, the fixed pattern and the oracle, the router's big share per layer, and its big share
+    (mean over layers) at the early positions 1..T/4 (position 0 left out: it has no context) and
+    at the rest."""
+    big_LST = (route_LST == BIG).float()
+    T = big_LST.shape[-1]
+    q = max(2, T // 4)
+    big_ST = big_LST.mean(0)
+    return {
+        "sequence": [int(i) for i in seq],
+        "loss": _r(router_ST.double().mean(1).tolist(), 6),
+        "fixed_loss": _r(fixed_ST.double().mean(1).tolist(), 6),
+        "oracle_loss": _r(oracle_ST.double().mean(1).tolist(), 6),
+        "big_by_layer": _r(big_LST.mean(2).T.tolist(), 4),  # [S][L]
+        "big_early": _r(big_ST[:, 1:q].mean(1).tolist(), 4),
+        "big_rest": _r(big_ST[:, q:].mean(1).tolist(), 4),
+    }
 
 
 def write_eval(out: Path, model, router: Router, idx_ST, tgt_ST, cfg: RouterConfig, oracle, log=print) -> dict:
