@@ -48,24 +48,32 @@ from .step import layer_children
 
 @dataclass(frozen=True)
 class PrefixLevels:
-    """The prefix tree of a candidate set, level by level: at depth d+1 the distinct prefixes
-    (sorted codes), the route each takes at layer d, and its parent's index at depth d."""
+    """The prefix tree of a candidate set, level by level, in the order the tensors hold it: at
+    layer d the children of route r are ``select[d][r]`` (indices of their parents among the
+    previous level's prefixes), concatenated route by route. ``leaf_order`` sorts the leaves by code
+    (so that a tie goes to the smallest code); ``code_P`` are the leaves' codes in that order."""
 
-    route_M: list[np.ndarray]
-    parent_M: list[np.ndarray]
-    code_P: np.ndarray  # the leaves: full patterns, sorted
+    select: list[dict[int, torch.Tensor]]
+    leaf_order: torch.Tensor
+    code_P: np.ndarray
 
     @classmethod
-    def of(cls, route_PL: np.ndarray) -> PrefixLevels:
+    def of(cls, route_PL: np.ndarray, device=None) -> PrefixLevels:
         L = route_PL.shape[1]
-        prev = np.zeros(1, dtype=np.int64)  # the root: the empty prefix
-        routes, parents = [], []
+        prev = np.zeros(1, dtype=np.int64)  # the root: the empty prefix, in tensor order
+        levels = []
         for d in range(L):
             uniq = np.unique(pattern_codes(route_PL[:, : d + 1]))
-            routes.append(uniq % 3)
-            parents.append(np.searchsorted(prev, uniq // 3))
-            prev = uniq
-        return cls(routes, parents, prev)
+            parent_pos = {int(c): i for i, c in enumerate(prev)}
+            select, order = {}, []
+            for r in (int(x) for x in np.unique(uniq % 3)):
+                kids = uniq[uniq % 3 == r]
+                select[r] = torch.as_tensor([parent_pos[int(c)] for c in kids // 3], device=device)
+                order.append(kids)
+            levels.append(select)
+            prev = np.concatenate(order)
+        leaf_order = np.argsort(prev, kind="stable")
+        return cls(levels, torch.as_tensor(leaf_order, device=device), prev[leaf_order])
 
 
 class _Step:
@@ -98,7 +106,8 @@ def sequential_oracle(model: DuoModel, idx_BT: torch.Tensor, tgt_BT: torch.Tenso
     with budget k chooses among."""
     B, T = idx_BT.shape
     head = Head(model, kernels=kernels)
-    levels = {int(k): PrefixLevels.of(np.asarray(candidates(int(k)))) for k in sorted(set(map(int, schedule_T)))}
+    levels = {int(k): PrefixLevels.of(np.asarray(candidates(int(k))), idx_BT.device)
+              for k in sorted(set(map(int, schedule_T)))}
     if any(len(lv.code_P) == 0 for lv in levels.values()):
         raise ValueError("a budget of the schedule has no candidate pattern")
     h0_BTD = model.embed(idx_BT)
@@ -109,16 +118,11 @@ def sequential_oracle(model: DuoModel, idx_BT: torch.Tensor, tgt_BT: torch.Tenso
         lv = levels[int(schedule_T[t])]
         step = _Step(model, cache, t, kernels)
         h_B1MD = h0_BTD[:, t : t + 1, None, :]
-        for d, (route_M, parent_M) in enumerate(zip(lv.route_M, lv.parent_M)):
-            used = [int(r) for r in np.unique(route_M)]
-            where = {r: np.flatnonzero(route_M == r) for r in used}
-            select = {r: torch.as_tensor(parent_M[where[r]], device=h_B1MD.device) for r in used}
-            nxt = h_B1MD.new_empty(B, 1, len(route_M), h_B1MD.shape[-1])
-            for r, child in layer_children(step, d, h_B1MD, used, select=select):
-                nxt[:, :, torch.as_tensor(where[r], device=nxt.device)] = child
-            h_B1MD = nxt
+        for d, select in enumerate(lv.select):
+            children = [child for _, child in layer_children(step, d, h_B1MD, list(select), select=select)]
+            h_B1MD = children[0] if len(children) == 1 else torch.cat(children, dim=2)
         P = h_B1MD.shape[2]
-        leaf_loss_BP = head(h_B1MD[:, 0], tgt_BT[:, t : t + 1].expand(B, P))
+        leaf_loss_BP = head(h_B1MD[:, 0], tgt_BT[:, t : t + 1].expand(B, P))[:, lv.leaf_order]
         best_B = leaf_loss_BP.argmin(1)  # the first minimum: the smallest code among ties
         loss_BT[:, t] = leaf_loss_BP.gather(1, best_B[:, None])[:, 0]
         code_BT[:, t] = lv.code_P[best_B.cpu().numpy()]
