@@ -220,7 +220,7 @@ def _paper_routers(rd: RunData | None) -> list[dict]:
     return budget or have
 
 
-def routers_near_baselines(rd: RunData, v: OracleView | None) -> Finding:
+def routers_near_baselines(rd: RunData, v: OracleView | None, null: RunData | None = None) -> Finding:
     claim = "Trained routers land near the fixed and best-of-random baselines, far from the oracle."
     criterion = ("per router of the paper's method: the router-fixed perplexity interval holds 0, the router-oracle "
                  "gap is at least 80% of the fixed-oracle gap (effect = gap ratio - 0.8; the oracle interpolated to "
@@ -229,8 +229,8 @@ def routers_near_baselines(rd: RunData, v: OracleView | None) -> Finding:
     if not routers or v is None:
         return Finding("routers_near_baselines", claim, criterion, None)
     null_gain = {}
-    if rd.null is not None and rd.null.primary is not None:
-        for b in rd.null.primary.budgets:
+    if null is not None and null.primary is not None:
+        for b in null.primary.budgets:
             if b.get("fixed_ppl"):
                 null_gain[int(b["k"])] = 1 - b["oracle_ppl"] / b["fixed_ppl"]
     rows, verdicts = [], []
@@ -280,14 +280,14 @@ def _early_tokens(ps):
     return lambda idx: float(d_S[idx].mean())
 
 
-def routers_favour_late_layers(rd: RunData) -> Finding:
+def routers_favour_late_layers(rd: RunData, null_run: RunData | None = None) -> Finding:
     claim = "Routers favour late layers for the big modules."
     criterion = ("effect = slope of the routers' big share over the layer index, mean over the paper's routers; "
                  "the null: the same router trained on the model at initialisation")
     routers = _paper_routers(rd)
     if not routers:
         return Finding("routers_favour_late_layers", claim, criterion, None)
-    null = _paper_routers(rd.null)
+    null = _paper_routers(null_run)
     n_seq = len(routers[0]["oracle"]["per_sequence"]["sequence"])
     null_ok = null and len(null[0]["oracle"]["per_sequence"]["sequence"]) == n_seq
     return _decide("routers_favour_late_layers", claim, criterion, _router_stat(routers, _late_layers), n_seq,
@@ -296,7 +296,7 @@ def routers_favour_late_layers(rd: RunData) -> Finding:
                     "layer_profiles": {r["name"]: r.get("layer_profile") for r in routers}})
 
 
-def routers_early_tokens_more_big(rd: RunData) -> Finding:
+def routers_early_tokens_more_big(rd: RunData, null_run: RunData | None = None) -> Finding:
     claim = "Routers give early tokens (the first positions of a sequence) more big modules."
     criterion = ("per router: big share at positions 1..T/4 (position 0 excluded) minus at the rest, per sequence; "
                  "effect = the smallest over the paper's routers (the same sign at every budget), reproduced only "
@@ -306,7 +306,7 @@ def routers_early_tokens_more_big(rd: RunData) -> Finding:
         return Finding("routers_early_tokens_more_big", claim, criterion, None)
     arrays = [_early_tokens(r["oracle"]["per_sequence"]) for r in routers]
     n_seq = len(routers[0]["oracle"]["per_sequence"]["sequence"])
-    null = _paper_routers(rd.null)
+    null = _paper_routers(null_run)
     null_ok = null and len(null[0]["oracle"]["per_sequence"]["sequence"]) == n_seq
     null_arrays = [_early_tokens(r["oracle"]["per_sequence"]) for r in null] if null_ok else []
     effect = bootstrap(lambda idx: min(fn(idx) for fn in arrays), n_seq,
@@ -375,7 +375,8 @@ def check_all(rd: RunData, null: RunData | None = None) -> list[Finding]:
     out.append(constant_budget_best(view(rd.sequential), view(null.sequential) if null is not None else None,
                                     schedule_predictions(rd)))
     primary = view(rd.primary)
-    out += [routers_near_baselines(rd, primary), routers_favour_late_layers(rd), routers_early_tokens_more_big(rd)]
+    out += [routers_near_baselines(rd, primary, null), routers_favour_late_layers(rd, null),
+            routers_early_tokens_more_big(rd, null)]
     out.append(difficulty_not_raw_loss(primary, null_primary, L))
     for f in out:  # DESIGN 4.4a: a finding counts only against a null
         gated = f.id == "routers_near_baselines" or (f.effect is not None and f.effect.get("null") is not None)
