@@ -214,8 +214,9 @@ def oracle_only_run(tiny_run, tmp_path_factory):
 def test_report_without_routers_or_skip_study(oracle_only_run):
     index = write_report(oracle_only_run)
     res = json.loads((oracle_only_run / "report" / "results.json").read_text())
-    assert res["figures"] == ["ppl_vs_budget", "oracle_usage", "position_budgets", "token_losses", "difficulty_ranking"]
-    assert index.read_text().count("data:image/png;base64,") == 5
+    assert res["figures"] == ["findings", "ppl_vs_budget", "oracle_usage", "position_budgets", "token_losses",
+                              "difficulty_ranking"]
+    assert index.read_text().count("data:image/png;base64,") == 6
     verdict = {f["id"]: f["verdict"] for f in res["findings"]}
     for absent in ("skip_not_early_exit", "routers_near_baselines", "routers_favour_late_layers",
                    "routers_early_tokens_more_big"):

@@ -158,7 +158,7 @@ def test_report_files_with_embedded_figures_and_findings(study):
     html = (report / "index.html").read_text()
     res = json.loads((report / "results.json").read_text())
     md = (report / "report.md").read_text()
-    assert set(res["figures"]) == {"ppl_vs_budget", "oracle_usage", "router_usage", "position_budgets",
+    assert set(res["figures"]) == {"findings", "ppl_vs_budget", "oracle_usage", "router_usage", "position_budgets",
                                    "token_losses", "difficulty_ranking", "skip_vs_early_exit"}
     images = html.split('src="data:image/png;base64,')[1:]
     assert len(images) == len(res["figures"])
@@ -187,6 +187,10 @@ def test_report_files_with_embedded_figures_and_findings(study):
     assert f"Of {n['tested']} tested findings, {n['reproduced']} reproduced" in html
     # the routers were evaluated on the oracle's tokens (eval.max_tokens is 1024, the study scores 512)
     assert len(res["routers"]) == 6 and all(r["tokens"] == 512 == r["oracle_tokens"] for r in res["routers"])
+    # ... with the per-sequence evidence the router findings resample (16 sequences of 32 tokens)
+    for path in sorted((study["out"] / "study" / "routers").glob("*.json")):
+        ps = json.loads(path.read_text())["oracle"]["per_sequence"]
+        assert len(ps["loss"]) == len(ps["big_by_layer"]) == len(ps["big_early"]) == 16 and len(ps["big_by_layer"][0]) == 4
     assert res["difficulty"]["tokens"] == 512 and (report / "difficulty.parquet").is_file()
 
 

@@ -7,7 +7,7 @@ Methods scored on the same tokens are compared *paired* — one draw of sequence
 interval of a difference is much narrower than the two intervals side by side suggest. Intervals are
 percentile intervals of ``N_BOOT`` seeded replicates (deterministic for a given input).
 
-Tensor name legend (``docs/NOTATION.md``): S sequences, T positions, R bootstrap replicates.
+Tensor name legend (``docs/NOTATION.md``): S sequences, T positions, I bootstrap replicates.
 """
 
 from __future__ import annotations
@@ -37,21 +37,21 @@ def sequence_means(loss_ST) -> np.ndarray:
 
 
 def replicates(n_seq: int, n_boot: int = N_BOOT, seed: int = 0) -> np.ndarray:
-    """``idx_RS``: the sequences each replicate draws (with replacement), the same for every method."""
+    """``idx_IS``: the sequences each replicate draws (with replacement), the same for every method."""
     return np.random.default_rng(seed).integers(0, n_seq, size=(n_boot, n_seq))
 
 
-def percentile_interval(values_R: np.ndarray, level: float = LEVEL) -> tuple[float, float]:
+def percentile_interval(values_I: np.ndarray, level: float = LEVEL) -> tuple[float, float]:
     a = (1.0 - level) / 2
-    lo, hi = np.quantile(values_R, [a, 1.0 - a])
+    lo, hi = np.quantile(values_I, [a, 1.0 - a])
     return float(lo), float(hi)
 
 
 def ppl_interval(loss_ST, *, n_boot: int = N_BOOT, seed: int = 0, level: float = LEVEL) -> dict:
     """``{"ppl", "ppl_lo", "ppl_hi"}``: perplexity of all tokens and its bootstrap interval over sequences."""
     m_S = sequence_means(loss_ST)
-    boot_R = m_S[replicates(len(m_S), n_boot, seed)].mean(1)
-    lo, hi = percentile_interval(boot_R, level)
+    boot_I = m_S[replicates(len(m_S), n_boot, seed)].mean(1)
+    lo, hi = percentile_interval(boot_I, level)
     return {"ppl": math.exp(m_S.mean()), "ppl_lo": math.exp(lo), "ppl_hi": math.exp(hi)}
 
 
@@ -59,9 +59,9 @@ def paired_ppl_difference(loss_a_ST, loss_b_ST, *, n_boot: int = N_BOOT, seed: i
     """``ppl(a) - ppl(b)`` on the same tokens, with its paired bootstrap interval: ``{"diff", "lo", "hi"}``."""
     a_S, b_S = sequence_means(loss_a_ST), sequence_means(loss_b_ST)
     assert a_S.shape == b_S.shape, "a paired comparison needs the same sequences"
-    idx_RS = replicates(len(a_S), n_boot, seed)
-    diff_R = np.exp(a_S[idx_RS].mean(1)) - np.exp(b_S[idx_RS].mean(1))
-    lo, hi = percentile_interval(diff_R, level)
+    idx_IS = replicates(len(a_S), n_boot, seed)
+    diff_I = np.exp(a_S[idx_IS].mean(1)) - np.exp(b_S[idx_IS].mean(1))
+    lo, hi = percentile_interval(diff_I, level)
     return {"diff": math.exp(a_S.mean()) - math.exp(b_S.mean()), "lo": lo, "hi": hi}
 
 
@@ -74,25 +74,25 @@ def bootstrap(stat, n_seq: int, *, null_stat=None, n_boot: int = N_BOOT, seed: i
     Returns ``{"value", "lo", "hi"}`` plus, with a null, ``"null", "null_lo", "null_hi"`` and
     ``"minus_null": {"diff", "lo", "hi"}``. Replicates where the statistic is undefined (NaN) are
     dropped; with none left the interval is NaN."""
-    idx_RS = replicates(n_seq, n_boot, seed)
+    idx_IS = replicates(n_seq, n_boot, seed)
     full = np.arange(n_seq)
 
     def run(fn):
         value = float(fn(full))
-        reps = np.array([fn(idx) for idx in idx_RS], dtype=np.float64)
-        return value, reps
+        value_I = np.array([fn(idx) for idx in idx_IS], dtype=np.float64)
+        return value, value_I
 
-    def interval(reps):
-        ok = reps[np.isfinite(reps)]
+    def interval(value_I):
+        ok = value_I[np.isfinite(value_I)]
         return percentile_interval(ok, level) if len(ok) else (float("nan"), float("nan"))
 
-    value, reps = run(stat)
-    lo, hi = interval(reps)
+    value, value_I = run(stat)
+    lo, hi = interval(value_I)
     out = {"value": value, "lo": lo, "hi": hi}
     if null_stat is not None:
-        n_value, n_reps = run(null_stat)
-        out["null"], (out["null_lo"], out["null_hi"]) = n_value, interval(n_reps)
-        d_lo, d_hi = interval(reps - n_reps)
+        n_value, null_I = run(null_stat)
+        out["null"], (out["null_lo"], out["null_hi"]) = n_value, interval(null_I)
+        d_lo, d_hi = interval(value_I - null_I)
         out["minus_null"] = {"diff": value - n_value, "lo": d_lo, "hi": d_hi}
     return out
 

@@ -235,9 +235,11 @@ def fig_router_usage(rd: RunData) -> Figure | None:
 @_style
 def fig_position_budgets(rd: RunData) -> Figure | None:
     """Oracle perplexity when the budget falls, rises or stays constant along the sequence, at the
-    same mean budget (paper section 4.2: 6 -> 2, 2 -> 6, constant 4 for L = 12)."""
-    entries = {ctx: o.summary.get("position_budgets") or [] for ctx, o in rd.sweeps.items()}
-    entries = {ctx: e for ctx, e in entries.items() if e}
+    same mean budget (paper section 4.2: 6 -> 2, 2 -> 6, constant 4 for L = 12), per context with the
+    sequential oracle last; bars carry the 95% interval, dots the per-token prediction Σ w_k·oracle@k."""
+    oracles = {o.label: o for o in [*rd.sweeps.values(), *([rd.sequential] if rd.sequential else [])]}
+    entries = {label: o.summary.get("position_budgets") or [] for label, o in oracles.items()}
+    entries = {label: e for label, e in entries.items() if e}
     if not entries:
         return None
     T = int(rd.primary.summary.get("seq_len") or rd.config.train.seq_len)
@@ -253,11 +255,16 @@ def fig_position_budgets(rd: RunData) -> Figure | None:
     ax_s.legend()
     names = [e["name"] for e in first]
     width = 0.8 / len(entries)
-    for i, (ctx, es) in enumerate(entries.items()):
-        by = {e["name"]: e["oracle_ppl"] for e in es}
+    for i, (label, es) in enumerate(entries.items()):
+        by = {e["name"]: e for e in es}
         xs = np.arange(len(names)) + (i - (len(entries) - 1) / 2) * width
-        vals = [by.get(n, np.nan) for n in names]
-        bars = ax_p.bar(xs, vals, width, label=f"oracle, {rd.sweeps[ctx].label}")
+        vals = np.array([by[n]["oracle_ppl"] if n in by else np.nan for n in names])
+        lo_, hi_ = (np.array([by[n].get(f"oracle_ppl_{s}", np.nan) if n in by else np.nan for n in names]) for s in ("lo", "hi"))
+        bars = ax_p.bar(xs, vals, width, label=f"oracle, {label}")
+        if np.isfinite(lo_).all():  # the bootstrap interval over sequences (wide: sequences differ a lot)
+            ax_p.errorbar(xs, vals, yerr=[vals - lo_, hi_ - vals], fmt="none", ecolor="0.3", elinewidth=0.8, capsize=2)
+        pred = np.array([by[n].get("predicted_ppl") or np.nan if n in by else np.nan for n in names])
+        ax_p.plot(xs, pred, "k.", markersize=4, label="Σ w_k·oracle@k" if i == 0 else None)
         ax_p.bar_label(bars, fmt="%.2f", fontsize=7)
     ax_p.set_xticks(range(len(names)), names)
     ax_p.set_ylabel("oracle perplexity")
@@ -401,6 +408,36 @@ def fig_skip_vs_early_exit(rd: RunData) -> Figure | None:
 
 # ----------------------------------------------------------------------------- all of them
 
+def fig_findings(findings: list[dict]) -> Figure | None:
+    """Every tested finding's effect with its 95% interval next to the null's, each row scaled to its own
+    largest magnitude (the effects have different units); right of the zero line is the paper's direction."""
+    rows = [f for f in findings if f.get("effect") and f["effect"].get("lo") is not None]
+    if not rows:
+        return None
+    fig = new_figure(7.5, 0.32 * len(rows) + 1.0)
+    ax = fig.subplots()
+    colour = {"reproduced": "#1a7f37", "contradicted": "#b42318", "inconclusive": "#9a6700"}
+    for i, f in enumerate(rows):
+        e = f["effect"]
+        vals = [abs(x) for x in (e["lo"], e["hi"], e.get("null_lo"), e.get("null_hi")) if x is not None]
+        scale = 1.0 / max(max(vals), 1e-12)
+        y = len(rows) - 1 - i
+        ax.plot([e["lo"] * scale, e["hi"] * scale], [y, y], color=colour.get(f["verdict"], "0.5"), lw=3)
+        ax.plot([e["value"] * scale], [y], "o", color=colour.get(f["verdict"], "0.5"), markersize=4)
+        if e.get("null_lo") is not None:
+            ax.plot([e["null_lo"] * scale, e["null_hi"] * scale], [y - 0.25] * 2, color="0.6", lw=2)
+            ax.plot([e["null"] * scale], [y - 0.25], "o", color="0.6", markersize=3)
+        ax.text(1.08, y, f"{f['verdict']}  {e['value']:+.3f}", va="center", fontsize=7, transform=ax.get_yaxis_transform())
+    ax.axvline(0, color="k", lw=0.6)
+    ax.set_yticks(range(len(rows)), [f["id"].replace("_", " ") + (f" [{f['context']}]" if f["context"] else "")
+                                     for f in reversed(rows)])
+    ax.set_xlim(-1.1, 1.1)
+    ax.set_xticks([-1, -0.5, 0, 0.5, 1])
+    ax.set_xlabel("effect / its row's largest |value|  (colour: trained model, 95% interval; grey: null control)")
+    ax.set_title("Findings: effect and null, each with its 95% bootstrap interval")
+    return fig
+
+
 FIGURES = {
     "ppl_vs_budget": fig_ppl_vs_budget,
     "oracle_usage": fig_oracle_usage,
@@ -412,10 +449,13 @@ FIGURES = {
 }
 
 
-def render_all(run, difficulty: dict | None = None) -> dict[str, bytes]:
-    """PNG bytes of every figure the run folder supports, in a fixed order."""
+def render_all(run, difficulty: dict | None = None, findings: list[dict] | None = None) -> dict[str, bytes]:
+    """PNG bytes of every figure the run folder supports, in a fixed order (the findings first)."""
     rd = _rd(run)
     out = {}
+    fig = fig_findings(findings) if findings else None
+    if fig is not None:
+        out["findings"] = png_bytes(fig)
     for name, fn in FIGURES.items():
         fig = fn(rd, difficulty) if name == "difficulty_ranking" else fn(rd)
         if fig is not None:

@@ -34,13 +34,18 @@ from .findings import check_all, counts
 from .rundata import RunData
 
 FIGURE_CAPTIONS = {
+    "findings": "Each finding's effect (coloured by its verdict) and the null control's (grey), with 95% bootstrap "
+                "intervals over sequences; each row is scaled to its own largest magnitude, and right of zero is "
+                "the paper's direction.",
     "ppl_vs_budget": "Perplexity vs big-layer budget k: the oracle (per context policy), the best fixed pattern, "
                      "the best of 100 random patterns, a random pattern, all-small and all-big; routers at their "
                      "realised budget. Top axis: compute relative to all-big.",
     "oracle_usage": "Share of tokens sent to big at each layer (rows, first at the bottom) and position (columns) by "
                     "the oracle at a small, middle and large budget; last panel: share skipped in the skip study.",
     "router_usage": "The same for each trained router, under the oracle at the router's budget.",
-    "position_budgets": "Budgets that fall or rise along the sequence vs a constant one with the same mean.",
+    "position_budgets": "Budgets that fall or rise along the sequence vs a constant one with the same mean, per "
+                        "context and for the sequential oracle; bars: 95% intervals; dots: the per-token prediction "
+                        "Σ w_k·oracle@k (under shared/frozen the measured value is that prediction).",
     "token_losses": "Loss of each next token of a validation sequence under all-small, all-big and the oracle at "
                     "k = L/2, and the difficulty gap (all-small minus oracle).",
     "difficulty_ranking": "Tokens ranked by difficulty gap vs by raw all-small loss.",
@@ -72,7 +77,7 @@ def model_summary(rd: RunData) -> dict:
 def oracle_section(o) -> dict:
     keys = ("k", "candidates", "oracle_ppl", "oracle_ppl_lo", "oracle_ppl_hi", "fixed_ppl", "fixed_ppl_lo", "fixed_ppl_hi",
             "fixed_pattern", "best_of_100_ppl", "best_of_100_ppl_lo", "best_of_100_ppl_hi", "best_of_100_per_token_ppl",
-            "random_mean_ppl", "oracle_compute", "fixed_compute")
+            "random_mean_ppl", "random_mean_ppl_lo", "random_mean_ppl_hi", "oracle_compute", "fixed_compute")
     s = o.summary
     return {
         "name": o.name, "context": o.context, "reference": s.get("reference"), "tokens": s.get("tokens"),
@@ -126,12 +131,11 @@ def router_rows(rd: RunData) -> list[dict]:
     return rows
 
 
-def results(rd: RunData, difficulty: dict | None, figures: list[str]) -> dict:
+def results(rd: RunData, difficulty: dict | None, figures: list[str], findings: list[dict]) -> dict:
     cfg = rd.config
     m = rd.final_metrics
     primary = rd.primary
     skip = rd.skip_study
-    findings = [f.as_dict() for f in check_all(rd)]
     return {
         "run": rd.run.name,
         "model": model_summary(rd),
@@ -268,7 +272,7 @@ def tables(res: dict) -> list[tuple[str, list[str], list[list[str]]]]:
         ctx = o["context"]
         rows = [[str(b["k"]), _fmt(b["candidates"]), _ci(b, "oracle_ppl"), _ci(b, "fixed_ppl"),
                  _diff(b.get("oracle_minus_fixed")), b["fixed_pattern"] or "—", _ci(b, "best_of_100_ppl"),
-                 _fmt(b["best_of_100_per_token_ppl"]), _fmt(b["random_mean_ppl"]), _fmt(b["oracle_compute"], 3)]
+                 _fmt(b["best_of_100_per_token_ppl"]), _ci(b, "random_mean_ppl"), _fmt(b["oracle_compute"], 3)]
                 for b in o["budgets"]]
         ref = f", context tokens {o['reference']}" if o["reference"] else ""
         small = "all-small (scored token only)" if o["reference"] else "all-small"
@@ -277,7 +281,7 @@ def tables(res: dict) -> list[tuple[str, list[str], list[list[str]]]]:
                     f"(compute {_fmt(o['all_small_compute'], 3)}), {_fmt(o['tokens'])} tokens",
                     ["k", "candidates", "oracle [95% interval]", "fixed [95%]", "oracle − fixed [paired 95%]", "fixed pattern",
                      "best of 100 [95%]", "best of 100 per token",
-                     "random", "compute"], rows))
+                     "random [95%]", "compute"], rows))
         out += position_table(o, f"{ctx} context")
     if res.get("sequential"):
         q = res["sequential"]
@@ -482,8 +486,9 @@ def _write_report(run_dir: Path) -> Path:
     rd = RunData(run_dir)
     out = rundir.report_dir(rd.run)
     difficulty = write_difficulty(rd.run, rd)
-    pngs = render_all(rd, difficulty)
-    res = results(rd, difficulty, list(pngs))
+    findings = [f.as_dict() for f in check_all(rd)]
+    pngs = render_all(rd, difficulty, findings)
+    res = results(rd, difficulty, list(pngs), findings)
     for name, png in pngs.items():
         atomic_write_bytes(out / "figures" / f"{name}.png", png)
     figs = out / "figures"

@@ -29,9 +29,13 @@ from .plan import Plan
 class ChunkReducer:
     """Consumes ``(pattern indices, loss_R...)`` for one chunk of N tokens."""
 
-    def __init__(self, plan: Plan, n_tokens: int, device, matrix_cb=None):
+    def __init__(self, plan: Plan, n_tokens: int, device, matrix_cb=None, n_seq: int = 1):
         self.plan = plan
         N, G, J, P = n_tokens, len(plan.group_bigs), len(plan.budgets), len(plan.code_P)
+        self.n_seq = n_seq
+        # random@k per sequence: the sum over the budget's members of each sequence's loss (for its interval)
+        self.member_JP = torch.as_tensor(plan.member_JP, dtype=torch.float64, device=device)
+        self.rand_JB = torch.zeros(J, n_seq, dtype=torch.float64, device=device)
         inf = float("inf")
         self.best_GN = torch.full((G, N), inf, device=device)
         self.arg_GN = torch.full((G, N), -1, dtype=torch.long, device=device)
@@ -47,6 +51,7 @@ class ChunkReducer:
         loss_RN = loss_R.reshape(len(p_R), -1)
         p_R_t = torch.as_tensor(p_R, device=loss_RN.device)
         self.sum_P.index_copy_(0, p_R_t, loss_RN.double().sum(1))
+        self.rand_JB += self.member_JP[:, p_R_t] @ loss_RN.double().view(len(p_R), self.n_seq, -1).mean(2)
         self.seen_P[p_R] = True
         for i, p in enumerate(p_R.tolist()):
             loss_N = loss_RN[i]
@@ -104,6 +109,8 @@ class ChunkReducer:
             "all_big_N": self.base["all_big"].float().cpu().numpy(),
             "all_small_N": self.base["all_small"].float().cpu().numpy(),
             "sum_P": self.sum_P.cpu().numpy(),
+            # mean over the budget's members of each sequence's mean loss: random@k per sequence
+            "random_loss_JB": (self.rand_JB / self.member_JP.sum(1, keepdim=True).clamp(min=1)).cpu().numpy(),
         }
 
 
@@ -111,7 +118,7 @@ def merge_chunks(results: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """Concatenate per-token arrays in chunk order; sum per-pattern losses in chunk order
     (a fixed order, so a sharded or resumed run gives the same bits as one uninterrupted pass)."""
     out = {}
-    for key in ("best_loss_JN", "best_code_JN", "sub_loss_JN", "search_loss_JN"):
+    for key in ("best_loss_JN", "best_code_JN", "sub_loss_JN", "search_loss_JN", "random_loss_JB"):
         if key in results[0]:
             out[key] = np.concatenate([r[key] for r in results], axis=1)
     for key in ("all_big_N", "all_small_N"):

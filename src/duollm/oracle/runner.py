@@ -49,7 +49,7 @@ from .reductions import ChunkReducer, finalize, merge_chunks
 from .search import beam_search, max_children
 from .tree import walk_tree
 
-ENGINE_VERSION = 1
+ENGINE_VERSION = 2  # 2: random@k per sequence in each chunk's reductions
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -148,7 +148,7 @@ def compute_chunk(model: DuoModel, plan: Plan, idx_BT, tgt_BT, *, batch_tokens: 
     head = Head(model, kernels=kernels)
     B, T = idx_BT.shape
     ctx = make_context(model, spec.context, idx_BT, spec.reference, kernels)
-    red = ChunkReducer(plan, B * T, idx_BT.device, matrix_cb)
+    red = ChunkReducer(plan, B * T, idx_BT.device, matrix_cb, n_seq=B)
 
     def consume(p_R, loss_RBT):
         red.consume(p_R, loss_RBT)
@@ -368,6 +368,8 @@ def _write_outputs(out_dir: Path, plan: Plan, merged: dict, idx_ST, tgt_ST, mode
         oracle_ST = merged["best_loss_JN"][j].reshape(S, T)
         ci = ppl_interval(oracle_ST)
         entry["oracle_ppl_lo"], entry["oracle_ppl_hi"] = ci["ppl_lo"], ci["ppl_hi"]
+        ci = ppl_interval(merged["random_loss_JB"][j][:, None])  # per-sequence means: every sequence has T tokens
+        entry["random_mean_ppl_lo"], entry["random_mean_ppl_hi"] = ci["ppl_lo"], ci["ppl_hi"]
         for key in ("fixed", "best_of_100"):
             loss_ST = pattern_loss.get(entry.get(f"{key}_pattern"))
             if loss_ST is not None:
