@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from .. import rundir
 from ..stats import bootstrap, verdict, verdict_of
 from .difficulty import rankdata, reference_k
 from .evidence import OracleView, gain, max_drop, ppl_of, slope, view
@@ -386,6 +387,29 @@ def check_all(rd: RunData, null: RunData | None = None) -> list[Finding]:
     return out
 
 
+def across_seeds(rd: RunData, findings: list[dict]) -> dict | None:
+    """``study.seeds`` > 1: every finding's effect per training seed (each against the run's null
+    control), the across-seed mean and standard deviation beside the bootstrap intervals."""
+    runs = [RunData(p) for p in rundir.seed_dirs(rd.run)]
+    if not runs:
+        return None
+    seeds = [rd.config.train.seed] + [r.config.train.seed for r in runs]
+    key = lambda f: (f["id"], f["context"])  # noqa: E731  # a seed may lack a context the parent has
+    per_run = [{key(f): f for f in fs} for fs in [findings, *([f.as_dict() for f in check_all(r, null=rd.null)]
+                                                              for r in runs)]]
+    rows = []
+    for f in findings:
+        same = [fs[key(f)] for fs in per_run if key(f) in fs]
+        values = [x["effect"]["value"] for x in same if x["effect"] and x["effect"].get("value") is not None]
+        rows.append({"id": f["id"], "claim": f["claim"], "context": f["context"],
+                     "effects": [x["effect"] for x in same], "verdicts": [x["verdict"] for x in same],
+                     "mean": _r(float(np.mean(values))) if values else None,
+                     "sd": _r(float(np.std(values, ddof=1))) if len(values) > 1 else None})
+    quality = [{"seed": s, "all_big_ppl": _r(r.primary.summary["all_big_ppl"]) if r.primary else None}
+               for s, r in zip(seeds, [rd, *runs])]
+    return {"seeds": seeds, "findings": rows, "models": quality}
+
+
 def counts(findings: list[dict]) -> dict:
     """The headline: how many findings got each verdict (and how many were testable)."""
     out = {v: sum(f["verdict"] == v for f in findings) for v in ("reproduced", "contradicted", "inconclusive")}
@@ -393,4 +417,4 @@ def counts(findings: list[dict]) -> dict:
     return out
 
 
-__all__ = ["Finding", "check_all", "counts", "verdict"]
+__all__ = ["Finding", "across_seeds", "check_all", "counts", "verdict"]

@@ -30,7 +30,7 @@ from ..model import DuoModel, param_counts
 from ..rundir import writing
 from .difficulty import reference_k, token_table, write_difficulty
 from .figures import render_all, sample_sequence, visible
-from .findings import check_all, counts
+from .findings import across_seeds, check_all, counts
 from .rundata import RunData
 
 FIGURE_CAPTIONS = {
@@ -160,30 +160,9 @@ def results(rd: RunData, difficulty: dict | None, figures: list[str], findings: 
         "difficulty": difficulty,
         "findings": findings,
         "verdicts": counts(findings),
-        "seeds": seed_table(rd, findings),
+        "seeds": across_seeds(rd, findings),
         "figures": figures,
     }
-
-
-def seed_table(rd: RunData, findings: list[dict]) -> dict | None:
-    """``study.seeds`` > 1: every finding's effect per training seed (each against the run's null
-    control), the across-seed mean and standard deviation beside the bootstrap intervals."""
-    runs = [RunData(p) for p in rundir.seed_dirs(rd.run)]
-    if not runs:
-        return None
-    seeds = [rd.config.train.seed] + [r.config.train.seed for r in runs]
-    per_run = [findings] + [[f.as_dict() for f in check_all(r, null=rd.null)] for r in runs]
-    rows = []
-    for i, f in enumerate(findings):
-        same = [fs[i] for fs in per_run if i < len(fs) and fs[i]["id"] == f["id"] and fs[i]["context"] == f["context"]]
-        values = [x["effect"]["value"] for x in same if x["effect"] and x["effect"].get("value") is not None]
-        rows.append({"id": f["id"], "claim": f["claim"], "context": f["context"],
-                     "effects": [x["effect"] for x in same], "verdicts": [x["verdict"] for x in same],
-                     "mean": _r(float(np.mean(values))) if values else None,
-                     "sd": _r(float(np.std(values, ddof=1))) if len(values) > 1 else None})
-    quality = [{"seed": s, "all_big_ppl": _r(r.primary.summary["all_big_ppl"]) if r.primary else None}
-               for s, r in zip(seeds, [rd, *runs])]
-    return {"seeds": seeds, "findings": rows, "models": quality}
 
 
 # ----------------------------------------------------------------------------- rendering helpers

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from pathlib import Path
 
 import numpy as np
@@ -200,6 +201,8 @@ def run_oracle_command(
 def _run(run_dir: Path, model, idx_ST, tgt_ST, spec: OracleSpec, name: str, *, batch_tokens, dtype, save_matrix,
          progress, compile, data, schedules_only=False) -> str:
     if spec.context == "sequential":
+        if int(os.environ.get("RANK", "0")) != 0:  # one process: the steps are sequential by nature
+            return name
         run_sequential(engine_model(model, dtype), idx_ST, tgt_ST, spec, rundir.oracle_dir(run_dir, name),
                        progress=progress, meta={"name": name, "data": data or "validation split", "dtype": dtype},
                        schedules_only=schedules_only)
