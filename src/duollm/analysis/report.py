@@ -160,6 +160,7 @@ def results(rd: RunData, difficulty: dict | None, figures: list[str], findings: 
         "difficulty": difficulty,
         "findings": findings,
         "verdicts": counts(findings),
+        "seed_of": rd.run.parent.parent.name if rd.run.parent.name == "seeds" else None,  # rundir.seed_dir
         "seeds": across_seeds(rd, findings),
         "figures": figures,
     }
@@ -368,7 +369,9 @@ def coloured_tokens_html(rd: RunData) -> str:
 
 def headline(res: dict) -> str:
     n = res["verdicts"]
-    null = "against the null control" if res.get("null") else "WITHOUT a null control (study.null=false)"
+    null = ("against the null control" if res.get("null") else
+            "without a null control here: the parent study's report judges this seed against its null"
+            if res.get("seed_of") else "WITHOUT a null control (study.null=false)")
     return (f"Of {n['tested']} tested findings, {n['reproduced']} reproduced, {n['contradicted']} contradicted, "
             f"{n['inconclusive']} inconclusive ({null}; 95% intervals)")
 
