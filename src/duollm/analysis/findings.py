@@ -26,7 +26,7 @@ import numpy as np
 
 from .. import rundir
 from ..stats import bootstrap, verdict, verdict_of
-from .difficulty import rankdata, reference_k
+from .difficulty import reference_k, spearman
 from .evidence import OracleView, gain, max_drop, ppl_of, slope, view
 from .rundata import RunData, early_exit_pattern, reference_budgets
 
@@ -138,15 +138,17 @@ def big_layers_by_budget(v: OracleView | None, nv: OracleView | None, L: int, co
         return lambda idx: slope(share_SL[idx].mean(0))
 
     nv = _null(v, nv)
+    stats = {name: (stat_of(v, ks[name]), stat_of(nv, ks[name]) if nv else None) for name in ("small", "large")}
     parts = {}
     for name, direction in (("small", 1), ("large", -1)):
         k = ks[name]
-        e = bootstrap(stat_of(v, k), v.S, null_stat=stat_of(nv, k) if nv else None)
+        e = bootstrap(stats[name][0], v.S, null_stat=stats[name][1])
         parts[name] = {"k": k, "direction": direction, "verdict": verdict_of(e, direction), **_rounded(e),
                        "big_share_by_layer": [_r(x, 3) for x in v.share_SL(f"best_pattern_k{k}", "B").mean(0)]}
     # the headline effect: the difference of the two slopes (small minus large; > 0 as the paper says)
-    e = bootstrap(lambda idx: stat_of(v, ks["small"])(idx) - stat_of(v, ks["large"])(idx), v.S,
-                  null_stat=(lambda idx: stat_of(nv, ks["small"])(idx) - stat_of(nv, ks["large"])(idx)) if nv else None)
+    (small, n_small), (large, n_large) = stats["small"], stats["large"]
+    e = bootstrap(lambda idx: small(idx) - large(idx), v.S,
+                  null_stat=(lambda idx: n_small(idx) - n_large(idx)) if nv else None)
     return Finding("big_layers_by_budget", claim, criterion, _combine([p["verdict"] for p in parts.values()]),
                    _rounded(e), {"slopes": parts}, context)
 
@@ -265,10 +267,17 @@ def routers_near_baselines(rd: RunData, v: OracleView | None, null: RunData | No
                    {"routers": rows})
 
 
-def _router_stat(routers: list[dict], of_router):
-    """A statistic averaged over routers, of their per-sequence evidence; sequences are shared."""
+def _router_stat(routers: list[dict], of_router, combine=np.mean):
+    """A statistic combined over routers (mean, min), of their per-sequence evidence; sequences are shared."""
     arrays = [of_router(r["oracle"]["per_sequence"]) for r in routers]
-    return lambda idx: float(np.mean([fn(idx) for fn in arrays]))
+    return lambda idx: float(combine([fn(idx) for fn in arrays]))
+
+
+def _null_routers(routers: list[dict], null_run: RunData | None) -> list[dict]:
+    """The null model's paper routers, when they scored as many sequences as the run's (else none)."""
+    null = _paper_routers(null_run)
+    n_seq = len(routers[0]["oracle"]["per_sequence"]["sequence"])
+    return null if null and len(null[0]["oracle"]["per_sequence"]["sequence"]) == n_seq else []
 
 
 def _late_layers(ps):
@@ -288,12 +297,11 @@ def routers_favour_late_layers(rd: RunData, null_run: RunData | None = None) -> 
     routers = _paper_routers(rd)
     if not routers:
         return Finding("routers_favour_late_layers", claim, criterion, None)
-    null = _paper_routers(null_run)
+    null = _null_routers(routers, null_run)
     n_seq = len(routers[0]["oracle"]["per_sequence"]["sequence"])
-    null_ok = null and len(null[0]["oracle"]["per_sequence"]["sequence"]) == n_seq
     return _decide("routers_favour_late_layers", claim, criterion, _router_stat(routers, _late_layers), n_seq,
-                   _router_stat(null, _late_layers) if null_ok else None,
-                   {"routers": [r["name"] for r in routers], "null_routers": [r["name"] for r in null] if null_ok else [],
+                   _router_stat(null, _late_layers) if null else None,
+                   {"routers": [r["name"] for r in routers], "null_routers": [r["name"] for r in null],
                     "layer_profiles": {r["name"]: r.get("layer_profile") for r in routers}})
 
 
@@ -305,30 +313,19 @@ def routers_early_tokens_more_big(rd: RunData, null_run: RunData | None = None) 
     routers = _paper_routers(rd)
     if not routers:
         return Finding("routers_early_tokens_more_big", claim, criterion, None)
-    arrays = [_early_tokens(r["oracle"]["per_sequence"]) for r in routers]
     n_seq = len(routers[0]["oracle"]["per_sequence"]["sequence"])
-    null = _paper_routers(null_run)
-    null_ok = null and len(null[0]["oracle"]["per_sequence"]["sequence"]) == n_seq
-    null_arrays = [_early_tokens(r["oracle"]["per_sequence"]) for r in null] if null_ok else []
-    effect = bootstrap(lambda idx: min(fn(idx) for fn in arrays), n_seq,
-                       null_stat=(lambda idx: min(fn(idx) for fn in null_arrays)) if null_ok else None)
+    null = _null_routers(routers, null_run)
+    effect = bootstrap(_router_stat(routers, _early_tokens, min), n_seq,
+                       null_stat=_router_stat(null, _early_tokens, min) if null else None)
     vd = verdict_of(effect)
     if vd == "reproduced" and effect["value"] < 0.02:
         vd = "inconclusive"
-    per_router = {r["name"]: _r(fn(np.arange(n_seq))) for r, fn in zip(routers, arrays)}
+    per_router = {r["name"]: _r(_early_tokens(r["oracle"]["per_sequence"])(np.arange(n_seq))) for r in routers}
     return Finding("routers_early_tokens_more_big", claim, criterion, vd, _rounded(effect),
                    {"early_minus_rest": per_router, "threshold": 0.02})
 
 
 # ----------------------------------------------------------------------------- difficulty
-
-
-def spearman_ST(a_ST: np.ndarray, b_ST: np.ndarray, idx) -> float:
-    a, b = a_ST[idx].reshape(-1), b_ST[idx].reshape(-1)
-    ra, rb = rankdata(a), rankdata(b)
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    den = math.sqrt((ra * ra).sum() * (rb * rb).sum())
-    return float((ra * rb).sum() / den) if den > 0 else float("nan")
 
 
 def difficulty_not_raw_loss(v: OracleView | None, nv: OracleView | None, L: int) -> Finding:
@@ -343,7 +340,11 @@ def difficulty_not_raw_loss(v: OracleView | None, nv: OracleView | None, L: int)
     def stat_of(w):
         small = w.loss("loss_all_small")
         gap = small - w.loss(f"oracle_loss_k{k}")
-        return lambda idx: 0.5 - spearman_ST(small, gap, idx)
+        def stat(idx):  # over the tokens of the sequences drawn; NaN (dropped) if a side is constant
+            rho = spearman(small[idx].reshape(-1), gap[idx].reshape(-1))
+            return float("nan") if rho is None else 0.5 - rho
+
+        return stat
 
     def high_loss_low_gain(w):
         small = w.loss("loss_all_small").reshape(-1)
