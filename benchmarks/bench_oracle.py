@@ -17,8 +17,13 @@ Targets: measured speed-up >= 80% of the ideal; tree FLOP/s >= 50% of dense matm
 on the ``cpu`` preset as the number of evaluation tokens grows (up to 64K tokens), and at a
 fixed token count as the number of patterns grows, to show what the peak depends on.
 
+``--agreement RUN`` compares the bfloat16 engine with float32 on a trained run's own evaluation
+tokens: per budget the oracle and fixed perplexity, the fixed pattern, and the share of tokens
+whose oracle pattern changes (target: perplexities within 0.1%).
+
 Usage: python benchmarks/bench_oracle.py [--tokens 512] [--dtypes float32,bfloat16]
-       [--naive-sample 256] [--threads N] [--memory] [--json out.json]
+       [--naive-sample 256] [--threads N] [--memory] [--agreement RUN [--agreement-tokens 1024]]
+       [--json out.json]
 """
 
 from __future__ import annotations
@@ -82,13 +87,13 @@ def speed(args) -> list[dict]:
             for _ in naive_losses(em, idx, tgt, sample, batch_size=S):
                 pass
             t_sample = CLOCK() - t
-            times = {}
+            times, warmup = {}, {}
             for compiled in (False, True):
                 kernels = Kernels(compiled)
                 t = time.perf_counter()
                 warm = build_plan(build_spec(cfg.model.n_layers, options="SB", budgets="0,12"))
                 compute_chunk(em, warm, idx, tgt, batch_tokens=S * T, kernels=kernels)
-                t_compile = time.perf_counter() - t  # first calls: compilation (on-disk cache afterwards)
+                warmup[compiled] = time.perf_counter() - t  # first calls: compilation (on-disk cache afterwards)
                 t = CLOCK()
                 compute_chunk(em, plan, idx, tgt, batch_tokens=S * T, kernels=kernels)
                 times[compiled] = CLOCK() - t
@@ -101,7 +106,7 @@ def speed(args) -> list[dict]:
                 "tree_s": t_tree, "tree_gflops": rate_tree / 1e9, "tree_share_of_dense": rate_tree / rate,
                 "naive_s": t_naive, "naive_patterns_timed": len(sample), "naive_gflops": flops_naive / t_naive / 1e9,
                 "ideal_speedup": flops_naive / flops_tree, "measured_speedup": t_naive / t_tree,
-                "warmup_wall_s": t_compile,
+                "warmup_wall_s": warmup[compiled],
             }
             row["speedup_share_of_ideal"] = row["measured_speedup"] / row["ideal_speedup"]
             rows.append(row)
@@ -164,6 +169,55 @@ def memory(args) -> list[dict]:
     return out
 
 
+def agreement(args) -> dict:
+    """bfloat16 vs float32 on a trained run's own evaluation tokens (the study's token set): per budget
+    the oracle and fixed perplexity, whether the fixed pattern is the same, and the share of tokens
+    whose oracle pattern changes; target: every perplexity within 0.1%."""
+    import tempfile
+    from pathlib import Path
+
+    import pyarrow.parquet as pq
+
+    from duollm import rundir
+    from duollm.oracle import run_oracle
+
+    run = Path(args.agreement)
+    model = rundir.load_model(run)
+    model = model[0] if isinstance(model, tuple) else model
+    cfg = rundir.load_run_config(run)
+    idx, tgt = rundir.eval_tokens(run, cfg, max_tokens=args.agreement_tokens)[:2]
+    spec = build_spec(cfg.model.n_layers, options="SB")
+    out, times = {}, {}
+    with tempfile.TemporaryDirectory() as d:
+        for dtype in ("float32", "bfloat16"):
+            t = time.perf_counter()
+            s = run_oracle(model, idx, tgt, spec, Path(d) / dtype, progress=False, dtype=dtype, compile=False,
+                           batch_tokens=1024)
+            times[dtype] = time.perf_counter() - t
+            out[dtype] = (s, pq.read_table(Path(d) / dtype / "per_token.parquet").to_pandas())
+    (f, ft), (b, bt) = out["float32"], out["bfloat16"]
+    rows, worst = [], 0.0
+    for ef, eb in zip(f["budgets"], b["budgets"]):
+        k = ef["k"]
+        row = {"k": k, "oracle_ppl_f32": ef["oracle_ppl"], "oracle_ppl_bf16": eb["oracle_ppl"],
+               "oracle_rel": eb["oracle_ppl"] / ef["oracle_ppl"] - 1,
+               "fixed_rel": eb["fixed_ppl"] / ef["fixed_ppl"] - 1, "fixed_same": ef["fixed_pattern"] == eb["fixed_pattern"],
+               "random_rel": eb["random_mean_ppl"] / ef["random_mean_ppl"] - 1,
+               "pattern_changed": float((ft[f"best_pattern_k{k}"].astype(str) != bt[f"best_pattern_k{k}"].astype(str)).mean())}
+        worst = max(worst, abs(row["oracle_rel"]), abs(row["fixed_rel"]))
+        rows.append(row)
+        print(f"agreement k={k:2d}: oracle {ef['oracle_ppl']:8.3f} vs {eb['oracle_ppl']:8.3f} ({100 * row['oracle_rel']:+.3f}%)"
+              f" | fixed {100 * row['fixed_rel']:+.3f}% same pattern {row['fixed_same']}"
+              f" | random@k {100 * row['random_rel']:+.3f}%"
+              f" | oracle pattern changed for {100 * row['pattern_changed']:.1f}% of tokens",
+              flush=True)
+    big_rel = b["all_big_ppl"] / f["all_big_ppl"] - 1
+    print(f"agreement on {idx.numel()} tokens: worst oracle/fixed difference {100 * worst:.3f}% (target <= 0.1%); "
+          f"all-big {100 * big_rel:+.3f}%; wall time float32 {times['float32']:.1f} s, bfloat16 {times['bfloat16']:.1f} s "
+          f"({times['float32'] / times['bfloat16']:.2f}x), {torch.get_num_threads()} threads", flush=True)
+    return {"tokens": int(idx.numel()), "rows": rows, "worst_rel": worst, "all_big_rel": big_rel, "wall_s": times}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, default=512, help="evaluation tokens (multiples of 128)")
@@ -174,6 +228,8 @@ def main() -> None:
                         "on a shared machine do not inflate; with more threads, wall seconds)")
     p.add_argument("--memory", action="store_true", help="also measure peak memory vs tokens and patterns")
     p.add_argument("--skip-speed", action="store_true")
+    p.add_argument("--agreement", metavar="RUN", help="also compare bfloat16 with float32 on this trained run's tokens")
+    p.add_argument("--agreement-tokens", type=int, default=1024, help="evaluation tokens for --agreement")
     p.add_argument("--json", help="write the figures to this file")
     args = p.parse_args()
     global CLOCK
@@ -186,6 +242,8 @@ def main() -> None:
         result["speed"] = speed(args)
     if args.memory:
         result["memory"] = memory(args)
+    if args.agreement:
+        result["agreement"] = agreement(args)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

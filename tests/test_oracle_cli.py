@@ -6,14 +6,16 @@ import json
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 import torch
 from conftest import duollm
 
 from duollm.cli import main
+from duollm.oracle.runner import resolve_dtype
 
 
 def test_oracle_command_writes_the_contract_and_lines_up_with_eval(tiny_run, tmp_path, capsys):
-    proc = duollm("oracle", tiny_run, "--budgets", "0-4")  # one real subprocess: the installed command
+    proc = duollm("oracle", tiny_run, "--budgets", "0-4", "--dtype", "float32")  # one real subprocess: the installed command
     name = proc.stdout.strip().splitlines()[-1]
     assert name == "SB-shared"
     out = tiny_run / "oracle" / name
@@ -34,7 +36,8 @@ def test_oracle_command_writes_the_contract_and_lines_up_with_eval(tiny_run, tmp
     try:
         # frozen, candidate {P}, reference P scores every token exactly as `duollm eval --pattern P`
         P = "SBS_"
-        assert main(["oracle", str(tiny_run), "--context", "frozen", "--reference", P, "--patterns", P]) == 0
+        assert main(["oracle", str(tiny_run), "--context", "frozen", "--reference", P, "--patterns", P,
+                     "--dtype", "float32"]) == 0
         name = capsys.readouterr().out.split()[-1]
         assert name == f"list-frozen-{P}"
         assert main(["eval", str(tiny_run), "--pattern", P, "--per-token", str(tmp_path / "eval.npy")]) == 0
@@ -48,7 +51,7 @@ def test_oracle_command_writes_the_contract_and_lines_up_with_eval(tiny_run, tmp
             table.column("loss_all_big").to_numpy(), np.load(tmp_path / "big.npy").reshape(-1), atol=2e-5
         )
         # greedy search reports its gap to the exhaustive oracle computed above
-        assert main(["oracle", str(tiny_run), "--search", "greedy"]) == 0
+        assert main(["oracle", str(tiny_run), "--search", "greedy", "--dtype", "float32"]) == 0
         assert capsys.readouterr().out.split()[-1] == "SB-shared-greedy"
         g = json.loads((tiny_run / "oracle" / "SB-shared-greedy" / "summary.json").read_text())
         assert g["exhaustive_reference"] == "SB-shared"
@@ -56,6 +59,11 @@ def test_oracle_command_writes_the_contract_and_lines_up_with_eval(tiny_run, tmp
             assert entry["exhaustive_oracle_ppl"] == ex["oracle_ppl"] and entry["gap_ppl"] >= -1e-6
             assert 0.0 <= entry["share_tokens_at_optimum"] <= 1.0 and entry["fixed_pattern"] == ex["fixed_pattern"]
         assert g["budgets"][0]["share_tokens_at_optimum"] == 1.0  # k = 0 has one candidate
+        # the default dtype is auto: bfloat16 layers where the CPU has bf16 matrix units; the summary names it
+        assert main(["oracle", str(tiny_run), "--budgets", "0", "--name", "auto"]) == 0
+        a = json.loads((tiny_run / "oracle" / "auto" / "summary.json").read_text())
+        assert a["dtype"] == resolve_dtype("auto", torch.device("cpu")) and s["dtype"] == "float32"
+        assert a["all_big_ppl"] == pytest.approx(s["all_big_ppl"], rel=1e-2)
     finally:
         torch.set_num_threads(threads)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import rundir
+from . import rundir, threads
 from .analysis.report import write_report
 from .config import load_config
 from .data import parse_max_tokens
@@ -255,6 +255,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
             continue
         mod = importlib.import_module(module)
         getattr(mod, add)(sp)
+        sp.add_argument("--threads", type=int, metavar="N",
+                        help="torch threads (default: the config's `threads`; 0 follows the cores other processes "
+                             "leave free, N fixes N)")
         sp.set_defaults(func=getattr(mod, run))
     return p
 
@@ -264,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     command = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(command).parse_args(argv)
     try:
+        if args.threads is not None:
+            threads.configure(args.threads, explicit=True)
         last = args.func(args)
         if last is not None:
             print(last)

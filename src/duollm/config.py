@@ -87,6 +87,7 @@ class StudyConfig:
     router_methods: str = "budget,imitation,straight-through"  # "" for no routers
     router_steps: int = 300
     batch_tokens: int = 4096  # oracle chunk size: matrix size, memory bound and resume granularity
+    dtype: str = "auto"  # oracle engine: auto (bfloat16 layers where the device has bf16 matrix units) | float32 | bfloat16
     null: bool = True  # a null control: the model at initialisation through the same stages, same tokens (DESIGN 4.4a)
     sequential: bool = True  # the sequential oracle at the paper's position-varying budgets (oracle/sequential.py)
     seeds: int = 1  # language models (and their routers) trained with seeds train.seed, +1, ...: RUN/seeds/seed-<s>/
@@ -95,6 +96,7 @@ class StudyConfig:
 @dataclass
 class RunConfig:
     preset: str = "cpu"
+    threads: int = 0  # torch threads: 0 follows the cores other processes leave free (threads.py); N fixes N
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
@@ -113,7 +115,8 @@ PRESETS: dict[str, dict] = {
         "train": dict(steps=30, batch_size=8, seq_len=32, lr=3e-3, min_lr=3e-4, warmup_steps=5,
                       eval_every=15, eval_tokens=1024, save_every=15, log_every=5),
         "eval": dict(max_tokens=1024),
-        "study": dict(tokens=512, router_steps=10, router_methods="budget,imitation", batch_tokens=256),
+        # float32: the tests' numbers (and the golden trace) must not depend on the CPU's bf16 units
+        "study": dict(tokens=512, router_steps=10, router_methods="budget,imitation", batch_tokens=256, dtype="float32"),
     },
     # the default study: 12 layers like the paper, trains in minutes on two CPU cores
     "cpu": {
@@ -303,6 +306,8 @@ def validate_train(t: TrainConfig, prefix: str = "train.") -> None:
 
 
 def validate(cfg: RunConfig) -> None:
+    if isinstance(cfg.threads, bool) or not isinstance(cfg.threads, int) or cfg.threads < 0:
+        raise ValueError(f"threads must be 0 (follow the free cores) or a positive integer; got {cfg.threads!r}")
     RouteProbs(cfg.routing.p_skip, cfg.routing.p_small, cfg.routing.p_big)
     if cfg.routing.per not in ("token", "sequence"):
         raise ValueError(f"routing.per must be 'token' or 'sequence'; got {cfg.routing.per!r}")
@@ -383,6 +388,8 @@ def validate_study(cfg: RunConfig) -> None:
     for name in ("router_steps", "batch_tokens", "seeds"):
         if getattr(st, name) <= 0:
             raise ValueError(f"study.{name} must be positive; got {getattr(st, name)}")
+    if st.dtype not in ("auto", "float32", "bfloat16"):
+        raise ValueError(f"study.dtype must be auto, float32 or bfloat16; got {st.dtype!r}")
     if st.tokens < 0:
         raise ValueError(f"study.tokens must be >= 0 (0: eval.max_tokens); got {st.tokens}")
     router_budgets(cfg)
@@ -392,7 +399,8 @@ def validate_study(cfg: RunConfig) -> None:
 # What a resume may change (README "Reliability"): how long and how often, where it runs and what is
 # logged; the later stages' sections. Everything else defines the run and must stay as trained.
 RESUMABLE_KEYS = ("train.steps", "train.eval_every", "train.eval_tokens", "train.save_every", "train.log_every",
-                  "train.tensorboard", "train.wandb", "train.device", "train.compile", "train.dtype")
+                  "train.tensorboard", "train.wandb", "train.device", "train.compile", "train.dtype",
+                  "threads")
 RESUMABLE_SECTIONS = ("eval", "study")
 
 

@@ -45,6 +45,21 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def has_bf16_matrix_units(device: torch.device) -> bool:
+    """Whether bfloat16 matrix products run faster than float32 here: a CUDA GPU with bf16, or a CPU
+    with AMX or AVX512-BF16 (read from ``/proc/cpuinfo``; other systems: no)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
 def init_distributed(device: torch.device) -> Dist:
     """Join the process group when launched by torchrun (WORLD_SIZE > 1): NCCL on CUDA, gloo on CPU."""
     if dist.is_available() and dist.is_initialized():

@@ -41,7 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import rundir, train
+from . import rundir, threads, train
 from .analysis.report import headline, smoke_banner, write_report
 from .checkpoint import latest_checkpoint
 from .config import RunConfig, load_config, parse_list, resume_conflict, router_budgets, router_methods, skip_count
@@ -251,6 +251,7 @@ class Study:
                                options=options, skips=skips, context=context,
                                reference=self.cfg.study.reference if context == "frozen" else None,
                                max_tokens=self.requested_tokens(), name=name, batch_tokens=self.cfg.study.batch_tokens,
+                               dtype=self.cfg.study.dtype,
                                schedules_only=sequential and run != self.out)
 
         prefix = "" if run == self.out else f"{run.name}-"
@@ -417,6 +418,7 @@ def run_study(config: str | None, data: str | None, out: Path, overrides=(), log
     out = Path(out)
     cfg = resolve_config(config, data, out, overrides)
     resolve_device(cfg.train.device)
+    threads.configure(cfg.threads)  # unless --threads was given
     train.check_run_folder(cfg, out, resume=rundir.has_run(out))
     study = Study(cfg, out, log)
     t0 = time.time()

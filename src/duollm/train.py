@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from . import rundir
+from . import rundir, threads
 from .checkpoint import (
     LATEST,
     checkpoint_step,
@@ -248,6 +248,7 @@ def train_loop(
     pending = None  # a staged checkpoint waiting for the next loss to prove its weights good
     try:
         for step in range(start, t.steps):
+            threads.poll()  # follow the cores other processes leave free (threads.py)
             lr = lr_at(step, t)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -364,6 +365,7 @@ def pretrain(cfg: RunConfig, out: Path, *, resume: bool = False, log=print) -> d
     out = Path(out)
     device = resolve_device(cfg.train.device)
     check_run_folder(cfg, out, resume)
+    threads.configure(cfg.threads)  # unless --threads was given
     ddp = init_distributed(device)
     prepared = None
     if ddp.main and rundir.cached_meta(cfg, out) is None:

@@ -31,7 +31,7 @@ def pattern_losses(model, idx_ST, tgt_ST, route_PL, *, context="shared", referen
     def consume(p_R, loss_RST):
         out[torch.as_tensor(p_R)] = loss_RST.float().cpu()
 
-    walk_tree(model, ctx, route_PL, model.embed(idx_ST), tgt_ST, consume)
+    walk_tree(model, ctx, route_PL, model.embed(idx_ST).float(), tgt_ST, consume)
     return out
 
 

@@ -55,7 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--name", default=None, help="output folder name under RUN/oracle/ (default from the options, e.g. SB-shared)")
     a("--batch-tokens", dest="batch_tokens", type=int, default=4096,
       help="tokens per chunk: the matrix-product size, the memory bound and the resume granularity")
-    a("--dtype", default="float32", help="float32 (default, exact) or bfloat16 (faster on AMX CPUs and GPUs)")
+    a("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+      help="auto (default: bfloat16 layers where the device has bf16 matrix units, else float32), float32 (exact) "
+           "or bfloat16 (the layers' products in bf16; stream, head and reductions float32)")
     a("--patterns", default=None, help="explicit candidate patterns, comma-separated (replaces --options/--budgets)")
     a("--seed", type=int, default=0, help="seed of the 100 random patterns per budget")
     a("--save-matrix", dest="save_matrix", action="store_true",
@@ -152,7 +154,7 @@ def run_oracle_command(
     beam_width: int = 4,
     name: str | None = None,
     batch_tokens: int = 4096,
-    dtype: str = "float32",
+    dtype: str = "auto",
     patterns: str | None = None,
     seed: int = 0,
     save_matrix: bool = False,
@@ -181,8 +183,8 @@ def run_oracle_command(
         budget_mode=budget_mode, context=context, reference=reference, search=search, beam_width=beam_width,
         patterns=patterns, seed=seed,
     )
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be float32 or bfloat16; got {dtype!r}")
+    if dtype not in (*DTYPES, "auto"):
+        raise ValueError(f"dtype must be auto, float32 or bfloat16; got {dtype!r}")
     max_tokens = parse_max_tokens(max_tokens)
     if name is not None and (not name or "/" in name or name.startswith(".")):
         raise ValueError(f"--name must be a plain folder name; got {name!r}")
@@ -203,6 +205,9 @@ def _run(run_dir: Path, model, idx_ST, tgt_ST, spec: OracleSpec, name: str, *, b
     if spec.context == "sequential":
         if int(os.environ.get("RANK", "0")) != 0:  # one process: the steps are sequential by nature
             return name
+        # auto stays float32 here: each step's cache update runs the model's own forward, whose stream
+        # a bfloat16 model would keep in bfloat16
+        dtype = "float32" if dtype == "auto" else dtype
         run_sequential(engine_model(model, dtype), idx_ST, tgt_ST, spec, rundir.oracle_dir(run_dir, name),
                        progress=progress, meta={"name": name, "data": data or "validation split", "dtype": dtype},
                        schedules_only=schedules_only)

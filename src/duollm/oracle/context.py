@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from ..model import DuoModel, apply_rope
 from ..routing import CONTEXTS, SKIP, parse_pattern
 from . import kernels as K
+from .kernels import norm as layer_input  # (the local K below counts KV heads)
 
 
 class SharedContext:
@@ -130,7 +131,7 @@ def frozen_attn_residual(block, h_BTMD, k_BKCE, v_BKCE, cos_TE, sin_TE, strict_T
     attn = block.attn
     B, T, M, D = h_BTMD.shape
     H, K, E = attn.n_heads, attn.n_kv_heads, attn.head_dim
-    x_BTMD = block.attn_norm(h_BTMD)
+    x_BTMD = layer_input(block.attn_norm, h_BTMD)
     cos_T11E, sin_T11E = cos_TE[:, None, None, :], sin_TE[:, None, None, :]
     q_BTMHE = attn.q_proj(x_BTMD).view(B, T, M, H, E)
     k_BTMKE = attn.k_proj(x_BTMD).view(B, T, M, K, E)
@@ -171,20 +172,27 @@ class Head:
     """Next-token loss (float32) of final hidden states, in row blocks.
 
     Blocks of 512 rows keep one block of logits in cache (measured 1.3-2x faster than unblocked
-    on the cpu preset, V = 2048). The loss is float32 whatever the compute dtype, as the model's
-    ``logits.float()``.
+    on the cpu preset, V = 2048); eager blocks write their logits into one reused buffer. The head
+    runs in float32 whatever the engine's dtype (``model.fp32_head``, set by ``runner.engine_model``):
+    bfloat16 logits are rounded to 8 bits, which moved each pattern's loss by ~0.009 nats and biased
+    the oracle's minimum by 0.2-0.3% (docs/LOG.md, 2026-12-01 "the bf16 engine").
     """
 
     def __init__(self, model: DuoModel, rows: int = 512, kernels: K.Kernels = K.EAGER):
         self.model, self.rows, self.kernels = model, rows, kernels
+        self.norm, self.w_VD = getattr(model, "fp32_head", (model.norm, model.lm_head.weight))
+        self.buf_nV = None
 
     def __call__(self, h_XD: torch.Tensor, tgt_X: torch.Tensor) -> torch.Tensor:
         shape = h_XD.shape[:-1]
-        h_ND = h_XD.reshape(-1, h_XD.shape[-1])
+        h_ND = h_XD.reshape(-1, h_XD.shape[-1]).to(self.w_VD.dtype)
         tgt_N = tgt_X.reshape(-1)
-        norm, w_VD = self.model.norm, self.model.lm_head.weight
         out_N = torch.empty(h_ND.shape[0], dtype=torch.float32, device=h_ND.device)
+        eager = not self.kernels.compile and self.w_VD.dtype == torch.float32
+        if eager and self.buf_nV is None:
+            self.buf_nV = torch.empty(self.rows, self.w_VD.shape[0], dtype=torch.float32, device=h_ND.device)
         for a in range(0, h_ND.shape[0], self.rows):
-            args = (h_ND[a : a + self.rows], norm, w_VD, tgt_N[a : a + self.rows])
-            out_N[a : a + self.rows] = self.kernels(K.head_block, *args)
+            n = min(self.rows, h_ND.shape[0] - a)
+            args = (h_ND[a : a + n], self.norm, self.w_VD, tgt_N[a : a + n])
+            out_N[a : a + n] = self.kernels(K.head_block, *args, *((self.buf_nV[:n],) if eager else ()))
         return out_N.view(shape)

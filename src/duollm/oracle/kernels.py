@@ -26,23 +26,33 @@ import torch.nn.functional as F
 
 def shared_attn_residual(block, h_XTD, cos_TE, sin_TE):
     """h + attention(h) for X independent sequences (the model's own attention module)."""
-    return h_XTD + block.attn(block.attn_norm(h_XTD), cos_TE, sin_TE)
+    return h_XTD + block.attn(norm(block.attn_norm, h_XTD), cos_TE, sin_TE)
 
 
-def norm(module, x):
-    return module(x)
+def norm(module, h):
+    """The norm's output in the module's dtype: the float32 residual stream enters a bfloat16 layer here."""
+    return module(h.to(module.weight.dtype))
 
 
 def ffn_residual(module, mid_XD, x_XD):
-    """mid + FFN(x): one child route of a node."""
+    """mid + FFN(x): one child route of a node (a bfloat16 FFN output joins the float32 stream)."""
     return mid_XD + module(x_XD)
 
 
-def head_block(h_nD, norm, head_w_VD, tgt_n):
+def head_block(h_nD, norm, head_w_VD, tgt_n, logits_nV=None):
     """Final norm (the model's own module: RMSNorm, or LayerNorm for converted GPT-2), LM head,
-    cross-entropy in float32 — one block of rows."""
-    logits_nV = F.linear(norm(h_nD), head_w_VD).float()
-    return torch.logsumexp(logits_nV, -1) - logits_nV.gather(1, tgt_n[:, None]).squeeze(1)
+    cross-entropy in float32 — one block of rows. ``logits_nV``: a float32 buffer the logits go to
+    (eager: no allocation per block). The log-sum-exp runs in place: max, then exp and sum of the
+    shifted logits, with no further [n, V] temporaries."""
+    x_nD = norm(h_nD)
+    if logits_nV is None:
+        logits_nV = F.linear(x_nD, head_w_VD).float()
+    else:
+        torch.mm(x_nD, head_w_VD.t(), out=logits_nV)
+    tgt_logit_n = logits_nV.gather(1, tgt_n[:, None]).squeeze(1)
+    max_n1 = logits_nV.amax(-1, keepdim=True)
+    lse_n = logits_nV.sub_(max_n1).exp_().sum(-1).log_().add_(max_n1.squeeze(1))
+    return lse_n - tgt_logit_n
 
 
 _COMPILED: dict = {}  # one compiled wrapper per function and process: compiled code is shared

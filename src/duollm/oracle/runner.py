@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from ..distributed import init_distributed
+from ..distributed import has_bf16_matrix_units, init_distributed
 from ..io import atomic_path, atomic_write_json
 from ..model import DuoModel
 from ..routing import BIG, SKIP, code_strings, decode_codes, parse_pattern
@@ -102,14 +102,33 @@ def _save_parquet(path: Path, columns: dict) -> None:
         pq.write_table(table, str(tmp))
 
 
+def resolve_dtype(dtype: str, device: torch.device) -> str:
+    """``auto``: bfloat16 where the device has bf16 matrix units (its answers agree with float32 to
+    0.03% on the cpu preset, docs/LOG.md), float32 elsewhere; float32 and bfloat16 as given."""
+    if dtype == "auto":
+        return "bfloat16" if has_bf16_matrix_units(device) else "float32"
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be auto, float32 or bfloat16; got {dtype!r}")
+    return dtype
+
+
 def engine_model(model: DuoModel, dtype: str) -> DuoModel:
-    """The model in the compute dtype: float32 (exact, default) or bfloat16 (AMX / tensor cores)."""
+    """The model in the compute dtype: float32 (exact, default) or bfloat16.
+
+    bfloat16 is mixed precision: the layers' matrix products run in bfloat16 (AMX / AVX512-BF16 /
+    tensor cores; float32 accumulation), while the residual stream between layers, the final norm,
+    the LM head and the log-sum-exp stay float32 (``fp32_head``; the embedding and every tree node's
+    output are float32, ``kernels.norm`` casts into each layer). Agreement with float32 on the cpu
+    preset: docs/LOG.md and ``benchmarks/bench_oracle.py --agreement``.
+    """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be float32 or bfloat16; got {dtype!r}")
     model = model.eval()
     if next(model.parameters()).dtype == DTYPES[dtype]:
         return model
-    return copy.deepcopy(model).to(DTYPES[dtype])
+    engine = copy.deepcopy(model).to(DTYPES[dtype])
+    engine.fp32_head = (copy.deepcopy(model.norm).float(), model.lm_head.weight.detach().float())
+    return engine
 
 
 # ----------------------------------------------------------------------------- one chunk
@@ -136,7 +155,7 @@ def pattern_token_losses(model: DuoModel, spec: OracleSpec, route_PL: np.ndarray
         def consume(p_R, loss_RBT, a=a, b=b):
             out_PST[p_R, a:b] = loss_RBT.float().cpu().numpy()
 
-        walk_tree(model, ctx, route_PL, model.embed(idx_BT), tgt_BT, consume, head)
+        walk_tree(model, ctx, route_PL, model.embed(idx_BT).float(), tgt_BT, consume, head)
     return out_PST
 
 
@@ -155,7 +174,7 @@ def compute_chunk(model: DuoModel, plan: Plan, idx_BT, tgt_BT, *, batch_tokens: 
         if on_leaves is not None:
             on_leaves(len(p_R))
 
-    walk_tree(model, ctx, plan.route_PL, model.embed(idx_BT), tgt_BT, consume, head)
+    walk_tree(model, ctx, plan.route_PL, model.embed(idx_BT).float(), tgt_BT, consume, head)
     beam = None
     if spec.search == "beam":
         c_max = max_children(spec.space, spec.beam_width)
@@ -165,7 +184,7 @@ def compute_chunk(model: DuoModel, plan: Plan, idx_BT, tgt_BT, *, batch_tokens: 
             idx_bT, tgt_bT = idx_BT[a : a + group], tgt_BT[a : a + group]
             ctx_b = make_context(model, spec.context, idx_bT, spec.reference, kernels)
             loss_JN, code_JN = beam_search(
-                model, ctx_b, model.embed(idx_bT), tgt_bT, spec.space, plan.budgets, spec.beam_width, rows=batch_tokens,
+                model, ctx_b, model.embed(idx_bT).float(), tgt_bT, spec.space, plan.budgets, spec.beam_width, rows=batch_tokens,
                 head=head,
             )
             losses.append(loss_JN)
@@ -239,7 +258,9 @@ def run_oracle(
     """Run the oracle of ``spec`` on the tokens ``idx_ST``/``tgt_ST`` and write ``out_dir``.
 
     Returns the summary dict on rank 0 (None on other ranks). ``on_chunk(i)`` is called after
-    chunk i is saved (tests use it to interrupt). ``meta`` is merged into the summary.
+    chunk i is saved (tests use it to interrupt). ``meta`` is merged into the summary. ``dtype``:
+    float32 (exact), bfloat16 (``engine_model``) or auto (``resolve_dtype``: bfloat16 where the
+    device has bf16 matrix units; what ``duollm oracle`` and the study use).
     ``compile``: fuse each node's elementwise work with torch.compile (see ``kernels``; True/False;
     "auto": when the run evaluates at least 2^24 pattern-tokens, where compiling pays off).
     """
@@ -254,6 +275,8 @@ def run_oracle(
     t_start = time.time()
     out_dir = Path(out_dir)
     plan = build_plan(spec)
+    dtype = resolve_dtype(dtype, model.embed.weight.device)
+    meta = {**(meta or {}), "dtype": dtype}  # the summary names the dtype used
     emodel = engine_model(model, dtype)
     device = emodel.embed.weight.device
     S, T = idx_ST.shape
@@ -328,7 +351,7 @@ def run_oracle(
             return dict(zip(patterns, pattern_token_losses(emodel, spec, route_PL, idx_ST, tgt_ST,
                                                            batch_tokens=batch_tokens, kernels=kernels)))
 
-        summary = _write_outputs(out_dir, plan, merged, idx_ST, tgt_ST, emodel, meta or {}, rescore)
+        summary = _write_outputs(out_dir, plan, merged, idx_ST, tgt_ST, emodel, meta, rescore)
         if keep_matrix:
             del matrix
             os.replace(partial / "loss_matrix.npy", out_dir / "loss_matrix.npy")

@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
+from .. import threads
 from ..io import atomic_path, atomic_write_json
 from ..model import DuoModel, KVCache
 from ..routing import BIG, code_strings, decode_codes, pattern_codes
@@ -110,11 +111,12 @@ def sequential_oracle(model: DuoModel, idx_BT: torch.Tensor, tgt_BT: torch.Tenso
               for k in sorted(set(map(int, schedule_T)))}
     if any(len(lv.code_P) == 0 for lv in levels.values()):
         raise ValueError("a budget of the schedule has no candidate pattern")
-    h0_BTD = model.embed(idx_BT)
+    h0_BTD = model.embed(idx_BT).float()
     cache = KVCache(model.cfg.n_layers)
     loss_BT = torch.empty(B, T, dtype=torch.float32, device=idx_BT.device)
     code_BT = np.empty((B, T), dtype=np.int64)
     for t in range(T):
+        threads.poll()
         lv = levels[int(schedule_T[t])]
         step = _Step(model, cache, t, kernels)
         h_B1MD = h0_BTD[:, t : t + 1, None, :]

@@ -22,6 +22,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from .. import threads
 from ..model import DuoModel
 from ..routing import SKIP, FlopModel, pattern_codes
 from .context import Head
@@ -81,6 +82,7 @@ def walk_tree(
             else:
                 visit(depth + 1, a, b, child)
         if leaves:
+            threads.poll()  # one reading of the machine's load every few seconds (threads.py)
             h_RBTD = torch.stack([h.squeeze(2) for h in leaf_h])
             loss_RBT = head(h_RBTD, tgt_BT.expand(len(leaves), *tgt_BT.shape))
             consume(np.array(leaves), loss_RBT)

@@ -119,7 +119,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="re-evaluate the trained router of that name (e.g. against an oracle run since)")
 
 
-_CLI_PLUMBING = {"command", "func", "run"}
+_CLI_PLUMBING = {"command", "func", "run", "threads"}  # threads: applied by cli.main
 
 
 def run_command(args: argparse.Namespace) -> str:
