@@ -6,7 +6,7 @@ every op waits for it: on the project's 2-core machine a `cpu`-preset training s
 to 2.8 s with 2 threads beside one busy process (one thread on the free core: 1.25 s), and runs
 were reported 20-40x slower with a few jobs beside them. Asking the OpenMP runtime to sleep instead
 of spin (``OMP_WAIT_POLICY=PASSIVE``) helped under load but cost 20-30% on an idle machine
-(docs/LOG.md, 2026-12-01 "busy CPU").
+(docs/LOG.md, 2026-12-01 "the oracle engine in bf16, and a busy CPU").
 
 So ``ThreadGovernor`` watches the machine: every ``interval`` seconds it reads how much CPU the
 *other* processes used on the cores this process may run on (``/proc/stat`` over our affinity set,

@@ -175,7 +175,7 @@ class Head:
     on the cpu preset, V = 2048); eager blocks write their logits into one reused buffer. The head
     runs in float32 whatever the engine's dtype (``model.fp32_head``, set by ``runner.engine_model``):
     bfloat16 logits are rounded to 8 bits, which moved each pattern's loss by ~0.009 nats and biased
-    the oracle's minimum by 0.2-0.3% (docs/LOG.md, 2026-12-01 "the bf16 engine").
+    the oracle's minimum by 0.2-0.3% (docs/LOG.md, 2026-12-01 "the oracle engine in bf16, and a busy CPU").
     """
 
     def __init__(self, model: DuoModel, rows: int = 512, kernels: K.Kernels = K.EAGER):
