@@ -44,6 +44,7 @@ def cli(*args, check=True):
 def error_lines(stderr: str) -> list[str]:
     """The lines of stderr that are not progress bars or training logs."""
     return [ln for ln in stderr.splitlines() if ln.strip() and "\r" not in ln and "it/s" not in ln and "s/it" not in ln
+            and "tok/s" not in ln
             and not ln.startswith(("pretrain", "router ", "step "))]
 
 

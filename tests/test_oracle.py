@@ -478,3 +478,42 @@ def test_intervals_of_fixed_patterns_come_from_their_exact_per_token_losses(mode
         d = by_name[name]["minus_constant"]
         assert d["diff"] == pytest.approx(by_name[name]["oracle_ppl"] - by_name["constant"]["oracle_ppl"])
         assert d["lo"] <= d["diff"] <= d["hi"]
+
+
+def test_label_free_oracles_equal_brute_force(model, tmp_path):
+    """The confidence oracle (per token, the pattern with the highest top-1 probability) and the
+    previous-token oracle (token t takes token t-1's oracle pattern) from the tree's one pass equal
+    their definitions on the full loss matrix of one forward per pattern (ties: the first pattern in
+    code order)."""
+    from duollm.oracle.runner import compute_chunk
+
+    idx, tgt = tokens(S=3, T=8)
+    spec = build_spec(4, options="SB")
+    plan = build_plan(spec)
+    loss_PN, doubt_PN = [], []
+    with torch.no_grad():
+        for route in plan.route_PL:
+            logp_BTV = torch.log_softmax(model(idx, None, torch.as_tensor(route)).logits.float(), -1)
+            loss_PN.append(-logp_BTV.gather(-1, tgt[..., None])[..., 0].reshape(-1))
+            doubt_PN.append(-logp_BTV.amax(-1).reshape(-1))
+    loss_PN, doubt_PN = torch.stack(loss_PN).numpy(), torch.stack(doubt_PN).numpy()
+    res = compute_chunk(model, plan, idx, tgt, batch_tokens=idx.numel())
+    N, T = idx.numel(), idx.shape[1]
+    cols = np.arange(N)
+    for j in range(len(plan.budgets)):
+        members = np.flatnonzero(plan.member_JP[j])  # in code order
+        surest = members[doubt_PN[members].argmin(0)]
+        np.testing.assert_allclose(res["confidence_loss_JN"][j], loss_PN[surest, cols], atol=1e-4)
+        best = members[loss_PN[members].argmin(0)]
+        later = cols[cols % T != 0]  # the previous token's best pattern, on the next token
+        np.testing.assert_allclose(res["previous_loss_JN"][j][later], loss_PN[best[later - 1], later], atol=1e-4)
+    s = run_oracle(model, idx, tgt, spec, tmp_path / "o", batch_tokens=idx.numel(), progress=False)
+    for b in s["budgets"]:
+        assert b["confidence_oracle_ppl"] >= b["oracle_ppl"] - 1e-6
+        assert b["confidence_oracle_ppl_lo"] <= b["confidence_oracle_ppl"] <= b["confidence_oracle_ppl_hi"]
+        if 0 < b["k"] < 4:  # a budget with a gain to recover: the share is a number, and the oracle's own is 1
+            r = b["previous_token_recovered"]
+            assert math.isfinite(r["value"]) and r["lo"] <= r["value"] <= r["hi"]
+    table = pq.read_table(tmp_path / "o" / "per_token.parquet").to_pandas()
+    assert table.loc[table.position == 0, "previous_token_loss_k2"].isna().all()
+    np.testing.assert_allclose(table["confidence_loss_k2"].to_numpy(), res["confidence_loss_JN"][2], atol=1e-6)

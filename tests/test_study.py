@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import duollm.oracle.command
@@ -189,8 +190,19 @@ def test_report_files_with_embedded_figures_and_findings(study):
     assert len(res["routers"]) == 6 and all(r["tokens"] == 512 == r["oracle_tokens"] for r in res["routers"])
     # ... with the per-sequence evidence the router findings resample (16 sequences of 32 tokens)
     for path in sorted((study["out"] / "study" / "routers").glob("*.json")):
-        ps = json.loads(path.read_text())["oracle"]["per_sequence"]
+        comp = json.loads(path.read_text())["oracle"]
+        ps = comp["per_sequence"]
         assert len(ps["loss"]) == len(ps["big_by_layer"]) == len(ps["big_early"]) == 16 and len(ps["big_by_layer"][0]) == 4
+        # the headline share of the oracle's gain recovered, recomputed from the per-sequence evidence
+        loss_S, fixed_S, oracle_S = (np.array(ps[key]) for key in ("loss", "fixed_loss", "oracle_loss"))
+        want = (fixed_S.mean() - loss_S.mean()) / (fixed_S.mean() - oracle_S.mean())
+        assert comp["recovered"]["value"] == pytest.approx(want, abs=1e-3)
+        assert comp["recovered"]["lo"] <= comp["recovered"]["value"] <= comp["recovered"]["hi"]
+    # the gap, decomposed: every budget with a gain, the label-free oracles and the routers at their k
+    gap = {r["k"]: r for r in res["gap"]}
+    assert sorted(gap) == [1, 2, 3] and all(r["confidence"]["recovered"]["value"] is not None for r in gap.values())
+    assert {x["name"] for r in gap.values() for x in r["routers"]} == {r["name"] for r in res["routers"]}
+    assert "The oracle-router gap, decomposed" in html
     assert res["difficulty"]["tokens"] == 512 and (report / "difficulty.parquet").is_file()
 
 

@@ -65,6 +65,22 @@ def paired_ppl_difference(loss_a_ST, loss_b_ST, *, n_boot: int = N_BOOT, seed: i
     return {"diff": math.exp(a_S.mean()) - math.exp(b_S.mean()), "lo": lo, "hi": hi}
 
 
+def recovered_share(loss_x_ST, loss_oracle_ST, loss_fixed_ST, *, n_boot: int = N_BOOT, seed: int = 0,
+                    level: float = LEVEL) -> dict:
+    """The share of the oracle's gain over the fixed pattern that ``x`` recovers, in mean loss:
+    ``(fixed - x) / (fixed - oracle)`` (1: as good as the oracle, 0: no better than fixed), on the same
+    tokens, with its paired bootstrap interval over sequences: ``{"value", "lo", "hi"}`` (NaN where
+    the oracle gains nothing, e.g. a budget with one candidate)."""
+    x_S, o_S, f_S = (sequence_means(a) for a in (loss_x_ST, loss_oracle_ST, loss_fixed_ST))
+    assert x_S.shape == o_S.shape == f_S.shape, "a paired comparison needs the same sequences"
+
+    def share(idx_S):
+        gain = f_S[idx_S].mean() - o_S[idx_S].mean()
+        return (f_S[idx_S].mean() - x_S[idx_S].mean()) / gain if gain > 0 else float("nan")
+
+    return bootstrap(share, len(x_S), n_boot=n_boot, seed=seed, level=level)
+
+
 def bootstrap(stat, n_seq: int, *, null_stat=None, n_boot: int = N_BOOT, seed: int = 0, level: float = LEVEL) -> dict:
     """A statistic of the sequences and its interval: ``stat(idx_S)`` maps the indices of the
     sequences drawn (with repeats) to a float; it is computed on all sequences and on each

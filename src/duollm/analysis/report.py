@@ -28,6 +28,7 @@ from .. import rundir
 from ..io import atomic_write_bytes, atomic_write_text
 from ..model import DuoModel, param_counts
 from ..rundir import writing
+from . import gap
 from .difficulty import reference_k, token_table, write_difficulty
 from .figures import render_all, sample_sequence, visible
 from .findings import across_seeds, check_all, counts
@@ -154,6 +155,7 @@ def results(rd: RunData, difficulty: dict | None, figures: list[str], findings: 
                                               "early_exit_share": _r(skip.budgets[0].get("oracle_early_exit_share"))}
         if skip is not None and skip.budgets else None,
         "routers": router_rows(rd),
+        "gap": gap.decomposition(rd),
         "sequential": oracle_section(rd.sequential) if rd.sequential is not None else None,
         "null": {"oracle": oracle_section(rd.null.primary)} if rd.null is not None and rd.null.primary else None,
         "model_quality": model_quality(rd),
@@ -263,6 +265,7 @@ def tables(res: dict) -> list[tuple[str, list[str], list[list[str]]]]:
                      "best of 100 [95%]", "best of 100 per token",
                      "random [95%]", "compute"], rows))
         out += position_table(o, f"{ctx} context")
+    out += gap.table(res.get("gap") or [])
     if res.get("sequential"):
         q = res["sequential"]
         out.append((f"Sequential oracle (each token chooses given its predecessors' own choices): all-big "

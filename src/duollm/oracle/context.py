@@ -183,16 +183,21 @@ class Head:
         self.norm, self.w_VD = getattr(model, "fp32_head", (model.norm, model.lm_head.weight))
         self.buf_nV = None
 
-    def __call__(self, h_XD: torch.Tensor, tgt_X: torch.Tensor) -> torch.Tensor:
+    def __call__(self, h_XD: torch.Tensor, tgt_X: torch.Tensor, *, doubt: bool = False):
+        """``loss_X``; with ``doubt``, ``(loss_X, doubt_X)``: also -log of the top-1 probability."""
         shape = h_XD.shape[:-1]
         h_ND = h_XD.reshape(-1, h_XD.shape[-1]).to(self.w_VD.dtype)
         tgt_N = tgt_X.reshape(-1)
         out_N = torch.empty(h_ND.shape[0], dtype=torch.float32, device=h_ND.device)
+        doubt_N = torch.empty_like(out_N) if doubt else None
         eager = not self.kernels.compile and self.w_VD.dtype == torch.float32
         if eager and self.buf_nV is None:
             self.buf_nV = torch.empty(self.rows, self.w_VD.shape[0], dtype=torch.float32, device=h_ND.device)
         for a in range(0, h_ND.shape[0], self.rows):
             n = min(self.rows, h_ND.shape[0] - a)
             args = (h_ND[a : a + n], self.norm, self.w_VD, tgt_N[a : a + n])
-            out_N[a : a + n] = self.kernels(K.head_block, *args, *((self.buf_nV[:n],) if eager else ()))
-        return out_N.view(shape)
+            loss_n, doubt_n = self.kernels(K.head_block, *args, *((self.buf_nV[:n],) if eager else ()))
+            out_N[a : a + n] = loss_n
+            if doubt:
+                doubt_N[a : a + n] = doubt_n
+        return (out_N.view(shape), doubt_N.view(shape)) if doubt else out_N.view(shape)

@@ -43,7 +43,10 @@ def head_block(h_nD, norm, head_w_VD, tgt_n, logits_nV=None):
     """Final norm (the model's own module: RMSNorm, or LayerNorm for converted GPT-2), LM head,
     cross-entropy in float32 — one block of rows. ``logits_nV``: a float32 buffer the logits go to
     (eager: no allocation per block). The log-sum-exp runs in place: max, then exp and sum of the
-    shifted logits, with no further [n, V] temporaries."""
+    shifted logits, with no further [n, V] temporaries.
+
+    Returns ``(loss_n, doubt_n)``: the loss, and -log of the top-1 probability (log-sum-exp minus the
+    largest logit; free here), the label-free confidence the confidence oracle minimises."""
     x_nD = norm(h_nD)
     if logits_nV is None:
         logits_nV = F.linear(x_nD, head_w_VD).float()
@@ -51,8 +54,8 @@ def head_block(h_nD, norm, head_w_VD, tgt_n, logits_nV=None):
         torch.mm(x_nD, head_w_VD.t(), out=logits_nV)
     tgt_logit_n = logits_nV.gather(1, tgt_n[:, None]).squeeze(1)
     max_n1 = logits_nV.amax(-1, keepdim=True)
-    lse_n = logits_nV.sub_(max_n1).exp_().sum(-1).log_().add_(max_n1.squeeze(1))
-    return lse_n - tgt_logit_n
+    doubt_n = logits_nV.sub_(max_n1).exp_().sum(-1).log_()
+    return doubt_n + max_n1.squeeze(1) - tgt_logit_n, doubt_n
 
 
 _COMPILED: dict = {}  # one compiled wrapper per function and process: compiled code is shared

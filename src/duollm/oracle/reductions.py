@@ -2,7 +2,9 @@
 
 Per chunk of tokens (``ChunkReducer``): per budget group the best loss and best pattern of each
 token; per pattern the summed loss; per budget the per-token best among its random draws; the
-all-big and all-small losses. Nothing of size patterns x tokens is kept (DESIGN 4.2).
+all-big and all-small losses; and the label-free oracles (``analysis/gap.py``): per group the loss
+of each token's most confident pattern, and at each token the loss of its predecessor's best
+pattern. Nothing of size patterns x tokens is kept (DESIGN 4.2).
 
 After all chunks (``finalize``): oracle@k (mean of per-token best), fixed@k (the one pattern
 with the lowest mean loss, paper section 4.1), random@k (mean over candidates of the per-pattern
@@ -22,7 +24,7 @@ import numpy as np
 import torch
 
 from ..routing import BIG, SKIP, FlopModel, code_strings, decode_codes
-from ..stats import paired_ppl_difference, ppl_interval
+from ..stats import paired_ppl_difference, ppl_interval, recovered_share
 from .plan import Plan
 
 
@@ -41,14 +43,23 @@ class ChunkReducer:
         self.arg_GN = torch.full((G, N), -1, dtype=torch.long, device=device)
         self.sub_JN = torch.full((J, N), inf, device=device)
         self.sub_arg_JN = torch.full((J, N), -1, dtype=torch.long, device=device)
+        # label-free oracles (the oracle-router gap, decomposed): per group, the most confident pattern's
+        # loss (lowest -log top-1 probability) and, at each token t, the loss of token t-1's best pattern
+        # (running: updated whenever t-1's best changes; position 0 has no previous token and stays inf)
+        self.doubt_GN = torch.full((G, N), inf, device=device)
+        self.doubt_loss_GN = torch.full((G, N), inf, device=device)
+        self.prev_loss_GN = torch.full((G, N), inf, device=device)
         self.sum_P = torch.zeros(P, dtype=torch.float64, device=device)
         self.seen_P = np.zeros(P, dtype=bool)
         self.base = {}
         self.samples_of = [np.flatnonzero(plan.sample_JP[:, p]) for p in range(P)]
         self.matrix_cb = matrix_cb
 
-    def consume(self, p_R: np.ndarray, loss_R: torch.Tensor) -> None:
+    def consume(self, p_R: np.ndarray, loss_R: torch.Tensor, doubt_R: torch.Tensor | None = None) -> None:
+        """Leaves ``p_R``: their losses ``loss_R...`` and, for the confidence oracle, ``doubt_R...``
+        (-log top-1 probability, ``context.Head``); without it the label-free oracles stay empty."""
         loss_RN = loss_R.reshape(len(p_R), -1)
+        doubt_RN = None if doubt_R is None else doubt_R.reshape(len(p_R), -1)
         p_R_t = torch.as_tensor(p_R, device=loss_RN.device)
         self.sum_P.index_copy_(0, p_R_t, loss_RN.double().sum(1))
         self.rand_JB += self.member_JP[:, p_R_t] @ loss_RN.double().view(len(p_R), self.n_seq, -1).mean(2)
@@ -60,6 +71,8 @@ class ChunkReducer:
                 better_N = loss_N < self.best_GN[g]  # strict: the first pattern in code order wins ties
                 self.best_GN[g] = torch.where(better_N, loss_N, self.best_GN[g])
                 self.arg_GN[g] = torch.where(better_N, p, self.arg_GN[g])
+                if doubt_RN is not None:
+                    self._label_free(g, loss_N, doubt_RN[i], better_N)
             for j in self.samples_of[p]:
                 better_N = loss_N < self.sub_JN[j]
                 self.sub_JN[j] = torch.where(better_N, loss_N, self.sub_JN[j])
@@ -70,6 +83,14 @@ class ChunkReducer:
                 self.base["all_small"] = loss_N.clone()
         if self.matrix_cb is not None:
             self.matrix_cb(p_R, loss_RN)
+
+    def _label_free(self, g: int, loss_N, doubt_N, better_N) -> None:
+        surer_N = doubt_N < self.doubt_GN[g]  # strict, as the oracle: the first pattern in code order on ties
+        self.doubt_GN[g] = torch.where(surer_N, doubt_N, self.doubt_GN[g])
+        self.doubt_loss_GN[g] = torch.where(surer_N, loss_N, self.doubt_loss_GN[g])
+        B = self.n_seq
+        prev_BT, better_BT, loss_BT = self.prev_loss_GN[g].view(B, -1), better_N.view(B, -1), loss_N.view(B, -1)
+        prev_BT[:, 1:] = torch.where(better_BT[:, :-1], loss_BT[:, 1:], prev_BT[:, 1:])
 
     def result(self, beam: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, np.ndarray]:
         """Per-budget arrays of this chunk (numpy, CPU). ``beam``: (loss_JN, code_JN) from the search.
@@ -90,17 +111,31 @@ class ChunkReducer:
             extra["search_loss_JN"] = search_JN.float().cpu().numpy()
         else:
             bigs_G = plan.group_bigs
-            rows_loss, rows_code = [], []
+            rows_loss, rows_code, rows_doubt, rows_prev = [], [], [], []
+            B = self.n_seq
             for k in plan.budgets:
                 gs = [g for g, b in enumerate(bigs_G) if plan.in_budget(b, k)]
                 loss_N, arg_N = self.best_GN[gs[0]], self.arg_GN[gs[0]]
+                doubt_N, doubt_loss_N, prev_N = self.doubt_GN[gs[0]], self.doubt_loss_GN[gs[0]], self.prev_loss_GN[gs[0]]
                 for g in gs[1:]:  # "at most k": best over the exact groups <= k, lower group on ties
                     better_N = self.best_GN[g] < loss_N
                     loss_N = torch.where(better_N, self.best_GN[g], loss_N)
                     arg_N = torch.where(better_N, self.arg_GN[g], arg_N)
+                    surer_N = self.doubt_GN[g] < doubt_N
+                    doubt_N = torch.where(surer_N, self.doubt_GN[g], doubt_N)
+                    doubt_loss_N = torch.where(surer_N, self.doubt_loss_GN[g], doubt_loss_N)
+                    prev_BT = prev_N.view(B, -1).clone()  # token t follows the group of t-1's best
+                    prev_BT[:, 1:] = torch.where(better_N.view(B, -1)[:, :-1], self.prev_loss_GN[g].view(B, -1)[:, 1:],
+                                                 prev_BT[:, 1:])
+                    prev_N = prev_BT.view(-1)
                 rows_loss.append(loss_N)
                 rows_code.append(code_P[arg_N])
+                rows_doubt.append(doubt_loss_N)
+                rows_prev.append(prev_N)
             best_JN, code_JN = torch.stack(rows_loss), torch.stack(rows_code)
+            if bool(torch.isfinite(self.doubt_GN).any()):  # the leaves came with their confidence
+                extra["confidence_loss_JN"] = torch.stack(rows_doubt).float().cpu().numpy()
+                extra["previous_loss_JN"] = torch.stack(rows_prev).float().cpu().numpy()
         return {
             **extra,
             "best_loss_JN": best_JN.float().cpu().numpy(),
@@ -118,7 +153,8 @@ def merge_chunks(results: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """Concatenate per-token arrays in chunk order; sum per-pattern losses in chunk order
     (a fixed order, so a sharded or resumed run gives the same bits as one uninterrupted pass)."""
     out = {}
-    for key in ("best_loss_JN", "best_code_JN", "sub_loss_JN", "search_loss_JN", "random_loss_JB"):
+    for key in ("best_loss_JN", "best_code_JN", "sub_loss_JN", "search_loss_JN", "random_loss_JB", "confidence_loss_JN",
+                "previous_loss_JN"):
         if key in results[0]:
             out[key] = np.concatenate([r[key] for r in results], axis=1)
     for key in ("all_big_N", "all_small_N"):
@@ -277,3 +313,19 @@ def finalize(plan: Plan, merged: dict, position_N: np.ndarray, T: int, flop_mode
     }
     usage_JRLT = np.stack(usage_J) if usage_J else np.zeros((0, 3, L, T), np.float32)
     return summary, usage_JRLT
+
+
+def label_free_entry(entry: dict, oracle_ST, confidence_ST, previous_ST, fixed_ST) -> None:
+    """The oracles that cannot see the next token (the oracle-router gap, decomposed): each one's
+    perplexity and the share of the oracle's gain over fixed@k it recovers, with intervals. The
+    previous-token oracle scores positions 1.. (the first token has no previous one): its share is
+    computed on those positions for all three."""
+    for name, loss_ST, oracle_on, fixed_on in (
+        ("confidence", confidence_ST, oracle_ST, fixed_ST),
+        ("previous_token", previous_ST[:, 1:], oracle_ST[:, 1:], None if fixed_ST is None else fixed_ST[:, 1:]),
+    ):
+        ci = ppl_interval(loss_ST)
+        entry[f"{name}_oracle_ppl"], entry[f"{name}_oracle_ppl_lo"], entry[f"{name}_oracle_ppl_hi"] = (
+            ci["ppl"], ci["ppl_lo"], ci["ppl_hi"])
+        if fixed_on is not None:
+            entry[f"{name}_recovered"] = recovered_share(loss_ST, oracle_on, fixed_on)

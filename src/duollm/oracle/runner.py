@@ -45,11 +45,11 @@ from ..stats import paired_ppl_difference, ppl_interval
 from .context import Head, make_context
 from .kernels import Kernels
 from .plan import OracleSpec, Plan, build_plan
-from .reductions import ChunkReducer, finalize, merge_chunks
+from .reductions import ChunkReducer, finalize, label_free_entry, merge_chunks
 from .search import beam_search, max_children
 from .tree import walk_tree
 
-ENGINE_VERSION = 2  # 2: random@k per sequence in each chunk's reductions
+ENGINE_VERSION = 3  # 2: random@k per sequence in each chunk's reductions; 3: the label-free oracles
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -169,12 +169,12 @@ def compute_chunk(model: DuoModel, plan: Plan, idx_BT, tgt_BT, *, batch_tokens: 
     ctx = make_context(model, spec.context, idx_BT, spec.reference, kernels)
     red = ChunkReducer(plan, B * T, idx_BT.device, matrix_cb, n_seq=B)
 
-    def consume(p_R, loss_RBT):
-        red.consume(p_R, loss_RBT)
+    def consume(p_R, loss_RBT, doubt_RBT):
+        red.consume(p_R, loss_RBT, doubt_RBT)
         if on_leaves is not None:
             on_leaves(len(p_R))
 
-    walk_tree(model, ctx, plan.route_PL, model.embed(idx_BT).float(), tgt_BT, consume, head)
+    walk_tree(model, ctx, plan.route_PL, model.embed(idx_BT).float(), tgt_BT, consume, head, doubt=True)
     beam = None
     if spec.search == "beam":
         c_max = max_children(spec.space, spec.beam_width)
@@ -309,31 +309,33 @@ def run_oracle(
     todo_tokens = sum((b - a) * T for i, a, b in mine if not (partial / f"chunk_{i:05d}.npz").is_file())
     bar = ChunkProgress(todo_tokens, P, f"oracle {spec.name()}", enabled=progress and rank == 0,
                         share=1.0 if spec.search == "exhaustive" else 0.5)
-    for i, a, b in mine:
-        path = partial / f"chunk_{i:05d}.npz"
-        if path.is_file():
-            with np.load(path) as z:
-                results[i] = {k: z[k] for k in z.files}
-            resumed += 1
-            continue
+    try:  # the bar closes before an error is printed: the error stays one line of its own
+        for i, a, b in mine:
+            path = partial / f"chunk_{i:05d}.npz"
+            if path.is_file():
+                with np.load(path) as z:
+                    results[i] = {k: z[k] for k in z.files}
+                resumed += 1
+                continue
 
-        def matrix_cb(p_R, loss_RN, a=a, b=b):
-            matrix[p_R, a * T : b * T] = loss_RN.float().cpu().numpy()
+            def matrix_cb(p_R, loss_RN, a=a, b=b):
+                matrix[p_R, a * T : b * T] = loss_RN.float().cpu().numpy()
 
-        bar.start_chunk((b - a) * T)
-        res = compute_chunk(
-            emodel, plan, idx_ST[a:b].to(device), tgt_ST[a:b].to(device), batch_tokens=batch_tokens,
-            on_leaves=bar.leaves_done, matrix_cb=matrix_cb if keep_matrix else None, kernels=kernels,
-        )
-        bar.end_chunk()
-        if matrix is not None:
-            matrix.flush()
-        _save_npz(path, res)
-        results[i] = res
-        computed += 1
-        if on_chunk is not None:
-            on_chunk(i)
-    compute_s = bar.close()
+            bar.start_chunk((b - a) * T)
+            res = compute_chunk(
+                emodel, plan, idx_ST[a:b].to(device), tgt_ST[a:b].to(device), batch_tokens=batch_tokens,
+                on_leaves=bar.leaves_done, matrix_cb=matrix_cb if keep_matrix else None, kernels=kernels,
+            )
+            bar.end_chunk()
+            if matrix is not None:
+                matrix.flush()
+            _save_npz(path, res)
+            results[i] = res
+            computed += 1
+            if on_chunk is not None:
+                on_chunk(i)
+    finally:
+        compute_s = bar.close()
 
     if world > 1:
         gathered = [None] * world if rank == 0 else None
@@ -400,6 +402,9 @@ def _write_outputs(out_dir: Path, plan: Plan, merged: dict, idx_ST, tgt_ST, mode
                 entry[f"{key}_ppl_lo"], entry[f"{key}_ppl_hi"] = ci["ppl_lo"], ci["ppl_hi"]
                 # the oracle's gain over the pattern, paired (the same sequences in every replicate)
                 entry[f"oracle_minus_{key}"] = paired_ppl_difference(oracle_ST, loss_ST)
+        if "confidence_loss_JN" in merged:
+            label_free_entry(entry, oracle_ST, merged["confidence_loss_JN"][j].reshape(S, T),
+                              merged["previous_loss_JN"][j].reshape(S, T), pattern_loss.get(entry.get("fixed_pattern")))
     summary = {
         "name": meta.get("name", spec.name()),
         **spec.describe(),
@@ -443,6 +448,14 @@ def _write_outputs(out_dir: Path, plan: Plan, merged: dict, idx_ST, tgt_ST, mode
     }
     for j, k in enumerate(plan.budgets):
         cols[f"oracle_loss_k{k}"] = merged["best_loss_JN"][j].astype(np.float32)
+    for j, k in enumerate(plan.budgets):
+        fixed_ST = pattern_loss.get(summary["budgets"][j].get("fixed_pattern"))
+        if fixed_ST is not None:  # fixed@k per token: the baseline of every "share of the gain recovered"
+            cols[f"fixed_loss_k{k}"] = fixed_ST.reshape(-1).astype(np.float32)
+        if "confidence_loss_JN" in merged:  # the label-free oracles (null: the first token has no previous one)
+            cols[f"confidence_loss_k{k}"] = merged["confidence_loss_JN"][j].astype(np.float32)
+            cols[f"previous_token_loss_k{k}"] = pa.array(merged["previous_loss_JN"][j].astype(np.float32),
+                                                         mask=position_N == 0)
     for j, k in enumerate(plan.budgets):
         strings = code_strings(merged["best_code_JN"][j], L)
         cols[f"best_pattern_k{k}"] = pa.array(strings.tolist(), type=pa.string()).dictionary_encode()

@@ -57,9 +57,11 @@ def walk_tree(
     tgt_BT: torch.Tensor,
     consume: Consume,
     head: Head | None = None,
+    doubt: bool = False,
 ) -> None:
     """Evaluate every pattern of ``route_PL`` (any order, no duplicates) under context ``ctx``
-    (whose ``kernels`` also run the FFNs: eager or compiled)."""
+    (whose ``kernels`` also run the FFNs: eager or compiled). ``doubt``: ``consume`` also gets each
+    leaf's -log top-1 probability, ``consume(p_R, loss_RBT, doubt_RBT)`` (``Head``)."""
     head = head or Head(model, kernels=ctx.kernels)
     L = model.cfg.n_layers
     P = len(route_PL)
@@ -84,8 +86,8 @@ def walk_tree(
         if leaves:
             threads.poll()  # one reading of the machine's load every few seconds (threads.py)
             h_RBTD = torch.stack([h.squeeze(2) for h in leaf_h])
-            loss_RBT = head(h_RBTD, tgt_BT.expand(len(leaves), *tgt_BT.shape))
-            consume(np.array(leaves), loss_RBT)
+            out = head(h_RBTD, tgt_BT.expand(len(leaves), *tgt_BT.shape), doubt=doubt)
+            consume(np.array(leaves), *(out if doubt else (out,)))
 
     visit(0, 0, P, h0_BTMD)
 

@@ -14,7 +14,7 @@ from ..evaluate import per_token_loss, summarize
 from ..io import atomic_write_json
 from ..routing import BIG, SKIP
 from ..rundir import ROUTER_EVAL
-from ..stats import paired_ppl_difference, ppl_interval
+from ..stats import paired_ppl_difference, ppl_interval, recovered_share
 from .config import RouterConfig
 from .labels import OracleTable, holdout_split
 from .policy import Router
@@ -122,6 +122,8 @@ def oracle_comparison(model, res: dict, idx_ST, tgt_ST, cfg: RouterConfig, oracl
         comp["router_minus_fixed"] = paired_ppl_difference(router_ST, fixed_ST)
     if len(seq) and fixed_ST is not None and oracle.loss_ST is not None:
         comp["per_sequence"] = per_sequence(res["route_LST"][:, seq], router_ST, fixed_ST, oracle.loss_ST[seq], seq)
+        # the headline: the share of the oracle's gain over fixed@k the router recovers (analysis/gap.py)
+        comp["recovered"] = _recovered(router_ST, oracle.loss_ST[seq], fixed_ST)
     _, held = holdout_split(seq, cfg.holdout_every)
     if len(held):
         mask_ST = torch.zeros_like(oracle.covered_ST)
@@ -134,8 +136,16 @@ def oracle_comparison(model, res: dict, idx_ST, tgt_ST, cfg: RouterConfig, oracl
         if fixed_ST is not None:
             at = torch.isin(seq, held)  # the held-out sequences' rows among the covered ones
             h["fixed_ppl"] = math.exp(fixed_ST[at].double().mean().item())
+            if oracle.loss_ST is not None and "oracle_ppl" in h:
+                h["recovered"] = _recovered(router_ST[at], oracle.loss_ST[seq][at], fixed_ST[at])
         comp["heldout"] = h
     return comp
+
+
+def _recovered(router_ST, oracle_ST, fixed_ST) -> dict:
+    """``stats.recovered_share`` of torch tensors; None for an undefined share (the oracle gains nothing)."""
+    d = recovered_share(*(t.double().cpu().numpy() for t in (router_ST, oracle_ST, fixed_ST)))
+    return {k: (_r(v) if math.isfinite(v) else None) for k, v in d.items()}
 
 
 def per_sequence(route_LST: torch.Tensor, router_ST, fixed_ST, oracle_ST, seq) -> dict:
