@@ -202,6 +202,10 @@ def test_report_files_with_embedded_figures_and_findings(study):
     gap = {r["k"]: r for r in res["gap"]}
     assert sorted(gap) == [1, 2, 3] and all(r["confidence"]["recovered"]["value"] is not None for r in gap.values())
     assert {x["name"] for r in gap.values() for x in r["routers"]} == {r["name"] for r in res["routers"]}
+    # ... each also at its realised compute (the oracle and fixed curves interpolated there; undefined for a
+    # router that realised all-small or all-big, where the oracle gains nothing over fixed)
+    for x in (x for r in gap.values() for x in r["routers"]):
+        assert (x["recovered_matched"]["value"] is None) == (x["big_fraction"] in (0.0, 1.0)), x
     assert "The oracle-router gap, decomposed" in html
     assert res["difficulty"]["tokens"] == 512 and (report / "difficulty.parquet").is_file()
 

@@ -59,10 +59,31 @@ def decomposition(rd: RunData) -> list[dict]:
                 continue  # a router evaluated on other tokens is not comparable
             loss_S1, oracle_S1, fixed_S1 = (np.asarray(ps[key], dtype=np.float64)[:, None]
                                            for key in ("loss", "oracle_loss", "fixed_loss"))
-            row["routers"].append({"name": r["name"], "ppl": r.get("ppl"),
-                                   "recovered": _share(recovered_share(loss_S1, oracle_S1, fixed_S1))})
+            matched = _at_compute(v, r.get("big_fraction"), r.get("skip_fraction"), rd.n_layers, ps["sequence"])
+            row["routers"].append({
+                "name": r["name"], "ppl": r.get("ppl"), "big_fraction": r.get("big_fraction"),
+                "recovered": _share(recovered_share(loss_S1, oracle_S1, fixed_S1)),
+                "recovered_matched": None if matched is None else _share(recovered_share(loss_S1, *matched)),
+            })
         rows.append(row)
     return rows
+
+
+def _at_compute(v, big_fraction, skip_fraction, n_layers: int, sequences) -> tuple | None:
+    """Per-sequence oracle and fixed losses ``[S, 1]`` at a router's *realised* compute: linear in k
+    between the two budgets around big_fraction x L (big/small routers: compute is linear in the big
+    layers), so a router realising 0.339 big is not credited with the compute it did not save."""
+    if big_fraction is None or skip_fraction:
+        return None
+    x = float(big_fraction) * n_layers
+    k0 = min(int(math.floor(x)), n_layers - 1)
+    w = x - k0
+    cols = [f"{kind}_loss_k{k}" for kind in ("oracle", "fixed") for k in (k0, k0 + 1)]
+    if not all(v.has(c) for c in cols):
+        return None
+    seq = np.asarray(sequences)
+    o0, o1, f0, f1 = (v.seq_loss(c)[seq] for c in cols)
+    return ((1 - w) * o0 + w * o1)[:, None], ((1 - w) * f0 + w * f1)[:, None]
 
 
 def _cell(entry: dict | None) -> str:
@@ -72,7 +93,9 @@ def _cell(entry: dict | None) -> str:
     share = "" if r.get("value") is None else (
         f" ({100 * r['value']:.1f}% [{100 * r['lo']:.1f}, {100 * r['hi']:.1f}])" if r.get("lo") is not None
         else f" ({100 * r['value']:.1f}%)")
-    return f"{entry['ppl']:.2f}{share}"
+    m = (entry.get("recovered_matched") or {}).get("value")
+    matched = "" if m is None else f", {100 * m:.1f}% at its compute {entry['big_fraction']:.3f}"
+    return f"{entry['ppl']:.2f}{share[:-1] + matched + ')' if matched else share}"
 
 
 def table(rows: list[dict]) -> list[tuple[str, list[str], list[list[str]]]]:
