@@ -87,15 +87,18 @@ def _at_compute(v, big_fraction, skip_fraction, n_layers: int, sequences) -> tup
 
 
 def _cell(entry: dict | None) -> str:
+    """``ppl (share [lo, hi], share at its realised compute)``, whatever of it is defined."""
     if not entry:
         return "—"
+    parts = []
     r = entry.get("recovered") or {}
-    share = "" if r.get("value") is None else (
-        f" ({100 * r['value']:.1f}% [{100 * r['lo']:.1f}, {100 * r['hi']:.1f}])" if r.get("lo") is not None
-        else f" ({100 * r['value']:.1f}%)")
+    if r.get("value") is not None:
+        parts.append(f"{100 * r['value']:.1f}%" + (f" [{100 * r['lo']:.1f}, {100 * r['hi']:.1f}]" if r.get("lo") is not None
+                                                   else ""))
     m = (entry.get("recovered_matched") or {}).get("value")
-    matched = "" if m is None else f", {100 * m:.1f}% at its compute {entry['big_fraction']:.3f}"
-    return f"{entry['ppl']:.2f}{share[:-1] + matched + ')' if matched else share}"
+    if m is not None:
+        parts.append(f"{100 * m:.1f}% at its compute {entry['big_fraction']:.3f}")
+    return f"{entry['ppl']:.2f}" + (f" ({', '.join(parts)})" if parts else "")
 
 
 def table(rows: list[dict]) -> list[tuple[str, list[str], list[list[str]]]]:

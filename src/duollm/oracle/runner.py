@@ -260,7 +260,7 @@ def run_oracle(
     Returns the summary dict on rank 0 (None on other ranks). ``on_chunk(i)`` is called after
     chunk i is saved (tests use it to interrupt). ``meta`` is merged into the summary. ``dtype``:
     float32 (exact), bfloat16 (``engine_model``) or auto (``resolve_dtype``: bfloat16 where the
-    device has bf16 matrix units; what ``duollm oracle`` and the study use).
+    device has bf16 matrix units; ``duollm oracle``'s default).
     ``compile``: fuse each node's elementwise work with torch.compile (see ``kernels``; True/False;
     "auto": when the run evaluates at least 2^24 pattern-tokens, where compiling pays off).
     """
