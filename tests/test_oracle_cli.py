@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -86,3 +87,28 @@ def test_oracle_command_bad_inputs_exit_with_one_line(tiny_run, tmp_path, capsys
     assert main(["oracle", str(tmp_path / "missing")]) != 0
     assert "does not exist" in capsys.readouterr().err
     assert not (tiny_run / "oracle" / "SB_-shared").exists()  # a refused run leaves nothing behind
+
+
+def test_an_oracle_of_the_training_split_is_named_and_kept_apart(tiny_run, tmp_path, capsys):
+    """``--split train``: oracle tables for training tokens (what routers may learn from), named apart and
+    never taken for the validation oracle by the report, the findings or the routers' comparison."""
+    from duollm import rundir
+    from duollm.analysis.rundata import RunData
+    from duollm.routers.labels import find_oracle
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    assert main(["oracle", str(run), "--split", "train", "--budgets", "0-2", "--max-tokens", "256",
+                 "--dtype", "float32"]) == 0
+    name = capsys.readouterr().out.split()[-1]
+    assert name == "SB-shared-train"
+    s = json.loads((run / "oracle" / name / "summary.json").read_text())
+    assert s["split"] == "train" and s["data"] == "train split" and s["tokens"] == 256
+    idx, _ = rundir.eval_tokens(run, rundir.load_run_config(run), max_tokens=256, split="train")
+    table = pq.read_table(run / "oracle" / name / "per_token.parquet")
+    assert np.array_equal(table.column("token").to_numpy(), idx.reshape(-1).numpy())
+    val_idx, _ = rundir.eval_tokens(run, rundir.load_run_config(run), max_tokens=256)
+    assert not np.array_equal(idx.numpy(), val_idx.numpy())
+    assert name not in {o.name for o in RunData(run).sweeps.values()} and find_oracle(run, "SB", 1) != name
+    assert main(["oracle", str(run), "--split", "train", "--context", "sequential", "--budgets", "1"]) == 2
+    assert "--split train" in capsys.readouterr().err

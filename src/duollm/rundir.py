@@ -155,14 +155,21 @@ def load_tokens(run: Path, split: str) -> np.ndarray:
     return np.memmap(path, dtype=np.dtype(_json(meta_path)["dtype"]), mode="r")
 
 
-def eval_tokens(run: Path, cfg: RunConfig, spec: str | None = None, max_tokens: int | None = None):
+SPLITS = {"validation": "val", "train": "train"}  # --split names -> token cache files
+
+
+def eval_tokens(run: Path, cfg: RunConfig, spec: str | None = None, max_tokens: int | None = None,
+                split: str = "validation"):
     """The evaluation tokens shared by ``eval``, ``oracle`` and routers: (``idx_ST``, ``tgt_ST``).
 
-    ``spec`` None: the run's validation split; otherwise the whole text of ``spec`` encoded
-    with the run's tokenizer. ``max_tokens`` None: ``cfg.eval.max_tokens``; 0: no cap.
+    ``spec`` None: the run's ``split`` (validation, or train: oracle tables that routers learn from);
+    otherwise the whole text of ``spec`` encoded with the run's tokenizer. ``max_tokens`` None:
+    ``cfg.eval.max_tokens``; 0: no cap. Windows spread over the whole split (``data.sequences``).
     """
+    if split not in SPLITS:
+        raise ValueError(f"split must be validation or train; got {split!r}")
     if spec is None:
-        tokens = load_tokens(run, "val")
+        tokens = load_tokens(run, SPLITS[split])
     else:
         tok = load_tokenizer(run)
         tokens = np.asarray(tok.encode(read_corpus(spec, cfg.data.text_column, cfg.data.max_chars)), dtype=np.int64)

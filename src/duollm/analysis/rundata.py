@@ -102,7 +102,7 @@ class RunData:
     def _plain(self, o: Oracle) -> bool:
         s = o.summary
         return (s.get("search", "exhaustive") == "exhaustive" and s.get("patterns") is None
-                and s.get("budget_mode", "exact") == "exact")
+                and s.get("budget_mode", "exact") == "exact" and s.get("split", "validation") == "validation")
 
     @cached_property
     def sweeps(self) -> dict[str, Oracle]:

@@ -26,7 +26,7 @@ from .sequential import run_sequential
 # flag dest -> keyword of run_oracle_command (kept in one place so the two cannot drift)
 KEYWORDS = (
     "budgets", "options", "skips", "skips_mode", "budget_mode", "context", "reference", "max_tokens", "data",
-    "search", "beam_width", "name", "batch_tokens", "dtype", "patterns", "seed", "save_matrix", "device", "compile",
+    "search", "beam_width", "name", "batch_tokens", "dtype", "split", "patterns", "seed", "save_matrix", "device", "compile",
     "schedules_only",
 )
 
@@ -50,6 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--max-tokens", dest="max_tokens", default=None, help="cap on evaluation tokens: N >= 1, or all "
       "(default eval.max_tokens)")
     a("--data", default=None, help="data spec to score instead of the run's validation split")
+    a("--split", default="validation", choices=("validation", "train"),
+      help="the run's split to score (train: oracle tables imitation routers learn from, named <name>-train; "
+           "reports and findings use validation oracles only)")
     a("--search", default="exhaustive", help="exhaustive (default), beam, or greedy (beam of width 1)")
     a("--beam-width", dest="beam_width", type=int, default=4, help="prefixes kept per budget cell (default 4)")
     a("--name", default=None, help="output folder name under RUN/oracle/ (default from the options, e.g. SB-shared)")
@@ -150,6 +153,7 @@ def run_oracle_command(
     reference: str | None = None,
     max_tokens: int | None = None,
     data: str | None = None,
+    split: str = "validation",
     search: str = "exhaustive",
     beam_width: int = 4,
     name: str | None = None,
@@ -188,20 +192,26 @@ def run_oracle_command(
     max_tokens = parse_max_tokens(max_tokens)
     if name is not None and (not name or "/" in name or name.startswith(".")):
         raise ValueError(f"--name must be a plain folder name; got {name!r}")
-    name = name or spec.name()
+    if split not in rundir.SPLITS:
+        raise ValueError(f"--split must be validation or train; got {split!r}")
+    if split != "validation" and (data is not None or spec.context == "sequential"):
+        raise ValueError("--split train scores the run's training split with the shared or frozen context; "
+                         "drop --data / --context sequential")
+    name = name or spec.name() + ("" if split == "validation" else f"-{split}")
     if batch_tokens < 1:
         raise ValueError(f"--batch-tokens must be positive; got {batch_tokens}")
     model, cfg = rundir.load_model(run_dir, dev)
-    idx_ST, tgt_ST = rundir.eval_tokens(run_dir, cfg, spec=data, max_tokens=max_tokens)
+    idx_ST, tgt_ST = rundir.eval_tokens(run_dir, cfg, spec=data, max_tokens=max_tokens, split=split)
     if schedules_only and spec.context != "sequential":
         raise ValueError("--schedules-only applies to the sequential context only (use --context sequential)")
     with rundir.writing(run_dir):
         return _run(run_dir, model, idx_ST, tgt_ST, spec, name, batch_tokens=batch_tokens, dtype=dtype,
-                    save_matrix=save_matrix, progress=progress, compile=compile, data=data, schedules_only=schedules_only)
+                    save_matrix=save_matrix, progress=progress, compile=compile, data=data, schedules_only=schedules_only,
+                    split=split)
 
 
 def _run(run_dir: Path, model, idx_ST, tgt_ST, spec: OracleSpec, name: str, *, batch_tokens, dtype, save_matrix,
-         progress, compile, data, schedules_only=False) -> str:
+         progress, compile, data, schedules_only=False, split="validation") -> str:
     if spec.context == "sequential":
         if int(os.environ.get("RANK", "0")) != 0:  # one process: the steps are sequential by nature
             return name
@@ -216,7 +226,7 @@ def _run(run_dir: Path, model, idx_ST, tgt_ST, spec: OracleSpec, name: str, *, b
         model, idx_ST, tgt_ST, spec, rundir.oracle_dir(run_dir, name), batch_tokens=batch_tokens, dtype=dtype,
         keep_matrix=save_matrix, progress=progress,
         compile={"on": True, "off": False, "auto": "auto", True: True, False: False}.get(compile, compile),
-        meta={"name": name, "data": data or "validation split", "dtype": dtype},
+        meta={"name": name, "data": data or f"{split} split", "split": split, "dtype": dtype},
     )
     if summary is not None and spec.search == "beam":
         beam_gap(run_dir, spec, rundir.oracle_dir(run_dir, name))
