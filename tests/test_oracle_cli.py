@@ -112,3 +112,9 @@ def test_an_oracle_of_the_training_split_is_named_and_kept_apart(tiny_run, tmp_p
     assert name not in {o.name for o in RunData(run).sweeps.values()} and find_oracle(run, "SB", 1) != name
     assert main(["oracle", str(run), "--split", "train", "--context", "sequential", "--budgets", "1"]) == 2
     assert "--split train" in capsys.readouterr().err
+    # an imitation router learns from the training-split table, and is evaluated on validation tokens only
+    assert main(["router", str(run), "--method", "imitation", "--target", "0.5", "--steps", "3"]) == 0
+    out = capsys.readouterr()
+    assert "imitation: 8 training-split oracle sequences (SB-shared-train, k=2)" in out.out + out.err
+    e = json.loads((run / "routers" / "imitation-0.50" / "eval.json").read_text())
+    assert e["tokens"] == rundir.eval_tokens(run, rundir.load_run_config(run))[0].numel()  # the validation tokens

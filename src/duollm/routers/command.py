@@ -34,7 +34,20 @@ def train_router(run: Path, cfg: RouterConfig, *, resume: bool = False, log=prin
     oracle_name = find_oracle(run, cfg.options, k, cfg.oracle)
     oracle = load_oracle_table(run, oracle_name, k, idx_ST, tgt_ST, cfg.options) if oracle_name else None
     imitation_data = None
-    if cfg.method == "imitation":
+    labels = find_oracle(run, cfg.options, k, split="train") if cfg.method == "imitation" else None
+    if labels is not None:  # labels of training tokens: every validation sequence stays unseen
+        n = rundir.oracle_summary(rundir.oracle_dir(run, labels))["tokens"]
+        l_idx, l_tgt = rundir.eval_tokens(run, run_cfg, max_tokens=n, split="train")
+        table = load_oracle_table(run, labels, k, l_idx, l_tgt, cfg.options)
+        seq = table.sequences
+        if cfg.train.seq_len != l_idx.shape[1]:
+            raise ValueError(f"imitation trains on whole oracle sequences of {l_idx.shape[1]} tokens; "
+                             f"train.seq_len={cfg.train.seq_len} differs")
+        imitation_data = (l_idx[seq], l_tgt[seq], table.route_LST[:, seq])
+        train_tokens = rundir.load_tokens(run, "train")
+        log(f"imitation: {len(seq)} training-split oracle sequences ({labels}, k={k}) to train on; "
+            f"evaluated on validation tokens only")
+    elif cfg.method == "imitation":
         if oracle is None:
             raise ValueError(f"imitation needs an oracle with options {cfg.options} and budget k={k} in {run / rundir.ORACLE}; "
                              f"run `duollm oracle` first")

@@ -38,9 +38,10 @@ class OracleTable:
         return self.covered_ST.all(1).nonzero().squeeze(1)
 
 
-def find_oracle(run: Path, options: str, k: int, name: str = "") -> str | None:
-    """The oracle to compare with: ``name`` if given, else one of the validation split with these
-    options and budget k, preferring the paper's ``shared`` context, then the newest."""
+def find_oracle(run: Path, options: str, k: int, name: str = "", split: str = "validation") -> str | None:
+    """The oracle to compare with: ``name`` if given, else one of ``split`` (validation: the comparison;
+    train: labels to learn from, ``duollm oracle --split train``) with these options and budget k,
+    preferring the paper's ``shared`` context, then the newest."""
     run = Path(run)
     names = rundir.oracle_names(run)
     if name:
@@ -53,7 +54,7 @@ def find_oracle(run: Path, options: str, k: int, name: str = "") -> str | None:
         summary = rundir.oracle_summary(folder)
         if canonical_options(str(summary.get("options", "SB"))) == options and any(
             b.get("k") == k for b in summary.get("budgets", [])
-        ) and summary.get("split", "validation") == "validation":  # a training-split table is not the comparison
+        ) and summary.get("split", "validation") == split:  # a training-split table is never the comparison
             matches.append((summary.get("context") == "shared", (folder / rundir.SUMMARY).stat().st_mtime, n))
     return max(matches)[2] if matches else None
 
