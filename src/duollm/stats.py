@@ -81,6 +81,11 @@ def recovered_share(loss_x_ST, loss_oracle_ST, loss_fixed_ST, *, n_boot: int = N
     return bootstrap(share, len(x_S), n_boot=n_boot, seed=seed, level=level)
 
 
+def finite_rounded(d: dict, nd: int = 4) -> dict:
+    """A statistic's dict for JSON: floats rounded, undefined values (NaN, inf) as None."""
+    return {k: (round(float(v), nd) if math.isfinite(v) else None) for k, v in d.items()}
+
+
 def bootstrap(stat, n_seq: int, *, null_stat=None, n_boot: int = N_BOOT, seed: int = 0, level: float = LEVEL) -> dict:
     """A statistic of the sequences and its interval: ``stat(idx_S)`` maps the indices of the
     sequences drawn (with repeats) to a float; it is computed on all sequences and on each

@@ -18,13 +18,13 @@ import math
 
 import numpy as np
 
-from ..stats import recovered_share
+from ..stats import finite_rounded, recovered_share
 from .evidence import view
 from .rundata import RunData
 
 
 def _share(d: dict | None) -> dict | None:
-    return None if d is None else {k: (None if not math.isfinite(v) else round(float(v), 4)) for k, v in d.items()}
+    return None if d is None else finite_rounded(d)
 
 
 def decomposition(rd: RunData) -> list[dict]:

@@ -33,45 +33,50 @@ def train_router(run: Path, cfg: RouterConfig, *, resume: bool = False, log=prin
     k = cfg.budget_k(L)
     oracle_name = find_oracle(run, cfg.options, k, cfg.oracle)
     oracle = load_oracle_table(run, oracle_name, k, idx_ST, tgt_ST, cfg.options) if oracle_name else None
-    imitation_data = None
-    labels = find_oracle(run, cfg.options, k, split="train") if cfg.method == "imitation" else None
-    if labels is not None:  # labels of training tokens: every validation sequence stays unseen
-        n = rundir.oracle_summary(rundir.oracle_dir(run, labels))["tokens"]
-        l_idx, l_tgt = rundir.eval_tokens(run, run_cfg, max_tokens=n, split="train")
-        table = load_oracle_table(run, labels, k, l_idx, l_tgt, cfg.options)
-        seq = table.sequences
-        if cfg.train.seq_len != l_idx.shape[1]:
-            raise ValueError(f"imitation trains on whole oracle sequences of {l_idx.shape[1]} tokens; "
-                             f"train.seq_len={cfg.train.seq_len} differs")
-        imitation_data = (l_idx[seq], l_tgt[seq], table.route_LST[:, seq])
-        train_tokens = rundir.load_tokens(run, "train")
-        log(f"imitation: {len(seq)} training-split oracle sequences ({labels}, k={k}) to train on; "
-            f"evaluated on validation tokens only")
-    elif cfg.method == "imitation":
-        if oracle is None:
-            raise ValueError(f"imitation needs an oracle with options {cfg.options} and budget k={k} in {run / rundir.ORACLE}; "
-                             f"run `duollm oracle` first")
-        if cfg.train.seq_len != idx_ST.shape[1]:
-            raise ValueError(f"imitation trains on whole oracle sequences of {idx_ST.shape[1]} tokens; "
-                             f"train.seq_len={cfg.train.seq_len} differs")
-        train_seq, _ = holdout_split(oracle.sequences, cfg.holdout_every)
-        if len(train_seq) == 0:
-            raise ValueError(f"oracle {oracle.name} covers too few sequences to train on after the holdout")
-        used = set(oracle.route_LST[:, train_seq].unique().tolist())
-        if not used <= {ROUTE_OF_LETTER[c] for c in cfg.options}:
-            raise ValueError(f"oracle {oracle.name} uses routes outside the router's options {cfg.options}")
-        imitation_data = (idx_ST[train_seq], tgt_ST[train_seq], oracle.route_LST[:, train_seq])
-        train_tokens = torch.cat([idx_ST[train_seq].flatten(), tgt_ST[train_seq][-1, -1:]]).numpy()
-        log(f"imitation: {len(train_seq)} oracle sequences ({oracle.name}, k={k}) to train on, "
-            f"{len(oracle.sequences) - len(train_seq)} held out")
-    else:
-        train_tokens = rundir.load_tokens(run, "train")
+    imitation_data, train_tokens = None, rundir.load_tokens(run, "train")
+    if cfg.method == "imitation":
+        imitation_data, train_tokens = _imitation_data(run, run_cfg, cfg, k, idx_ST, tgt_ST, oracle, log)
     out = rundir.router_dir(run, cfg.name)
     if latest_checkpoint(out) is not None and not resume:
         raise ValueError(f"router {cfg.name} already exists in {out}; pass --resume to continue it or remove the folder")
     with rundir.writing(run):
         return _train_router(run, out, cfg, model, idx_ST, tgt_ST, train_tokens, oracle, imitation_data,
                              device=device, resume=resume, log=log)
+
+
+def _imitation_data(run: Path, run_cfg, cfg: RouterConfig, k: int, idx_ST, tgt_ST, oracle, log):
+    """``((idx_ST, tgt_ST, route_LST), train_tokens)``: the labelled sequences imitation learns from. A
+    training-split oracle at budget k (``duollm oracle --split train``) keeps every validation sequence
+    unseen; without one, every other sequence of the validation table (``holdout_every``)."""
+    labels = find_oracle(run, cfg.options, k, split="train")
+    if labels is not None:
+        n = rundir.oracle_summary(rundir.oracle_dir(run, labels))["tokens"]
+        idx_ST, tgt_ST = rundir.eval_tokens(run, run_cfg, max_tokens=n, split="train")
+        table = load_oracle_table(run, labels, k, idx_ST, tgt_ST, cfg.options)
+        train_seq = table.sequences
+    elif oracle is None:
+        raise ValueError(f"imitation needs an oracle with options {cfg.options} and budget k={k} in {run / rundir.ORACLE}; "
+                         f"run `duollm oracle` first")
+    else:
+        table = oracle
+        train_seq, _ = holdout_split(oracle.sequences, cfg.holdout_every)
+    if cfg.train.seq_len != idx_ST.shape[1]:
+        raise ValueError(f"imitation trains on whole oracle sequences of {idx_ST.shape[1]} tokens; "
+                         f"train.seq_len={cfg.train.seq_len} differs")
+    if len(train_seq) == 0:
+        raise ValueError(f"oracle {table.name} covers too few sequences to train on after the holdout")
+    used = set(table.route_LST[:, train_seq].unique().tolist())
+    if not used <= {ROUTE_OF_LETTER[c] for c in cfg.options}:
+        raise ValueError(f"oracle {table.name} uses routes outside the router's options {cfg.options}")
+    if labels is not None:
+        train_tokens = rundir.load_tokens(run, "train")
+        log(f"imitation: {len(train_seq)} training-split oracle sequences ({labels}, k={k}) to train on; "
+            f"evaluated on validation tokens only")
+    else:
+        train_tokens = torch.cat([idx_ST[train_seq].flatten(), tgt_ST[train_seq][-1, -1:]]).numpy()
+        log(f"imitation: {len(train_seq)} oracle sequences ({oracle.name}, k={k}) to train on, "
+            f"{len(oracle.sequences) - len(train_seq)} held out")
+    return (idx_ST[train_seq], tgt_ST[train_seq], table.route_LST[:, train_seq]), train_tokens
 
 
 def _train_router(run: Path, out: Path, cfg: RouterConfig, model, idx_ST, tgt_ST, train_tokens, oracle,

@@ -14,7 +14,7 @@ from ..evaluate import per_token_loss, summarize
 from ..io import atomic_write_json
 from ..routing import BIG, SKIP
 from ..rundir import ROUTER_EVAL
-from ..stats import paired_ppl_difference, ppl_interval, recovered_share
+from ..stats import finite_rounded, paired_ppl_difference, ppl_interval, recovered_share
 from .config import RouterConfig
 from .labels import OracleTable, holdout_split
 from .policy import Router
@@ -144,8 +144,7 @@ def oracle_comparison(model, res: dict, idx_ST, tgt_ST, cfg: RouterConfig, oracl
 
 def _recovered(router_ST, oracle_ST, fixed_ST) -> dict:
     """``stats.recovered_share`` of torch tensors; None for an undefined share (the oracle gains nothing)."""
-    d = recovered_share(*(t.double().cpu().numpy() for t in (router_ST, oracle_ST, fixed_ST)))
-    return {k: (_r(v) if math.isfinite(v) else None) for k, v in d.items()}
+    return finite_rounded(recovered_share(*(t.double().cpu().numpy() for t in (router_ST, oracle_ST, fixed_ST))), 5)
 
 
 def per_sequence(route_LST: torch.Tensor, router_ST, fixed_ST, oracle_ST, seq) -> dict:
