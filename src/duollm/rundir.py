@@ -272,7 +272,8 @@ def load_router_folder(folder: Path, device="cpu") -> tuple[Router, RouterConfig
     try:
         meta = yaml.safe_load((folder / ROUTER_YAML).read_text())
         cfg = from_dict(RouterConfig, meta["config"])
-        router = Router(int(meta["n_layers"]), int(meta["d_model"]), meta["options"])
+        L = int(meta["n_layers"])
+        router = Router(L, int(meta["d_model"]), meta["options"], budget_k=cfg.budget_k(L) if cfg.enforce else None)
     except (yaml.YAMLError, KeyError, TypeError) as e:
         raise ValueError(f"{folder / ROUTER_YAML} is corrupt: {type(e).__name__}") from None
     # routers saved before calibration existed lack the offset

@@ -9,7 +9,7 @@ import torch
 
 from .. import rundir
 from ..checkpoint import latest_checkpoint
-from ..config import METHODS, to_dict
+from ..config import METHODS, VALUE_METHODS, to_dict
 from ..data import sequences
 from ..distributed import resolve_device
 from ..routing import ROUTE_OF_LETTER
@@ -20,6 +20,7 @@ from .evaluate import write_eval
 from .labels import find_oracle, holdout_split, load_oracle_table
 from .objectives import RouterTrainer, router_objective
 from .policy import Router
+from .value import dagger
 
 
 def train_router(run: Path, cfg: RouterConfig, *, resume: bool = False, log=print) -> str:
@@ -83,15 +84,19 @@ def _train_router(run: Path, out: Path, cfg: RouterConfig, model, idx_ST, tgt_ST
                   imitation_data, *, device, resume: bool, log) -> str:
     L, D = model.cfg.n_layers, model.cfg.d_model
     torch.manual_seed(cfg.train.seed)
-    router = Router(L, D, cfg.options)
+    router = Router(L, D, cfg.options, budget_k=cfg.budget_k(L) if cfg.enforce else None)
     if cfg.init == "target":
         router.init_bias(cfg.probs_R())
     trainer = RouterTrainer(router, model, cfg)
     n_val = max(1, min(idx_ST.shape[0], cfg.train.eval_tokens // idx_ST.shape[1]))
-    objective = router_objective(trainer, cfg, idx_ST[:n_val], tgt_ST[:n_val], imitation_data)
     rundir.write_router_yaml(out, router, cfg)  # the config of a router in training is on disk from the start
-    train_loop(objective, cfg.train, train_tokens, out, device=device, resume=resume,
-               desc=f"router {cfg.name}", run_config=to_dict(cfg))
+    if cfg.method in VALUE_METHODS:  # on-policy targets in DAgger rounds, each through train_loop
+        dagger(model, trainer, cfg, out, train_tokens, device=device, resume=resume, log=log,
+               make_objective=lambda rows: router_objective(trainer, cfg, idx_ST[:n_val], tgt_ST[:n_val], value_data=rows))
+    else:
+        objective = router_objective(trainer, cfg, idx_ST[:n_val], tgt_ST[:n_val], imitation_data)
+        train_loop(objective, cfg.train, train_tokens, out, device=device, resume=resume,
+                   desc=f"router {cfg.name}", run_config=to_dict(cfg))
     if cfg.calibrate:  # on training-split tokens: the evaluation tokens stay unseen
         cal_idx, cal_tgt = sequences(rundir.load_tokens(run, "train"), idx_ST.shape[1], cfg.calibration_tokens)
         delta, got = calibrate_budget(model, router, cal_idx, cal_tgt, cfg.target, batch_size=cfg.eval_batch)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from ..config import METHODS, RunConfig, TrainConfig, apply_overrides, from_dict, to_dict, validate_train
+from ..config import METHODS, VALUE_METHODS, RunConfig, TrainConfig, apply_overrides, from_dict, to_dict, validate_train
 from ..routing import parse_options
 
 
@@ -35,7 +35,7 @@ class RouterConfig:
     tiny model an annealed straight-through router oscillates between whole-layer flips).
     """
 
-    method: str = "budget"  # budget | imitation | straight-through
+    method: str = "budget"  # budget | imitation | straight-through | value | expected-cost
     target: float = 0.5  # fraction of (token, layer) decisions that go big
     options: str = "SB"  # allowed routes per layer: SB, B_ or SB_
     skip_target: float = 0.0  # fraction skipped (options SB_; with B_ it is 1 - target)
@@ -48,6 +48,9 @@ class RouterConfig:
     calibration_tokens: int = 8192  # training-split tokens the calibration measures the big fraction on
     oracle: str = ""  # oracle whose per-token table gives imitation labels and agreement ("": auto)
     holdout_every: int = 2  # every n-th sequence of the oracle table is held out of imitation (0: none)
+    enforce: bool = False  # see the bigs used so far and spend exactly round(target * L) per token (hard routing)
+    dagger_rounds: int = 4  # value, expected-cost: at most this many rounds of on-policy targets (routers/value.py)
+    value_tokens: int = 4096  # value, expected-cost: training-split tokens the targets are computed on per round
     eval_batch: int = 16  # sequences per evaluation forward
     train: TrainConfig = field(default_factory=router_train_defaults)
 
@@ -112,6 +115,12 @@ def validate_router_config(c: RouterConfig) -> None:
         raise ValueError(f"router holdout_every must be 0 (none) or >= 2; got {c.holdout_every}")
     if c.calibration_tokens <= 0:
         raise ValueError(f"router calibration_tokens must be positive; got {c.calibration_tokens}")
+    if c.enforce and c.options != "SB":
+        raise ValueError(f"router enforce=true needs options SB (the budget counts big against small); got {c.options}")
+    if c.method in VALUE_METHODS and not c.enforce:
+        raise ValueError(f"router method {c.method} needs enforce=true (its targets assume exactly k bigs per token)")
+    if c.dagger_rounds < 1 or c.value_tokens < 1:
+        raise ValueError(f"router dagger_rounds and value_tokens must be >= 1; got {c.dagger_rounds}, {c.value_tokens}")
     if c.eval_batch <= 0:
         raise ValueError(f"router eval_batch must be positive; got {c.eval_batch}")
     for name in ("alpha", "beta_start", "beta_end"):
@@ -128,6 +137,9 @@ METHOD_DEFAULTS: dict[str, dict] = {
     # realised budget collapses (0.19 for a 0.33 target). Imitation is trained without any budget
     # term, so its budget is met afterwards by one offset on the big logit (``calibrate_budget``).
     "imitation": {"calibrate": True},
+    # the on-policy targets (routers/value.py) are the best loss reachable under exactly k bigs
+    "value": {"enforce": True},
+    "expected-cost": {"enforce": True},
 }
 
 

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..config import VALUE_METHODS
 from ..routing import BIG, SKIP
 from ..train import Objective
 from .config import RouterConfig
@@ -54,6 +55,8 @@ class RouterTrainer(nn.Module):
     def forward(self, mb: dict) -> torch.Tensor:
         if self.cfg.method == "imitation":
             return self.imitation_loss(mb)
+        if self.cfg.method in VALUE_METHODS:
+            return self.value_loss(mb)
         return self.budget_loss(mb)
 
     def budget_loss(self, mb: dict) -> torch.Tensor:
@@ -100,15 +103,38 @@ class RouterTrainer(nn.Module):
         return F.cross_entropy(logits_LBTO.flatten(0, 2), label_LBT.flatten())
 
 
+    def value_loss(self, mb: dict) -> torch.Tensor:
+        """On-policy targets (routers/value.py), on the states the router met; no LM forward.
+
+        ``value``: cross-entropy against the route of least V (the best reachable loss);
+        ``expected-cost``: sum_r pi(r | x) (V(r) - min V), the expected regret in nats. Only
+        decisions the budget leaves open count (forced ones have an infinite V on one side).
+        """
+        x_BTLD, used_BTL, value_BTLO = mb["x_BTLD"], mb["used_BTL"], mb["value_BTLO"]
+        terms = []
+        for layer in range(x_BTLD.shape[2]):
+            value_BTO = value_BTLO[:, :, layer]
+            open_BT = torch.isfinite(value_BTO).all(-1)
+            logits_XO = self.router.budget_logits(layer, x_BTLD[:, :, layer], used_BTL[:, :, layer])[open_BT]
+            value_XO = value_BTO[open_BT]
+            if self.cfg.method == "value":
+                terms.append(F.cross_entropy(logits_XO, value_XO.argmin(-1), reduction="none"))
+            else:
+                regret_XO = value_XO - value_XO.min(-1, keepdim=True).values
+                terms.append((torch.softmax(logits_XO, -1) * regret_XO).sum(-1))
+        return torch.cat(terms).mean()
+
+
 def router_objective(trainer: RouterTrainer, cfg: RouterConfig, val_idx_ST, val_tgt_ST,
-                     imitation_data: tuple | None = None):
+                     imitation_data: tuple | None = None, value_data: dict | None = None):
     """An ``Objective`` for ``train.train_loop``.
 
     ``make_batch`` is called by the loop exactly once per optimizer step on every process;
     it advances the checkpointed step counter and passes that step's beta with the batch.
     For imitation it replaces the loop's random windows by whole oracle-labelled sequences
     (``imitation_data`` = idx_ST, tgt_ST, route_LST), drawn with the loop's per-step generator
-    so a resumed run sees the same batches.
+    so a resumed run sees the same batches. For the value methods it draws ``batch_size x seq_len``
+    token rows of ``value_data`` (``value.collect_targets``, every round so far) the same way.
     """
     def make_batch(idx_BT, tgt_BT, gen):
         step = int(trainer.steps_done)
@@ -119,6 +145,11 @@ def router_objective(trainer: RouterTrainer, cfg: RouterConfig, val_idx_ST, val_
             idx_ST, tgt_ST, route_LST = imitation_data
             rows = torch.randint(0, idx_ST.shape[0], (B,), generator=gen)
             batch.update(idx_BT=idx_ST[rows], tgt_BT=tgt_ST[rows], route_BLT=route_LST[:, rows].transpose(0, 1))
+        if value_data is not None:
+            T = idx_BT.shape[1]
+            rows = torch.randint(0, value_data["x_NLD"].shape[0], (B, T), generator=gen)
+            batch.update(x_BTLD=value_data["x_NLD"][rows], used_BTL=value_data["used_NL"][rows],
+                         value_BTLO=value_data["value_NLO"][rows])
         return batch
 
     def loss(module, mb):

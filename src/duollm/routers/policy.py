@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..routing import ROUTE_OF_LETTER
+from ..routing import BIG, ROUTE_OF_LETTER
 from .config import canonical_options
 
 MODES = ("hard", "soft", "straight-through")
@@ -21,9 +21,16 @@ class Router(nn.Module):
 
     A ``RoutingPolicy``: ``router(layer, x_BTD)`` returns ``route_BT`` in ``"hard"`` mode and
     ``prob_BTR`` in ``"soft"`` / ``"straight-through"`` mode (``beta`` sharpens the softmax).
+
+    With ``budget_k`` the router also sees how many big modules the token has used so far (a
+    learned logit offset per layer and count, ``budget_LUO``) and, routing hard, spends exactly
+    ``budget_k`` of them per token: big is forced where the layers left are just enough for the
+    bigs left, and refused once they are spent. Every token then has fixed@k's compute. The count
+    is state carried through one forward (reset at layer 0; the model calls layers in order).
     """
 
-    def __init__(self, n_layers: int, d_model: int, options: str = "SB", *, mode: str = "hard", beta: float = 1.0):
+    def __init__(self, n_layers: int, d_model: int, options: str = "SB", *, mode: str = "hard", beta: float = 1.0,
+                 budget_k: int | None = None):
         super().__init__()
         self.options = canonical_options(options)
         self.n_layers, self.d_model = n_layers, d_model
@@ -41,6 +48,12 @@ class Router(nn.Module):
             nn.init.zeros_(p.bias)
         self.mode, self.beta = mode, beta
         self.name = "router"
+        if budget_k is not None and not 0 <= budget_k <= n_layers:
+            raise ValueError(f"a router's budget must be 0..{n_layers} big layers per token; got {budget_k}")
+        self.budget_k = budget_k
+        if budget_k is not None:  # U: bigs used before the layer, 0..L
+            self.budget_LUO = nn.Parameter(torch.zeros(n_layers, n_layers + 1, len(route_O)))
+        self._used_BT = None
 
     @property
     def mode(self) -> str:
@@ -59,6 +72,13 @@ class Router(nn.Module):
             for p in self.proj:
                 p.bias.copy_(p_O.log().float())
 
+    def init_pattern(self, route_L) -> None:
+        """Biases (weights zero) under which the hard router routes every token by one pattern."""
+        with torch.no_grad():
+            for proj, route in zip(self.proj, route_L):
+                proj.weight.zero_()
+                proj.bias.copy_((self.route_O == int(route)).float())
+
     def logits(self, layer: int, x_BTD: torch.Tensor) -> torch.Tensor:
         """``logits_BTO`` in float32 (the softmax and its annealing are done in full precision)."""
         proj = self.proj[layer]
@@ -74,7 +94,23 @@ class Router(nn.Module):
             p_BTO = hard_BTO + p_BTO - p_BTO.detach()
         return p_BTO @ self.onehot_OR
 
+    def budget_logits(self, layer: int, x_BTD: torch.Tensor, used_BT: torch.Tensor) -> torch.Tensor:
+        """``logits_BTO`` of a budgeted router given the bigs ``used_BT`` before ``layer``, with the
+        forced choices applied: -inf on big once the budget is spent, on the rest when every layer
+        left must go big."""
+        logits_BTO = self.logits(layer, x_BTD) + self.budget_LUO[layer][used_BT]
+        left = self.budget_k - used_BT
+        big_O = self.route_O == BIG
+        refuse_BTO = ((left <= 0).unsqueeze(-1) & big_O) | ((left >= self.n_layers - layer).unsqueeze(-1) & ~big_O)
+        return logits_BTO.masked_fill(refuse_BTO, float("-inf"))
+
     def forward(self, layer: int, x_BTD: torch.Tensor) -> torch.Tensor:
-        return self.weights(self.logits(layer, x_BTD), self.mode, self.beta)
+        if self.budget_k is None or self.mode != "hard":
+            return self.weights(self.logits(layer, x_BTD), self.mode, self.beta)
+        if layer == 0 or self._used_BT is None or self._used_BT.shape != x_BTD.shape[:2]:
+            self._used_BT = torch.zeros(x_BTD.shape[:2], dtype=torch.long, device=x_BTD.device)
+        route_BT = self.weights(self.budget_logits(layer, x_BTD, self._used_BT), "hard")
+        self._used_BT = self._used_BT + (route_BT == BIG)
+        return route_BT
 
 

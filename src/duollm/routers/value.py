@@ -1,0 +1,210 @@
+"""On-policy value targets for routers, computed exactly by the tree engine (issue 13, item 3).
+
+Imitation learns the oracle's patterns, which are *off-policy*: a label at layer l assumes the
+oracle's own routes before and after it, and context tokens routed by the oracle's choices. Here
+the targets follow the router instead. The router routes every token of a sequence (hard, with
+its budget enforced: exactly k bigs per token); those routes are the *context* (``FrozenContext``
+with the router as reference). For each token and layer l on the router's own trajectory, the
+target of route r is
+
+    V_l(r) = min over patterns p with exactly k bigs, p[:l] = the router's routes, p[l] = r,
+             of token t's loss under p (the context keeping the router's routes)
+
+— the best final loss still reachable from the router's prefix. One tree walk over the C(L, k)
+exact-budget patterns gives every token's loss for every pattern (``walk_tree``); the minima
+over the prefix-consistent patterns follow by masking. A route the budget forbids has V = inf.
+
+DAgger (Ross et al., 2011): round 0 collects targets along the initial router's trajectory,
+the router is trained on them, round 1 collects along the new router's trajectory, the router
+is trained on everything collected so far, and so on; the rounds stop when the router's loss on
+held-out training-split sequences stops improving, and the best round's router is kept.
+
+Tensor legend (``docs/NOTATION.md``): S sequences, B batch, T positions, L layers, D width,
+O the router's options (small, big), P patterns, N tokens.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+from ..checkpoint import latest_checkpoint, load_weights, module_tensors, save_tensors
+from ..config import to_dict
+from ..data import sequences
+from ..evaluate import per_token_loss
+from ..io import atomic_write_json
+from ..model import DuoModel
+from ..oracle.context import FrozenContext
+from ..oracle.tree import walk_tree
+from ..routing import BIG, SMALL, format_pattern
+from ..train import train_loop
+from .policy import Router
+
+
+def budget_patterns(n_layers: int, k: int) -> np.ndarray:
+    """``route_PL``: every big/small pattern with exactly ``k`` bigs."""
+    rows = [[BIG if layer in bigs else SMALL for layer in range(n_layers)]
+            for bigs in itertools.combinations(range(n_layers), k)]
+    return np.asarray(rows, dtype=np.int64).reshape(-1, n_layers)
+
+
+def prefix_values(loss_PN: torch.Tensor, route_PL: torch.Tensor, route_LN: torch.Tensor, route_O: torch.Tensor):
+    """``value_LNO``: per layer, token and option, the least loss over the patterns that agree with
+    the token's routes ``route_LN`` before the layer and take the option at it (inf where none does)."""
+    L, N = route_LN.shape
+    value_LNO = torch.full((L, N, len(route_O)), float("inf"))
+    match_PN = torch.ones_like(loss_PN, dtype=torch.bool)
+    for layer in range(L):
+        for o, route in enumerate(route_O.tolist()):
+            take_PN = match_PN & (route_PL[:, layer] == route).unsqueeze(1)
+            value_LNO[layer, :, o] = loss_PN.masked_fill(~take_PN, float("inf")).min(0).values
+        match_PN &= route_PL[:, layer].unsqueeze(1) == route_LN[layer].unsqueeze(0)
+    return value_LNO
+
+
+@torch.no_grad()
+def collect_targets(model: DuoModel, router: Router, idx_ST: torch.Tensor, tgt_ST: torch.Tensor,
+                    batch_size: int = 8) -> dict[str, torch.Tensor]:
+    """The on-policy training data of one DAgger round, one row per token (N = S * T):
+
+    ``x_NLD``      the hidden state entering each layer's FFN on the router's trajectory (its input)
+    ``used_NL``    bigs the token used before each layer (the budget input)
+    ``value_NLO``  V_l(r) of each option (module docstring); inf where the budget forbids it
+    ``route_NL``   the route the router took
+    ``pattern_loss_P``  each exact-budget pattern's summed loss (under the router's context)
+    """
+    assert router.budget_k is not None, "on-policy targets need a router with an enforced budget"
+    L = model.cfg.n_layers
+    device = model.embed.weight.device
+    route_PL = budget_patterns(L, router.budget_k)
+    route_PL_t = torch.from_numpy(route_PL)
+    mode, training = router.mode, router.training
+    router.mode = "hard"
+    router.eval()
+    parts = {"x_NLD": [], "used_NL": [], "value_NLO": [], "route_NL": []}
+    pattern_loss_P = torch.zeros(len(route_PL), dtype=torch.float64)
+    try:
+        for s0 in tqdm(range(0, idx_ST.shape[0], batch_size), desc=f"on-policy targets, {len(route_PL)} patterns",
+                       unit="chunk", dynamic_ncols=True, leave=False):
+            idx_BT, tgt_BT = idx_ST[s0 : s0 + batch_size].to(device), tgt_ST[s0 : s0 + batch_size].to(device)
+            B, T = idx_BT.shape
+            x_L = []
+
+            def recording(layer, x_BTD):
+                x_L.append(x_BTD.float().cpu())
+                return router(layer, x_BTD)
+
+            ctx = FrozenContext(model, idx_BT, recording)  # context tokens routed by the router itself
+            loss_PBT = torch.empty(len(route_PL), B, T)
+
+            def consume(p_R, loss_RBT):
+                loss_PBT[torch.from_numpy(p_R)] = loss_RBT.float().cpu()
+
+            walk_tree(model, ctx, route_PL, model.embed(idx_BT).float(), tgt_BT, consume)
+            route_LN = ctx.route_LBT.reshape(L, -1).cpu()
+            used_LN = torch.cumsum(route_LN == BIG, 0) - (route_LN == BIG).long()
+            value_LNO = prefix_values(loss_PBT.reshape(len(route_PL), -1), route_PL_t, route_LN, router.route_O.cpu())
+            parts["x_NLD"].append(torch.stack(x_L, 1).reshape(B * T, L, -1))
+            parts["used_NL"].append(used_LN.T.contiguous())
+            parts["value_NLO"].append(value_LNO.transpose(0, 1).contiguous())
+            parts["route_NL"].append(route_LN.T.contiguous())
+            pattern_loss_P += loss_PBT.double().sum((1, 2))
+    finally:
+        router.mode = mode
+        router.train(training)
+    return {**{key: torch.cat(v) for key, v in parts.items()}, "pattern_loss_P": pattern_loss_P}
+
+
+HELDOUT_TOKENS = 4096  # training-split tokens (after the collection's) that decide when the rounds stop
+DAGGER_DIR, DAGGER_RECORD = "dagger", "dagger.json"
+
+
+def regret(data: dict[str, torch.Tensor], route_O: torch.Tensor) -> float:
+    """Mean V(chosen) - min V over the open decisions of the trajectory the data was collected on."""
+    value_NLO = data["value_NLO"]
+    chosen_NL = (data["route_NL"].unsqueeze(-1) == route_O).float().argmax(-1, keepdim=True)
+    open_NL = torch.isfinite(value_NLO).all(-1)
+    gap_NL = value_NLO.gather(-1, chosen_NL).squeeze(-1) - value_NLO.min(-1).values
+    return gap_NL[open_NL].double().mean().item() if open_NL.any() else 0.0
+
+
+def dagger(model: DuoModel, trainer, cfg, out, train_tokens: np.ndarray, make_objective, *, device,
+           resume: bool, log=print) -> dict:
+    """Train a value router in DAgger rounds (module docstring); returns the record (``dagger.json``).
+
+    Round r: collect targets along the current router's trajectory on ``cfg.value_tokens``
+    training-split tokens (saved in ``dagger/round-<r>.safetensors``), train the router on every
+    round's rows for ``cfg.train.steps`` more steps (``train_loop``, which checkpoints and resumes;
+    its learning-rate schedule restarts each round), score it on held-out training-split sequences.
+    The router starts as the best fixed pattern of a table of the first training sequences (a router
+    that realises fixed@k); the rounds stop when one is no better than the round before, and the best
+    router (the start included) is left in ``trainer.router``.
+    """
+    router, out = trainer.router, Path(out)
+    T = cfg.train.seq_len
+    idx_ST, tgt_ST = sequences(train_tokens, T, cfg.value_tokens + HELDOUT_TOKENS)
+    n = max(1, min(len(idx_ST) - 1, cfg.value_tokens // T))
+    folder = out / DAGGER_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    record_path = folder / DAGGER_RECORD
+    record = json.loads(record_path.read_text()) if resume and record_path.is_file() else {"rounds": []}
+
+    def heldout_loss() -> float:
+        router.mode = "hard"
+        return per_token_loss(model, idx_ST[n:], tgt_ST[n:], router, batch_size=cfg.eval_batch)["loss_ST"].double().mean().item()
+
+    def round_file(r: int, what: str) -> Path:
+        return folder / f"{what}-{r}.safetensors"
+
+    if "start" not in record:  # the best fixed pattern on the first training sequences: where the router starts
+        table = collect_targets(model, router, idx_ST[: min(n, 8)], tgt_ST[: min(n, 8)], batch_size=max(1, 2048 // T))
+        pattern = budget_patterns(model.cfg.n_layers, router.budget_k)[table["pattern_loss_P"].argmin().item()]
+        router.init_pattern(pattern)
+        record["start"] = {"pattern": format_pattern(pattern), "heldout_loss": heldout_loss()}
+        save_tensors(round_file(-1, "router"), module_tensors(router))
+        atomic_write_json(record_path, record)
+    data, start = [], len(record["rounds"])
+    for r in range(start):
+        data.append(load_file(str(round_file(r, "round"))))
+    load_weights(router, round_file(start - 1, "router"), what="router weights")
+    for r in range(start, cfg.dagger_rounds if not record.get("stopped") else start):
+        tick = time.perf_counter()
+        path = round_file(r, "round")
+        if path.is_file():  # collected before an interruption
+            rows = load_file(str(path))
+        else:
+            rows = collect_targets(model, router, idx_ST[:n], tgt_ST[:n], batch_size=max(1, 2048 // T))
+            save_tensors(path, rows)
+        rows.pop("pattern_loss_P", None)
+        data.append(rows)
+        merged = {key: torch.cat([d[key] for d in data]) for key in rows}
+        steps = copy.copy(cfg.train)
+        steps.steps = (r + 1) * cfg.train.steps
+        train_loop(make_objective(merged), steps, train_tokens, out, device=device,
+                   resume=latest_checkpoint(out) is not None, desc=f"router {cfg.name} round {r}", run_config=to_dict(cfg))
+        loss = heldout_loss()
+        save_tensors(round_file(r, "router"), module_tensors(router))
+        record["rounds"].append({"round": r, "tokens": int(n * T), "rows": int(merged["x_NLD"].shape[0]),
+                                 "regret_before": regret(rows, router.route_O.cpu()), "heldout_loss": loss,
+                                 "seconds": round(time.perf_counter() - tick, 1)})
+        log(f"router {cfg.name} round {r}: held-out loss {loss:.4f} (start {record['start']['heldout_loss']:.4f}), "
+            f"regret of the collected trajectory {record['rounds'][-1]['regret_before']:.4f} nats")
+        if r >= 1 and loss >= record["rounds"][-2]["heldout_loss"]:
+            record["stopped"] = True  # stopped improving (a resumed run adds no rounds)
+        atomic_write_json(record_path, record)
+        if record.get("stopped"):
+            break
+    candidates = [(record["start"]["heldout_loss"], -1)] + [(x["heldout_loss"], x["round"]) for x in record["rounds"]]
+    record["best_round"] = min(candidates)[1]
+    load_weights(router, round_file(record["best_round"], "router"), what="router weights")
+    atomic_write_json(record_path, record)
+    return record
+
