@@ -239,6 +239,8 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "convert": ("duollm.hf.convert", "add_arguments", "run_command", "turn a pretrained Llama or GPT-2 model into a Duo run"),
     "info": (__name__, "add_info_arguments", "cmd_info", "parameter counts and FLOPs per token"),
     "run": (__name__, "add_run_arguments", "cmd_run", "the whole study, end to end"),
+    "compare": ("duollm.analysis.compare", "add_arguments", "run_command",
+                "every router of one or more runs by the share of the oracle's gain it recovers"),
     "report": (__name__, "add_report_arguments", "cmd_report",
                "regenerate RUN/report/ (HTML, Markdown, JSON) from the run folder alone"),
 }

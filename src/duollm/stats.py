@@ -81,6 +81,16 @@ def recovered_share(loss_x_ST, loss_oracle_ST, loss_fixed_ST, *, n_boot: int = N
     return bootstrap(share, len(x_S), n_boot=n_boot, seed=seed, level=level)
 
 
+def budget_weights(big_fraction: float, n_layers: int) -> tuple[int, float]:
+    """``(k0, w)``: a realised big fraction as the budgets around it, k = big_fraction * L = (1 - w) * k0
+    + w * (k0 + 1). Curves over k (oracle@k, fixed@k) read at ``(1 - w) * c[k0] + w * c[k0 + 1]``
+    compare a router with the compute it realised, not the compute it aimed at (big/small routers:
+    compute is linear in the big layers)."""
+    x = float(big_fraction) * n_layers
+    k0 = min(int(math.floor(x)), n_layers - 1)
+    return k0, x - k0
+
+
 def finite_rounded(d: dict, nd: int = 4) -> dict:
     """A statistic's dict for JSON: floats rounded, undefined values (NaN, inf) as None."""
     return {k: (round(float(v), nd) if math.isfinite(v) else None) for k, v in d.items()}

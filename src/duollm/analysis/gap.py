@@ -14,11 +14,9 @@ Array name legend (``docs/NOTATION.md``): S sequences, T positions.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
-from ..stats import finite_rounded, recovered_share
+from ..stats import budget_weights, finite_rounded, recovered_share
 from .evidence import view
 from .rundata import RunData
 
@@ -75,9 +73,7 @@ def _at_compute(v, big_fraction, skip_fraction, n_layers: int, sequences) -> tup
     layers), so a router realising 0.339 big is not credited with the compute it did not save."""
     if big_fraction is None or skip_fraction:
         return None
-    x = float(big_fraction) * n_layers
-    k0 = min(int(math.floor(x)), n_layers - 1)
-    w = x - k0
+    k0, w = budget_weights(big_fraction, n_layers)
     cols = [f"{kind}_loss_k{k}" for kind in ("oracle", "fixed") for k in (k0, k0 + 1)]
     if not all(v.has(c) for c in cols):
         return None

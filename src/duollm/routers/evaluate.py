@@ -14,7 +14,7 @@ from ..evaluate import per_token_loss, summarize
 from ..io import atomic_write_json
 from ..routing import BIG, SKIP
 from ..rundir import ROUTER_EVAL
-from ..stats import finite_rounded, paired_ppl_difference, ppl_interval, recovered_share
+from ..stats import budget_weights, finite_rounded, paired_ppl_difference, ppl_interval, recovered_share
 from .config import RouterConfig
 from .labels import OracleTable, holdout_split
 from .policy import Router
@@ -85,7 +85,10 @@ def evaluate_router(model, router: Router, idx_ST, tgt_ST, cfg: RouterConfig, or
         "n_layers": L,
         "seq_len": int(idx_ST.shape[1]),
         "train_steps": cfg.train.steps,
+        "enforced": cfg.enforce,  # exactly target_k bigs per token: compute matched to fixed@k and oracle@k
         **usage(res["route_LST"]),
+        # every layer's route for every token of the first sequence (the report's route map, paper fig. 7)
+        "example_routes": res["route_LST"][:, 0].tolist(),
     }
     if oracle is not None:
         out["oracle"] = oracle_comparison(model, res, idx_ST, tgt_ST, cfg, oracle)
@@ -122,8 +125,10 @@ def oracle_comparison(model, res: dict, idx_ST, tgt_ST, cfg: RouterConfig, oracl
         comp["router_minus_fixed"] = paired_ppl_difference(router_ST, fixed_ST)
     if len(seq) and fixed_ST is not None and oracle.loss_ST is not None:
         comp["per_sequence"] = per_sequence(res["route_LST"][:, seq], router_ST, fixed_ST, oracle.loss_ST[seq], seq)
-        # the headline: the share of the oracle's gain over fixed@k the router recovers (analysis/gap.py)
+        # the headline: the share of the oracle's gain over fixed@k the router recovers (analysis/gap.py), at its
+        # budget k and at the compute it realised (fixed and oracle interpolated at its big fraction)
         comp["recovered"] = _recovered(router_ST, oracle.loss_ST[seq], fixed_ST)
+        comp["recovered_matched"] = _recovered_matched(res, router_ST, oracle, seq, L=model.cfg.n_layers)
     _, held = holdout_split(seq, cfg.holdout_every)
     if len(held):
         mask_ST = torch.zeros_like(oracle.covered_ST)
@@ -140,6 +145,19 @@ def oracle_comparison(model, res: dict, idx_ST, tgt_ST, cfg: RouterConfig, oracl
                 h["recovered"] = _recovered(router_ST[at], oracle.loss_ST[seq][at], fixed_ST[at])
         comp["heldout"] = h
     return comp
+
+
+def _recovered_matched(res: dict, router_ST, oracle: OracleTable, seq, L: int) -> dict | None:
+    """``recovered`` against the oracle and fixed curves at the router's realised big fraction
+    (``stats.budget_weights``); None for a router that skips or an oracle without those budgets."""
+    if (res["route_LST"] == SKIP).any():
+        return None
+    k0, w = budget_weights((res["route_LST"][:, seq] == BIG).float().mean().item(), L)
+    cols = [oracle.column_ST(f"{kind}_loss_k{k}") for kind in ("oracle", "fixed") for k in (k0, k0 + 1)]
+    if any(c is None or torch.isnan(c[seq]).any() for c in cols):
+        return None
+    o0, o1, f0, f1 = (c[seq] for c in cols)
+    return _recovered(router_ST, (1 - w) * o0 + w * o1, (1 - w) * f0 + w * f1)
 
 
 def _recovered(router_ST, oracle_ST, fixed_ST) -> dict:

@@ -31,6 +31,21 @@ class OracleTable:
     route_LST: torch.Tensor  # best pattern per token (int64); meaningful where covered_ST
     covered_ST: torch.Tensor  # bool: tokens the oracle scored
     loss_ST: torch.Tensor | None  # oracle loss per token at k (from oracle_loss.npy), where covered
+    folder: Path | None = None  # RUN/oracle/<name>
+
+    def column_ST(self, column: str) -> torch.Tensor | None:
+        """A per-token float column of the oracle's table on the evaluation grid (NaN where not
+        covered), e.g. ``fixed_loss_k4``; None when the table has no such column."""
+        if self.folder is None:
+            return None
+        table = pq.read_table(self.folder / rundir.PER_TOKEN)
+        if column not in table.column_names:
+            return None
+        out_ST = torch.full(self.covered_ST.shape, float("nan"))
+        seq_N = torch.from_numpy(table.column("sequence").to_numpy().astype(np.int64))
+        pos_N = torch.from_numpy(table.column("position").to_numpy().astype(np.int64))
+        out_ST[seq_N, pos_N] = torch.from_numpy(table.column(column).to_numpy().astype(np.float32))
+        return out_ST
 
     @property
     def sequences(self) -> torch.Tensor:
@@ -111,7 +126,7 @@ def load_oracle_table(run: Path, name: str, k: int, idx_ST: torch.Tensor, tgt_ST
             loss_ST[: row.size] = torch.from_numpy(row)
             loss_ST = loss_ST.view(S, T)
     return OracleTable(name=name, k=k, summary=summary, budget=summary["budgets"][ks.index(k)],
-                       route_LST=route_LST, covered_ST=covered_ST, loss_ST=loss_ST)
+                       route_LST=route_LST, covered_ST=covered_ST, loss_ST=loss_ST, folder=folder)
 
 
 def holdout_split(seq_S: torch.Tensor, every: int) -> tuple[torch.Tensor, torch.Tensor]:
