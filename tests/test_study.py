@@ -125,7 +125,10 @@ def test_killed_stages_resume_and_finished_ones_are_not_recomputed(study):
     assert routers[0]["resume"] is True and routers[0]["method"] == "budget"
     assert all(r["resume"] is False for r in routers[1:])
     cfg = load_config("tiny")
-    assert len(routers) == len(router_budgets(cfg)) * 2 + 1  # budget and imitation at each budget; the null's
+    # budget, imitation and value at each budget, one big-or-skip mixture, the null's
+    assert len(routers) == len(router_budgets(cfg)) * 3 + 1 + 1
+    mixture = [r for r in routers if r["options"] == "B_"]
+    assert len(mixture) == 1 and mixture[0]["target"] == 0.5 and mixture[0]["oracle"] is None
     assert routers[-1]["method"] == "budget" and routers[-1]["target"] == 0.5
 
 
@@ -159,8 +162,8 @@ def test_report_files_with_embedded_figures_and_findings(study):
     html = (report / "index.html").read_text()
     res = json.loads((report / "results.json").read_text())
     md = (report / "report.md").read_text()
-    assert set(res["figures"]) == {"findings", "ppl_vs_budget", "oracle_usage", "router_usage", "position_budgets",
-                                   "token_losses", "difficulty_ranking", "skip_vs_early_exit"}
+    assert set(res["figures"]) == {"findings", "ppl_vs_budget", "oracle_usage", "router_usage", "router_routes",
+                                   "position_budgets", "token_losses", "difficulty_ranking", "skip_vs_early_exit"}
     images = html.split('src="data:image/png;base64,')[1:]
     assert len(images) == len(res["figures"])
     for img in images:
@@ -187,9 +190,15 @@ def test_report_files_with_embedded_figures_and_findings(study):
     assert n["tested"] == len(res["findings"]) == n["reproduced"] + n["contradicted"] + n["inconclusive"]
     assert f"Of {n['tested']} tested findings, {n['reproduced']} reproduced" in html
     # the routers were evaluated on the oracle's tokens (eval.max_tokens is 1024, the study scores 512)
-    assert len(res["routers"]) == 6 and all(r["tokens"] == 512 == r["oracle_tokens"] for r in res["routers"])
+    assert len(res["routers"]) == 10 and all(r["tokens"] == 512 for r in res["routers"])
+    assert all(r["oracle_tokens"] == 512 for r in res["routers"] if r["options"] == "SB")
+    # the value routers spend exactly k bigs per token (their budget is enforced)
+    assert all(r["big_fraction"] == r["target"] for r in res["routers"] if r["method"] == "value")
     # ... with the per-sequence evidence the router findings resample (16 sequences of 32 tokens)
     for path in sorted((study["out"] / "study" / "routers").glob("*.json")):
+        if "oracle" not in json.loads(path.read_text()):
+            assert path.stem == "budget-0.50-B_"  # the big-or-skip mixture: no oracle of its options in the study
+            continue
         comp = json.loads(path.read_text())["oracle"]
         ps = comp["per_sequence"]
         assert len(ps["loss"]) == len(ps["big_by_layer"]) == len(ps["big_early"]) == 16 and len(ps["big_by_layer"][0]) == 4
@@ -201,7 +210,7 @@ def test_report_files_with_embedded_figures_and_findings(study):
     # the gap, decomposed: every budget with a gain, the label-free oracles and the routers at their k
     gap = {r["k"]: r for r in res["gap"]}
     assert sorted(gap) == [1, 2, 3] and all(r["confidence"]["recovered"]["value"] is not None for r in gap.values())
-    assert {x["name"] for r in gap.values() for x in r["routers"]} == {r["name"] for r in res["routers"]}
+    assert {x["name"] for r in gap.values() for x in r["routers"]} == {r["name"] for r in res["routers"] if r["options"] == "SB"}
     # ... each also at its realised compute (the oracle and fixed curves interpolated there; undefined for a
     # router that realised all-small or all-big, where the oracle gains nothing over fixed)
     for x in (x for r in gap.values() for x in r["routers"]):
@@ -308,3 +317,23 @@ def test_an_untrained_model_on_random_text_reproduces_nothing_over_seeds(tmp_pat
     values = [e["value"] for e in u["effects"]]
     assert u["mean"] == pytest.approx(np.mean(values), abs=1e-4) and u["sd"] == pytest.approx(np.std(values, ddof=1), abs=1e-4)
     assert "Across 2 training seeds" in (out / "report" / "report.md").read_text()
+
+
+def test_compare_lists_every_compared_router_with_its_recovered_share(study, tmp_path):
+    from conftest import assert_one_line_error, cli
+
+    out = study["out"]
+    res = json.loads((out / "report" / "results.json").read_text())
+    rows = json.loads(cli("compare", out, "--json").stdout)
+    gap_routers = {x["name"]: x for r in res["gap"] for x in r["routers"]}
+    listed = {r["method"]: r for r in rows if r["method"] in gap_routers}
+    assert set(listed) == set(gap_routers)  # every router the gap decomposes (the skip mixture has no oracle)
+    for name, r in listed.items():
+        assert r["recovered"] == gap_routers[name]["recovered"]
+        assert r["recovered_matched"] == gap_routers[name]["recovered_matched"]
+    assert {"confidence oracle", "previous-token oracle"} <= {r["method"] for r in rows}
+    table = cli("compare", out).stdout
+    assert "at its compute" in table and all(name in table for name in gap_routers)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_one_line_error(cli("compare", empty, check=False), "no oracle")

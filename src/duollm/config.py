@@ -86,6 +86,9 @@ class StudyConfig:
     router_targets: str = "1/3,1/2,2/3"  # big-layer fractions, each rounded to a budget k (paper: 4, 6, 8 of 12)
     router_methods: str = "budget,imitation,straight-through"  # "" for no routers
     router_steps: int = 300
+    # routers (the paper's budget method) at route mixtures big/small/skip, e.g. 0.5/0.3/0.2, comma-separated;
+    # "paper": the three of the paper's figs. 7 and 9 (30% big, 70% small; 50% big, 50% skip; 50/30/20)
+    router_mixtures: str = ""
     batch_tokens: int = 4096  # oracle chunk size: matrix size, memory bound and resume granularity
     # oracle engine: float32 | bfloat16 | auto (bfloat16 where the device has bf16 matrix units). float32 by default:
     # bf16 agrees to 0.03% in perplexity but moves ~8% of tokens to equally good patterns, which flipped a
@@ -118,19 +121,21 @@ PRESETS: dict[str, dict] = {
         "train": dict(steps=30, batch_size=8, seq_len=32, lr=3e-3, min_lr=3e-4, warmup_steps=5,
                       eval_every=15, eval_tokens=1024, save_every=15, log_every=5),
         "eval": dict(max_tokens=1024),
-        "study": dict(tokens=512, router_steps=10, router_methods="budget,imitation", batch_tokens=256),
+        "study": dict(tokens=512, router_steps=10, router_methods="budget,imitation,value", batch_tokens=256,
+                      router_mixtures="0.5/0/0.5"),
     },
     # the default study: 12 layers like the paper, trains in minutes on two CPU cores
     "cpu": {
         "model": dict(vocab_size=2048, n_layers=12, d_model=128, n_heads=4, d_ff_big=512, d_ff_small=32,
                       max_seq_len=128),
+        # compiled: 12-16% faster steps than eager on 2 cores, ~37 s of compilation on a cold cache (docs/LOG.md)
         "train": dict(steps=600, batch_size=32, seq_len=128, lr=3e-3, min_lr=3e-4, warmup_steps=30,
-                      eval_every=200, eval_tokens=8192, save_every=100, log_every=10),
+                      eval_every=200, eval_tokens=8192, save_every=100, log_every=10, compile=True),
         "eval": dict(max_tokens=8192),
-        # `duollm run` in ~12 minutes on 2 cores: the oracle costs ~2^(L+1) layer evaluations per token
-        # (~0.09 CPU-s per token per context), a budget router ~0.8 CPU-s per step
-        # the paper's router only (imitation: +~45 s), one context: the default study stays within 15 minutes
-        "study": dict(tokens=1024, contexts="shared", router_steps=100, router_methods="budget", batch_tokens=1024),
+        # the oracle costs ~2^(L+1) layer evaluations per token (~0.09 CPU-s per token per context), a
+        # budget router ~0.4 s per step; the paper's router only (imitation: +~45 s), one context, 50 router
+        # steps (the same perplexity and budget as 100, docs/LOG.md): the default study aims at 15 minutes
+        "study": dict(tokens=1024, contexts="shared", router_steps=50, router_methods="budget", batch_tokens=1024),
     },
     # the paper's 1.4B model (section 2 of the brief): 12 x 2560, FFN 10240 / 640, 32k vocab, tied
     "paper": {
@@ -338,7 +343,8 @@ def validate(cfg: RunConfig) -> None:
 
 # ----------------------------------------------------------------------------- the study's settings
 
-METHODS = ("budget", "imitation", "straight-through")  # router training methods (routers/, DESIGN 4.3)
+METHODS = ("budget", "imitation", "straight-through", "value", "expected-cost")  # router training methods (routers/)
+VALUE_METHODS = ("value", "expected-cost")  # trained on on-policy exact targets, DAgger rounds (routers/value.py)
 
 
 def parse_list(text: str) -> list[str]:
@@ -370,6 +376,26 @@ def router_methods(cfg: RunConfig) -> list[str]:
     return methods
 
 
+PAPER_MIXTURES = "0.3/0.7/0,0.5/0/0.5,0.5/0.3/0.2"  # big/small/skip of the paper's figs. 7 and 9
+
+
+def router_mixtures(cfg: RunConfig) -> list[tuple[float, str, float]]:
+    """``study.router_mixtures`` as (big target, options, skip target) per router: options SB without
+    skip, B_ without small, SB_ with all three."""
+    text = PAPER_MIXTURES if cfg.study.router_mixtures.strip() == "paper" else cfg.study.router_mixtures
+    out = []
+    for item in parse_list(text):
+        try:
+            big, small, skip = (float(x) for x in item.split("/"))
+        except ValueError:
+            raise ValueError(f"study.router_mixtures: {item!r} is not big/small/skip fractions (e.g. 0.5/0.3/0.2)") from None
+        if min(big, small, skip) < 0 or abs(big + small + skip - 1.0) > 1e-6 or big == 0:
+            raise ValueError(f"study.router_mixtures: {item} must be fractions >= 0 summing to 1, with some big")
+        options = "SB" if skip == 0 else "B_" if small == 0 else "SB_"
+        out.append((big, options, 0.0 if options == "SB" else skip))
+    return out
+
+
 def skip_count(cfg: RunConfig) -> int:
     """Skipped layers in the skip study: round(skip_fraction * L), the paper's 6 of 12 (0: no skip study)."""
     return round(cfg.study.skip_fraction * cfg.model.n_layers)
@@ -396,6 +422,7 @@ def validate_study(cfg: RunConfig) -> None:
         raise ValueError(f"study.tokens must be >= 0 (0: eval.max_tokens); got {st.tokens}")
     router_budgets(cfg)
     router_methods(cfg)
+    router_mixtures(cfg)
 
 
 # What a resume may change (README "Reliability"): how long and how often, where it runs and what is

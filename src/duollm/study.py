@@ -44,7 +44,16 @@ from pathlib import Path
 from . import rundir, threads, train
 from .analysis.report import headline, smoke_banner, write_report
 from .checkpoint import latest_checkpoint
-from .config import RunConfig, load_config, parse_list, resume_conflict, router_budgets, router_methods, skip_count
+from .config import (
+    RunConfig,
+    load_config,
+    parse_list,
+    resume_conflict,
+    router_budgets,
+    router_methods,
+    router_mixtures,
+    skip_count,
+)
 from .distributed import resolve_device
 from .io import atomic_write_json
 from .oracle import command as oracle_command
@@ -206,7 +215,9 @@ class Study:
                                          context=self.primary_context, options="B_", skips=self.skips))
         for k in self.router_ks:
             for method in self.methods:
-                out.append(self.router_stage(method, k, c["router"]))
+                out.append(self.router_stage(method, k / self.L, c["router"]))
+        for target, options, skip in router_mixtures(self.cfg):  # the paper's mixtures, skip included (figs. 7, 9)
+            out.append(self.router_stage("budget", target, c["router"], options=options, skip_target=skip))
         if self.cfg.study.null:  # the null control (DESIGN 4.4a): the same stages on the model at initialisation
             null = rundir.null_dir(self.out)
             out.append(Stage("null", "null control: the model at initialisation (step 0, the training seed)", 0.0,
@@ -224,7 +235,7 @@ class Study:
                                              options="B_", skips=self.skips, run=null))
             if "budget" in self.methods and self.router_ks:  # the paper's router at the middle budget
                 k = self.router_ks[len(self.router_ks) // 2]
-                out.append(self.router_stage("budget", k, c["router"], run=null))
+                out.append(self.router_stage("budget", k / self.L, c["router"], run=null))
         for seed in self.seeds():
             out.append(self.seed_stage(seed, sum(c.values())))
         out.append(Stage("report", "difficulty, figures, findings, report", 0.0, "report", lambda: {}, lambda: False,
@@ -258,20 +269,24 @@ class Study:
         return Stage(f"{prefix}oracle-{name}", title, cost, "oracle",
                      lambda: {"step": rundir.trained_step(run), "tokens": self.tokens(), "name": name}, complete, go)
 
-    def router_stage(self, method: str, k: int, cost: float, run: Path | None = None) -> Stage:
+    def router_stage(self, method: str, target: float, cost: float, run: Path | None = None, options: str = "SB",
+                     skip_target: float = 0.0) -> Stage:
         """A router of the run's model (or of the run folder ``run``: the null control), evaluated on the
-        study's tokens with the per-sequence evidence the findings resample."""
+        study's tokens with the per-sequence evidence the findings resample. ``target``: the big fraction
+        (k / L for the budgets the oracle is compared at); a router that may skip has no oracle of its options
+        in the study, so it is evaluated on the study's tokens without one."""
         run_dir = run or self.out
-        target = k / self.L  # the fraction the router's budget term aims at (the library's budgets are k)
-        name = router_name(method, target)
+        k = round(target * self.L)
+        name = router_name(method, target, options, skip_target)
         folder = rundir.router_dir(run_dir, name)
         study_eval = rundir.study_router_eval(run_dir, name)
+        compared = options == "SB"
 
         def usable(path: Path) -> bool:  # on the oracle's tokens, with the per-sequence evidence
             if not path.is_file():
                 return False
             res = json.loads(path.read_text())
-            return res.get("tokens") == self.tokens() and bool((res.get("oracle") or {}).get("per_sequence"))
+            return res.get("tokens") == self.tokens() and (not compared or bool((res.get("oracle") or {}).get("per_sequence")))
 
         def complete() -> bool:  # evaluated by the router command or by the study
             if usable(folder / ROUTER_EVAL):
@@ -282,19 +297,21 @@ class Study:
             if stale:  # trained by an earlier study on another model or tokens: start over
                 shutil.rmtree(folder, ignore_errors=True)
             if not (folder / ROUTER_EVAL).is_file():
-                router_command.run_router_command(run_dir, target=target, method=method, steps=self.cfg.study.router_steps,
-                                   oracle=self.oracle_name(self.primary_context), log=self.log,
-                                   resume=latest_checkpoint(folder) is not None, set=self.router_sets())
+                router_command.run_router_command(
+                    run_dir, target=target, method=method, steps=self.cfg.study.router_steps, options=options,
+                    skip_target=skip_target if options == "SB_" else None,
+                    oracle=self.oracle_name(self.primary_context) if compared else None, log=self.log,
+                    resume=latest_checkpoint(folder) is not None, set=self.router_sets())
             if not usable(folder / ROUTER_EVAL):
-                self.evaluate_router_on_study_tokens(run_dir, name, k)
+                self.evaluate_router_on_study_tokens(run_dir, name, k if compared else None)
             elif study_eval.is_file():
                 study_eval.unlink()
 
         key = lambda: {"step": rundir.trained_step(run_dir), "tokens": self.tokens(),  # noqa: E731
                        "steps": self.cfg.study.router_steps, "oracle": self.oracle_name(self.primary_context)}
         prefix, title = ("", "") if run_dir == self.out else (f"{run_dir.name}-", "null control: ")
-        return Stage(f"{prefix}router-{name}", f"{title}router {method} at k={k} of {self.L} (target {target:.2f})", cost,
-                     "router", key, complete, go)
+        what = f"k={k} of {self.L} (target {target:.2f})" if compared else f"big {target:.2f}, skip {skip_target:.2f}"
+        return Stage(f"{prefix}router-{name}", f"{title}router {method} at {what}", cost, "router", key, complete, go)
 
     def seed_stage(self, seed: int, cost: float) -> Stage:
         """The whole study once more with training seed ``seed`` (``study.seeds``), in its own folder."""
@@ -319,13 +336,14 @@ class Study:
         evaluates, which keeps its cost at the study's scale."""
         return [f"calibration_tokens={self.requested_tokens()}"]
 
-    def evaluate_router_on_study_tokens(self, run: Path, name: str, k: int) -> None:
-        """The router's evaluation (routers.evaluate_router) on the oracle's tokens."""
+    def evaluate_router_on_study_tokens(self, run: Path, name: str, k: int | None) -> None:
+        """The router's evaluation (routers.evaluate_router) on the oracle's tokens (against the oracle at k)."""
         device = resolve_device(self.cfg.train.device)
         model, cfg = rundir.load_model(run, device)
         router, rcfg = rundir.load_router_folder(rundir.router_dir(run, name), device)
         idx_ST, tgt_ST = rundir.eval_tokens(run, cfg, max_tokens=self.requested_tokens())
-        oracle = load_oracle_table(run, self.oracle_name(self.primary_context), k, idx_ST, tgt_ST, rcfg.options)
+        oracle = None if k is None else load_oracle_table(run, self.oracle_name(self.primary_context), k, idx_ST, tgt_ST,
+                                                          rcfg.options)
         result = evaluate_router(model, router, idx_ST, tgt_ST, rcfg, oracle)
         atomic_write_json(rundir.study_router_eval(run, name), result)
 

@@ -186,6 +186,9 @@ def train_loop(
             module, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True
         )
     if t.compile:
+        # where compilation cannot work (no C++ compiler on a CPU machine, say) the step runs eager
+        # with one warning instead of failing the run
+        torch._dynamo.config.suppress_errors = True
         wrapped = torch.compile(wrapped)
     log = MetricsLog(out, t, start, ddp.main, run_config or {})
     last = {}

@@ -10,7 +10,8 @@ would name the matplotlib version, so the same run folder renders the same bytes
                         100 random, random mean, routers, all-small, all-big; compute on top
     oracle_usage        layer x position share of big for the oracle at a small, middle and large
                         budget (paper fig. 3-4), and of skip for the skip study (fig. 5)
-    router_usage        the same for every router next to the oracle at its budget (fig. 7)
+    router_usage        the same for every router next to the oracle at its budget (fig. 3d), skip too
+    router_routes       every layer's route for every token of one sequence, per router (fig. 7)
     position_budgets    budgets that fall, rise or stay constant along the sequence (section 4.2)
     token_losses        per-token loss all-small / all-big / oracle and the gap on real text
     difficulty_ranking  tokens ranked by difficulty gap vs by raw small-model loss
@@ -27,7 +28,9 @@ from pathlib import Path
 
 import matplotlib
 import numpy as np
+from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 
 from ..oracle.reductions import linear_schedule
 from ..routing import BIG, SKIP
@@ -42,7 +45,7 @@ STYLE = {
 }
 COLORS = {"oracle": "#1b9e77", "fixed": "#d95f02", "best_of_100": "#7570b3", "random": "#e7298a",
           "all_small": "#666666", "all_big": "#000000", "budget": "#e6ab02", "imitation": "#a6761d",
-          "straight-through": "#1f78b4"}
+          "straight-through": "#1f78b4", "value": "#66a61e", "expected-cost": "#e31a1c"}
 MAX_POSITION_BINS = 32  # heatmap columns: positions are averaged in contiguous groups beyond this
 
 
@@ -190,19 +193,26 @@ def fig_oracle_usage(rd: RunData) -> Figure | None:
     return fig
 
 
+def router_label(r: dict) -> str:
+    """A router's row in the figures: its method, and its options where they allow skip."""
+    opts = r.get("options", "SB")
+    return r["method"] if opts == "SB" else f"{r['method']} {opts}"
+
+
 @_style
 def fig_router_usage(rd: RunData) -> Figure | None:
-    """Share of tokens each router sends to big, by layer and position, next to the oracle at the
-    same budget (top row)."""
+    """Share of tokens each router sends to big (and, where it may skip, to skip), by layer and
+    position, next to the oracle at the same budget (top row; paper fig. 3d)."""
     routers = [r for r in rd.routers if r.get("per_position_big")]
     if not routers:
         return None
     targets = sorted({round(float(r["target"]), 4) for r in routers})
-    methods = sorted({r["method"] for r in routers})
+    rows_of = sorted({(router_label(r), kind) for r in routers
+                      for kind in (("big", "skip") if r.get("options", "SB") != "SB" else ("big",))})
     primary = rd.primary
     usage_JRLT = primary.usage_JRLT() if primary is not None else None
     L = rd.n_layers
-    rows = len(methods) + (usage_JRLT is not None)
+    rows = len(rows_of) + (usage_JRLT is not None)
     fig = new_figure(max(5.0, 3.0 * len(targets) + 0.6), 2.0 * rows + 0.3)
     axes = np.array(fig.subplots(rows, len(targets), squeeze=False))
     im = None
@@ -215,17 +225,43 @@ def fig_router_usage(rd: RunData) -> Figure | None:
                 im = _heatmap(axes[0, c], usage_JRLT[primary.ks.index(k), BIG], f"oracle ({primary.context}), k={k}")
             else:
                 axes[0, c].set_axis_off()
-        for r, method in enumerate(methods):
+        for r, (label, kind) in enumerate(rows_of):
             ax = axes[r0 + r, c]
-            found = [x for x in routers if x["method"] == method and round(float(x["target"]), 4) == target]
+            found = [x for x in routers if router_label(x) == label and round(float(x["target"]), 4) == target]
             if not found:
                 ax.set_axis_off()
                 continue
             x = found[0]
-            im = _heatmap(ax, np.array(x["per_position_big"]), f"{method}, k={k} (big {x['big_fraction']:.2f})")
+            share = x["per_position_big"] if kind == "big" else x["per_position_skip"]
+            frac = x["big_fraction"] if kind == "big" else x["skip_fraction"]
+            im = _heatmap(ax, np.array(share), f"{label}, k={k}: {kind} ({frac:.2f})")
         axes[0, c].set_ylabel("layer")
     if im is not None:
-        fig.colorbar(im, ax=axes, shrink=0.8, label="share of tokens on big")
+        fig.colorbar(im, ax=axes, shrink=0.8, label="share of tokens on big (or skip)")
+    return fig
+
+
+ROUTE_COLORS = ["#f2f2f2", "#9ecae1", "#08306b"]  # skip, small, big
+
+
+@_style
+def fig_router_routes(rd: RunData) -> Figure | None:
+    """Every layer's route for every token of one evaluation sequence, per router: skip, small or
+    big (paper fig. 7)."""
+    routers = [r for r in rd.routers if r.get("example_routes")]
+    if not routers:
+        return None
+    fig = new_figure(7.5, 1.1 * len(routers) + 0.9)
+    axes = np.atleast_1d(fig.subplots(len(routers), 1, squeeze=False)[:, 0])
+    for ax, r in zip(axes, routers):
+        route_LT = np.asarray(r["example_routes"])
+        ax.imshow(route_LT, aspect="auto", origin="lower", cmap=ListedColormap(ROUTE_COLORS), vmin=-0.5, vmax=2.5,
+                  interpolation="nearest", extent=(0, route_LT.shape[1], 0.5, route_LT.shape[0] + 0.5))
+        ax.set_title(f"{r['name']} (big {r['big_fraction']:.2f}, skip {r['skip_fraction']:.2f})", loc="left")
+        ax.set_ylabel("layer")
+    axes[-1].set_xlabel("position in the first evaluation sequence")
+    fig.legend(handles=[Patch(color=c, label=n) for c, n in zip(ROUTE_COLORS, ("skip", "small", "big"))],
+               loc="upper right", ncol=3, frameon=False)
     return fig
 
 
@@ -442,6 +478,7 @@ FIGURES = {
     "ppl_vs_budget": fig_ppl_vs_budget,
     "oracle_usage": fig_oracle_usage,
     "router_usage": fig_router_usage,
+    "router_routes": fig_router_routes,
     "position_budgets": fig_position_budgets,
     "token_losses": fig_token_losses,
     "difficulty_ranking": fig_difficulty_ranking,

@@ -43,7 +43,10 @@ FIGURE_CAPTIONS = {
                      "realised budget. Top axis: compute relative to all-big.",
     "oracle_usage": "Share of tokens sent to big at each layer (rows, first at the bottom) and position (columns) by "
                     "the oracle at a small, middle and large budget; last panel: share skipped in the skip study.",
-    "router_usage": "The same for each trained router, under the oracle at the router's budget.",
+    "router_usage": "The same for each trained router, under the oracle at the router's budget (a router that may "
+                    "skip: its share skipped too).",
+    "router_routes": "Every layer's route (skip, small, big) for every token of the first evaluation sequence, per "
+                     "router.",
     "position_budgets": "Budgets that fall or rise along the sequence vs a constant one with the same mean, per "
                         "context and for the sequential oracle; bars: 95% intervals; dots: the per-token prediction "
                         "Σ w_k·oracle@k (under shared/frozen the measured value is that prediction).",
@@ -117,7 +120,8 @@ def router_rows(rd: RunData) -> list[dict]:
     for r in rd.routers:
         o = r.get("oracle") or {}
         rows.append({
-            "name": r["name"], "method": r.get("method"), "target": _r(r.get("target")), "k": o.get("k", r.get("target_k")),
+            "name": r["name"], "method": r.get("method"), "options": r.get("options", "SB"), "enforced": r.get("enforced", False),
+            "target": _r(r.get("target")), "k": o.get("k", r.get("target_k")),
             "ppl": _r(r.get("ppl")), "ppl_lo": _r(r.get("ppl_lo")), "ppl_hi": _r(r.get("ppl_hi")),
             "big_fraction": _r(r.get("big_fraction")), "skip_fraction": _r(r.get("skip_fraction")),
             "compute": _r(r.get("compute")), "tokens": r.get("tokens"), "layer_profile": r.get("layer_profile"),
@@ -128,6 +132,7 @@ def router_rows(rd: RunData) -> list[dict]:
                for key in ("router_minus_oracle", "router_minus_fixed")},
             "oracle_tokens": o.get("tokens"), "heldout_ppl": _r((o.get("heldout") or {}).get("ppl")),
             "heldout_oracle_ppl": _r((o.get("heldout") or {}).get("oracle_ppl")),
+            "recovered": o.get("recovered"), "recovered_matched": o.get("recovered_matched"),
         })
     return rows
 
