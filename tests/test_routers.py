@@ -158,6 +158,7 @@ def test_imitation_reproduces_a_constant_oracle_pattern(router_run):
                                   set=[*QUIET, "init=zero", "train.lr=0.1", "train.weight_decay=1.0"], log=lambda *a: None)
         ev = read_eval(router_run, name)
         assert ev["oracle"]["name"] == "const-SB" and ev["oracle"]["k"] == 2
+        assert ev["labels"] == "validation"  # no training-split table: its held-out numbers are the clean ones
         assert ev["oracle"]["agreement"] == 1.0 and ev["oracle"]["pattern_match"] == 1.0
         assert ev["per_layer_big"] == [1.0, 0.0, 1.0, 0.0] and ev["big_fraction"] == 0.5
         held = ev["oracle"]["heldout"]

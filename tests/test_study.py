@@ -108,10 +108,11 @@ def test_killed_stages_resume_and_finished_ones_are_not_recomputed(study):
     assert not names(first, "pretrain")
     assert [kw["context"] for kw in names(first, "run_oracle_command")] == ["shared", "frozen"]
     # pass 2: the shared oracle is not recomputed; the frozen one continues from its saved chunk; then
-    # the sequential oracle and the skip study
+    # the sequential oracle, the skip study and the imitation routers' labels on training tokens
     oracles = names(second, "run_oracle_command")
-    assert [kw["context"] for kw in oracles] == ["frozen", "sequential", "shared"]
+    assert [kw["context"] for kw in oracles] == ["frozen", "sequential", "shared", "shared"]
     assert oracles[1]["budgets"] == "0-2" and oracles[2]["options"] == "B_"
+    assert oracles[3]["split"] == "train" and oracles[3]["budgets"] == "1,2,3"
     frozen = json.loads((out / "oracle" / "SB-frozen-B" / "run.json").read_text())
     assert frozen["chunks"] == 2 and frozen["chunks_resumed"] == 1
     assert len(names(second, "run_router_command")) == 1  # killed in the first router
@@ -127,6 +128,10 @@ def test_killed_stages_resume_and_finished_ones_are_not_recomputed(study):
     cfg = load_config("tiny")
     # budget, imitation and value at each budget, one big-or-skip mixture, the null's
     assert len(routers) == len(router_budgets(cfg)) * 3 + 1 + 1
+    # imitation learned from the training-split table only: its eval.json says so
+    for k in router_budgets(cfg):
+        ev = json.loads((out / "routers" / f"imitation-{k / 4:.2f}" / "eval.json").read_text())
+        assert ev["labels"] == "train"
     mixture = [r for r in routers if r["options"] == "B_"]
     assert len(mixture) == 1 and mixture[0]["target"] == 0.5 and mixture[0]["oracle"] is None
     assert routers[-1]["method"] == "budget" and routers[-1]["target"] == 0.5

@@ -133,9 +133,9 @@ PRESETS: dict[str, dict] = {
                       eval_every=200, eval_tokens=8192, save_every=100, log_every=10, compile=True),
         "eval": dict(max_tokens=8192),
         # the oracle costs ~2^(L+1) layer evaluations per token (~0.09 CPU-s per token per context), a
-        # budget router ~0.4 s per step; the paper's router only (imitation: +~45 s), one context, 50 router
-        # steps (the same perplexity and budget as 100, docs/LOG.md): the default study aims at 15 minutes
-        "study": dict(tokens=1024, contexts="shared", router_steps=50, router_methods="budget", batch_tokens=1024),
+        # budget router ~0.4 s per step; the paper's router only (imitation: +~45 s), one context. 100 router
+        # steps: at 50 the routers sat 1.4-1.9 ppl above fixed@k and a finding turned inconclusive (docs/LOG.md)
+        "study": dict(tokens=1024, contexts="shared", router_steps=100, router_methods="budget", batch_tokens=1024),
     },
     # the paper's 1.4B model (section 2 of the brief): 12 x 2560, FFN 10240 / 640, 32k vocab, tied
     "paper": {

@@ -45,6 +45,7 @@ from . import rundir, threads, train
 from .analysis.report import headline, smoke_banner, write_report
 from .checkpoint import latest_checkpoint
 from .config import (
+    VALUE_METHODS,
     RunConfig,
     load_config,
     parse_list,
@@ -213,6 +214,8 @@ class Study:
         if self.skips:
             out.append(self.oracle_stage(f"skip study: big or skip, {self.skips} of {self.L} layers skipped", c["skip"],
                                          context=self.primary_context, options="B_", skips=self.skips))
+        if "imitation" in self.methods and self.router_ks:  # its labels come from training tokens (issue 13, item 2)
+            out.append(self.train_labels_stage(c["oracle"] * len(self.router_ks) / (self.L + 1)))
         for k in self.router_ks:
             for method in self.methods:
                 out.append(self.router_stage(method, k / self.L, c["router"]))
@@ -269,6 +272,27 @@ class Study:
         return Stage(f"{prefix}oracle-{name}", title, cost, "oracle",
                      lambda: {"step": rundir.trained_step(run), "tokens": self.tokens(), "name": name}, complete, go)
 
+    def train_labels_stage(self, cost: float) -> Stage:
+        """The oracle on as many *training* tokens at the routers' budgets: imitation learns from it
+        (``duollm oracle --split train``), so every validation token it is evaluated on stays unseen."""
+        budgets = ",".join(map(str, self.router_ks))
+        name = self.oracle_name(self.primary_context) + "-train"
+        folder = rundir.oracle_dir(self.out, name)
+
+        def complete() -> bool:
+            return rundir.is_complete_oracle(folder) and rundir.oracle_summary(folder).get("tokens") == self.tokens()
+
+        def go(stale: bool) -> None:
+            if stale:
+                shutil.rmtree(folder, ignore_errors=True)
+            oracle_command.run_oracle_command(self.out, budgets=budgets, options="SB", context=self.primary_context,
+                                              max_tokens=self.requested_tokens(), name=name, split="train",
+                                              batch_tokens=self.cfg.study.batch_tokens, dtype=self.cfg.study.dtype)
+
+        return Stage(f"oracle-{name}", f"oracle on training tokens at k = {budgets}: the imitation routers' labels", cost,
+                     "oracle", lambda: {"step": self.trained_step(), "tokens": self.tokens(), "budgets": budgets},
+                     complete, go)
+
     def router_stage(self, method: str, target: float, cost: float, run: Path | None = None, options: str = "SB",
                      skip_target: float = 0.0) -> Stage:
         """A router of the run's model (or of the run folder ``run``: the null control), evaluated on the
@@ -298,7 +322,9 @@ class Study:
                 shutil.rmtree(folder, ignore_errors=True)
             if not (folder / ROUTER_EVAL).is_file():
                 router_command.run_router_command(
-                    run_dir, target=target, method=method, steps=self.cfg.study.router_steps, options=options,
+                    run_dir, target=target, method=method, options=options,
+                    # a value router's steps run on cached targets, not through the LM: its own default
+                    steps=None if method in VALUE_METHODS else self.cfg.study.router_steps,
                     skip_target=skip_target if options == "SB_" else None,
                     oracle=self.oracle_name(self.primary_context) if compared else None, log=self.log,
                     resume=latest_checkpoint(folder) is not None, set=self.router_sets())

@@ -57,12 +57,17 @@ def decomposition(rd: RunData) -> list[dict]:
                 continue  # a router evaluated on other tokens is not comparable
             loss_S1, oracle_S1, fixed_S1 = (np.asarray(ps[key], dtype=np.float64)[:, None]
                                            for key in ("loss", "oracle_loss", "fixed_loss"))
-            matched = _at_compute(v, r.get("big_fraction"), r.get("skip_fraction"), rd.n_layers, ps["sequence"])
-            row["routers"].append({
-                "name": r["name"], "ppl": r.get("ppl"), "big_fraction": r.get("big_fraction"),
-                "recovered": _share(recovered_share(loss_S1, oracle_S1, fixed_S1)),
-                "recovered_matched": None if matched is None else _share(recovered_share(loss_S1, *matched)),
-            })
+            # its perplexity on the oracle's tokens (its own eval.json may cover more: eval.max_tokens)
+            entry = {"name": r["name"], "ppl": o.get("ppl", r.get("ppl")), "big_fraction": r.get("big_fraction")}
+            if r.get("labels") == "validation":  # learned from some of these sequences: the held-out share only
+                held = o.get("heldout") or {}
+                entry.update(ppl=held.get("ppl", r.get("ppl")), recovered=held.get("recovered"),  # rounded already
+                             recovered_matched=None, heldout=True)
+            else:
+                matched = _at_compute(v, r.get("big_fraction"), r.get("skip_fraction"), rd.n_layers, ps["sequence"])
+                entry.update(recovered=_share(recovered_share(loss_S1, oracle_S1, fixed_S1)),
+                             recovered_matched=None if matched is None else _share(recovered_share(loss_S1, *matched)))
+            row["routers"].append(entry)
         rows.append(row)
     return rows
 
@@ -94,7 +99,8 @@ def _cell(entry: dict | None) -> str:
     m = (entry.get("recovered_matched") or {}).get("value")
     if m is not None:
         parts.append(f"{100 * m:.1f}% at its compute {entry['big_fraction']:.3f}")
-    return f"{entry['ppl']:.2f}" + (f" ({', '.join(parts)})" if parts else "")
+    held = " on held-out sequences" if entry.get("heldout") else ""
+    return f"{entry['ppl']:.2f}" + (f" ({', '.join(parts)}{held})" if parts else "")
 
 
 def table(rows: list[dict]) -> list[tuple[str, list[str], list[list[str]]]]:

@@ -45,6 +45,14 @@ def train_router(run: Path, cfg: RouterConfig, *, resume: bool = False, log=prin
                              device=device, resume=resume, log=log)
 
 
+def label_source(run: Path, cfg: RouterConfig, k: int) -> str | None:
+    """Where an imitation router's labels come from: ``train`` (a training-split oracle table) or
+    ``validation`` (part of the evaluation tokens: only its held-out numbers are free of the leak)."""
+    if cfg.method != "imitation":
+        return None
+    return "train" if find_oracle(run, cfg.options, k, split="train") is not None else "validation"
+
+
 def _imitation_data(run: Path, run_cfg, cfg: RouterConfig, k: int, idx_ST, tgt_ST, oracle, log):
     """``((idx_ST, tgt_ST, route_LST), train_tokens)``: the labelled sequences imitation learns from. A
     training-split oracle at budget k (``duollm oracle --split train``) keeps every validation sequence
@@ -102,7 +110,7 @@ def _train_router(run: Path, out: Path, cfg: RouterConfig, model, idx_ST, tgt_ST
         delta, got = calibrate_budget(model, router, cal_idx, cal_tgt, cfg.target, batch_size=cfg.eval_batch)
         log(f"calibration: big logit offset {delta:+.3f} gives a big fraction of {got:.3f} (target {cfg.target:.3f})")
     rundir.save_router(out, router, cfg)
-    write_eval(out, model, router, idx_ST, tgt_ST, cfg, oracle, log)
+    write_eval(out, model, router, idx_ST, tgt_ST, cfg, oracle, log, labels=label_source(run, cfg, cfg.budget_k(L)))
     return cfg.name
 
 
@@ -121,7 +129,7 @@ def reevaluate_router(run: Path, name: str, *, oracle: str = "", log=print) -> s
     oracle_name = find_oracle(run, cfg.options, k, cfg.oracle)
     table = load_oracle_table(run, oracle_name, k, idx_ST, tgt_ST, cfg.options) if oracle_name else None
     with rundir.writing(run):
-        write_eval(folder, model, router, idx_ST, tgt_ST, cfg, table, log)
+        write_eval(folder, model, router, idx_ST, tgt_ST, cfg, table, log, labels=label_source(run, cfg, k))
     return name
 
 

@@ -49,8 +49,8 @@ class RouterConfig:
     oracle: str = ""  # oracle whose per-token table gives imitation labels and agreement ("": auto)
     holdout_every: int = 2  # every n-th sequence of the oracle table is held out of imitation (0: none)
     enforce: bool = False  # see the bigs used so far and spend exactly round(target * L) per token (hard routing)
-    dagger_rounds: int = 4  # value, expected-cost: at most this many rounds of on-policy targets (routers/value.py)
-    value_tokens: int = 4096  # value, expected-cost: training-split tokens the targets are computed on per round
+    dagger_rounds: int = 3  # value, expected-cost: at most this many rounds of on-policy targets (routers/value.py)
+    value_tokens: int = 2048  # value, expected-cost: training-split tokens the targets are computed on per round
     eval_batch: int = 16  # sequences per evaluation forward
     train: TrainConfig = field(default_factory=router_train_defaults)
 

@@ -70,8 +70,10 @@ def agreement(route_LST: torch.Tensor, oracle_LST: torch.Tensor, mask_ST: torch.
     }
 
 
-def evaluate_router(model, router: Router, idx_ST, tgt_ST, cfg: RouterConfig, oracle: OracleTable | None = None) -> dict:
-    """The router's ``eval.json``: hard routing on the evaluation tokens (DESIGN 4.3, 5)."""
+def evaluate_router(model, router: Router, idx_ST, tgt_ST, cfg: RouterConfig, oracle: OracleTable | None = None,
+                    labels: str | None = None) -> dict:
+    """The router's ``eval.json``: hard routing on the evaluation tokens (DESIGN 4.3, 5). ``labels``:
+    where an imitation router's labels came from (``train`` or ``validation``; ``command.label_source``)."""
     L = model.cfg.n_layers
     res = run_router(model, router, idx_ST, tgt_ST, cfg.eval_batch)
     summary = summarize(res, model.flop_model.all_big())
@@ -86,6 +88,7 @@ def evaluate_router(model, router: Router, idx_ST, tgt_ST, cfg: RouterConfig, or
         "seq_len": int(idx_ST.shape[1]),
         "train_steps": cfg.train.steps,
         "enforced": cfg.enforce,  # exactly target_k bigs per token: compute matched to fixed@k and oracle@k
+        **({"labels": labels} if labels else {}),
         **usage(res["route_LST"]),
         # every layer's route for every token of the first sequence (the report's route map, paper fig. 7)
         "example_routes": res["route_LST"][:, 0].tolist(),
@@ -185,9 +188,10 @@ def per_sequence(route_LST: torch.Tensor, router_ST, fixed_ST, oracle_ST, seq) -
     }
 
 
-def write_eval(out: Path, model, router: Router, idx_ST, tgt_ST, cfg: RouterConfig, oracle, log=print) -> dict:
+def write_eval(out: Path, model, router: Router, idx_ST, tgt_ST, cfg: RouterConfig, oracle, log=print,
+               labels: str | None = None) -> dict:
     """Evaluate at hard routing, write ``eval.json`` atomically and log a one-line summary."""
-    result = evaluate_router(model, router, idx_ST, tgt_ST, cfg, oracle)
+    result = evaluate_router(model, router, idx_ST, tgt_ST, cfg, oracle, labels)
     atomic_write_json(Path(out) / ROUTER_EVAL, result)
     line = (f"router {cfg.name}: ppl {result['ppl']:.3f}, big {result['big_fraction']:.3f} (target {cfg.target:.3f}), "
             f"skip {result['skip_fraction']:.3f}, layers {result['layer_profile']}")
