@@ -159,6 +159,8 @@ def test_imitation_reproduces_a_constant_oracle_pattern(router_run):
         ev = read_eval(router_run, name)
         assert ev["oracle"]["name"] == "const-SB" and ev["oracle"]["k"] == 2
         assert ev["labels"] == "validation"  # no training-split table: its held-out numbers are the clean ones
+        assert ev["oracle"]["recovered"] == ev["oracle"]["heldout"].get("recovered")  # the headline is held-out
+        assert "recovered_all_sequences" in ev["oracle"]
         assert ev["oracle"]["agreement"] == 1.0 and ev["oracle"]["pattern_match"] == 1.0
         assert ev["per_layer_big"] == [1.0, 0.0, 1.0, 0.0] and ev["big_fraction"] == 0.5
         held = ev["oracle"]["heldout"]

@@ -61,7 +61,7 @@ def decomposition(rd: RunData) -> list[dict]:
             entry = {"name": r["name"], "ppl": o.get("ppl", r.get("ppl")), "big_fraction": r.get("big_fraction")}
             if r.get("labels") == "validation":  # learned from some of these sequences: the held-out share only
                 held = o.get("heldout") or {}
-                entry.update(ppl=held.get("ppl", r.get("ppl")), recovered=held.get("recovered"),  # rounded already
+                entry.update(ppl=held.get("ppl", r.get("ppl")), recovered=o.get("recovered"),  # the held-out share
                              recovered_matched=None, heldout=True)
             else:
                 matched = _at_compute(v, r.get("big_fraction"), r.get("skip_fraction"), rd.n_layers, ps["sequence"])
