@@ -69,6 +69,7 @@ SUMMARY, RUN_JSON, PER_TOKEN, ORACLE_LOSS, USAGE, PATTERNS, PARTIAL = (
     "summary.json", "run.json", "per_token.parquet", "oracle_loss.npy", "usage.npy", "patterns.parquet", ".partial")
 # inside RUN/routers/<name>/
 ROUTER_YAML, ROUTER_WEIGHTS, ROUTER_EVAL = "router.yaml", "router.safetensors", "eval.json"
+ROUTER_DAGGER, DAGGER_RECORD = "dagger", "dagger.json"  # a value router's rounds (routers/value.py)
 
 
 def _json(path: Path):

@@ -45,6 +45,7 @@ from ..model import DuoModel
 from ..oracle.context import FrozenContext
 from ..oracle.tree import walk_tree
 from ..routing import BIG, SMALL, format_pattern
+from ..rundir import DAGGER_RECORD, ROUTER_DAGGER
 from ..train import train_loop
 from .policy import Router
 
@@ -124,7 +125,6 @@ def collect_targets(model: DuoModel, router: Router, idx_ST: torch.Tensor, tgt_S
 
 
 HELDOUT_TOKENS = 4096  # training-split tokens (after the collection's) that decide when the rounds stop
-DAGGER_DIR, DAGGER_RECORD = "dagger", "dagger.json"
 
 
 def regret(data: dict[str, torch.Tensor], route_O: torch.Tensor) -> float:
@@ -152,7 +152,7 @@ def dagger(model: DuoModel, trainer, cfg, out, train_tokens: np.ndarray, make_ob
     T = cfg.train.seq_len
     idx_ST, tgt_ST = sequences(train_tokens, T, cfg.value_tokens + HELDOUT_TOKENS)
     n = max(1, min(len(idx_ST) - 1, cfg.value_tokens // T))
-    folder = out / DAGGER_DIR
+    folder = out / ROUTER_DAGGER
     folder.mkdir(parents=True, exist_ok=True)
     record_path = folder / DAGGER_RECORD
     record = json.loads(record_path.read_text()) if resume and record_path.is_file() else {"rounds": []}
