@@ -104,3 +104,14 @@ def test_corrupt_and_truncated_checkpoint(tiny_run, tmp_path):
     assert_one_line_error(cli("eval", run, check=False), "corrupt checkpoint")
     (run / "latest" / "trainer_state.json").write_bytes(b"garbage")
     assert_one_line_error(cli("train", "--resume", "--out", run, check=False), "corrupt checkpoint", "trainer_state.json")
+
+
+def test_version(capsys):
+    import pytest
+
+    from duollm import __version__
+    from duollm.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith(f"duollm {__version__} (torch ")

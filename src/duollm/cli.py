@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import rundir, threads
+from . import __version__, rundir, threads
 from .analysis.report import write_report
 from .config import load_config
 from .data import parse_max_tokens
@@ -250,6 +250,7 @@ LAZY = {"export", "convert"}  # their modules import transformers (seconds): onl
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser; ``command`` (the subcommand about to run) lets heavy subcommands load lazily."""
     p = argparse.ArgumentParser(prog="duollm", description="Duo-LLM: adaptive computation in language models")
+    p.add_argument("--version", action="version", version=f"duollm {__version__} (torch {torch.__version__})")
     sub = p.add_subparsers(dest="command", required=True)
     for name, (module, add, run, help_) in COMMANDS.items():
         sp = sub.add_parser(name, help=help_)
