@@ -342,3 +342,26 @@ def test_compare_lists_every_compared_router_with_its_recovered_share(study, tmp
     empty = tmp_path / "empty"
     empty.mkdir()
     assert_one_line_error(cli("compare", empty, check=False), "no oracle")
+
+
+def test_info_lists_what_the_run_holds_and_whether_the_report_is_current(study):
+    import os
+
+    from conftest import cli
+
+    out = study["out"]
+    inv = json.loads(cli("info", out, "--json").stdout)["run"]
+    assert inv["trained_steps"] == inv["train_steps"] == 30 and set(inv["validation"]) == {"val/all_big", "val/all_small",
+                                                                                          "val/random"}
+    assert {"SB-shared", "SB-frozen-B", "SB-sequential", "SB-shared-train"} <= {o["name"] for o in inv["oracles"]}
+    assert all(o["complete"] for o in inv["oracles"])
+    assert len(inv["routers"]) == 10 and inv["null"] and inv["report"] == "current"
+    text = cli("info", out).stdout
+    assert "trained 30 of 30 steps" in text and "report: current" in text and "budget-0.50" in text
+    ev = out / "routers" / "budget-0.50" / "eval.json"
+    before = ev.stat()
+    os.utime(ev, (before.st_atime, before.st_mtime + 3600))  # an output newer than the report
+    try:
+        assert json.loads(cli("info", out, "--json").stdout)["run"]["report"] == "stale"
+    finally:
+        os.utime(ev, (before.st_atime, before.st_mtime))

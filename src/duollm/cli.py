@@ -18,6 +18,7 @@ import torch
 
 from . import __version__, rundir, threads
 from .analysis.report import write_report
+from .analysis.rundata import inventory
 from .config import load_config
 from .data import parse_max_tokens
 from .evaluate import per_token_loss, random_routes, summarize
@@ -177,6 +178,8 @@ def cmd_info(args) -> None:
     else:
         cfg = load_config(args.config)
     info = model_info(cfg)
+    if args.run:
+        info["run"] = inventory(Path(args.run))
     if args.json:
         print(json.dumps(info))
         return
@@ -194,6 +197,27 @@ def cmd_info(args) -> None:
     print(f"  LM head          {_fmt_int(f['lm_head']):>8}")
     for k in ("all_big", "all_small", "all_skip"):
         print(f"  whole model, {k.replace('all_', 'all-'):<9} {_fmt_int(f[k]):>8}  ({f[k] / f['all_big']:.2f} of all-big)")
+    if args.run:
+        print_inventory(info["run"])
+
+
+def print_inventory(inv: dict) -> None:
+    """The run folder's contents (``analysis.rundata.inventory``) as lines."""
+    val = "  ".join(f"{k[4:]} {v:.4f}" for k, v in inv["validation"].items())
+    print(f"trained {inv['trained_steps']} of {inv['train_steps']} steps; last validation loss: {val or 'none yet'}")
+    print(f"oracles ({len(inv['oracles'])}):")
+    for o in inv["oracles"]:
+        state = "" if o["complete"] else ", incomplete"
+        print(f"  {o['name']:<24} {o['context']}, {o['options']}, {o['split']} split, {o['tokens']} tokens, "
+              f"budgets {','.join(map(str, o['budgets']))}{state}")
+    print(f"routers ({len(inv['routers'])}):")
+    for r in inv["routers"]:
+        rec = "" if r["recovered"] is None else f", recovered {100 * r['recovered']:.1f}% of the oracle's gain"
+        ppl = "" if r["ppl"] is None else f"ppl {r['ppl']:.2f} on {r['tokens']} tokens, "
+        big = "" if r["big_fraction"] is None else f"big {r['big_fraction']:.3f}"
+        print(f"  {r['name']:<24} {ppl}{big}{rec}")
+    extra = [x for x in (("null control" if inv["null"] else ""), ", ".join(inv["seeds"])) if x]
+    print(f"report: {inv['report']}" + (f"; also {'; '.join(extra)}" if extra else ""))
 
 
 # ----------------------------------------------------------------------------- run and report

@@ -197,3 +197,26 @@ def reference_budgets(n_layers: int) -> dict[str, int]:
 def early_exit_pattern(n_layers: int, skips: int) -> str:
     """What early exit chooses with ``skips`` skipped layers: run the first layers, skip the rest."""
     return "B" * (n_layers - skips) + "_" * skips
+
+
+def inventory(run: Path) -> dict:
+    """What a run folder holds (``duollm info RUN``): training progress and last validation losses,
+    its oracles and routers with their headline numbers, and whether the report is current (written
+    after every output it reads)."""
+    rd = RunData(run)
+    cfg, metrics = rd.config, rd.final_metrics
+    oracles = [{"name": o.name, "context": o.context, "split": o.summary.get("split", "validation"),
+                "options": o.summary.get("options"), "tokens": o.summary.get("tokens"), "budgets": o.ks,
+                "complete": rundir.is_complete_oracle(o.folder)} for o in rd.oracles]
+    routers = [{"name": r["name"], "method": r.get("method"), "target": r.get("target"), "tokens": r.get("tokens"),
+                "ppl": r.get("ppl"), "big_fraction": r.get("big_fraction"),
+                "recovered": ((r.get("oracle") or {}).get("recovered") or {}).get("value")} for r in rd.routers]
+    results = rundir.report_dir(run) / "results.json"
+    inputs = [p for p in Path(run).glob("oracle/*/summary.json")] + [p for p in Path(run).glob("routers/*/eval.json")]
+    inputs += [p for p in Path(run).glob("study/routers/*.json")] + [rundir.metrics_path(run)]
+    newest = max((p.stat().st_mtime for p in inputs if p.is_file()), default=0.0)
+    report = "none" if not results.is_file() else "current" if results.stat().st_mtime >= newest else "stale"
+    return {"trained_steps": rundir.trained_step(run), "train_steps": cfg.train.steps,
+            "validation": {k: v for k, v in metrics.items() if k.startswith("val/")},
+            "oracles": oracles, "routers": routers, "report": report,
+            "null": rundir.has_run(rundir.null_dir(run)), "seeds": sorted(p.name for p in Path(run).glob("seeds/seed-*"))}
