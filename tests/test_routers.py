@@ -190,6 +190,13 @@ def test_save_load_round_trip_and_cli_plumbing(router_run):
     # a second run with the same name refuses to overwrite a trained router without --resume
     with pytest.raises(ValueError, match="already exists"):
         run_router_command(router_run, **vars(args), log=lambda *a: None)
+    # ... but one with its own name trains beside it (same target), and a bad name is one line
+    other = run_router_command(router_run, **{**vars(args), "name": "budget-half-again"}, log=lambda *a: None)
+    assert other == "budget-half-again" and read_eval(router_run, other)["target"] == 0.5
+    assert load_router(router_run, other).name == "router:budget-half-again"
+    with pytest.raises(ValueError, match="router name"):
+        run_router_command(router_run, **{**vars(args), "name": "../escape"}, log=lambda *a: None)
+    shutil.rmtree(router_run / "routers" / other)
     # resuming a finished router trains nothing more and evaluates to the same numbers
     run_router_command(router_run, **{**vars(args), "resume": True}, log=lambda *a: None)
     assert read_eval(router_run, name) == ev

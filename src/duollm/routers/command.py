@@ -141,6 +141,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--options", default="SB", help="routes a layer may take: SB (default), B_ or SB_")
     parser.add_argument("--skip-target", default=None, help="fraction of routes that skip (options SB_; 0.25 or 3/12)")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default 300)")
+    parser.add_argument("--name", default=None, help="the router's folder name under RUN/routers (default: method and "
+                        "target, e.g. budget-0.50), so several routers can share a target")
     parser.add_argument("--oracle", default=None, help="oracle name for imitation labels and agreement (default: one "
                         "with the router's options and budget, shared context first, then the newest)")
     parser.add_argument("--set", nargs="*", metavar="KEY=VALUE",
@@ -180,7 +182,8 @@ def run_router_command(run_dir: Path, **kwargs) -> str:
     eval_only = bool(kwargs.pop("eval_only", False))
     flags = {}
     for key, cfg_key in (("target", "target"), ("method", "method"), ("options", "options"),
-                         ("skip_target", "skip_target"), ("steps", "train.steps"), ("oracle", "oracle")):
+                         ("skip_target", "skip_target"), ("steps", "train.steps"), ("oracle", "oracle"),
+                         ("name", "label")):
         value = kwargs.pop(key, None)
         if value is not None:
             flags[cfg_key] = value

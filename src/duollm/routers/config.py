@@ -35,6 +35,7 @@ class RouterConfig:
     tiny model an annealed straight-through router oscillates between whole-layer flips).
     """
 
+    label: str = ""  # the router's folder name under RUN/routers ("": method and target, e.g. budget-0.50)
     method: str = "budget"  # budget | imitation | straight-through | value | expected-cost
     target: float = 0.5  # fraction of (token, layer) decisions that go big
     options: str = "SB"  # allowed routes per layer: SB, B_ or SB_
@@ -59,8 +60,8 @@ class RouterConfig:
 
     @property
     def name(self) -> str:
-        """Folder name under ``RUN/routers``: method and target, e.g. ``budget-0.50``."""
-        return router_name(self.method, self.target, self.options, self.skip_target)
+        """Folder name under ``RUN/routers``: the label, else method and target, e.g. ``budget-0.50``."""
+        return self.label or router_name(self.method, self.target, self.options, self.skip_target)
 
     def budget_k(self, n_layers: int) -> int:
         """The budget k (big layers per token) the target fraction stands for: the oracle's table to compare with."""
@@ -93,6 +94,8 @@ def validate_router_config(c: RouterConfig) -> None:
     if c.method not in METHODS:
         raise ValueError(f"unknown router method {c.method!r} (known: {', '.join(METHODS)})")
     c.options = canonical_options(c.options)
+    if c.label and (c.label.startswith(".") or not all(ch.isalnum() or ch in "-_." for ch in c.label)):
+        raise ValueError(f"router name must be letters, digits, '-', '_' or '.' (not leading); got {c.label!r}")
     if not 0.0 <= c.target <= 1.0 or math.isnan(c.target):
         raise ValueError(f"router target must be a fraction in [0, 1]; got {c.target}")
     if not 0.0 <= c.skip_target <= 1.0 or math.isnan(c.skip_target):
