@@ -27,6 +27,12 @@ def test_oracle_command_writes_the_contract_and_lines_up_with_eval(tiny_run, tmp
     for b in s["budgets"]:
         for key in ("k", "candidates", "oracle_ppl", "fixed_ppl", "fixed_pattern", "random_mean_ppl", "best_of_100_ppl"):
             assert key in b
+    # the command prints a table of the budgets before the name: oracle with its interval, fixed, best of 100
+    lines = proc.stdout.strip().splitlines()
+    assert f"{s['tokens']} tokens, context shared" in lines[-7]
+    b2 = s["budgets"][2]
+    assert lines[-4].startswith("  k=2") and f"oracle {b2['oracle_ppl']:.2f} [{b2['oracle_ppl_lo']:.2f}" in lines[-4]
+    assert f"fixed {b2['fixed_ppl']:.2f} [" in lines[-4] and f"({b2['fixed_pattern']})" in lines[-4]
     loss_JN = np.load(out / "oracle_loss.npy")
     assert loss_JN.dtype == np.float32 and loss_JN.shape == (5, s["tokens"])
     table = pq.read_table(out / "per_token.parquet")

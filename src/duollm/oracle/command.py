@@ -73,8 +73,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_command(args: argparse.Namespace) -> str:
-    """``duollm oracle``: the output name, printed as the last line (DESIGN 5)."""
-    return run_oracle_command(Path(args.run), **{k: getattr(args, k) for k in KEYWORDS if hasattr(args, k)})
+    """``duollm oracle``: a table of the budgets (oracle, fixed, best of 100, with intervals where the
+    summary has them), then the output name as the last line (DESIGN 5)."""
+    name = run_oracle_command(Path(args.run), **{k: getattr(args, k) for k in KEYWORDS if hasattr(args, k)})
+    summary = rundir.oracle_summary(rundir.oracle_dir(Path(args.run), name))
+    print(f"{summary.get('tokens')} tokens, context {summary.get('context')}, options {summary.get('options')}; "
+          f"all-big {_ppl(summary, 'all_big_ppl')}, all-small {_ppl(summary, 'all_small_ppl')}")
+    for b in summary.get("budgets", []):
+        line = f"  k={b['k']:<3} oracle {_ppl(b, 'oracle_ppl')}"
+        if b.get("fixed_ppl") is not None:
+            line += f"  fixed {_ppl(b, 'fixed_ppl')} ({b.get('fixed_pattern')})"
+        if b.get("best_of_100_ppl") is not None:
+            line += f"  best of 100 {_ppl(b, 'best_of_100_ppl')}"
+        print(line)
+    return name
+
+
+def _ppl(d: dict, key: str) -> str:
+    """``12.34 [12.0, 12.7]`` from a summary entry, its interval where it has one; ``—`` when absent."""
+    if d.get(key) is None:
+        return "—"
+    lo, hi = d.get(f"{key}_lo"), d.get(f"{key}_hi")
+    return f"{d[key]:.2f}" + (f" [{lo:.2f}, {hi:.2f}]" if lo is not None and hi is not None else "")
 
 
 def build_spec(
