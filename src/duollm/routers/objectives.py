@@ -102,7 +102,6 @@ class RouterTrainer(nn.Module):
         label_LBT = self.router.option_of_R[route_LBT]
         return F.cross_entropy(logits_LBTO.flatten(0, 2), label_LBT.flatten())
 
-
     def value_loss(self, mb: dict) -> torch.Tensor:
         """On-policy targets (routers/value.py), on the states the router met; no LM forward.
 
