@@ -214,9 +214,9 @@ def oracle_only_run(tiny_run, tmp_path_factory):
 def test_report_without_routers_or_skip_study(oracle_only_run):
     index = write_report(oracle_only_run)
     res = json.loads((oracle_only_run / "report" / "results.json").read_text())
-    assert res["figures"] == ["findings", "ppl_vs_budget", "oracle_usage", "position_budgets", "token_losses",
-                              "difficulty_ranking"]
-    assert index.read_text().count("data:image/png;base64,") == 6
+    assert res["figures"] == ["findings", "training", "ppl_vs_budget", "oracle_usage", "position_budgets",
+                              "token_losses", "difficulty_ranking"]
+    assert index.read_text().count("data:image/png;base64,") == 7
     verdict = {f["id"]: f["verdict"] for f in res["findings"]}
     for absent in ("skip_not_early_exit", "routers_near_baselines", "routers_favour_late_layers",
                    "routers_early_tokens_more_big"):
@@ -274,7 +274,7 @@ def test_report_on_a_run_without_any_oracle(tiny_run, tmp_path):
     shutil.rmtree(out / "routers", ignore_errors=True)
     write_report(out)
     res = json.loads((out / "report" / "results.json").read_text())
-    assert res["figures"] == [] and res["difficulty"] is None
+    assert res["figures"] == ["training"] and res["difficulty"] is None  # the training curve needs no oracle
     assert all(f["verdict"] is None for f in res["findings"]) and res["verdicts"]["tested"] == 0
     with pytest.raises(ValueError, match="does not exist"):
         write_report(tmp_path / "missing")

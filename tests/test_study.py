@@ -167,7 +167,7 @@ def test_report_files_with_embedded_figures_and_findings(study):
     html = (report / "index.html").read_text()
     res = json.loads((report / "results.json").read_text())
     md = (report / "report.md").read_text()
-    assert set(res["figures"]) == {"findings", "ppl_vs_budget", "oracle_usage", "router_usage", "router_routes",
+    assert set(res["figures"]) == {"findings", "training", "ppl_vs_budget", "oracle_usage", "router_usage", "router_routes",
                                    "position_budgets", "token_losses", "difficulty_ranking", "skip_vs_early_exit"}
     images = html.split('src="data:image/png;base64,')[1:]
     assert len(images) == len(res["figures"])

@@ -6,6 +6,7 @@ simply leaves that figure out. Figures are built on ``matplotlib.figure.Figure``
 renderer and never touch pyplot's global state; ``png_bytes`` strips the PNG metadata that
 would name the matplotlib version, so the same run folder renders the same bytes.
 
+    training            training and validation losses by step (``metrics.jsonl``)
     ppl_vs_budget       perplexity vs big-layer budget k: oracle (each context), fixed, best of
                         100 random, random mean, routers, all-small, all-big; compute on top
     oracle_usage        layer x position share of big for the oracle at a small, middle and large
@@ -22,98 +23,32 @@ Array name legend: L layers, T positions, J budgets, R routes (skip, small, big)
 
 from __future__ import annotations
 
-import io
 from collections import Counter
-from pathlib import Path
 
-import matplotlib
 import numpy as np
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
+from .. import rundir
+from ..io import read_json_lines
 from ..oracle.reductions import linear_schedule
 from ..routing import BIG, SKIP
 from .difficulty import rankdata, reference_k, summarize, token_table
+from .plotting import COLORS, as_rundata, bin_positions, heatmap, new_figure, png_bytes, styled, visible  # noqa: F401
 from .rundata import RunData, early_exit_pattern, reference_budgets
-
-# fixed style, independent of the user's matplotlibrc, so output depends on the run folder only
-STYLE = {
-    "font.size": 8.5, "axes.titlesize": 9, "axes.labelsize": 8.5, "legend.fontsize": 7.5,
-    "axes.grid": False, "figure.dpi": 100, "savefig.dpi": 110, "svg.hashsalt": "duollm",
-    "image.cmap": "viridis", "axes.spines.top": False, "axes.spines.right": False,
-}
-COLORS = {"oracle": "#1b9e77", "fixed": "#d95f02", "best_of_100": "#7570b3", "random": "#e7298a",
-          "all_small": "#666666", "all_big": "#000000", "budget": "#e6ab02", "imitation": "#a6761d",
-          "straight-through": "#1f78b4", "value": "#66a61e", "expected-cost": "#e31a1c"}
-MAX_POSITION_BINS = 32  # heatmap columns: positions are averaged in contiguous groups beyond this
-
-
-def _rd(run) -> RunData:
-    return run if isinstance(run, RunData) else RunData(Path(run))
-
-
-def new_figure(width: float, height: float) -> Figure:
-    return Figure(figsize=(width, height), layout="constrained")
-
-
-def png_bytes(fig: Figure) -> bytes:
-    """PNG of a figure, deterministic: no Software tag, fixed style and dpi."""
-    buf = io.BytesIO()
-    with matplotlib.rc_context(STYLE):
-        fig.savefig(buf, format="png", metadata={"Software": None})
-    return buf.getvalue()
-
-
-def bin_positions(a_XT: np.ndarray, max_bins: int = MAX_POSITION_BINS) -> tuple[np.ndarray, np.ndarray]:
-    """Average contiguous positions into at most ``max_bins`` columns; returns (binned, bin edges).
-
-    Every position holds the same number of tokens (whole sequences), so a plain mean is the
-    token-weighted share."""
-    T = a_XT.shape[-1]
-    n = min(T, max_bins)
-    edges = np.linspace(0, T, n + 1).round().astype(int)
-    out = np.stack([a_XT[..., a:b].mean(-1) for a, b in zip(edges[:-1], edges[1:])], axis=-1)
-    return out, edges
-
-
-def _heatmap(ax, share_LT: np.ndarray, title: str, vmax: float = 1.0):
-    """Layers bottom (first) to top (last), positions left to right (binned)."""
-    binned_LB, edges = bin_positions(np.asarray(share_LT, dtype=np.float64))
-    L = binned_LB.shape[0]
-    im = ax.imshow(binned_LB, aspect="auto", origin="lower", vmin=0.0, vmax=vmax, interpolation="nearest",
-                   extent=(0, edges[-1], 0.5, L + 0.5), cmap="viridis")
-    ax.set_title(title)
-    ax.set_yticks(range(1, L + 1, max(1, L // 6)))
-    ax.set_xlabel("position")
-    return im
-
-
-def _style(fn):
-    """Build the figure under the fixed style (fonts, sizes) so rendering never depends on rc files."""
-    def wrapped(run, *args, **kwargs):
-        with matplotlib.rc_context(STYLE):
-            return fn(_rd(run), *args, **kwargs)
-    wrapped.__name__, wrapped.__doc__ = fn.__name__, fn.__doc__
-    return wrapped
-
-
-def visible(text: str) -> str:
-    """A token's text made visible in a label: spaces, newlines and tabs get symbols."""
-    return text.replace(" ", "\u2423").replace("\n", "\u21b5").replace("\t", "\u21e5") or "\u2205"
-
 
 # ----------------------------------------------------------------------------- perplexity vs budget
 
 
-@_style
+@styled
 def fig_ppl_vs_budget(rd: RunData) -> Figure | None:
     """Perplexity vs big-layer budget (paper fig. 2): oracle per context and the baselines, routers
     as points at their realised budget; the top axis gives compute relative to all-big."""
     sweeps = rd.sweeps
     if not sweeps:
         return None
-    fig = new_figure(7.0, 4.2)
+    fig = new_figure(7.0, 5.2)
     ax = fig.subplots()
     primary = rd.primary
     ks = np.array(primary.ks)
@@ -125,14 +60,19 @@ def fig_ppl_vs_budget(rd: RunData) -> Figure | None:
         if np.isfinite(lo).any():  # the 95% bootstrap interval over sequences (stats.py)
             ax.fill_between(o.ks, lo, hi, color=COLORS["oracle"], alpha=0.15 if i == 0 else 0.08, lw=0)
     ax.plot(ks, col("fixed_ppl"), "-s", ms=3, color=COLORS["fixed"], label="fixed (best single pattern)")
-    ax.plot(ks, col("best_of_100_ppl"), "-^", ms=3, color=COLORS["best_of_100"], label="best of 100 random patterns")
+    # open markers on a dashed line: where best of 100 equals fixed (it often holds the fixed pattern) both show
+    ax.plot(ks, col("best_of_100_ppl"), "--^", ms=5, mfc="none", color=COLORS["best_of_100"],
+            label="best of 100 random patterns")
     ax.plot(ks, col("random_mean_ppl"), ":", color=COLORS["random"], label="random pattern (mean)")
     s = primary.summary
     ax.axhline(s["all_small_ppl"], color=COLORS["all_small"], ls="-.", lw=1, label=f"all small ({s['all_small_ppl']:.2f})")
     ax.axhline(s["all_big_ppl"], color=COLORS["all_big"], ls="--", lw=1, label=f"all big ({s['all_big_ppl']:.2f})")
     L = rd.n_layers
-    for method in sorted({r.get("method") for r in rd.routers}):
-        rs = [r for r in rd.routers if r.get("method") == method]
+    # each router on the oracle's tokens (its eval.json may cover more: eval.max_tokens), like the curves
+    on_oracle = [{**r, **{k: r["oracle"][k] for k in ("ppl", "ppl_lo", "ppl_hi") if k in r["oracle"]}}
+                 for r in rd.routers if (r.get("oracle") or {}).get("tokens") == s["tokens"]]
+    for method in sorted({r.get("method") for r in on_oracle}):
+        rs = [r for r in on_oracle if r.get("method") == method]
         ax.scatter([r["big_fraction"] * L for r in rs], [r["ppl"] for r in rs], marker="D", s=28, zorder=5,
                    color=COLORS.get(method, "#333333"), edgecolor="black", lw=0.5, label=f"router: {method}")
         with_ci = [r for r in rs if r.get("ppl_lo") is not None]
@@ -150,14 +90,37 @@ def fig_ppl_vs_budget(rd: RunData) -> Figure | None:
         slope, icpt = np.polyfit(ks[ok], comp[ok], 1)
         top = ax.secondary_xaxis("top", functions=(lambda k: icpt + slope * k, lambda c: (c - icpt) / slope))
         top.set_xlabel("compute relative to all-big")
-    ax.legend(loc="best", ncols=2)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncols=3, frameon=False)  # below: never on a line
+    return fig
+
+
+@styled
+def fig_training(rd: RunData) -> Figure | None:
+    """The training curve from ``metrics.jsonl``: training loss and the validation losses (all-big,
+    all-small, random routing) by step."""
+    rows = read_json_lines(rundir.metrics_path(rd.run)) if rundir.metrics_path(rd.run).is_file() else []
+    train = [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
+    if not train:
+        return None
+    fig = new_figure(6.0, 3.2)
+    ax = fig.subplots()
+    ax.plot(*zip(*train), color="0.6", lw=1, label="training loss (random routing)")
+    for key, color in (("val/all_big", COLORS["all_big"]), ("val/all_small", COLORS["all_small"]),
+                       ("val/random", COLORS["random"])):
+        pts = [(r["step"], r[key]) for r in rows if key in r]
+        if pts:
+            ax.plot(*zip(*pts), "o-", ms=3, color=color, label=f"validation, {key[4:].replace('_', '-')}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats per token)")
+    ax.set_title("Training")
+    ax.legend(frameon=False)
     return fig
 
 
 # ----------------------------------------------------------------------------- usage heatmaps
 
 
-@_style
+@styled
 def fig_oracle_usage(rd: RunData) -> Figure | None:
     """Share of tokens taking big at each layer and position, for the oracle at a small, middle and
     large budget (one row per context), and the share skipping in the skip study."""
@@ -178,13 +141,13 @@ def fig_oracle_usage(rd: RunData) -> Figure | None:
             if usage_JRLT is None or k not in o.ks:
                 ax.set_axis_off()
                 continue
-            im = _heatmap(ax, usage_JRLT[o.ks.index(k), BIG], f"oracle {o.context}, k={k} ({which}): big")
+            im = heatmap(ax, usage_JRLT[o.ks.index(k), BIG], f"oracle {o.context}, k={k} ({which}): big")
             ax.set_ylabel("layer")
     if skip is not None:
         usage_JRLT = skip.usage_JRLT()
         ax = axes[0, cols - 1]
         if usage_JRLT is not None:
-            im_skip = _heatmap(ax, usage_JRLT[0, SKIP], f"skip study, {skip.summary['skips']} skips: skipped")
+            im_skip = heatmap(ax, usage_JRLT[0, SKIP], f"skip study, {skip.summary['skips']} skips: skipped")
             im = im or im_skip
         for r in range(1, rows):
             axes[r, cols - 1].set_axis_off()
@@ -199,7 +162,7 @@ def router_label(r: dict) -> str:
     return r["method"] if opts == "SB" else f"{r['method']} {opts}"
 
 
-@_style
+@styled
 def fig_router_usage(rd: RunData) -> Figure | None:
     """Share of tokens each router sends to big (and, where it may skip, to skip), by layer and
     position, next to the oracle at the same budget (top row; paper fig. 3d)."""
@@ -222,7 +185,7 @@ def fig_router_usage(rd: RunData) -> Figure | None:
         if usage_JRLT is not None:
             r0 = 1
             if k in primary.ks:
-                im = _heatmap(axes[0, c], usage_JRLT[primary.ks.index(k), BIG], f"oracle ({primary.context}), k={k}")
+                im = heatmap(axes[0, c], usage_JRLT[primary.ks.index(k), BIG], f"oracle ({primary.context}), k={k}")
             else:
                 axes[0, c].set_axis_off()
         for r, (label, kind) in enumerate(rows_of):
@@ -234,7 +197,7 @@ def fig_router_usage(rd: RunData) -> Figure | None:
             x = found[0]
             share = x["per_position_big"] if kind == "big" else x["per_position_skip"]
             frac = x["big_fraction"] if kind == "big" else x["skip_fraction"]
-            im = _heatmap(ax, np.array(share), f"{label}, k={k}: {kind} ({frac:.2f})")
+            im = heatmap(ax, np.array(share), f"{label}, k={k}: {kind} ({frac:.2f})")
         axes[0, c].set_ylabel("layer")
     if im is not None:
         fig.colorbar(im, ax=axes, shrink=0.8, label="share of tokens on big (or skip)")
@@ -244,7 +207,7 @@ def fig_router_usage(rd: RunData) -> Figure | None:
 ROUTE_COLORS = ["#f2f2f2", "#9ecae1", "#08306b"]  # skip, small, big
 
 
-@_style
+@styled
 def fig_router_routes(rd: RunData) -> Figure | None:
     """Every layer's route for every token of one evaluation sequence, per router: skip, small or
     big (paper fig. 7)."""
@@ -268,7 +231,7 @@ def fig_router_routes(rd: RunData) -> Figure | None:
 # ----------------------------------------------------------------------------- position-varying budgets
 
 
-@_style
+@styled
 def fig_position_budgets(rd: RunData) -> Figure | None:
     """Oracle perplexity when the budget falls, rises or stays constant along the sequence, at the
     same mean budget (paper section 4.2: 6 -> 2, 2 -> 6, constant 4 for L = 12), per context with the
@@ -279,7 +242,7 @@ def fig_position_budgets(rd: RunData) -> Figure | None:
     if not entries:
         return None
     T = int(rd.primary.summary.get("seq_len") or rd.config.train.seq_len)
-    fig = new_figure(7.5, 3.0)
+    fig = new_figure(7.5, 3.4)
     ax_s, ax_p = fig.subplots(1, 2, width_ratios=[1, 1.2])
     first = next(iter(entries.values()))
     for e in first:
@@ -296,19 +259,21 @@ def fig_position_budgets(rd: RunData) -> Figure | None:
         xs = np.arange(len(names)) + (i - (len(entries) - 1) / 2) * width
         vals = np.array([by[n]["oracle_ppl"] if n in by else np.nan for n in names])
         lo_, hi_ = (np.array([by[n].get(f"oracle_ppl_{s}", np.nan) if n in by else np.nan for n in names]) for s in ("lo", "hi"))
-        bars = ax_p.bar(xs, vals, width, label=f"oracle, {label}")
-        if np.isfinite(lo_).all():  # the bootstrap interval over sequences (wide: sequences differ a lot)
-            ax_p.errorbar(xs, vals, yerr=[vals - lo_, hi_ - vals], fmt="none", ecolor="0.3", elinewidth=0.8, capsize=2)
+        # points, not bars: the axis is zoomed to the differences, and a bar's length would claim a zero
+        yerr = [vals - lo_, hi_ - vals] if np.isfinite(lo_).all() else None  # the bootstrap interval over sequences
+        ax_p.errorbar(xs, vals, yerr=yerr, fmt="o", ms=4, elinewidth=0.8, capsize=2, label=f"oracle, {label}")
         pred = np.array([by[n].get("predicted_ppl") or np.nan if n in by else np.nan for n in names])
-        ax_p.plot(xs, pred, "k.", markersize=4, label="Σ w_k·oracle@k" if i == 0 else None)
-        ax_p.bar_label(bars, fmt="%.2f", fontsize=7)
+        ax_p.plot(xs, pred, "kx", markersize=4, label="Σ w_k·oracle@k" if i == 0 else None)
+        for x, v in zip(xs, vals):
+            ax_p.annotate(f"{v:.2f}", (x, v), textcoords="offset points", xytext=(4, 0), fontsize=6.5, va="center")
     ax_p.set_xticks(range(len(names)), names)
     ax_p.set_ylabel("oracle perplexity")
-    lo = min(e["oracle_ppl"] for es in entries.values() for e in es)
-    hi = max(e["oracle_ppl"] for es in entries.values() for e in es)
-    ax_p.set_ylim(lo - 0.6 * (hi - lo + 1e-9) - 1e-3 * lo, hi + 0.7 * (hi - lo + 1e-9) + 1e-3 * hi)
+    # the axis holds every interval, so differences look as large as they are against the uncertainty
+    lo = min(e.get("oracle_ppl_lo", e["oracle_ppl"]) for es in entries.values() for e in es)
+    hi = max(e.get("oracle_ppl_hi", e["oracle_ppl"]) for es in entries.values() for e in es)
+    ax_p.set_ylim(lo - 0.05 * (hi - lo + 1e-9) - 1e-3 * lo, hi + 0.05 * (hi - lo + 1e-9) + 1e-3 * hi)
     ax_p.set_title("Same mean budget, different shapes")
-    ax_p.legend(loc="upper left", ncols=2)
+    ax_p.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncols=3, frameon=False)
     return fig
 
 
@@ -322,7 +287,7 @@ def sample_sequence(tab: dict, n_tokens: int = 48) -> np.ndarray:
     return rows[:n_tokens]
 
 
-@_style
+@styled
 def fig_token_losses(rd: RunData) -> Figure | None:
     """Per-token loss on real text under all-small, all-big and the oracle at k = L/2, and the
     difficulty gap (all-small minus oracle): each column is a token of the validation text."""
@@ -349,7 +314,7 @@ def fig_token_losses(rd: RunData) -> Figure | None:
     return fig
 
 
-@_style
+@styled
 def fig_difficulty_ranking(rd: RunData, summary: dict | None = None) -> Figure | None:
     """Tokens ranked by difficulty gap vs by raw small-model loss: a rank-rank scatter with the
     Spearman correlation, and the head of each ranking."""
@@ -386,7 +351,7 @@ def fig_difficulty_ranking(rd: RunData, summary: dict | None = None) -> Figure |
 # ----------------------------------------------------------------------------- skip study
 
 
-@_style
+@styled
 def fig_skip_vs_early_exit(rd: RunData) -> Figure | None:
     """The skip study's optimal patterns next to early exit (paper section 4.3): share of tokens
     skipping each layer, the most chosen patterns, and perplexity of oracle, best fixed pattern,
@@ -431,9 +396,11 @@ def fig_skip_vs_early_exit(rd: RunData) -> Figure | None:
             "early exit": float(np.exp(losses[ee])) if ee in losses else None,
             "random": b.get("random_mean_ppl")}
     vals = {k: v for k, v in vals.items() if v is not None}
-    bars = ax_b.bar(range(len(vals)), list(vals.values()),
-                    color=[COLORS["oracle"], COLORS["fixed"], "black", COLORS["random"]][: len(vals)])
-    ax_b.bar_label(bars, fmt="%.2f", fontsize=7)
+    # points, not bars, on an axis zoomed to the differences
+    ax_b.scatter(range(len(vals)), list(vals.values()), s=30, zorder=3,
+                 color=[COLORS["oracle"], COLORS["fixed"], "black", COLORS["random"]][: len(vals)])
+    for x, v in enumerate(vals.values()):
+        ax_b.annotate(f"{v:.2f}", (x, v), textcoords="offset points", xytext=(0, 6), fontsize=7, ha="center")
     ax_b.set_xticks(range(len(vals)), list(vals.keys()), rotation=20)
     ax_b.set_ylabel("perplexity")
     lo, hi = min(vals.values()), max(vals.values())
@@ -475,6 +442,7 @@ def fig_findings(findings: list[dict]) -> Figure | None:
 
 
 FIGURES = {
+    "training": fig_training,
     "ppl_vs_budget": fig_ppl_vs_budget,
     "oracle_usage": fig_oracle_usage,
     "router_usage": fig_router_usage,
@@ -488,7 +456,7 @@ FIGURES = {
 
 def render_all(run, difficulty: dict | None = None, findings: list[dict] | None = None) -> dict[str, bytes]:
     """PNG bytes of every figure the run folder supports, in a fixed order (the findings first)."""
-    rd = _rd(run)
+    rd = as_rundata(run)
     out = {}
     fig = fig_findings(findings) if findings else None
     if fig is not None:

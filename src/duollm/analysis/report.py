@@ -38,6 +38,8 @@ FIGURE_CAPTIONS = {
     "findings": "Each finding's effect (coloured by its verdict) and the null control's (grey), with 95% bootstrap "
                 "intervals over sequences; each row is scaled to its own largest magnitude, and right of zero is "
                 "the paper's direction.",
+    "training": "Training loss (random routing) and validation loss under all-big, all-small and random routing, "
+                "by step.",
     "ppl_vs_budget": "Perplexity vs big-layer budget k: the oracle (per context policy), the best fixed pattern, "
                      "the best of 100 random patterns, a random pattern, all-small and all-big; routers at their "
                      "realised budget. Top axis: compute relative to all-big.",
