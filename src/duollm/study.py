@@ -370,7 +370,8 @@ class Study:
         idx_ST, tgt_ST = rundir.eval_tokens(run, cfg, max_tokens=self.requested_tokens())
         oracle = None if k is None else load_oracle_table(run, self.oracle_name(self.primary_context), k, idx_ST, tgt_ST,
                                                           rcfg.options)
-        result = evaluate_router(model, router, idx_ST, tgt_ST, rcfg, oracle)
+        labels = router_command.label_source(run, rcfg, rcfg.budget_k(self.L))
+        result = evaluate_router(model, router, idx_ST, tgt_ST, rcfg, oracle, labels)
         atomic_write_json(rundir.study_router_eval(run, name), result)
 
     def report(self) -> None:
