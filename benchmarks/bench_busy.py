@@ -81,7 +81,7 @@ def main() -> None:
     p.add_argument("--json")
     args = p.parse_args()
     sys.path.insert(0, __file__.rsplit("/", 1)[0])
-    from common import cpu_busy
+    from duollm.timing import cpu_busy
 
     busy = cpu_busy()
     print(f"CPU busy before the run: {busy:.0%}" if busy is not None else "CPU load unknown")

@@ -32,10 +32,10 @@ import sys
 
 import torch
 
-from common import report_machine, time_interleaved  # benchmarks/common.py
 from duollm.config import load_config
 from duollm.model import DuoFFN
 from duollm.routing import BIG, FlopModel, RouteProbs, sample_routes
+from duollm.timing import report_machine, time_interleaved
 
 MIXES = {  # name -> route probabilities (skip, small, big)
     "all-big": RouteProbs(skip=0.0, small=0.0, big=1.0),

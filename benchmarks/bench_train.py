@@ -28,10 +28,10 @@ import time
 
 import torch
 
-from common import report_machine, sync  # benchmarks/common.py
 from duollm.config import load_config
 from duollm.model import DuoModel
 from duollm.routing import FlopModel, RouteProbs, sample_routes
+from duollm.timing import report_machine, sync
 
 TARGET = 0.8  # measured speed-up / predicted speed-up, at least
 

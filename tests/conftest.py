@@ -1,3 +1,4 @@
+import hashlib
 import os
 import subprocess
 import sys
@@ -83,3 +84,17 @@ def copy_trained(run: Path, dst: Path) -> Path:
     shutil.copytree(run, dst, symlinks=True, ignore=lambda d, names: [n for n in names if Path(d) == Path(run)
                                                                      and n in ("oracle", "routers", "study", "report")])
     return dst
+
+
+def snapshot(folder: Path) -> dict:
+    """Every entry under ``folder``: file bytes (hash) and mode, symlink targets, folders."""
+    out = {}
+    for p in sorted(Path(folder).rglob("*")):
+        rel = str(p.relative_to(folder))
+        if p.is_symlink():
+            out[rel] = ("link", os.readlink(p))
+        elif p.is_dir():
+            out[rel] = ("dir",)
+        else:
+            out[rel] = ("file", hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mode & 0o777)
+    return out

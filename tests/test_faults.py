@@ -8,7 +8,6 @@ subprocesses.
 """
 
 import contextlib
-import hashlib
 import json
 import os
 import pickle
@@ -22,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_CORPUS, assert_one_line_error, copy_trained, duollm, error_lines
+from conftest import SHARED_CORPUS, assert_one_line_error, copy_trained, duollm, error_lines, snapshot
 from conftest import cli as run_cli
 
 QUIET = ["train.log_every=5"]
@@ -38,20 +37,6 @@ def refused(*args, fragment: str = "", code: int = 2):
     proc = run_cli(*args, check=False)
     assert proc.returncode == code, proc.stderr
     return assert_one_line_error(proc, fragment)
-
-
-def snapshot(folder: Path) -> dict:
-    """Every entry under ``folder``: file bytes (hash) and mode, symlink targets, folders."""
-    out = {}
-    for p in sorted(Path(folder).rglob("*")):
-        rel = str(p.relative_to(folder))
-        if p.is_symlink():
-            out[rel] = ("link", os.readlink(p))
-        elif p.is_dir():
-            out[rel] = ("dir",)
-        else:
-            out[rel] = ("file", hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mode & 0o777)
-    return out
 
 
 @pytest.fixture

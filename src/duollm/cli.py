@@ -258,6 +258,8 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
                "stage 3: train a router on the frozen model, evaluate it against the oracle"),
     "generate": ("duollm.generate", "add_arguments", "run_command",
                  "generate text under a routing policy; --show-routes prints the routes"),
+    "bench": ("duollm.bench", "add_arguments", "run_command",
+              "wall-clock of prefill and decode under patterns and routers, next to their ideals"),
     "export": ("duollm.hf.export", "add_arguments", "run_command",
                "export a run to the Hugging Face format (AutoModelForCausalLM)"),
     "convert": ("duollm.hf.convert", "add_arguments", "run_command", "turn a pretrained Llama or GPT-2 model into a Duo run"),

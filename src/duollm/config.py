@@ -86,6 +86,7 @@ class StudyConfig:
     router_targets: str = "1/3,1/2,2/3"  # big-layer fractions, each rounded to a budget k (paper: 4, 6, 8 of 12)
     router_methods: str = "budget,imitation,straight-through"  # "" for no routers
     router_steps: int = 300
+    router_batch: int = 16  # sequences per router training step (non-value methods)
     # routers (the paper's budget method) at route mixtures big/small/skip, e.g. 0.5/0.3/0.2, comma-separated;
     # "paper": the three of the paper's figs. 7 and 9 (30% big, 70% small; 50% big, 50% skip; 50/30/20)
     router_mixtures: str = ""
@@ -129,13 +130,28 @@ PRESETS: dict[str, dict] = {
         "model": dict(vocab_size=2048, n_layers=12, d_model=128, n_heads=4, d_ff_big=512, d_ff_small=32,
                       max_seq_len=128),
         # compiled: 12-16% faster steps than eager on 2 cores, ~37 s of compilation on a cold cache (docs/LOG.md)
-        "train": dict(steps=600, batch_size=32, seq_len=128, lr=3e-3, min_lr=3e-4, warmup_steps=30,
-                      eval_every=200, eval_tokens=8192, save_every=100, log_every=10, compile=True),
+        # 512 steps of 32 x 128: 2^21 tokens, ~3.8 epochs of the embedded corpus (600 missed the 15 minutes)
+        "train": dict(steps=512, batch_size=32, seq_len=128, lr=3e-3, min_lr=3e-4, warmup_steps=30,
+                      eval_every=256, eval_tokens=8192, save_every=128, log_every=16, compile=True),
         "eval": dict(max_tokens=8192),
         # the oracle costs ~2^(L+1) layer evaluations per token (~0.09 CPU-s per token per context), a
         # budget router ~0.4 s per step; the paper's router only (imitation: +~45 s), one context. 100 router
-        # steps: at 50 the routers sat 1.4-1.9 ppl above fixed@k and a finding turned inconclusive (docs/LOG.md)
-        "study": dict(tokens=1024, contexts="shared", router_steps=100, router_methods="budget", batch_tokens=1024),
+        # steps: at 50 the routers sat 1.4-1.9 ppl above fixed@k and a finding turned inconclusive; batch 8
+        # instead of 16: 0.1-0.8 ppl worse on the oracle's tokens, ~14 s less per router (docs/LOG.md)
+        "study": dict(tokens=1024, contexts="shared", router_steps=100, router_batch=8, router_methods="budget",
+                      batch_tokens=1024),
+    },
+    # wide enough for routing's wall-clock to matter (issue 14: `duollm bench`, benchmarks/bench_generate.py):
+    # 12 x 1024, FFN 4096 / 256 (the paper's 16:1), ~215M parameters. Sized for the question, not for CPU
+    # training (a step is tens of seconds on 2 cores) nor for the CPU oracle (~2^13 layer evaluations per token)
+    "wide": {
+        "model": dict(vocab_size=2048, n_layers=12, d_model=1024, n_heads=16, d_ff_big=4096, d_ff_small=256,
+                      max_seq_len=256),
+        "train": dict(steps=2000, batch_size=32, seq_len=256, lr=1e-3, min_lr=1e-4, warmup_steps=100,
+                      eval_every=500, eval_tokens=8192, save_every=250, log_every=10),
+        "eval": dict(max_tokens=4096),
+        "study": dict(tokens=512, contexts="shared", router_steps=100, router_batch=8, router_methods="budget",
+                      batch_tokens=512),
     },
     # the paper's 1.4B model (section 2 of the brief): 12 x 2560, FFN 10240 / 640, 32k vocab, tied
     "paper": {
@@ -413,7 +429,7 @@ def validate_study(cfg: RunConfig) -> None:
         raise ValueError(f"study.skip_fraction must be in [0, 1); got {st.skip_fraction}")
     if st.skip_fraction and not 0 < skip_count(cfg) < L:
         raise ValueError(f"study.skip_fraction={st.skip_fraction} gives {skip_count(cfg)} of {L} layers skipped")
-    for name in ("router_steps", "batch_tokens", "seeds"):
+    for name in ("router_steps", "router_batch", "batch_tokens", "seeds"):
         if getattr(st, name) <= 0:
             raise ValueError(f"study.{name} must be positive; got {getattr(st, name)}")
     if st.dtype not in ("auto", "float32", "bfloat16"):

@@ -3,9 +3,9 @@
 The policy is a routing spec (``routing.parse_routing``: all-big, all-small, a pattern, random:P,
 router:NAME), resolved against the run by ``rundir.routing_policy`` as everywhere else.
 
-Generation runs the prompt once, then one token per step with the KV cache
-(``duollm.model.KVCache``), so every token is routed exactly once, as the policy decided
-when it was processed.
+Generation runs the prompt once, then one token per step with a KV cache (``duollm.kvcache``:
+static by default, preallocated and written in place), so every token is routed exactly once,
+as the policy decided when it was processed. Batches are left-padded.
 
 Tensor name legend: B batch, T positions, L layers, D width, V vocabulary.
 """
@@ -21,7 +21,7 @@ import torch
 
 from . import rundir
 from .data import EOS
-from .model import KVCache
+from .kvcache import KVCache, StaticKVCache
 from .routing import BIG, LETTER_OF_ROUTE, SKIP, SMALL
 
 # ----------------------------------------------------------------------------- generation
@@ -36,10 +36,35 @@ class Generation:
     stopped: str  # "max_new_tokens" | "eos" | "context"
 
 
+def _check(model, prompts: list[list[int]], temperature: float, max_new_tokens: int) -> None:
+    if not prompts or any(not p for p in prompts):
+        raise ValueError("the prompt is empty (it encodes to no tokens)")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0; got {temperature}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0; got {max_new_tokens}")
+    ctx = model.cfg.max_seq_len
+    longest = max(len(p) for p in prompts)
+    if longest > ctx:
+        raise ValueError(f"the prompt has {longest} tokens but the model's context is {ctx} (model.max_seq_len)")
+
+
+def _next_tokens(logits_BV: torch.Tensor, temperature: float, top_k: int, gen: torch.Generator) -> torch.Tensor:
+    """``next_B``: greedy (temperature 0) or sampled from the tempered, top-k-truncated softmax (on the CPU,
+    with ``gen``, so a seed gives the same text on every device)."""
+    if temperature == 0:
+        return logits_BV.argmax(-1)
+    logits_BV = logits_BV.float().cpu() / temperature
+    if top_k > 0:
+        kth_B1 = torch.topk(logits_BV, min(top_k, logits_BV.shape[-1]), dim=-1).values[:, -1:]
+        logits_BV = logits_BV.masked_fill(logits_BV < kth_B1, float("-inf"))
+    return torch.multinomial(torch.softmax(logits_BV, -1), 1, generator=gen)[:, 0]
+
+
 @torch.no_grad()
-def generate_ids(
+def generate_batch(
     model,
-    prompt_ids: list[int],
+    prompts: list[list[int]],
     routes=None,
     *,
     max_new_tokens: int = 50,
@@ -47,52 +72,69 @@ def generate_ids(
     top_k: int = 0,
     seed: int = 0,
     eos_id: int | None = None,
-) -> Generation:
-    """Autoregressive decoding of one prompt with the KV cache. ``temperature`` 0: greedy."""
-    if not prompt_ids:
-        raise ValueError("the prompt is empty (it encodes to no tokens)")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0; got {temperature}")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0; got {max_new_tokens}")
-    ctx = model.cfg.max_seq_len
-    if len(prompt_ids) > ctx:
-        raise ValueError(f"the prompt has {len(prompt_ids)} tokens but the model's context is {ctx} (model.max_seq_len)")
+    static: bool = True,
+) -> list[Generation]:
+    """Autoregressive decoding of a batch of prompts, left-padded to the longest, with a KV cache.
+
+    ``static`` (default): a ``StaticKVCache`` of exactly the positions the batch can use, written in
+    place; otherwise the growing ``KVCache`` (the reference it must equal). The prompt runs in one
+    forward, then one token per step; a sequence stops at ``eos_id`` (later steps still run for the
+    others, their tokens are dropped), all stop at ``max_new_tokens`` or at the model's context.
+    Greedy decoding never reads a token back to the host before the end unless ``eos_id`` is given.
+    """
+    _check(model, prompts, temperature, max_new_tokens)
     device = next(model.parameters()).device
+    ctx, B = model.cfg.max_seq_len, len(prompts)
+    P = max(len(p) for p in prompts)
     gen = torch.Generator().manual_seed(seed)
-    cache = KVCache(model.cfg.n_layers)
-    idx_BT = torch.tensor([prompt_ids], device=device)
-    new_ids, routes_taken, flops = [], [], []
-    stopped = "max_new_tokens"
+    cache = StaticKVCache(model.cfg.n_layers, min(ctx, P + max(max_new_tokens - 1, 0))) if static \
+        else KVCache(model.cfg.n_layers)
+    idx_BT = torch.tensor([[0] * (P - len(p)) + list(p) for p in prompts], device=device)
+    keep_BM = pos_BT = None  # left padding: which key positions are real, and each token's position
+    if any(len(p) < P for p in prompts):
+        keep_BM = torch.zeros(B, min(ctx, P + max_new_tokens), dtype=torch.long, device=device)
+        keep_BM[:, P:] = 1
+        for b, p in enumerate(prompts):
+            keep_BM[b, P - len(p) : P] = 1
+        pos_BT = (keep_BM[:, :P].cumsum(1) - 1).clamp_min(0)
+    next_NB, route_NLB, flops_NB = [], [], []
+    done_B = torch.zeros(B, dtype=torch.bool, device=device)
     for _ in range(max_new_tokens):
-        out = model(idx_BT, routes=routes, cache=cache)
-        routes_taken.append(out.route_LBT[:, 0, -1].cpu())
-        flops.append(out.flops_BT[0, -1].cpu())
-        logits_V = out.logits[0, -1].float().cpu()
-        if temperature == 0:
-            next_id = int(logits_V.argmax())
-        else:
-            logits_V = logits_V / temperature
-            if top_k > 0:
-                kth = torch.topk(logits_V, min(top_k, logits_V.numel())).values[-1]
-                logits_V = logits_V.masked_fill(logits_V < kth, float("-inf"))
-            next_id = int(torch.multinomial(torch.softmax(logits_V, -1), 1, generator=gen))
-        new_ids.append(next_id)
-        if eos_id is not None and next_id == eos_id:
-            stopped = "eos"
-            break
+        C = cache.length + idx_BT.shape[1]
+        out = model(idx_BT, routes=routes, cache=cache, pos_BT=pos_BT,
+                    keep_BC=None if keep_BM is None else keep_BM[:, :C])
+        next_B = _next_tokens(out.logits[:, -1], temperature, top_k, gen).to(device)
+        next_NB.append(next_B)
+        route_NLB.append(out.route_LBT[:, :, -1])
+        flops_NB.append(out.flops_BT[:, -1])
+        if eos_id is not None:
+            done_B = done_B | (next_B == eos_id)
+            if bool(done_B.all()):
+                break
         if cache.length >= ctx:  # the next step would need a position beyond the context
-            stopped = "context"
             break
-        idx_BT = torch.tensor([[next_id]], device=device)
-    L = model.cfg.n_layers
-    return Generation(
-        prompt_ids=list(prompt_ids),
-        new_ids=new_ids,
-        route_LN=torch.stack(routes_taken, 1) if routes_taken else torch.zeros(L, 0, dtype=torch.long),
-        flops_N=torch.stack(flops) if flops else torch.zeros(0, dtype=torch.float64),
-        stopped=stopped,
-    )
+        idx_BT = next_B[:, None]
+        if pos_BT is not None:
+            pos_BT = pos_BT[:, -1:] + 1
+    ids_BN = torch.stack(next_NB, 1).cpu() if next_NB else torch.zeros(B, 0, dtype=torch.long)
+    route_LBN = torch.stack(route_NLB, 2).cpu() if route_NLB else torch.zeros(model.cfg.n_layers, B, 0, dtype=torch.long)
+    flops_BN = torch.stack(flops_NB, 1).cpu() if flops_NB else torch.zeros(B, 0, dtype=torch.float64)
+    out = []
+    for b, prompt in enumerate(prompts):
+        ids = ids_BN[b].tolist()
+        n, stopped = len(ids), "max_new_tokens"
+        if eos_id is not None and eos_id in ids:
+            n, stopped = ids.index(eos_id) + 1, "eos"
+        elif n < max_new_tokens:
+            stopped = "context"
+        out.append(Generation(prompt_ids=list(prompt), new_ids=ids[:n], route_LN=route_LBN[:, b, :n],
+                              flops_N=flops_BN[b, :n], stopped=stopped))
+    return out
+
+
+def generate_ids(model, prompt_ids: list[int], routes=None, **kwargs) -> Generation:
+    """Decoding of one prompt (``generate_batch`` of one; batch 1 needs no padding). ``temperature`` 0: greedy."""
+    return generate_batch(model, [prompt_ids], routes, **kwargs)[0]
 
 
 def format_routes(route_LN: torch.Tensor, flops_N: torch.Tensor | None = None, flops_all_big: float | None = None) -> str:

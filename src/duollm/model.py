@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .kvcache import KVCache, StaticKVCache  # noqa: F401  (re-exported: the cache interface the model uses)
 from .routing import BIG, SKIP, SMALL, FlopModel, parse_pattern
 
 
@@ -100,22 +101,26 @@ def route_fn(routes: Routes, n_layers: int, B: int, T: int, device) -> Callable[
     """Normalise every accepted form of ``routes`` into ``f(layer, x_BTD) -> route_BT | prob_BTR``.
 
     Accepted: None (all big: the dense model), a pattern string, ``route_L`` (one
-    pattern for every token), ``route_LBT``, or a policy object.
+    pattern for every token), ``route_LBT``, or a policy object. A pattern decides each layer
+    as a Python int (one route for every token, known on the host): the block then calls that
+    module directly, with no gather and no host sync (issue 14).
     """
     if routes is None:
         routes = "B" * n_layers
     if isinstance(routes, str):
-        routes = torch.tensor(parse_pattern(routes, n_layers), device=device)
+        route_L = parse_pattern(routes, n_layers)
+        return lambda layer, x_BTD: route_L[layer]
     if isinstance(routes, torch.Tensor):
         if routes.dim() == 1:
             if routes.numel() != n_layers:
                 raise ValueError(f"route_L has {routes.numel()} entries for {n_layers} layers")
-            route_LBT = routes.view(n_layers, 1, 1).expand(n_layers, B, T)
-        else:
-            if routes.shape != (n_layers, B, T):
-                raise ValueError(f"route_LBT has shape {tuple(routes.shape)}, expected {(n_layers, B, T)}")
-            route_LBT = routes
-        route_LBT = route_LBT.to(device=device, dtype=torch.long)
+            route_L = tuple(int(r) for r in routes.tolist())
+            if any(r not in (SKIP, SMALL, BIG) for r in route_L):
+                raise ValueError(f"routes must be 0 (skip), 1 (small) or 2 (big); got {list(route_L)}")
+            return lambda layer, x_BTD: route_L[layer]
+        if routes.shape != (n_layers, B, T):
+            raise ValueError(f"route_LBT has shape {tuple(routes.shape)}, expected {(n_layers, B, T)}")
+        route_LBT = routes.to(device=device, dtype=torch.long)
         return lambda layer, x_BTD: route_LBT[layer]
     if callable(routes):
         return routes
@@ -173,33 +178,6 @@ def apply_rope(x_BHTE: torch.Tensor, cos_TE: torch.Tensor, sin_TE: torch.Tensor)
     return (x_BHTE * cos_TE + rot * sin_TE).type_as(x_BHTE)
 
 
-class KVCache:
-    """Keys and values of past positions, one entry per layer (generation).
-
-    The interface the model uses is ``length`` (tokens seen before this forward), ``seen(layer)``
-    and ``update(layer, k, v)``; ``duollm.hf`` adapts transformers' ``Cache`` to it.
-    """
-
-    def __init__(self, n_layers: int):
-        self.k = [None] * n_layers
-        self.v = [None] * n_layers
-
-    @property
-    def length(self) -> int:
-        return self.seen(0)
-
-    def seen(self, layer: int) -> int:
-        """Positions cached at ``layer`` (layers before it already hold this forward's tokens)."""
-        return 0 if self.k[layer] is None else self.k[layer].shape[2]
-
-    def update(self, layer: int, k_BKTE: torch.Tensor, v_BKTE: torch.Tensor):
-        if self.k[layer] is not None:
-            k_BKTE = torch.cat([self.k[layer], k_BKTE], dim=2)
-            v_BKTE = torch.cat([self.v[layer], v_BKTE], dim=2)
-        self.k[layer], self.v[layer] = k_BKTE, v_BKTE
-        return k_BKTE, v_BKTE
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -234,6 +212,8 @@ class Attention(nn.Module):
             y_BHTE = F.scaled_dot_product_attention(q_BHTE, k_BKTE, v_BKTE, attn_mask=mask_B1TC, enable_gqa=gqa)
         elif past == 0:
             y_BHTE = F.scaled_dot_product_attention(q_BHTE, k_BKTE, v_BKTE, is_causal=True, enable_gqa=gqa)
+        elif T == 1:  # one decoded token sees every cached key: no mask (a masked kernel costs ~5x here)
+            y_BHTE = F.scaled_dot_product_attention(q_BHTE, k_BKTE, v_BKTE, enable_gqa=gqa)
         else:  # queries at positions past..past+T-1 see keys 0..past+t
             C = k_BKTE.shape[2]
             mask_TC = torch.ones(T, C, dtype=torch.bool, device=x_BTD.device).tril(diagonal=past)
@@ -285,6 +265,14 @@ class DuoFFN(nn.Module):
         small_BT1 = (route_BT == SMALL).unsqueeze(-1).type_as(x_BTD)
         return big_BT1 * self.big(x_BTD) + small_BT1 * self.small(x_BTD)
 
+    def uniform(self, x_BTD: torch.Tensor, route: int) -> torch.Tensor:
+        """Every token takes ``route``: the module itself (the dense model, a pattern, one decoded token)."""
+        if route == BIG:
+            return self.big(x_BTD)
+        if route == SMALL:
+            return self.small(x_BTD)
+        return torch.zeros_like(x_BTD)
+
     def routed(self, x_BTD: torch.Tensor, route_BT: torch.Tensor) -> torch.Tensor:
         """Fast path: each module runs only on the tokens sent to it (gather, compute, scatter).
 
@@ -295,16 +283,18 @@ class DuoFFN(nn.Module):
         """
         route_N = route_BT.reshape(-1)
         N = route_N.numel()
+        if N == 1:  # one token (batch-1 decode under a router): its module, no sort, no gather
+            route = int(route_N)
+            if route not in (SKIP, SMALL, BIG):
+                raise ValueError(f"routes must be 0 (skip), 1 (small) or 2 (big); got {route}")
+            return self.uniform(x_BTD, route)
         counts = torch.bincount(route_N, minlength=3).tolist()
         if len(counts) != 3:
             raise ValueError(f"routes must be 0 (skip), 1 (small) or 2 (big); got {route_N.max().item()}")
         n_skip, n_small, n_big = counts
-        if n_big == N:  # uniform routes need no gather (the dense model, all-small evaluation)
-            return self.big(x_BTD)
-        if n_small == N:
-            return self.small(x_BTD)
-        if n_skip == N:
-            return torch.zeros_like(x_BTD)
+        for route, n in ((BIG, n_big), (SMALL, n_small), (SKIP, n_skip)):
+            if n == N:  # uniform routes need no gather (e.g. a router that sends a whole layer one way)
+                return self.uniform(x_BTD, route)
         x_ND = x_BTD.reshape(N, -1)
         idx_M = torch.argsort(route_N, stable=True)[n_skip:]  # the M = N - n_skip tokens with an FFN
         x_MD = x_ND.index_select(0, idx_M)  # small tokens first, then big
@@ -339,22 +329,28 @@ class DuoBlock(nn.Module):
         path: str = "routed",
         mask_B1TC: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One layer. ``decide(layer, x_BTD)`` returns ``route_BT`` or ``prob_BTR``; ``path`` is
-        "routed" (gather, compute, scatter) or "masked" (the reference: every module on every token).
+        """One layer. ``decide(layer, x_BTD)`` returns ``route_BT``, ``prob_BTR`` or an int (one route
+        for every token); ``path`` is "routed" (gather, compute, scatter) or "masked" (the reference:
+        every module on every token).
 
-        Returns the new hidden state and the hard routes taken (argmax for soft weights).
+        Returns the new hidden state and the hard routes taken (argmax for soft weights; the int as is).
         """
         if self.skip_mode == "block":  # the route is decided before the block it may skip
             route = decide(layer, h_BTD)
-            keep_BT1 = self._keep(route).unsqueeze(-1)
-            h_BTD = h_BTD + keep_BT1 * self.attn(self.attn_norm(h_BTD), cos_TE, sin_TE, cache, layer, mask_B1TC)
+            attn_BTD = self.attn(self.attn_norm(h_BTD), cos_TE, sin_TE, cache, layer, mask_B1TC)  # keys cached
+            h_BTD = h_BTD + self._keep(route) * attn_BTD
             x_BTD = self.ffn_norm(h_BTD)
         else:  # attention always runs; the router sees the hidden state entering the FFN
             h_BTD = h_BTD + self.attn(self.attn_norm(h_BTD), cos_TE, sin_TE, cache, layer, mask_B1TC)
             x_BTD = self.ffn_norm(h_BTD)
             route = decide(layer, x_BTD)
 
-        # --- the routing decision: big, small or skip, per token ---
+        # --- the routing decision: big, small or skip, per token (an int: the same for every token) ---
+        if isinstance(route, int):
+            if path == "masked":  # the reference runs every module on every token, whatever the routes
+                route = torch.full(x_BTD.shape[:2], route, dtype=torch.long, device=x_BTD.device)
+            else:
+                return h_BTD + self.ffn.uniform(x_BTD, route), route
         if route.is_floating_point():
             ffn_BTD, route_BT = self.ffn.soft(x_BTD, route), route.argmax(-1)
         elif path == "masked":
@@ -364,10 +360,13 @@ class DuoBlock(nn.Module):
         return h_BTD + ffn_BTD, route_BT
 
     @staticmethod
-    def _keep(route: torch.Tensor) -> torch.Tensor:
+    def _keep(route) -> torch.Tensor | float:
+        """The attention gate of ``skip_mode="block"``: 0 where the token skips, ``keep_BT1``."""
+        if isinstance(route, int):
+            return float(route != SKIP)
         if route.is_floating_point():
-            return 1.0 - route[..., SKIP]
-        return (route != SKIP).float()
+            return (1.0 - route[..., SKIP]).unsqueeze(-1)
+        return (route != SKIP).float().unsqueeze(-1)
 
 
 @dataclass
@@ -449,10 +448,10 @@ class DuoModel(nn.Module):
                 torch.ones(T, dtype=torch.bool, device=idx_BT.device), offset=past)
             mask_B1TC = ((causal_TC & keep_BC.bool()[:, None, :]) | self_TC).unsqueeze(1)
         h_BTD = self.embed(idx_BT, pos_BT if pos_BT is not None else past + torch.arange(T, device=idx_BT.device))
-        routes_taken = []
+        routes_taken = []  # route_BT per layer, or an int where every token took the same route
         for layer, block in enumerate(self.layers):
-            h_BTD, route_BT = block(h_BTD, decide, layer, cos_TE, sin_TE, cache=cache, path=path, mask_B1TC=mask_B1TC)
-            routes_taken.append(route_BT.expand(B, T))
+            h_BTD, route = block(h_BTD, decide, layer, cos_TE, sin_TE, cache=cache, path=path, mask_B1TC=mask_B1TC)
+            routes_taken.append(route)
         loss = loss_BT = logits_BTV = None
         if return_logits or targets_BT is not None:  # the head only when something needs it
             logits_BTV = self.lm_head(self.norm(h_BTD))
@@ -461,7 +460,11 @@ class DuoModel(nn.Module):
                 logits_BTV.float().flatten(0, 1), targets_BT.flatten(), reduction="none"
             ).view(B, T)
             loss = loss_BT.mean()
-        route_LBT = torch.stack(routes_taken)
+        if all(isinstance(r, int) for r in routes_taken):  # a pattern: one small host-to-device copy
+            route_LBT = torch.tensor(routes_taken, device=idx_BT.device).view(-1, 1, 1).expand(-1, B, T).contiguous()
+        else:
+            route_LBT = torch.stack([torch.full((B, T), r, device=idx_BT.device) if isinstance(r, int)
+                                     else r.expand(B, T) for r in routes_taken])
         return DuoOutput(
             logits=logits_BTV if return_logits else None,
             loss=loss,

@@ -14,6 +14,7 @@ This is the one module that knows the layout of a run folder::
     RUN/study/stages/<stage>.json      what a study stage was run on  stage_marker
     RUN/study/routers/<name>.json      a router on the oracle's tokens  study_router_eval
     RUN/report/                        index.html report.md results.json figures/  report_dir
+    RUN/bench/bench.json               wall-clock of prefill and decode (duollm bench)  bench_path
     RUN/null/                          the null control: a run folder of the model at initialisation  null_dir
     RUN/.lock                          only while a command writes    writing
 
@@ -63,7 +64,7 @@ from .routers.policy import Router
 from .routing import RandomPolicy, parse_routing
 
 CONFIG, TOKENIZER_FILE, TOKENIZER_DIR, DATA, METRICS = "config.yaml", "tokenizer.json", "tokenizer", "data", "metrics.jsonl"
-ORACLE, ROUTERS, STUDY, REPORT, NULL = "oracle", "routers", "study", "report", "null"
+ORACLE, ROUTERS, STUDY, REPORT, NULL, BENCH = "oracle", "routers", "study", "report", "null", "bench"
 # inside RUN/oracle/<name>/ (written by oracle/runner.py)
 SUMMARY, RUN_JSON, PER_TOKEN, ORACLE_LOSS, USAGE, PATTERNS, PARTIAL = (
     "summary.json", "run.json", "per_token.parquet", "oracle_loss.npy", "usage.npy", "patterns.parquet", ".partial")
@@ -332,6 +333,10 @@ def study_router_eval(run: Path, name: str) -> Path:
 
 def report_dir(run: Path) -> Path:
     return Path(run) / REPORT
+
+
+def bench_path(run: Path) -> Path:
+    return Path(run) / BENCH / "bench.json"
 
 
 def null_dir(run: Path) -> Path:

@@ -115,8 +115,9 @@ def costs(cfg: RunConfig, tokens: int) -> dict[str, float]:
         "oracle": tokens * (sum(_prefixes(L, None)) * layer + 2**L * fm.head),
         "sequential": 2.5 * tokens * (sum(_prefixes(L, None)) * layer + 2**L * fm.head),  # measured ~2.2x the sweep
         "skip": tokens * (sum(_prefixes(L, s)) * (fm.attention + fm.ffn[2] / 2) + math.comb(L, s) * fm.head) if s else 0.0,
-        # the soft mix runs both FFNs; batch size and length from routers.router_train_defaults
-        "router": 3 * cfg.study.router_steps * 16 * t.seq_len * (big + small - L * fm.attention) + 4 * tokens * big,
+        # the soft mix runs both FFNs
+        "router": (3 * cfg.study.router_steps * cfg.study.router_batch * t.seq_len * (big + small - L * fm.attention)
+                   + 4 * tokens * big),
     }
 
 
@@ -327,14 +328,15 @@ class Study:
                     steps=None if method in VALUE_METHODS else self.cfg.study.router_steps,
                     skip_target=skip_target if options == "SB_" else None,
                     oracle=self.oracle_name(self.primary_context) if compared else None, log=self.log,
-                    resume=latest_checkpoint(folder) is not None, set=self.router_sets())
+                    resume=latest_checkpoint(folder) is not None, set=self.router_sets(method))
             if not usable(folder / ROUTER_EVAL):
                 self.evaluate_router_on_study_tokens(run_dir, name, k if compared else None)
             elif study_eval.is_file():
                 study_eval.unlink()
 
         key = lambda: {"step": rundir.trained_step(run_dir), "tokens": self.tokens(),  # noqa: E731
-                       "steps": self.cfg.study.router_steps, "oracle": self.oracle_name(self.primary_context)}
+                       "steps": self.cfg.study.router_steps, "batch": self.cfg.study.router_batch,
+                       "oracle": self.oracle_name(self.primary_context)}
         prefix, title = ("", "") if run_dir == self.out else (f"{run_dir.name}-", "null control: ")
         what = f"k={k} of {self.L} (target {target:.2f})" if compared else f"big {target:.2f}, skip {skip_target:.2f}"
         return Stage(f"{prefix}router-{name}", f"{title}router {method} at {what}", cost, "router", key, complete, go)
@@ -357,10 +359,12 @@ class Study:
         return Stage(f"seed-{seed}", f"the study with training seed {seed} ({folder})", cost, "seed",
                      lambda: {"seed": seed}, lambda: False, go)
 
-    def router_sets(self) -> list[str]:
+    def router_sets(self, method: str) -> list[str]:
         """Router config overrides: budget calibration measures on as many training tokens as the study
-        evaluates, which keeps its cost at the study's scale."""
-        return [f"calibration_tokens={self.requested_tokens()}"]
+        evaluates, which keeps its cost at the study's scale; a router trained through the LM takes
+        ``study.router_batch`` sequences per step (a value router trains on its cached targets)."""
+        sets = [f"calibration_tokens={self.requested_tokens()}"]
+        return sets if method in VALUE_METHODS else [*sets, f"train.batch_size={self.cfg.study.router_batch}"]
 
     def evaluate_router_on_study_tokens(self, run: Path, name: str, k: int | None) -> None:
         """The router's evaluation (routers.evaluate_router) on the oracle's tokens (against the oracle at k)."""

@@ -28,7 +28,7 @@ from .. import rundir
 from ..io import atomic_write_bytes, atomic_write_text
 from ..model import DuoModel, param_counts
 from ..rundir import writing
-from . import gap
+from . import gap, wallclock
 from .difficulty import reference_k, token_table, write_difficulty
 from .figures import render_all, sample_sequence, visible
 from .findings import across_seeds, check_all, counts
@@ -166,6 +166,7 @@ def results(rd: RunData, difficulty: dict | None, figures: list[str], findings: 
         "sequential": oracle_section(rd.sequential) if rd.sequential is not None else None,
         "null": {"oracle": oracle_section(rd.null.primary)} if rd.null is not None and rd.null.primary else None,
         "model_quality": model_quality(rd),
+        **({"wallclock": wallclock.section(rd.bench)} if rd.bench else {}),  # after `duollm bench`
         "difficulty": difficulty,
         "findings": findings,
         "verdicts": counts(findings),
@@ -330,7 +331,7 @@ def tables(res: dict) -> list[tuple[str, list[str], list[list[str]]]]:
                         ["text", "loss small", "loss big", "loss oracle", "gap", "rank by loss", "rank by gap"],
                         [[visible(t["text"]), _fmt(t["loss_small"]), _fmt(t["loss_big"]), _fmt(t["loss_oracle"]), _fmt(t["gap"]),
                           str(t["loss_rank"]), str(t["gap_rank"])] for t in d[key]]))
-    return out
+    return out + wallclock.tables(res.get("wallclock"))
 
 
 def position_table(o: dict, label: str) -> list:

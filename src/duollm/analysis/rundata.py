@@ -172,6 +172,12 @@ class RunData:
         return out
 
     @cached_property
+    def bench(self) -> dict | None:
+        """``duollm bench``'s wall-clock table, where it has been run on this run."""
+        path = rundir.bench_path(self.run)
+        return _json(path) if path.is_file() else None
+
+    @cached_property
     def tokenizer(self):
         try:
             return rundir.load_tokenizer(self.run)
@@ -213,10 +219,11 @@ def inventory(run: Path) -> dict:
                 "recovered": ((r.get("oracle") or {}).get("recovered") or {}).get("value")} for r in rd.routers]
     results = rundir.report_dir(run) / "results.json"
     inputs = [p for p in Path(run).glob("oracle/*/summary.json")] + [p for p in Path(run).glob("routers/*/eval.json")]
-    inputs += [p for p in Path(run).glob("study/routers/*.json")] + [rundir.metrics_path(run)]
+    inputs += [p for p in Path(run).glob("study/routers/*.json")] + [rundir.metrics_path(run), rundir.bench_path(run)]
     newest = max((p.stat().st_mtime for p in inputs if p.is_file()), default=0.0)
     report = "none" if not results.is_file() else "current" if results.stat().st_mtime >= newest else "stale"
     return {"trained_steps": rundir.trained_step(run), "train_steps": cfg.train.steps,
             "validation": {k: v for k, v in metrics.items() if k.startswith("val/")},
             "oracles": oracles, "routers": routers, "report": report,
-            "null": rundir.has_run(rundir.null_dir(run)), "seeds": sorted(p.name for p in Path(run).glob("seeds/seed-*"))}
+            "null": rundir.has_run(rundir.null_dir(run)), "bench": rundir.bench_path(run).is_file(),
+            "seeds": sorted(p.name for p in Path(run).glob("seeds/seed-*"))}

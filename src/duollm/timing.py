@@ -1,4 +1,9 @@
-"""Timing helpers shared by the benchmarks (imported as ``common`` when a script runs from here)."""
+"""Timing of variants side by side: interleaved rounds, a quiet-machine check (``duollm bench``, ``benchmarks/``).
+
+On a busy CPU multi-threaded timings stop measuring FLOPs (every parallel op waits for its slowest
+thread), so the ratios of variants timed in the same rounds are what to compare, and
+``report_machine`` says how busy the CPU was before the run.
+"""
 
 from __future__ import annotations
 
