@@ -52,13 +52,14 @@ def test_budget_loss_reaches_target(router_run, target):
     assert ev["skip_fraction"] == 0.0 and ev["method"] == "budget" and ev["target"] == target
     assert ev["tokens"] == 1024 and np.isfinite(ev["ppl"])
     assert len(ev["per_layer_big"]) == 4 and np.array(ev["per_position_big"]).shape == (4, 32)
-    assert abs(np.mean(ev["per_layer_big"]) - ev["big_fraction"]) < 1e-6
+    assert abs(np.mean(ev["per_layer_big"]) - ev["big_fraction"]) <= 5e-5  # per-layer shares are rounded to 4 places
     assert (router_run / "routers" / name / "latest").is_symlink()  # trained by the shared loop
     assert (router_run / "routers" / name / "metrics.jsonl").is_file()
 
 
 def test_straight_through_and_skip_budgets(router_run):
-    name = run_router_command(router_run, target=0.25, method="straight-through", steps=60, set=QUIET, log=lambda *a: None)
+    # constant beta: whole layers flip for a while (policy.py); 150 steps settle on the tiny model
+    name = run_router_command(router_run, target=0.25, method="straight-through", steps=150, set=QUIET, log=lambda *a: None)
     assert abs(read_eval(router_run, name)["big_fraction"] - 0.25) <= 0.05
     assert yaml.safe_load((router_run / "routers" / name / "router.yaml").read_text())["config"]["beta_schedule"] == "constant"
     name = run_router_command(router_run, target=0.5, options="SB_", skip_target=0.25, steps=80, set=QUIET,
@@ -154,7 +155,7 @@ def test_imitation_reproduces_a_constant_oracle_pattern(router_run):
     write_oracle(router_run, "const-SB", lambda tok: "BSBS", k=2)
     try:
         # a regularised probe (weight decay on the weights, not the biases) generalises to the held-out half
-        name = run_router_command(router_run, target=0.5, method="imitation", steps=100,
+        name = run_router_command(router_run, target=0.5, method="imitation", steps=200,
                                   set=[*QUIET, "init=zero", "train.lr=0.1", "train.weight_decay=1.0"], log=lambda *a: None)
         ev = read_eval(router_run, name)
         assert ev["oracle"]["name"] == "const-SB" and ev["oracle"]["k"] == 2

@@ -102,3 +102,132 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
         assert all(torch.isfinite(v).all() for v in weights(run).values())
     else:
         assert "no checkpoint was written yet" in msg
+
+
+# ----------------------------------------------------------------------------- retention, pins, W&B
+
+
+def step_folders(run):
+    return sorted(p.name for p in run.glob("step-*"))
+
+
+def test_keep_checkpoints_keeps_the_newest_step_folders(tmp_path):
+    pretrain(load_config("tiny", QUICK), tmp_path / "one", log=lambda *_: None)
+    assert step_folders(tmp_path / "one") == ["step-0000012"]  # the default: the newest only
+    pretrain(load_config("tiny", QUICK + ["train.keep_checkpoints=2"]), tmp_path / "two", log=lambda *_: None)
+    assert step_folders(tmp_path / "two") == ["step-0000008", "step-0000012"]
+    assert (tmp_path / "two" / "latest").resolve().name == "step-0000012"
+    assert_same_weights(tmp_path / "one", tmp_path / "two")  # retention changes nothing else
+
+
+def test_a_pinned_step_folder_survives_training(tmp_path):
+    """A step folder holding KEEP (duollm convert's step-0, or one a user pinned) is never deleted."""
+    from duollm.checkpoint import PIN, latest_checkpoint
+
+    run = tmp_path / "run"
+    pretrain(load_config("tiny", QUICK + ["train.steps=4"]), run, log=lambda *_: None)
+    (run / "step-0000004" / PIN).touch()  # what README documents: touch RUN/step-0000004/KEEP
+    pretrain(load_config("tiny", QUICK + ["train.keep_checkpoints=1"]), run, resume=True, log=lambda *_: None)
+    assert step_folders(run) == ["step-0000004", "step-0000012"]
+    assert (run / "latest").resolve().name == "step-0000012"
+    (run / "latest").unlink()
+    assert latest_checkpoint(run).name == "step-0000012"  # the fall-back takes the newest, pinned or not
+
+
+def test_save_checkpoint_pins_and_a_rerun_of_the_step_keeps_the_pin(tmp_path):
+    from duollm.checkpoint import PIN, commit_checkpoint, latest_checkpoint, save_checkpoint, stage_checkpoint
+
+    module = torch.nn.Linear(2, 2)
+    save_checkpoint(tmp_path, module, {"step": 0}, pin=True)  # as duollm convert writes step-0
+    save_checkpoint(tmp_path, module, {"step": 0})  # the same step again: swapped whole, still pinned
+    assert (tmp_path / "step-0000000" / PIN).is_file()
+    for step in (1, 2, 3):
+        commit_checkpoint(stage_checkpoint(tmp_path, module, {"step": step}), keep=2)
+    assert step_folders(tmp_path) == ["step-0000000", "step-0000002", "step-0000003"]
+    assert latest_checkpoint(tmp_path).name == "step-0000003"
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.keep_checkpoints=0", "train.keep_checkpoints must be >= 1"),
+    ("train.wandb_project=team/duo", "train.wandb_project must be at most 128 characters"),
+    (f"train.wandb_tags=ok,{'x' * 65}", "W&B tags are at most 64 characters"),
+])
+def test_bad_retention_and_wandb_settings(tmp_path, override, message):
+    from conftest import assert_one_line_error, cli
+
+    with pytest.raises(ValueError, match=message):
+        load_config("tiny", [override])
+    proc = cli("train", "--config", "tiny", "--out", tmp_path / "run", "--set", override, check=False)
+    assert proc.returncode == 2
+    assert_one_line_error(proc, message)
+
+
+def test_retention_and_wandb_settings_may_change_on_resume():
+    from duollm.config import resume_conflict
+
+    saved = load_config("tiny")
+    for key in ("train.keep_checkpoints=3", "train.wandb_project=p", "train.wandb_tags=a,b", "train.wandb_dir=/x"):
+        assert resume_conflict(saved, load_config("tiny", [key])) is None, key
+
+
+def test_wandb_settings_reach_wandb_init(tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    calls = []
+
+    class Run:
+        def log(self, *args, **kwargs):
+            pass
+
+        def finish(self):
+            pass
+
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: calls.append(kwargs) or Run())
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+    common = ["train.steps=2", "train.eval_every=2", "train.save_every=2", "train.wandb=true"]
+    cfg = load_config("tiny", common + ["train.wandb_project=duo-tests", "train.wandb_tags=a, b ,",
+                                        f"train.wandb_dir={tmp_path / 'wb'}"])
+    pretrain(cfg, tmp_path / "a", log=lambda *_: None)
+    assert {k: calls[0][k] for k in ("project", "tags", "dir")} == {"project": "duo-tests", "tags": ["a", "b"],
+                                                                     "dir": str(tmp_path / "wb")}
+    pretrain(load_config("tiny", common), tmp_path / "b", log=lambda *_: None)
+    assert (calls[1]["project"], calls[1]["tags"], calls[1]["dir"]) == (None, None, str(tmp_path / "b"))
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "env"))
+    pretrain(load_config("tiny", common), tmp_path / "c", log=lambda *_: None)
+    assert calls[2]["dir"] == str(tmp_path / "env")  # an empty train.wandb_dir respects WANDB_DIR
+
+
+def test_an_offline_wandb_run_records_project_tags_and_folder(tmp_path, monkeypatch):
+    """The real wandb, offline: the run lands under train.wandb_dir and its record names project and tags."""
+    pytest.importorskip("wandb")
+    from duollm.config import TrainConfig
+    from duollm.train import MetricsLog
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    (tmp_path / "run").mkdir()
+    t = TrainConfig(wandb=True, wandb_project="duo-offline", wandb_tags="tag-one,tag-two", wandb_dir=str(tmp_path / "wb"))
+    log = MetricsLog(tmp_path / "run", t, 0, True, {})
+    log.write(1, {"train/loss": 1.0})
+    log.close()
+    (record,) = (tmp_path / "wb" / "wandb").glob("offline-run-*/run-*.wandb")
+    raw = record.read_bytes()
+    assert b"duo-offline" in raw and b"tag-one" in raw and b"tag-two" in raw
+    assert not (tmp_path / "run" / "wandb").exists()
+
+
+def test_converted_weights_survive_fine_tuning(tiny_run, tmp_path):
+    """duollm convert pins its step-0: `train --resume` with the default retention keeps it beside the newest."""
+    pytest.importorskip("transformers")
+    from conftest import SHARED_CORPUS, cli
+
+    from duollm.checkpoint import PIN
+    from test_convert import convert_cli, pretrained
+
+    pretrained("gpt2", tmp_path / "src", tiny_run)
+    run = tmp_path / "run"
+    convert_cli(tmp_path / "src", run, "--data", f"file:{SHARED_CORPUS}", "--set", "train.seq_len=32",
+                "train.batch_size=4", "train.eval_tokens=64")
+    assert (run / "step-0000000" / PIN).is_file()
+    cli("train", "--resume", "--out", run, "--set", "train.steps=4", "train.save_every=2", "train.eval_every=4")
+    assert step_folders(run) == ["step-0000000", "step-0000004"]
+    assert (run / "latest").resolve().name == "step-0000004"

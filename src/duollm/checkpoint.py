@@ -12,6 +12,11 @@ So an interruption leaves either the old or the new checkpoint, never half of on
 step folders are deleted only after a newer one is complete and linked. If ``latest`` is
 missing, dangling or a plain copy (``cp -rL``), the newest complete step folder is the
 checkpoint. For a pretraining run ``<dir>`` is the run folder itself.
+
+Retention: a commit keeps the ``keep`` newest step folders (``train.keep_checkpoints``, default 1)
+and deletes older ones, except pinned ones: a step folder holding a file ``KEEP`` is never
+deleted (``duollm convert`` pins its ``step-0``; ``touch RUN/step-0000300/KEEP`` pins by hand).
+A pin changes nothing else: ``latest`` still names the newest checkpoint.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from safetensors.torch import load_file, save_file
 from .io import TMP_SUFFIX, as_os_error, atomic_path, atomic_write_json
 
 LATEST = "latest"
+PIN = "KEEP"  # a step folder holding this file is never deleted by retention
 STEP_DIR = re.compile(r"^step-(\d+)$")
 WEIGHTS, OPTIMIZER, STATE, LEGACY_STATE = "model.safetensors", "optimizer.safetensors", "trainer_state.json", "trainer_state.pt"
 
@@ -126,9 +132,10 @@ def tensors_finite(tensors) -> bool:
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def stage_checkpoint(ckpt_dir: Path, module: torch.nn.Module, state: dict) -> Path:
+def stage_checkpoint(ckpt_dir: Path, module: torch.nn.Module, state: dict, pin: bool = False) -> Path:
     """Write weights and ``state`` (``step``, ``optimizer``, ...) as a complete folder under a temporary
-    name; ``commit_checkpoint`` makes it the checkpoint. A crash in between leaves only a temporary."""
+    name; ``commit_checkpoint`` makes it the checkpoint. A crash in between leaves only a temporary.
+    ``pin``: the folder holds ``KEEP`` from the start, so no later commit deletes it."""
     ckpt_dir = Path(ckpt_dir)
     weights = module_tensors(module)
     assert tensors_finite(weights.values()), "the training loop checks the weights before it saves"
@@ -141,19 +148,28 @@ def stage_checkpoint(ckpt_dir: Path, module: torch.nn.Module, state: dict) -> Pa
         skeleton = {k: _flatten(v, k, opt_tensors) for k, v in state.items()}
         save_tensors(tmp / OPTIMIZER, opt_tensors)
         atomic_write_json(tmp / STATE, skeleton)
+        if pin:
+            (tmp / PIN).touch()
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise as_os_error(e, getattr(e, "filename", None) or tmp) from None
     return tmp
 
 
-def commit_checkpoint(staged: Path) -> Path:
-    """Rename a staged folder to ``step-N``, point ``latest`` at it, then drop older step folders."""
+def is_pinned(folder: Path) -> bool:
+    return (Path(folder) / PIN).is_file()
+
+
+def commit_checkpoint(staged: Path, keep: int = 1) -> Path:
+    """Rename a staged folder to ``step-N``, point ``latest`` at it, then drop older step folders but
+    the ``keep`` - 1 newest of them and the pinned ones."""
     staged = Path(staged)
     ckpt_dir, name = staged.parent, staged.name[1 : -len(TMP_SUFFIX)]
     final = ckpt_dir / name
     try:
         if final.exists():  # a step folder of the same step (a rerun after a fall-back): swap it whole
+            if is_pinned(final):  # the step stays pinned
+                (staged / PIN).touch()
             old = ckpt_dir / f".{name}.old{TMP_SUFFIX}"
             os.replace(final, old)
             os.replace(staged, final)
@@ -171,15 +187,16 @@ def commit_checkpoint(staged: Path) -> Path:
     except OSError as e:
         shutil.rmtree(staged, ignore_errors=True)
         raise as_os_error(e, getattr(e, "filename", None) or final) from None
-    for older in complete_checkpoints(ckpt_dir):  # only now that a newer one is complete and linked
-        if step_of(older) < step_of(final):
-            shutil.rmtree(older, ignore_errors=True)
+    older = [c for c in complete_checkpoints(ckpt_dir) if step_of(c) < step_of(final)]
+    for c in older[: max(0, len(older) - (keep - 1))]:  # only now that a newer one is complete and linked
+        if not is_pinned(c):
+            shutil.rmtree(c, ignore_errors=True)
     return final
 
 
-def save_checkpoint(ckpt_dir: Path, module: torch.nn.Module, state: dict) -> Path:
+def save_checkpoint(ckpt_dir: Path, module: torch.nn.Module, state: dict, pin: bool = False) -> Path:
     """Stage and commit in one go (conversion; the training loop commits only after its checks)."""
-    return commit_checkpoint(stage_checkpoint(ckpt_dir, module, state))
+    return commit_checkpoint(stage_checkpoint(ckpt_dir, module, state, pin=pin))
 
 
 def is_complete(folder: Path) -> bool:

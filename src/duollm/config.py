@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from .data import parse_data_spec
+from .data import check_data_files
 from .distributed import DEVICE_NAMES
 from .io import atomic_write_text
 from .model import ModelConfig
@@ -26,7 +26,8 @@ from .routing import CONTEXTS, RouteProbs, parse_routing
 
 @dataclass
 class DataConfig:
-    spec: str = "builtin:pydoc"  # builtin:pydoc | file:PATH | hf:NAME[:CONFIG]
+    spec: str = "builtin:pydoc"  # builtin:pydoc | file:PATH | hf:NAME[:CONFIG] | hf:FOLDER | hf:json|parquet|csv
+    data_files: str = ""  # the files of hf:json, hf:parquet, hf:csv: a path or glob, or several comma-separated
     tokenizer: str = "bpe"  # "bpe": byte-level BPE trained on the corpus; otherwise a pretrained name/path
     val_fraction: float = 0.1  # share of the corpus (in chunks) held out for validation
     split_chunk_chars: int = 4000  # the corpus is cut into chunks of this size; every k-th goes to validation
@@ -67,6 +68,10 @@ class TrainConfig:
     compile: bool = False
     tensorboard: bool = False
     wandb: bool = False
+    wandb_project: str = ""  # "": wandb's default (WANDB_PROJECT)
+    wandb_tags: str = ""  # comma-separated
+    wandb_dir: str = ""  # "": WANDB_DIR if set, else the run folder
+    keep_checkpoints: int = 1  # newest step folders kept; older ones go, except pinned ones (a KEEP file inside)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
 
 
@@ -326,6 +331,12 @@ def validate_train(t: TrainConfig, prefix: str = "train.") -> None:
         raise ValueError(f"{prefix}dtype must be auto, float32 or bfloat16; got {t.dtype!r}")
     if not DEVICE_NAMES.fullmatch(t.device):
         raise ValueError(f"{prefix}device must be auto, cpu, cuda, cuda:N or mps; got {t.device!r}")
+    if t.keep_checkpoints < 1:
+        raise ValueError(f"{prefix}keep_checkpoints must be >= 1 (the newest step folders kept); got {t.keep_checkpoints}")
+    if any(c in t.wandb_project for c in "/\\#?%:") or len(t.wandb_project) > 128:  # W&B's limits, before training
+        raise ValueError(f"{prefix}wandb_project must be at most 128 characters, none of / \\ # ? % :; got {t.wandb_project!r}")
+    if any(len(tag) > 64 for tag in parse_list(t.wandb_tags)):
+        raise ValueError(f"{prefix}wandb_tags: W&B tags are at most 64 characters; got {t.wandb_tags!r}")
 
 
 def validate(cfg: RunConfig) -> None:
@@ -343,7 +354,7 @@ def validate(cfg: RunConfig) -> None:
         if not (_finite(getattr(m, name)) and getattr(m, name) > 0):
             raise ValueError(f"model.{name} must be a finite positive number; got {getattr(m, name)}")
     d = cfg.data
-    parse_data_spec(d.spec)
+    check_data_files(d.spec, d.data_files)
     if not 0.0 < d.val_fraction < 1.0:
         raise ValueError(f"data.val_fraction must be in (0, 1); got {d.val_fraction}")
     if d.split_chunk_chars <= 0:
@@ -444,8 +455,8 @@ def validate_study(cfg: RunConfig) -> None:
 # What a resume may change (README "Reliability"): how long and how often, where it runs and what is
 # logged; the later stages' sections. Everything else defines the run and must stay as trained.
 RESUMABLE_KEYS = ("train.steps", "train.eval_every", "train.eval_tokens", "train.save_every", "train.log_every",
-                  "train.tensorboard", "train.wandb", "train.device", "train.compile", "train.dtype",
-                  "threads")
+                  "train.tensorboard", "train.wandb", "train.wandb_project", "train.wandb_tags", "train.wandb_dir",
+                  "train.keep_checkpoints", "train.device", "train.compile", "train.dtype", "threads")
 RESUMABLE_SECTIONS = ("eval", "study")
 
 

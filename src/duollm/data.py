@@ -7,6 +7,12 @@ Data specs (DESIGN section 5):
     builtin:pydoc-topics  the reference manual topics alone
     file:PATH             a text file, a folder (every file under it, sorted) or a glob
     hf:NAME[:CONFIG]      a Hugging Face dataset through ``datasets`` (streamed, capped by data.max_chars)
+    hf:FOLDER             a folder written by ``Dataset.save_to_disk`` (a ``DatasetDict``: its train split)
+    hf:json|parquet|csv   ``datasets``' file builders on exactly the files of ``data.data_files``
+
+Documents (files of a folder, rows of a dataset, the builtin corpus' topics and docstrings) are
+joined with the tokenizer's end-of-text token (``EOS`` for the BPE trained here), which encodes
+to that one id: the model sees where a document ends instead of guessing it from blank lines.
 
 Split: the corpus text is cut into chunks of ``data.split_chunk_chars`` characters and every
 k-th chunk (k = round(1 / val_fraction)) goes to validation, so validation is disjoint from
@@ -56,24 +62,38 @@ def parse_data_spec(spec: str) -> tuple[str, str]:
     return kind, arg
 
 
-def read_corpus(spec: str, text_column: str = "text", max_chars: int = 0) -> str:
-    """The text of a data spec; ValueError with a one-line reason on bad specs or empty corpora."""
-    kind, arg = parse_data_spec(spec)
-    if kind == "builtin":
-        from pydoc_data.topics import topics
-
-        text = "\n\n".join(topics[k].strip() for k in sorted(topics))
-        if arg == "pydoc":
-            text += "\n\n" + "\n\n".join(stdlib_docstrings())
-    elif kind == "file":
-        text = "\n\n".join(_read_file(p) for p in _expand_path(arg))
-    else:
-        text = _read_hf(arg, text_column, max_chars)
-    if max_chars:
-        text = text[:max_chars]
+def read_corpus(spec: str, text_column: str = "text", max_chars: int = 0, data_files: str = "", sep: str = EOS) -> str:
+    """The text of a data spec, documents joined by ``sep`` (the end-of-text token); ValueError with a
+    one-line reason on bad specs or empty corpora."""
+    docs = read_documents(spec, text_column, max_chars, data_files)
+    text = sep.join(d for d in docs if d.strip())  # an empty row or file is no document: no runs of EOS
+    if max_chars and len(text) > max_chars:
+        text = text[: safe_cut(text, max_chars, sep)]
     if not text.strip():
         raise ValueError(f"corpus {spec} is empty")
     return text
+
+
+def read_documents(spec: str, text_column: str = "text", max_chars: int = 0, data_files: str = "") -> list[str]:
+    """The documents of a data spec, in order (an hf dataset's reading stops after ``max_chars``)."""
+    kind, arg = parse_data_spec(spec)
+    check_data_files(spec, data_files)
+    if kind == "builtin":
+        from pydoc_data.topics import topics
+
+        docs = [topics[k].strip() for k in sorted(topics)]
+        return docs + stdlib_docstrings() if arg == "pydoc" else docs
+    if kind == "file":
+        return [_read_file(p) for p in _expand_path(arg)]
+    return _read_hf(arg, text_column, max_chars, data_files)
+
+
+def safe_cut(text: str, at: int, sep: str) -> int:
+    """``at``, or the start of the separator it would cut in two (a half ``<|endoftext|>`` is plain text)."""
+    if not sep or at <= 0 or at >= len(text):
+        return at
+    hit = text.find(sep, max(0, at - len(sep) + 1), at + len(sep) - 1)
+    return hit if 0 <= hit < at else at
 
 
 def stdlib_docstrings(min_chars: int = 80) -> list[str]:
@@ -125,20 +145,77 @@ def _read_file(path: Path) -> str:
         raise ValueError(f"cannot read {path}: {e.strerror}") from None
 
 
-def _read_hf(arg: str, text_column: str, max_chars: int) -> str:
+FILE_BUILDERS = ("json", "parquet", "csv")  # datasets' packaged builders: hf:json reads data.data_files
+
+
+def parse_data_files(text: str) -> list[str]:
+    """``data.data_files``: one path or glob, or several comma-separated."""
+    return [x.strip() for x in str(text).split(",") if x.strip()]
+
+
+def check_data_files(spec: str, data_files: str) -> None:
+    """hf:json, hf:parquet and hf:csv read exactly ``data.data_files`` (never the working directory);
+    no other spec reads it, so a set ``data_files`` elsewhere is a mistake."""
+    kind, arg = parse_data_spec(spec)
+    builder = arg.partition(":")[0] if kind == "hf" else ""
+    if builder in FILE_BUILDERS and not parse_data_files(data_files):
+        raise ValueError(f"data spec {spec} reads the files of data.data_files; set data.data_files=PATH_OR_GLOB[,...]")
+    if parse_data_files(data_files) and builder not in FILE_BUILDERS:
+        raise ValueError(f"data.data_files is read only by hf:{', hf:'.join(FILE_BUILDERS)}; the data spec is {spec}")
+
+
+def expand_data_files(text: str) -> list[str]:
+    """The files of ``data.data_files``, globs expanded here (sorted), so nothing else is ever read."""
+    files: list[str] = []
+    for item in parse_data_files(text):
+        pattern = os.path.expanduser(item)
+        found = sorted(p for p in globlib.glob(pattern, recursive=True) if Path(p).is_file())
+        if not found:
+            raise ValueError(f"data.data_files: no file matches {item}")
+        files += [str(Path(p).resolve()) for p in found if str(Path(p).resolve()) not in files]
+    if not files:
+        raise ValueError("data.data_files is empty; set it to the files to read, e.g. data.data_files=corpus/*.jsonl")
+    return files
+
+
+def is_saved_dataset(path: Path) -> bool:
+    """A folder written by ``Dataset.save_to_disk`` (``state.json``) or ``DatasetDict.save_to_disk``."""
+    path = Path(path).expanduser()
+    return path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file())
+
+
+def _hf_rows(datasets, arg: str, data_files: str):
+    """The rows of an hf: spec: a saved folder through ``load_from_disk`` (load_dataset would scan it
+    as loose files), a file builder on ``data_files`` only, anything else streamed from the Hub or a folder."""
+    if is_saved_dataset(Path(arg)):
+        ds = datasets.load_from_disk(str(Path(arg).expanduser()))
+        if isinstance(ds, datasets.DatasetDict):
+            if "train" not in ds:
+                raise ValueError(f"saved dataset {arg} has no train split (it has {', '.join(ds)})")
+            ds = ds["train"]
+        return ds
     name, _, config = arg.partition(":")
+    if name in FILE_BUILDERS:  # read_documents checked that data_files is set
+        return datasets.load_dataset(name, config or None, data_files=expand_data_files(data_files), split="train",
+                                     streaming=True)
+    return datasets.load_dataset(name, config or None, split="train", streaming=True)
+
+
+def _read_hf(arg: str, text_column: str, max_chars: int, data_files: str = "") -> list[str]:
     try:
         import datasets
     except ImportError:
         raise ValueError("hf: data needs the datasets package: pip install 'duollm[hf]'") from None
     try:
-        ds = datasets.load_dataset(name, config or None, split="train", streaming=True)
         parts, total = [], 0
-        for row in ds:
+        for row in _hf_rows(datasets, arg, data_files):
             if text_column not in row:
-                raise ValueError(f"dataset {name} has no column {text_column!r} (set data.text_column)")
-            parts.append(row[text_column])
-            total += len(row[text_column])
+                raise ValueError(f"dataset {arg} has no column {text_column!r} (set data.text_column)")
+            value = row[text_column] or ""
+            if not isinstance(value, str):
+                raise ValueError(f"dataset {arg}: column {text_column!r} holds {type(value).__name__} values, not text")
+            parts.append(value)
+            total += len(value)
             if max_chars and total >= max_chars:
                 break
     except ValueError:
@@ -146,17 +223,23 @@ def _read_hf(arg: str, text_column: str, max_chars: int) -> str:
     except Exception as e:  # offline, unknown dataset, ...: one line, no traceback
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"cannot load Hugging Face dataset {arg}: {first}") from None
-    return "\n\n".join(parts)
+    return parts
 
 
-def split_text(text: str, chunk_chars: int, val_fraction: float, seed: int = 0) -> tuple[list[str], list[str]]:
-    """Deterministic split into training and validation chunks (every k-th chunk validates)."""
+def split_text(text: str, chunk_chars: int, val_fraction: float, seed: int = 0,
+               sep: str = EOS) -> tuple[list[str], list[str]]:
+    """Deterministic split into training and validation chunks (every k-th chunk validates).
+
+    A chunk boundary that would cut a separator in two moves to the separator's start, so every
+    separator reaches the tokenizer whole (one end-of-text id); other boundaries stay put."""
     k = max(2, round(1 / val_fraction))
-    chunks = [text[i : i + chunk_chars] for i in range(0, len(text), chunk_chars)]
+    cuts = sorted({safe_cut(text, i, sep) for i in range(chunk_chars, len(text), chunk_chars)} - {0})
+    bounds = [0, *cuts, len(text)]
+    chunks = [text[a:b] for a, b in zip(bounds, bounds[1:])]
     train = [c for i, c in enumerate(chunks) if i % k != seed % k]
     val = [c for i, c in enumerate(chunks) if i % k == seed % k]
     if not val:  # a corpus shorter than k chunks: hold out its last fraction instead
-        cut = int(len(text) * (1 - val_fraction))
+        cut = safe_cut(text, int(len(text) * (1 - val_fraction)), sep)
         train, val = [text[:cut]], [text[cut:]]
     return train, val
 
@@ -180,6 +263,14 @@ class TextTokenizer:
         if self.kind == "bpe":
             return [e.ids for e in self.backend.encode_batch(texts)]
         return [self.backend(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+    @property
+    def separator(self) -> str:
+        """The text that joins documents: the end-of-text token, which encodes to that one id (a
+        registered special token); blank lines for a pretrained tokenizer without one."""
+        if self.kind == "bpe":
+            return EOS if self.backend.token_to_id(EOS) is not None else "\n\n"
+        return getattr(self.backend, "eos_token", None) or "\n\n"
 
     def encode(self, text: str) -> list[int]:
         return self.encode_batch([text])[0]
@@ -210,8 +301,13 @@ def load_bpe(path: Path) -> TextTokenizer:
 
 
 def train_bpe(texts: list[str], vocab_size: int) -> TextTokenizer:
-    """Byte-level BPE trained offline on ``texts`` (no network)."""
+    """Byte-level BPE trained offline on ``texts`` (no network).
+
+    The trainer does not split at special tokens: it would learn merges of ``<|endoftext|>``'s
+    characters (``<|``, ``endoftext``) from the separators. It sees the documents between them."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    texts = [piece for t in texts for piece in t.split(EOS) if piece]
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -244,7 +340,10 @@ def dtype_for(vocab: int):
 
 
 def data_fingerprint(cfg) -> str:
-    return hashlib.sha256(json.dumps([cfg.data.__dict__, cfg.model.vocab_size]).encode()).hexdigest()[:16]
+    """What the token cache was made from. ``data_files`` joins only when set: caches made before the key
+    existed keep their fingerprint, so resuming such a run never re-tokenizes (and re-trains its BPE)."""
+    fields = {k: v for k, v in cfg.data.__dict__.items() if k != "data_files" or v}
+    return hashlib.sha256(json.dumps([fields, cfg.model.vocab_size]).encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -257,14 +356,17 @@ class PreparedData:
 
 
 def build_data(cfg, log=print) -> PreparedData:
-    """Read the corpus, train/load the tokenizer and encode both splits, in memory (writes nothing)."""
-    text = read_corpus(cfg.data.spec, cfg.data.text_column, cfg.data.max_chars)
-    train_chunks, val_chunks = split_text(text, cfg.data.split_chunk_chars, cfg.data.val_fraction, cfg.data.seed)
-    if cfg.data.tokenizer == "bpe":
+    """Read the corpus, train/load the tokenizer and encode both splits, in memory (writes nothing).
+
+    A pretrained tokenizer is loaded first: its end-of-text token is the documents' separator."""
+    d = cfg.data
+    tok = None if d.tokenizer == "bpe" else pretrained_tokenizer(d.tokenizer)
+    sep = EOS if tok is None else tok.separator
+    text = read_corpus(d.spec, d.text_column, d.max_chars, d.data_files, sep=sep)
+    train_chunks, val_chunks = split_text(text, d.split_chunk_chars, d.val_fraction, d.seed, sep=sep)
+    if tok is None:
         log(f"training a byte-level BPE tokenizer ({cfg.model.vocab_size} tokens) on {sum(map(len, train_chunks)):,} characters")
         tok = train_bpe(train_chunks, cfg.model.vocab_size)
-    else:
-        tok = pretrained_tokenizer(cfg.data.tokenizer)
     if tok.vocab_size > cfg.model.vocab_size:
         raise ValueError(
             f"tokenizer {cfg.data.tokenizer} has {tok.vocab_size} tokens but model.vocab_size={cfg.model.vocab_size}; "

@@ -42,7 +42,7 @@ from .checkpoint import (
     stage_checkpoint,
     tensors_finite,
 )
-from .config import RunConfig, TrainConfig, resume_conflict, save_config, to_dict
+from .config import RunConfig, TrainConfig, parse_list, resume_conflict, save_config, to_dict
 from .data import build_data, check_length, sample_batch, sequences
 from .distributed import init_distributed, resolve_device
 from .evaluate import validation_metrics
@@ -113,7 +113,13 @@ class MetricsLog:
             except ImportError:
                 raise ValueError("train.wandb=true needs wandb: pip install 'duollm[wandb]'") from None
             os.environ.setdefault("WANDB_MODE", "offline")
-            self.wandb = wandb.init(dir=str(out), config=run_config, name=Path(out).name, resume="allow")
+            folder = wandb_dir(t, out)
+            try:
+                folder.mkdir(parents=True, exist_ok=True)  # wandb falls back to a temporary folder otherwise
+            except OSError as e:
+                raise ValueError(f"cannot create the W&B folder {folder} (train.wandb_dir or WANDB_DIR): {e.strerror}") from None
+            self.wandb = wandb.init(dir=str(folder), project=t.wandb_project or None, tags=parse_list(t.wandb_tags) or None,
+                                    config=run_config, name=Path(out).name, resume="allow")
 
     def write(self, step: int, metrics: dict) -> None:
         if not self.enabled:
@@ -130,6 +136,11 @@ class MetricsLog:
             self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def wandb_dir(t: TrainConfig, out: Path) -> Path:
+    """``train.wandb_dir``, else ``WANDB_DIR`` (wandb.init's ``dir`` would override it), else the run folder."""
+    return Path(t.wandb_dir or os.environ.get("WANDB_DIR") or out).expanduser()
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -235,7 +246,7 @@ def train_loop(
     def commit(staged) -> None:
         nonlocal good
         if ddp.main:
-            good = commit_checkpoint(staged)
+            good = commit_checkpoint(staged, keep=t.keep_checkpoints)
         if ddp.world > 1:
             dist.barrier()
 

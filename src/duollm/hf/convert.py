@@ -277,9 +277,10 @@ def convert(source: str, out, *, d_ff_small: int | None = None, small_init: str 
             idx_BT = sample_batch(tokens, 16, cfg.train.seq_len, torch.Generator().manual_seed(cfg.train.seed))[0]
         init_small_from_big(model, small_init, idx_BT, seed=cfg.train.seed)
         save_config(cfg, rundir.config_path(tmp))
-        # step 0 with a fresh optimizer: `duollm train --resume` continues from here
+        # step 0 with a fresh optimizer: `duollm train --resume` continues from here; pinned (KEEP), so
+        # fine-tuning's checkpoint retention never deletes the converted weights
         save_checkpoint(tmp, model, {"step": 0, "optimizer": make_optimizer(model, cfg.train).state_dict(),
-                                     "converted_from": source_ref, "small_init": small_init})
+                                     "converted_from": source_ref, "small_init": small_init}, pin=True)
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
