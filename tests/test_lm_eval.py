@@ -98,3 +98,38 @@ def test_loglikelihood_and_generate_until(tiny_run):
     (text,) = lm.generate_until([Instance("generate_until", {}, (context, {"until": [stop], "max_gen_toks": 6}), 0)],
                                 disable_tqdm=True)
     assert text == full[: full.index(stop)]
+
+
+def test_plain_lm_eval_hf_model_on_an_export_gives_the_same_perplexity(tiny_run, tmp_path):
+    """`lm_eval --model hf --model_args pretrained=EXPORT,trust_remote_code=True`: lm-eval's own model class on
+    the export's standalone code scores the shipped task as the duollm wrapper does (same windows, same
+    end-of-text prefix, the export's saved routing)."""
+    pytest.importorskip("accelerate")
+    from lm_eval.tasks import TaskManager
+
+    from duollm.hf.export import export_run
+    from duollm.rundir import load_run_config
+
+    out = export_run(tiny_run, tmp_path / "hf", routing="SB_B")
+    seq_len = load_run_config(tiny_run).train.seq_len
+    hf = lm_eval.simple_evaluate(model="hf", model_args={"pretrained": str(out), "trust_remote_code": True,
+                                                         "max_length": seq_len, "device": "cpu"},
+                                 tasks=["duollm_ppl"], batch_size=16,
+                                 task_manager=TaskManager(include_path=str(TASKS_DIR), include_defaults=False))
+    ours = evaluate({"pretrained": str(out), "prefix": "eot", "max_length": seq_len})
+    for metric in ("word_perplexity,none", "byte_perplexity,none", "bits_per_byte,none"):  # token ppl: ours only
+        assert hf["results"]["duollm_ppl"][metric] == pytest.approx(ours[metric], rel=1e-5), metric
+
+
+def test_the_console_script_is_lm_evals_command_line_with_duollm(tiny_run, tmp_path):
+    """`duollm-lm-eval` (an installed console script): lm-eval's own command line, `--model duollm` registered."""
+    import shutil
+    import subprocess
+
+    exe = shutil.which("duollm-lm-eval")
+    assert exe, "pip install -e . installs the duollm-lm-eval console script"
+    proc = subprocess.run([exe, "--model", "duollm", "--model_args", f"run={tiny_run},policy=SB_B", "--tasks",
+                           "duollm_ppl", "--output_path", str(tmp_path / "out")], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "duollm_ppl" in proc.stdout and "token_perplexity" in proc.stdout

@@ -329,7 +329,10 @@ def test_compare_lists_every_compared_router_with_its_recovered_share(study, tmp
 
     out = study["out"]
     res = json.loads((out / "report" / "results.json").read_text())
-    rows = json.loads(cli("compare", out, "--json").stdout)
+    listing = json.loads(cli("compare", out, "--json").stdout)
+    rows, (run,) = listing["routers"], listing["runs"]
+    assert run["steps"] == res["training"]["steps"] and run["verdicts"] == res["verdicts"]
+    assert run["oracle_ppl"] < run["fixed_ppl"] and run["val_all_big"] is not None
     gap_routers = {x["name"]: x for r in res["gap"] for x in r["routers"]}
     listed = {r["method"]: r for r in rows if r["method"] in gap_routers}
     assert set(listed) == set(gap_routers)  # every router the gap decomposes (the skip mixture has no oracle)
@@ -338,7 +341,7 @@ def test_compare_lists_every_compared_router_with_its_recovered_share(study, tmp
         assert r["recovered_matched"] == gap_routers[name]["recovered_matched"]
     assert {"confidence oracle", "previous-token oracle"} <= {r["method"] for r in rows}
     table = cli("compare", out).stdout
-    assert "at its compute" in table and all(name in table for name in gap_routers)
+    assert "at its compute" in table and "val loss all-big" in table and all(name in table for name in gap_routers)
     empty = tmp_path / "empty"
     empty.mkdir()
     assert_one_line_error(cli("compare", empty, check=False), "no oracle")

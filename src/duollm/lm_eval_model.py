@@ -34,6 +34,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import lm_eval.models  # noqa: F401  (lm-eval's own models: registering ours first would hide them, e.g. --model hf)
 import torch
 import torch.nn.functional as F
 from lm_eval.api.model import TemplateLM

@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .kvcache import KVCache, StaticKVCache  # noqa: F401  (re-exported: the cache interface the model uses)
-from .routing import BIG, SKIP, SMALL, FlopModel, parse_pattern
+from .routing import BIG, SKIP, SMALL, FlopModel, parse_pattern, replaying
 
 
 @dataclass
@@ -392,6 +392,7 @@ class DuoModel(nn.Module):
         self.register_buffer("rope_cos", cos_TE, persistent=False)
         self.register_buffer("rope_sin", sin_TE, persistent=False)
         self.flop_model = FlopModel.from_config(cfg)
+        self.gradient_checkpointing, self._gradient_checkpointing_func = False, None  # transformers' switch
         self.apply(self._init)
         # GPT-2 style: scale residual-branch outputs with depth
         for name, p in self.named_parameters():
@@ -449,8 +450,11 @@ class DuoModel(nn.Module):
             mask_B1TC = ((causal_TC & keep_BC.bool()[:, None, :]) | self_TC).unsqueeze(1)
         h_BTD = self.embed(idx_BT, pos_BT if pos_BT is not None else past + torch.arange(T, device=idx_BT.device))
         routes_taken = []  # route_BT per layer, or an int where every token took the same route
+        ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None
+        decide = replaying(decide) if ckpt else decide  # transformers' activation checkpointing sets the function
         for layer, block in enumerate(self.layers):
-            h_BTD, route = block(h_BTD, decide, layer, cos_TE, sin_TE, cache=cache, path=path, mask_B1TC=mask_B1TC)
+            args, kw = (h_BTD, decide, layer, cos_TE, sin_TE), dict(cache=cache, path=path, mask_B1TC=mask_B1TC)
+            h_BTD, route = self._gradient_checkpointing_func(block.__call__, *args, **kw) if ckpt else block(*args, **kw)
             routes_taken.append(route)
         loss = loss_BT = logits_BTV = None
         if return_logits or targets_BT is not None:  # the head only when something needs it
@@ -475,23 +479,11 @@ class DuoModel(nn.Module):
 
 
 def param_counts(model: DuoModel) -> dict[str, int]:
-    """Parameters by part (tied embeddings counted once), DESIGN section 2."""
-    parts = {"embeddings": 0, "attention": 0, "big_ffn": 0, "small_ffn": 0, "norms": 0}
-    seen = set()
+    """Parameters by part (tied embeddings counted once: ``named_parameters`` skips shared ones), DESIGN section 2."""
+    parts = dict.fromkeys(("embeddings", "attention", "big_ffn", "small_ffn", "norms"), 0)
     for name, p in model.named_parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        if name.startswith(("embed", "lm_head")):
-            key = "embeddings"
-        elif ".attn." in name:
-            key = "attention"
-        elif ".ffn.big." in name:
-            key = "big_ffn"
-        elif ".ffn.small." in name:
-            key = "small_ffn"
-        else:
-            key = "norms"
+        key = ("embeddings" if name.startswith(("embed", "lm_head")) else "attention" if ".attn." in name
+               else "big_ffn" if ".ffn.big." in name else "small_ffn" if ".ffn.small." in name else "norms")
         parts[key] += p.numel()
     parts["total"] = sum(parts.values())
     return parts

@@ -117,6 +117,26 @@ class RandomPolicy:
         return sample_routes(self.probs, 1, B, T, generator=self.generator)[0].to(x_BTD.device)
 
 
+def replaying(decide):
+    """``decide(layer, x_BTD)`` whose hard routes are recorded and replayed on a second call for the same
+    layer: an activation-checkpointed layer is recomputed in the backward, where a random or budgeted
+    policy would decide anew. Hard routes carry no gradient, so they are decided without autograd (the
+    recompute must save what the forward saved); soft weights are decided again, with their gradient."""
+    seen = {}
+
+    def replay(layer: int, x_BTD: torch.Tensor):
+        if layer in seen:
+            return seen[layer]
+        with torch.no_grad():
+            route = decide(layer, x_BTD)
+        if isinstance(route, int) or not route.is_floating_point():
+            seen[layer] = route
+            return route
+        return decide(layer, x_BTD)  # soft (a router's mix, a function of x): again, with autograd
+
+    return replay
+
+
 @dataclass(frozen=True)
 class RoutingSpec:
     """A parsed routing spec: ``kind`` pattern (``pattern`` set), random (``p_big``) or router (``router``)."""
@@ -231,6 +251,14 @@ def parse_options(options: str) -> str:
     if len(set(options)) != len(options):
         raise ValueError(f"options {options!r} repeat a letter")
     return "".join(c for c in OPTION_ORDER if c in options)
+
+
+def canonical_options(options: str) -> str:
+    """A router's options in canonical order: SB, B_ or SB_ (big must be allowed)."""
+    canon = parse_options(options)
+    if canon not in ("SB", "B_", "SB_"):
+        raise ValueError(f"router options must be SB, B_ or SB_ (big must be allowed); got {options!r}")
+    return canon
 
 
 def parse_budgets(spec, n_layers: int) -> tuple[int, ...] | None:

@@ -4,7 +4,9 @@ OUT holds ``config.json`` (model type ``duo``), ``model.safetensors`` (tied embe
 once), ``generation_config.json``, the tokenizer (``tokenizer.json`` + ``tokenizer_config.json``,
 loadable with ``AutoTokenizer``), the run's trained routers under ``routers/`` (so
 ``router:NAME`` policies work on the export), ``duollm_run.yaml`` (the run's resolved config,
-for provenance and the evaluation window length) and two tiny modules behind ``auto_map``.
+for provenance and the evaluation window length) and ``modeling_duo.py`` behind ``auto_map``: the
+model's code, needing only torch and transformers (``hf/standalone.py``), so ``trust_remote_code=True``
+loads the folder where duollm is not installed.
 
 The folder is written to ``OUT.tmp`` and renamed onto OUT only when complete (DESIGN section 7).
 """
@@ -22,17 +24,6 @@ from ..checkpoint import latest_checkpoint, load_state
 from ..data import EOS
 
 RUN_CONFIG_FILE = "duollm_run.yaml"
-
-# ``trust_remote_code=True`` loaders (tools that never import duollm) find the classes here;
-# the code they run is the installed package, not a copy that could drift from it.
-_SHIMS = {
-    "configuration_duo.py": "# Duo-LLM model config: the installed duollm package (pip install 'duollm[hf]').\n"
-                            "from duollm.hf.modeling import DuoConfig  # noqa: F401\n",
-    "modeling_duo.py": "# Duo-LLM model: the installed duollm package (pip install 'duollm[hf]').\n"
-                       "from duollm.hf.modeling import DuoForCausalLM  # noqa: F401\n",
-}
-AUTO_MAP = {"AutoConfig": "configuration_duo.DuoConfig", "AutoModelForCausalLM": "modeling_duo.DuoForCausalLM"}
-
 
 def hf_tokenizer(run: Path, model_max_length: int):
     """The run's tokenizer as a transformers tokenizer (``AutoTokenizer`` can reload what it saves)."""
@@ -74,29 +65,17 @@ def export_run(run, out, *, routing: str | None = None) -> Path:
     )
     model.config.name_or_path = str(run)  # router:NAME policies resolve against the run's routers/
     model.set_routing(routing)  # validates the policy against the model now, not at load time
-    model.config.auto_map = dict(AUTO_MAP)
 
     tmp = out.parent / f".{out.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        model.save_pretrained(str(tmp))
+        model.save_pretrained(str(tmp))  # weights, config, modeling_duo.py, the run's routers (hf/modeling.py)
         tok.save_pretrained(str(tmp))
-        for name, text in _SHIMS.items():
-            (tmp / name).write_text(text)
         (tmp / RUN_CONFIG_FILE).write_text(rundir.config_path(run).read_text())
         ckpt = latest_checkpoint(run)
         provenance = {"run": str(run.resolve()), "checkpoint": ckpt.name, "step": load_state(ckpt)["step"]}
         (tmp / "duollm_export.json").write_text(json.dumps(provenance, indent=2) + "\n")
-        routers = run / rundir.ROUTERS
-        if routers.is_dir():
-            for folder in sorted(routers.iterdir()):
-                if (folder / rundir.ROUTER_YAML).is_file() and (folder / rundir.ROUTER_WEIGHTS).is_file():
-                    dest = tmp / rundir.ROUTERS / folder.name  # an export holds routers/ like a run folder
-                    dest.mkdir(parents=True)
-                    for f in (rundir.ROUTER_YAML, rundir.ROUTER_WEIGHTS, rundir.ROUTER_EVAL):
-                        if (folder / f).is_file():
-                            shutil.copy2(folder / f, dest / f)
         old = out.parent / f".{out.name}.old"
         shutil.rmtree(old, ignore_errors=True)
         if out.exists():

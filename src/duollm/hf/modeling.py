@@ -36,10 +36,55 @@ from transformers import GenerationMixin, PreTrainedConfig, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .. import rundir
 from ..model import DuoModel, ModelConfig
+from ..routers.policy import Router
+from ..routing import RandomPolicy, parse_routing
 
 MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig))
+
+
+def standalone_routing_policy(spec, n_layers: int, *, root=None, seed: int = 0, device="cpu"):
+    """``rundir.routing_policy`` for this module's standalone copy (``hf/standalone.py``: an export's own
+    code, where duollm is not installed): the same specs; a router is rebuilt from its folder's
+    ``router.yaml`` and weights. ``_LAYOUT`` (the run folder's names) is written into that copy."""
+    if callable(spec):
+        return getattr(spec, "name", type(spec).__name__), spec
+    r = parse_routing(spec, n_layers)
+    if r.kind == "pattern":
+        return r.text, r.pattern
+    if r.kind == "random":
+        policy = RandomPolicy(r.p_big, seed=seed)
+        return policy.name, policy
+    import yaml
+    from safetensors.torch import load_file
+
+    layout = _LAYOUT
+    folder = Path(r.router) if Path(r.router).is_dir() else Path(root or ".") / layout["routers"] / r.router
+    if not (folder / layout["router_yaml"]).is_file():
+        raise ValueError(f"no router {r.router!r} in {folder.parent}")
+    meta = yaml.safe_load((folder / layout["router_yaml"]).read_text())
+    cfg, L = meta["config"], int(meta["n_layers"])
+    if L != n_layers:
+        raise ValueError(f"router {r.router!r} has {L} layers but the model has {n_layers}")
+    router = Router(L, int(meta["d_model"]), meta["options"], budget_k=round(cfg["target"] * L) if cfg.get("enforce") else None)
+    missing, unexpected = router.load_state_dict(load_file(str(folder / layout["router_weights"])), strict=False)
+    if set(missing) - {"offset_O"} or unexpected:  # routers saved before calibration existed lack the offset
+        raise ValueError(f"{folder / layout['router_weights']} does not fit its router.yaml")
+    router.mode, router.name = "hard", f"router:{folder.name}"
+    return router.name, router.to(device).eval()
+
+
+try:  # inside duollm: the one resolver of routing specs, the run folder's layout, the standalone code
+    if not __name__.startswith("duollm."):  # the standalone copy stays self-contained where duollm is installed too
+        raise ImportError(__name__)
+    # absolute imports in a try block: transformers neither copies nor requires them for remote code
+    from duollm import rundir
+    from duollm.hf import standalone
+    resolve_policy = rundir.routing_policy
+    _LAYOUT = standalone.layout()
+except ImportError:  # the standalone copy (its header defines _LAYOUT); transformers saves its code (an auto class)
+    rundir = standalone = None
+    resolve_policy = standalone_routing_policy
 
 
 class DuoConfig(PreTrainedConfig):
@@ -125,6 +170,7 @@ class DuoForCausalLM(PreTrainedModel, GenerationMixin):
     config: DuoConfig
     base_model_prefix = "model"
     main_input_name = "input_ids"
+    supports_gradient_checkpointing = True  # DuoModel checkpoints per block, replaying the routes (routing.replaying)
     _no_split_modules = ["DuoBlock"]
     _tied_weights_keys = {"model.lm_head.weight": "model.embed.weight"}
 
@@ -152,6 +198,28 @@ class DuoForCausalLM(PreTrainedModel, GenerationMixin):
         model = cls.from_duo_model(duo, **config_kwargs)
         model.config.name_or_path = str(run)  # where router:NAME policies are looked up
         return model.eval()
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """transformers' save, plus what makes the folder load anywhere: the model's code (``modeling_duo.py``,
+        torch and transformers only; ``hf/standalone.py``) behind ``auto_map``, and the routers of the folder
+        the model came from (``routers/``), so ``router:NAME`` policies survive the round trip."""
+        import shutil
+
+        out = Path(save_directory)
+        if standalone is not None:  # the standalone copy is saved by transformers itself (its auto class)
+            self.config.auto_map = dict(standalone.AUTO_MAP)
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if standalone is not None:
+            standalone.write_code(out)
+        source = Path(self.config.name_or_path or "") / _LAYOUT["routers"]
+        if not self.config.name_or_path or not source.is_dir() or source.resolve() == (out / _LAYOUT["routers"]).resolve():
+            return
+        for folder in sorted(p for p in source.iterdir() if (p / _LAYOUT["router_weights"]).is_file()):
+            dest = out / _LAYOUT["routers"] / folder.name
+            dest.mkdir(parents=True, exist_ok=True)
+            for name in ("router_yaml", "router_weights", "router_eval"):
+                if (folder / _LAYOUT[name]).is_file():
+                    shutil.copy2(folder / _LAYOUT[name], dest / _LAYOUT[name])
 
     def _init_weights(self, module):
         # DuoModel initialises its own parameters; the only state transformers cannot restore
@@ -184,7 +252,7 @@ class DuoForCausalLM(PreTrainedModel, GenerationMixin):
         if seed is not None:
             self.config.routing_seed = seed
         root = self.config.name_or_path if self.config.name_or_path and Path(self.config.name_or_path).is_dir() else None
-        _, routes = rundir.routing_policy(policy, self.config.n_layers, root=root, seed=self.config.routing_seed,
+        _, routes = resolve_policy(policy, self.config.n_layers, root=root, seed=self.config.routing_seed,
                                           device=self.device)
         object.__setattr__(self, "_routes", routes)  # never a submodule: a router is not part of the LM's weights
         self.config.routing = policy if isinstance(policy, str) and policy.strip().lower() != "all-big" else None

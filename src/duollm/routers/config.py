@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, field
 
 from ..config import METHODS, VALUE_METHODS, RunConfig, TrainConfig, apply_overrides, from_dict, to_dict, validate_train
-from ..routing import parse_options
+from ..routing import canonical_options
 
 
 def router_train_defaults() -> TrainConfig:
@@ -81,13 +81,6 @@ def router_name(method: str, target: float, options: str = "SB", skip_target: fl
     elif options == "B_":
         name += "-B_"
     return name
-
-
-def canonical_options(options: str) -> str:
-    canon = parse_options(options)
-    if canon not in ("SB", "B_", "SB_"):
-        raise ValueError(f"router options must be SB, B_ or SB_ (big must be allowed); got {options!r}")
-    return canon
 
 
 def validate_router_config(c: RouterConfig) -> None:

@@ -16,8 +16,7 @@ import pyarrow.parquet as pq
 import torch
 
 from .. import rundir
-from ..routing import parse_pattern
-from .config import canonical_options
+from ..routing import canonical_options, parse_pattern
 
 
 @dataclass

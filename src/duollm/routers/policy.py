@@ -10,8 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..routing import BIG, ROUTE_OF_LETTER
-from .config import canonical_options
+from ..routing import BIG, ROUTE_OF_LETTER, canonical_options
 
 MODES = ("hard", "soft", "straight-through")
 
