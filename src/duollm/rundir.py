@@ -60,8 +60,8 @@ from .data import (
 from .io import TMP_SUFFIX, as_os_error, atomic_path, atomic_write_json, atomic_write_text
 from .model import DuoModel
 from .routers.config import RouterConfig
-from .routers.policy import Router
-from .routing import RandomPolicy, parse_routing
+from .routers.policy import Router, policy_without_folder
+from .routing import parse_routing
 
 CONFIG, TOKENIZER_FILE, TOKENIZER_DIR, DATA, METRICS = "config.yaml", "tokenizer.json", "tokenizer", "data", "metrics.jsonl"
 ORACLE, ROUTERS, STUDY, REPORT, NULL, BENCH = "oracle", "routers", "study", "report", "null", "bench"
@@ -299,14 +299,10 @@ def routing_policy(spec, n_layers: int, *, root: str | Path | None = None, seed:
     """A routing spec -> ``(name, routes)`` for ``DuoModel.forward``: a pattern string, a
     ``RandomPolicy`` or a hard ``Router``. ``root`` is the folder holding ``routers/`` (a run or an
     export); ``router:PATH`` may also name a router folder directly. A callable passes through."""
-    if callable(spec):
-        return getattr(spec, "name", type(spec).__name__), spec
+    simple = policy_without_folder(spec, n_layers, seed)
+    if simple is not None:
+        return simple
     r = parse_routing(spec, n_layers)
-    if r.kind == "pattern":
-        return r.text, r.pattern
-    if r.kind == "random":
-        policy = RandomPolicy(r.p_big, seed=seed)
-        return policy.name, policy
     if Path(r.router).is_dir():
         router = load_router_folder(Path(r.router), device)[0]
         router.name = f"router:{Path(r.router).name}"

@@ -37,8 +37,8 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..model import DuoModel, ModelConfig
-from ..routers.policy import Router
-from ..routing import RandomPolicy, parse_routing
+from ..routers.policy import Router, policy_without_folder
+from ..routing import parse_routing
 
 MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig))
 
@@ -47,14 +47,10 @@ def standalone_routing_policy(spec, n_layers: int, *, root=None, seed: int = 0, 
     """``rundir.routing_policy`` for this module's standalone copy (``hf/standalone.py``: an export's own
     code, where duollm is not installed): the same specs; a router is rebuilt from its folder's
     ``router.yaml`` and weights. ``_LAYOUT`` (the run folder's names) is written into that copy."""
-    if callable(spec):
-        return getattr(spec, "name", type(spec).__name__), spec
+    simple = policy_without_folder(spec, n_layers, seed)
+    if simple is not None:
+        return simple
     r = parse_routing(spec, n_layers)
-    if r.kind == "pattern":
-        return r.text, r.pattern
-    if r.kind == "random":
-        policy = RandomPolicy(r.p_big, seed=seed)
-        return policy.name, policy
     import yaml
     from safetensors.torch import load_file
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..routing import BIG, ROUTE_OF_LETTER, canonical_options
+from ..routing import BIG, ROUTE_OF_LETTER, RandomPolicy, canonical_options, parse_routing
 
 MODES = ("hard", "soft", "straight-through")
 
@@ -113,3 +113,16 @@ class Router(nn.Module):
         return route_BT
 
 
+def policy_without_folder(spec, n_layers: int, seed: int = 0):
+    """``(name, routes)`` for the routing specs that need no folder — a callable (passed through), a
+    pattern, ``random:P`` — or None for ``router:NAME`` (its loaders: ``rundir.routing_policy`` and an
+    export's standalone copy)."""
+    if callable(spec):
+        return getattr(spec, "name", type(spec).__name__), spec
+    r = parse_routing(spec, n_layers)
+    if r.kind == "pattern":
+        return r.text, r.pattern
+    if r.kind == "random":
+        policy = RandomPolicy(r.p_big, seed=seed)
+        return policy.name, policy
+    return None
