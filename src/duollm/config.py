@@ -141,9 +141,9 @@ PRESETS: dict[str, dict] = {
         "eval": dict(max_tokens=8192),
         # the oracle costs ~2^(L+1) layer evaluations per token (~0.09 CPU-s per token per context), a
         # budget router ~0.4 s per step; the paper's router only (imitation: +~45 s), one context. 100 router
-        # steps: at 50 the routers sat 1.4-1.9 ppl above fixed@k and a finding turned inconclusive; batch 8
-        # instead of 16: 0.1-0.8 ppl worse on the oracle's tokens, ~14 s less per router (docs/LOG.md)
-        "study": dict(tokens=1024, contexts="shared", router_steps=100, router_batch=8, router_methods="budget",
+        # steps: at 50 the routers sat 1.4-1.9 ppl above fixed@k and a finding turned inconclusive; batch 16:
+        # at 8 (~14 s less per router) they sat 1.1-1.3 ppl above fixed@k and the router finding did too (docs/LOG.md)
+        "study": dict(tokens=1024, contexts="shared", router_steps=100, router_batch=16, router_methods="budget",
                       batch_tokens=1024),
     },
     # wide enough for routing's wall-clock to matter (issue 14: `duollm bench`, benchmarks/bench_generate.py):
