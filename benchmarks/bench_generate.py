@@ -23,7 +23,7 @@ import sys
 
 import torch
 
-from duollm.bench import default_policies, format_table, gain_share_ok, measure
+from duollm.bench import default_policies, format_table, measure
 from duollm.config import load_config
 from duollm.model import DuoModel
 from duollm.routers.calibrate import calibrate_budget
@@ -35,6 +35,13 @@ TARGETS = [  # (what, policy prefix, batch, field, share of the ideal gain)
     ("batch-8 decode, router", "router", 8, "decode_gain_share", 0.7),
     ("prefill 8 x T, router", "router", 8, "prefill_gain_share", 0.7),
 ]
+
+
+def gain_share_ok(result: dict, policy_prefix: str, batch: int, field: str, target: float) -> bool | None:
+    """Whether every row of ``policy_prefix`` at ``batch`` reaches ``target`` of its ideal gain (None: no row)."""
+    vals = [r[field] for r in result["rows"] if r["policy"].startswith(policy_prefix) and r["batch"] == batch
+            and r[field] is not None]
+    return all(v >= target for v in vals) if vals else None
 
 
 def random_router(model, idx_ST: torch.Tensor, target: float, seed: int = 0) -> Router:

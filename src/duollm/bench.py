@@ -23,7 +23,6 @@ Tensor legend (``docs/NOTATION.md``): B batch, T positions, L layers, N decode s
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,6 +91,7 @@ def measure(model, policies: dict[str, object], prompts_BT: torch.Tensor, *, new
         raise ValueError(f"prompts of {prompts_BT.shape[1]} tokens + {new_tokens} new tokens must fit the model's "
                          f"context of {model.cfg.max_seq_len} tokens")
     device = next(model.parameters()).device
+    machine = report_machine(device)  # how busy the CPU is before the timing, not after
     wb = WeightBytes.of(model)
     rows = []
     for B in batches:
@@ -126,7 +126,7 @@ def measure(model, policies: dict[str, object], prompts_BT: torch.Tensor, *, new
             r["decode_ideal"] = base["decode_bytes"] / r["decode_bytes"]
             r["decode_gain_share"] = _gain_share(r["decode_speedup"], r["decode_ideal"])
         log(f"batch {B}: timed {len(policies)} policies")
-    return {"rows": rows, "new_tokens": new_tokens, "rounds": rounds, "machine": report_machine(device),
+    return {"rows": rows, "new_tokens": new_tokens, "rounds": rounds, "machine": machine,
             "threads": torch.get_num_threads(), "device": str(device)}
 
 
@@ -199,10 +199,3 @@ def run_command(args: argparse.Namespace) -> str:
         print(format_table(result))
         atomic_write_json(rundir.bench_path(run), result)
     return str(rundir.bench_path(run))
-
-
-def gain_share_ok(result: dict, policy_prefix: str, batch: int, field: str, target: float) -> bool | None:
-    """Whether every row of ``policy_prefix`` at ``batch`` reaches ``target`` of its ideal gain (None: no row)."""
-    vals = [r[field] for r in result["rows"] if r["policy"].startswith(policy_prefix) and r["batch"] == batch
-            and r[field] is not None]
-    return None if not vals else all(v >= target for v in vals) and not any(math.isnan(v) for v in vals)

@@ -54,18 +54,18 @@ def standalone_routing_policy(spec, n_layers: int, *, root=None, seed: int = 0, 
     import yaml
     from safetensors.torch import load_file
 
-    layout = _LAYOUT
-    folder = Path(r.router) if Path(r.router).is_dir() else Path(root or ".") / layout["routers"] / r.router
-    if not (folder / layout["router_yaml"]).is_file():
+    folder = Path(r.router) if Path(r.router).is_dir() else Path(root or ".") / _LAYOUT["routers"] / r.router
+    if not (folder / _LAYOUT["router_yaml"]).is_file():
         raise ValueError(f"no router {r.router!r} in {folder.parent}")
-    meta = yaml.safe_load((folder / layout["router_yaml"]).read_text())
+    meta = yaml.safe_load((folder / _LAYOUT["router_yaml"]).read_text())
     cfg, L = meta["config"], int(meta["n_layers"])
     if L != n_layers:
         raise ValueError(f"router {r.router!r} has {L} layers but the model has {n_layers}")
     router = Router(L, int(meta["d_model"]), meta["options"], budget_k=round(cfg["target"] * L) if cfg.get("enforce") else None)
-    missing, unexpected = router.load_state_dict(load_file(str(folder / layout["router_weights"])), strict=False)
+    weights = folder / _LAYOUT["router_weights"]
+    missing, unexpected = router.load_state_dict(load_file(str(weights)), strict=False)
     if set(missing) - {"offset_O"} or unexpected:  # routers saved before calibration existed lack the offset
-        raise ValueError(f"{folder / layout['router_weights']} does not fit its router.yaml")
+        raise ValueError(f"{weights} does not fit its router.yaml")
     router.mode, router.name = "hard", f"router:{folder.name}"
     return router.name, router.to(device).eval()
 
