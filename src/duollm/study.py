@@ -13,6 +13,8 @@ report:
                           schedules, skip study and the paper's router at k = L/2 (DESIGN 4.4a)
     skip study            big-or-skip with s = L/2 skipped layers (the paper: 6 of 12)
     router <method> k     stage 3, one router per method and budget (the paper: 4, 6, 8 of 12)
+    stage 1               ``study.stage1``: the paper's Fig. 8, Duo vs FLOP-matched dense models and the
+                          big-first ablation, RUN/stage1/ (stage1.py)
     seed <s>              ``study.seeds`` > 1: the whole study again with training seed s in
                           RUN/seeds/seed-<s>/ (no null of its own: the findings use RUN/null)
     report                token difficulty, figures, findings: RUN/report/ (analysis/)
@@ -34,14 +36,13 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import rundir, threads, train
+from . import rundir, stage1, threads, train
 from .analysis.report import headline, smoke_banner, write_report
 from .checkpoint import latest_checkpoint
 from .config import (
@@ -63,8 +64,8 @@ from .routers import command as router_command
 from .routers.config import router_name
 from .routers.evaluate import evaluate_router
 from .routers.labels import load_oracle_table
-from .routing import FlopModel
 from .rundir import ROUTER_EVAL
+from .study_eta import _fmt_s, costs, eta_seconds
 
 
 def resolve_config(config: str | None, data: str | None, out: Path, overrides=()) -> RunConfig:
@@ -89,56 +90,6 @@ def resolve_config(config: str | None, data: str | None, out: Path, overrides=()
     if want is not None:
         cfg.study = want.study
     return cfg
-
-
-# ----------------------------------------------------------------------------- cost model (for the ETA)
-
-
-def _prefixes(L: int, skips: int | None) -> list[int]:
-    """Distinct pattern prefixes at each depth 1..L of the oracle's tree: 2^d over big/small; with
-    big-or-skip and exactly s skips, the prefixes that can still end with s skips."""
-    if skips is None:
-        return [2**d for d in range(1, L + 1)]
-    return [sum(math.comb(d, j) for j in range(max(0, d - (L - skips)), min(d, skips) + 1)) for d in range(1, L + 1)]
-
-
-def costs(cfg: RunConfig, tokens: int) -> dict[str, float]:
-    """Forward-equivalent FLOPs of each kind of stage (backward = 2 forwards), for the ETA only."""
-    fm = FlopModel.from_config(cfg.model, cfg.train.seq_len)
-    L = cfg.model.n_layers
-    big, small = fm.all_big(), fm.pattern([1] * L)
-    layer = fm.attention + (fm.ffn[1] + fm.ffn[2]) / 2
-    t = cfg.train
-    s = skip_count(cfg)
-    return {
-        "train": 3 * t.steps * t.batch_size * t.seq_len * (big + small) / 2,
-        "oracle": tokens * (sum(_prefixes(L, None)) * layer + 2**L * fm.head),
-        "sequential": 2.5 * tokens * (sum(_prefixes(L, None)) * layer + 2**L * fm.head),  # measured ~2.2x the sweep
-        "skip": tokens * (sum(_prefixes(L, s)) * (fm.attention + fm.ffn[2] / 2) + math.comb(L, s) * fm.head) if s else 0.0,
-        # the soft mix runs both FFNs
-        "router": (3 * cfg.study.router_steps * cfg.study.router_batch * t.seq_len * (big + small - L * fm.attention)
-                   + 4 * tokens * big),
-    }
-
-
-def _fmt_s(seconds: float) -> str:
-    seconds = int(round(seconds))
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
-
-
-def eta_seconds(remaining: list, rates: dict[str, list[float]]) -> float | None:
-    """Seconds left: each remaining stage's FLOPs at the rate measured on its kind in this call,
-    or at the pooled rate of the kinds measured so far (None before any stage was computed)."""
-    pooled = [sum(v[0] for v in rates.values()), sum(v[1] for v in rates.values())]
-    if pooled[1] <= 0:
-        return None
-    total = 0.0
-    for stage in remaining:
-        sec, flops = rates.get(stage.kind, pooled)
-        total += stage.cost * (sec / flops if flops > 0 else pooled[0] / pooled[1])
-    return total
 
 
 # ----------------------------------------------------------------------------- stages
@@ -240,6 +191,8 @@ class Study:
             if "budget" in self.methods and self.router_ks:  # the paper's router at the middle budget
                 k = self.router_ks[len(self.router_ks) // 2]
                 out.append(self.router_stage("budget", k / self.L, c["router"], run=null))
+        if self.cfg.study.stage1:  # the paper's Fig. 8: Duo vs FLOP-matched dense models (stage1.py)
+            out += self.stage1_stages(c["train"] / self.cfg.train.steps)
         for seed in self.seeds():
             out.append(self.seed_stage(seed, sum(c.values())))
         out.append(Stage("report", "difficulty, figures, findings, report", 0.0, "report", lambda: {}, lambda: False,
@@ -358,6 +311,31 @@ class Study:
 
         return Stage(f"seed-{seed}", f"the study with training seed {seed} ({folder})", cost, "seed",
                      lambda: {"seed": seed}, lambda: False, go)
+
+    def stage1_stages(self, cost_per_step: float) -> list[Stage]:
+        """The Stage-1 study (``stage1.py``): its models in training order, then their evaluation. A model
+        trained for another ``study.stage1_steps`` is trained again from scratch."""
+        out = []
+        steps = stage1.stage1_steps(self.cfg)
+        for m in stage1.plan(self.cfg, self.out):
+            if not m.trained_here:  # the run's own model
+                continue
+
+            def go(stale: bool, m=m) -> None:
+                if stale:
+                    shutil.rmtree(m.folder, ignore_errors=True)
+                stage1.train_model(self.out, m, self.log)
+
+            out.append(Stage(f"stage1-{m.name}", f"stage 1: {m.title}", cost_per_step * m.cfg.train.steps, "stage1",
+                             lambda m=m: {"steps": m.cfg.train.steps, "d_ff_big": m.cfg.model.d_ff_big, "stage1_steps": steps},
+                             lambda m=m: rundir.trained_step(m.folder) >= m.cfg.train.steps, go))
+        oracle = rundir.oracle_dir(self.out, self.oracle_name(self.primary_context))
+        out.append(Stage("stage1-evaluation", "stage 1: every model scored, trained and at initialisation", 0.0, "report",
+                         lambda: {"step": self.trained_step(), "stage1_steps": steps, "tokens": self.cfg.eval.max_tokens,
+                                  "fixed": rundir.is_complete_oracle(oracle)},
+                         lambda: rundir.stage1_evaluation(self.out).is_file(),
+                         lambda stale: stage1.evaluate(self.cfg, self.out, oracle, self.log)))
+        return out
 
     def router_sets(self, method: str) -> list[str]:
         """Router config overrides: budget calibration measures on as many training tokens as the study
