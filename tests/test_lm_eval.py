@@ -3,6 +3,7 @@
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -133,3 +134,31 @@ def test_the_console_script_is_lm_evals_command_line_with_duollm(tiny_run, tmp_p
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "duollm_ppl" in proc.stdout and "token_perplexity" in proc.stdout
+
+
+def test_the_multiple_choice_task_scores_each_items_answer_by_log_likelihood(tiny_run):
+    """duollm_mc (the offline stand-in for ARC / HellaSwag): its accuracy is the share of items whose answer
+    has the highest log-likelihood after the context, as the wrapper scores the pairs one by one."""
+    import importlib.util
+
+    from lm_eval.api.instance import Instance
+    from lm_eval.tasks import TaskManager
+
+    spec = importlib.util.spec_from_file_location("mc_utils", TASKS_DIR / "duollm_mc" / "utils.py")
+    utils = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(utils)
+    items = utils.items(DEFAULT_TEXT.read_text(), window_words=24)
+    assert len(items) >= 8 and sorted({it["gold"] for it in items}) == [0, 1, 2, 3]
+    answers = sorted(it["choices"][it["gold"]] for it in items)  # every continuation: once an answer, 3x a distractor
+    assert sorted(c for it in items for c in it["choices"]) == sorted(answers * 4)
+    lm = DuoLM(run=str(tiny_run), policy="SBSB", batch_size=8)
+    reqs = [Instance("loglikelihood", {}, (it["context"], " " + c), i) for i, it in enumerate(items) for c in it["choices"]]
+    ll = [x for x, _ in lm.loglikelihood(reqs, disable_tqdm=True)]
+    ours = np.mean([int(np.argmax(ll[4 * i:4 * i + 4]) == it["gold"]) for i, it in enumerate(items)])
+    out = lm_eval.simple_evaluate(model="duollm", model_args={"run": str(tiny_run), "policy": "SBSB"},
+                                  tasks=["duollm_mc"], batch_size=8,
+                                  task_manager=TaskManager(include_path=str(TASKS_DIR), include_defaults=False,
+                                                           metadata={"window_words": 24}))
+    res = out["results"]["duollm_mc"]
+    assert out["n-samples"]["duollm_mc"]["effective"] == len(items)
+    assert res["acc,none"] == pytest.approx(ours)

@@ -132,12 +132,14 @@ def tensors_finite(tensors) -> bool:
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def stage_checkpoint(ckpt_dir: Path, module: torch.nn.Module, state: dict, pin: bool = False) -> Path:
+def stage_checkpoint(ckpt_dir: Path, module: torch.nn.Module, state: dict, pin: bool = False,
+                     weights: dict[str, torch.Tensor] | None = None) -> Path:
     """Write weights and ``state`` (``step``, ``optimizer``, ...) as a complete folder under a temporary
     name; ``commit_checkpoint`` makes it the checkpoint. A crash in between leaves only a temporary.
-    ``pin``: the folder holds ``KEEP`` from the start, so no later commit deletes it."""
+    ``pin``: the folder holds ``KEEP`` from the start, so no later commit deletes it. ``weights``: the
+    module's tensors gathered elsewhere (a sharded module: ``fsdp.full_state``)."""
     ckpt_dir = Path(ckpt_dir)
-    weights = module_tensors(module)
+    weights = module_tensors(module) if weights is None else weights
     assert tensors_finite(weights.values()), "the training loop checks the weights before it saves"
     tmp = ckpt_dir / f".{step_dir_name(state['step'])}{TMP_SUFFIX}"
     try:

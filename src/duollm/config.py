@@ -73,6 +73,7 @@ class TrainConfig:
     wandb_dir: str = ""  # "": WANDB_DIR if set, else the run folder
     keep_checkpoints: int = 1  # newest step folders kept; older ones go, except pinned ones (a KEEP file inside)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    parallel: str = "ddp"  # under torchrun: ddp (replicas) | fsdp (FSDP2, sharded per block: fsdp.py)
 
 
 @dataclass
@@ -103,6 +104,8 @@ class StudyConfig:
     null: bool = True  # a null control: the model at initialisation through the same stages, same tokens (DESIGN 4.4a)
     sequential: bool = True  # the sequential oracle at the paper's position-varying budgets (oracle/sequential.py)
     seeds: int = 1  # language models (and their routers) trained with seeds train.seed, +1, ...: RUN/seeds/seed-<s>/
+    stage1: bool = False  # the paper's Fig. 8: Duo vs FLOP-matched dense models, big-first ablation (stage1.py)
+    stage1_steps: int = 0  # training steps of each of the stage's models (0: train.steps, the run's own model)
 
 
 @dataclass
@@ -143,8 +146,9 @@ PRESETS: dict[str, dict] = {
         # budget router ~0.4 s per step; the paper's router only (imitation: +~45 s), one context. 100 router
         # steps: at 50 the routers sat 1.4-1.9 ppl above fixed@k and a finding turned inconclusive; batch 16:
         # at 8 (~14 s less per router) they sat 1.1-1.3 ppl above fixed@k and the router finding did too (docs/LOG.md)
+        # stage 1 (off by default): 7 models of 256 steps, ~N minutes (docs/LOG.md)
         "study": dict(tokens=1024, contexts="shared", router_steps=100, router_batch=16, router_methods="budget",
-                      batch_tokens=1024),
+                      batch_tokens=1024, stage1_steps=256),
     },
     # wide enough for routing's wall-clock to matter (issue 14: `duollm bench`, benchmarks/bench_generate.py):
     # 12 x 1024, FFN 4096 / 256 (the paper's 16:1), ~215M parameters. Sized for the question, not for CPU
@@ -303,10 +307,6 @@ def load_config(config: str | None = None, overrides: list[str] | tuple = ()) ->
     return cfg
 
 
-def _finite(x: float) -> bool:
-    return math.isfinite(x)
-
-
 def validate_train(t: TrainConfig, prefix: str = "train.") -> None:
     """Ranges of a training config (pretraining and routers share it): one line naming the key."""
     for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_every", "eval_tokens", "save_every", "log_every"):
@@ -314,21 +314,22 @@ def validate_train(t: TrainConfig, prefix: str = "train.") -> None:
             raise ValueError(f"{prefix}{name} must be positive; got {getattr(t, name)}")
     if t.warmup_steps < 0:
         raise ValueError(f"{prefix}warmup_steps must be >= 0; got {t.warmup_steps}")
-    if not (_finite(t.lr) and t.lr > 0):
+    if not (math.isfinite(t.lr) and t.lr > 0):
         raise ValueError(f"{prefix}lr must be a finite positive number; got {t.lr}")
-    if not (_finite(t.min_lr) and 0 <= t.min_lr <= t.lr):
+    if not (math.isfinite(t.min_lr) and 0 <= t.min_lr <= t.lr):
         raise ValueError(f"{prefix}min_lr must be in [0, lr={t.lr:g}]; got {t.min_lr}")
-    if not (_finite(t.weight_decay) and t.weight_decay >= 0):
+    if not (math.isfinite(t.weight_decay) and t.weight_decay >= 0):
         raise ValueError(f"{prefix}weight_decay must be a finite number >= 0; got {t.weight_decay}")
     for name in ("beta1", "beta2"):
         if not 0.0 <= getattr(t, name) < 1.0:  # NaN fails too
             raise ValueError(f"{prefix}{name} must be in [0, 1); got {getattr(t, name)}")
-    if not (_finite(t.grad_clip) and t.grad_clip >= 0):
+    if not (math.isfinite(t.grad_clip) and t.grad_clip >= 0):
         raise ValueError(f"{prefix}grad_clip must be a finite number >= 0 (0: no clipping); got {t.grad_clip}")
     if t.batch_size % t.grad_accum:
         raise ValueError(f"{prefix}batch_size={t.batch_size} is not divisible by {prefix}grad_accum={t.grad_accum}")
-    if t.dtype not in ("auto", "float32", "bfloat16"):
-        raise ValueError(f"{prefix}dtype must be auto, float32 or bfloat16; got {t.dtype!r}")
+    if t.dtype not in ("auto", "float32", "bfloat16") or t.parallel not in ("ddp", "fsdp"):
+        raise ValueError(f"{prefix}dtype must be auto, float32 or bfloat16 and {prefix}parallel ddp or fsdp; got "
+                         f"{t.dtype!r}, {t.parallel!r}")
     if not DEVICE_NAMES.fullmatch(t.device):
         raise ValueError(f"{prefix}device must be auto, cpu, cuda, cuda:N or mps; got {t.device!r}")
     if t.keep_checkpoints < 1:
@@ -351,7 +352,7 @@ def validate(cfg: RunConfig) -> None:
         raise ValueError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
     m = cfg.model
     for name in ("rope_theta", "norm_eps", "init_std"):
-        if not (_finite(getattr(m, name)) and getattr(m, name) > 0):
+        if not (math.isfinite(getattr(m, name)) and getattr(m, name) > 0):
             raise ValueError(f"model.{name} must be a finite positive number; got {getattr(m, name)}")
     d = cfg.data
     check_data_files(d.spec, d.data_files)
@@ -445,8 +446,11 @@ def validate_study(cfg: RunConfig) -> None:
             raise ValueError(f"study.{name} must be positive; got {getattr(st, name)}")
     if st.dtype not in ("auto", "float32", "bfloat16"):
         raise ValueError(f"study.dtype must be auto, float32 or bfloat16; got {st.dtype!r}")
-    if st.tokens < 0:
-        raise ValueError(f"study.tokens must be >= 0 (0: eval.max_tokens); got {st.tokens}")
+    if st.tokens < 0 or st.stage1_steps < 0:
+        raise ValueError(f"study.tokens and study.stage1_steps must be >= 0 (0: the default); got {st.tokens}, "
+                         f"{st.stage1_steps}")
+    if st.stage1 and (st.stage1_steps or cfg.train.steps) < 3:
+        raise ValueError("study.stage1 needs at least 3 steps per model (the big-first ablation trains 2/3 + 1/3)")
     router_budgets(cfg)
     router_methods(cfg)
     router_mixtures(cfg)
@@ -456,7 +460,7 @@ def validate_study(cfg: RunConfig) -> None:
 # logged; the later stages' sections. Everything else defines the run and must stay as trained.
 RESUMABLE_KEYS = ("train.steps", "train.eval_every", "train.eval_tokens", "train.save_every", "train.log_every",
                   "train.tensorboard", "train.wandb", "train.wandb_project", "train.wandb_tags", "train.wandb_dir",
-                  "train.keep_checkpoints", "train.device", "train.compile", "train.dtype", "threads")
+                  "train.keep_checkpoints", "train.device", "train.compile", "train.dtype", "train.parallel", "threads")
 RESUMABLE_SECTIONS = ("eval", "study")
 
 

@@ -64,7 +64,7 @@ from .routers.policy import Router, policy_without_folder
 from .routing import parse_routing
 
 CONFIG, TOKENIZER_FILE, TOKENIZER_DIR, DATA, METRICS = "config.yaml", "tokenizer.json", "tokenizer", "data", "metrics.jsonl"
-ORACLE, ROUTERS, STUDY, REPORT, NULL, BENCH = "oracle", "routers", "study", "report", "null", "bench"
+ORACLE, ROUTERS, STUDY, REPORT, NULL, BENCH, STAGE1 = "oracle", "routers", "study", "report", "null", "bench", "stage1"
 # inside RUN/oracle/<name>/ (written by oracle/runner.py)
 SUMMARY, RUN_JSON, PER_TOKEN, ORACLE_LOSS, USAGE, PATTERNS, PARTIAL = (
     "summary.json", "run.json", "per_token.parquet", "oracle_loss.npy", "usage.npy", "patterns.parquet", ".partial")
@@ -360,27 +360,39 @@ def seed_dirs(run: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-", 1)[1]) if p.name.split("-", 1)[1].isdigit() else 0)
 
 
-def make_null_run(run: Path) -> Path:
-    """``RUN/null/``: a run folder holding the run's own model at initialisation (the same seed the
-    training started from, step 0) with the run's config, tokenizer and token cache, so that every
-    command scores it on exactly the run's evaluation tokens. The null control of DESIGN 4.4a."""
-    cfg = load_run_config(run)
-    out = null_dir(run)
+def make_sub_run(run: Path, out: Path, cfg: RunConfig) -> Path:
+    """``out``: a run folder for ``cfg`` sharing ``run``'s tokenizer and token cache (hard links where
+    possible), so that it trains on and is scored on exactly the run's tokens. No checkpoint yet."""
     with writing(out, create=True):
         save_config(cfg, config_path(out))
         src = tokenizer_file(run)
-        dst = out / src.name
         if src.is_dir():
-            shutil.rmtree(dst, ignore_errors=True)
-            shutil.copytree(src, dst)
+            shutil.copytree(src, out / src.name, dirs_exist_ok=True)
         else:
-            _link_or_copy(src, dst)
+            _link_or_copy(src, out / src.name)
         for f in sorted(data_dir(run).iterdir()):
             if not f.name.startswith("."):
                 _link_or_copy(f, data_dir(out) / f.name)  # token caches can be large: a hard link where possible
+    return out
+
+
+def make_null_run(run: Path) -> Path:
+    """``RUN/null/``: the run's model at initialisation (its training seed, step 0) in a sub-run folder;
+    the null control of DESIGN 4.4a."""
+    cfg = load_run_config(run)
+    out = make_sub_run(run, null_dir(run), cfg)
+    with writing(out):
         torch.manual_seed(cfg.train.seed)  # as pretraining does before it builds the model
         save_checkpoint(out, DuoModel(cfg.model), {"step": 0})
     return out
+
+
+def stage1_dir(run: Path) -> Path:  # the Stage-1 study's models (stage1.py); its evaluation: stage1_evaluation
+    return Path(run) / STAGE1
+
+
+def stage1_evaluation(run: Path) -> Path:
+    return Path(run) / STAGE1 / "evaluation.json"
 
 
 # ----------------------------------------------------------------------------- one writer

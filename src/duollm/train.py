@@ -3,7 +3,7 @@
 An ``Objective`` says what is trained (``module``), how a global batch gets its extras
 (``make_batch``: e.g. random routes), how a micro-batch becomes a loss (``loss``) and how
 to validate (``evaluate``). The loop owns everything else: AdamW, warm-up + cosine,
-gradient accumulation and clipping, bf16 autocast on CUDA, DDP under torchrun, NaN
+gradient accumulation and clipping, bf16 autocast on CUDA, DDP or FSDP under torchrun, NaN
 checks, metrics (JSON lines, TensorBoard, W&B), atomic checkpoints and exact resume.
 
 Exact resume: the batch and the routes of step s are drawn from a generator seeded by
@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from . import rundir, threads
+from . import fsdp, rundir, threads
 from .checkpoint import (
     LATEST,
     checkpoint_step,
@@ -176,22 +176,29 @@ def train_loop(
             f"train.batch_size={t.batch_size} is not divisible by processes x grad_accum = {ddp.world} x {t.grad_accum}"
         )
     micro = t.batch_size // (ddp.world * t.grad_accum)
+    sharded = t.parallel == "fsdp" and ddp.world > 1
     module = objective.module.to(device)
-    optimizer = make_optimizer(module, t)
-    start = 0
+    start, state = 0, None
     ckpt = latest_checkpoint(out)
     if ckpt is not None and resume:
-        load_weights(module, ckpt)
+        load_weights(module, ckpt)  # before sharding: the shards are cut from the full weights
         state = load_state(ckpt)
-        try:
-            optimizer.load_state_dict(state["optimizer"])
-        except (KeyError, ValueError, TypeError) as e:
-            raise ValueError(f"corrupt checkpoint {ckpt}: its optimizer state does not fit the model ({e})") from None
         start = state["step"]
     elif ckpt is not None:
         raise ValueError(f"{out} already holds a checkpoint; pass --resume to continue it or choose another --out")
+    if sharded:
+        fsdp.shard(module)  # in place; the optimizer is built on the shards
+    optimizer = make_optimizer(module, t)
+    if state is not None:
+        try:
+            if sharded:
+                fsdp.load_optimizer(module, optimizer, state["optimizer"])
+            else:
+                optimizer.load_state_dict(state["optimizer"])
+        except (KeyError, ValueError, TypeError) as e:
+            raise ValueError(f"corrupt checkpoint {ckpt}: its optimizer state does not fit the model ({e})") from None
     wrapped = module
-    if ddp.world > 1:
+    if ddp.world > 1 and not sharded:
         # Random routing leaves some parameters without a gradient on a step (DESIGN 4.6)
         wrapped = torch.nn.parallel.DistributedDataParallel(
             module, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True
@@ -223,7 +230,7 @@ def train_loop(
         for m in range(t.grad_accum):
             lo = (ddp.rank * t.grad_accum + m) * micro
             mb = {k: v[lo : lo + micro].to(device) for k, v in batch.items()}  # every tensor is batch-first
-            sync = m == t.grad_accum - 1 or ddp.world == 1
+            sync = m == t.grad_accum - 1 or ddp.world == 1 or sharded  # FSDP: reduce-scatter every micro-batch
             ctx = contextlib.nullcontext() if sync or not backward else wrapped.no_sync()
             with ctx, autocast(device, t.dtype), torch.set_grad_enabled(backward):
                 loss = objective.loss(wrapped, mb)
@@ -239,8 +246,11 @@ def train_loop(
         return ValueError(f"training diverged: {what} is {value} at step {step}; {where} in {out}")
 
     def stage(step: int):
-        if not tensors_finite(p.detach() for p in params):
+        if not (fsdp.all_finite(params) if sharded else tensors_finite(p.detach() for p in params)):
             raise diverged("a weight", "non-finite", step)
+        if sharded:  # every rank gathers, rank 0 writes the one checkpoint format
+            weights, opt = fsdp.full_state(module, optimizer)
+            return stage_checkpoint(out, module, {"step": step, "optimizer": opt}, weights=weights) if ddp.main else True
         return stage_checkpoint(out, module, {"step": step, "optimizer": optimizer.state_dict()}) if ddp.main else True
 
     def commit(staged) -> None:
@@ -271,7 +281,7 @@ def train_loop(
             if not math.isfinite(train_loss):
                 raise diverged("loss", train_loss, step + 1)
             # max_norm=inf measures without clipping (train.grad_clip=0: off)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip or math.inf).item()
+            grad_norm = fsdp.full_norm(torch.nn.utils.clip_grad_norm_(params, t.grad_clip or math.inf))
             if not math.isfinite(grad_norm):
                 raise diverged("the gradient norm", grad_norm, step + 1)
             if pending is not None:
@@ -289,11 +299,13 @@ def train_loop(
                 tick = now
                 log.write(done, last)
                 bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
-            if objective.evaluate is not None and (done % t.eval_every == 0 or done == t.steps) and ddp.main:
+            # under FSDP every rank takes part in the forward (its all-gathers); rank 0 logs
+            if objective.evaluate is not None and (done % t.eval_every == 0 or done == t.steps) and (ddp.main or sharded):
                 val = objective.evaluate(module)
                 log.write(done, val)
                 last.update(val)
-                bar.write(f"step {done}: " + "  ".join(f"{k} {v:.4f}" for k, v in val.items()))
+                if ddp.main:
+                    bar.write(f"step {done}: " + "  ".join(f"{k} {v:.4f}" for k, v in val.items()))
             if done % t.save_every == 0 or done == t.steps:
                 pending = stage(done)
         if pending is not None:  # the last checkpoint: its weights' loss on the next batch, no update
@@ -370,8 +382,13 @@ def check_run_folder(cfg: RunConfig, out: Path, resume: bool) -> None:
                              f"step {step} (set train.steps={step} or more)")
 
 
-def pretrain(cfg: RunConfig, out: Path, *, resume: bool = False, log=print) -> dict:
+def pretrain(cfg: RunConfig, out: Path, *, resume: bool = False, log=print,
+             prepare: Callable[[DuoModel], None] | None = None) -> dict:
     """Stage 1 end to end: data and tokenizer into the run folder, then the training loop.
+
+    ``prepare(model)``: applied to the freshly built model before training (e.g. start from other
+    weights, freeze parameters: the Fig. 8c ablation of ``stage1.py``); a resume then loads the
+    checkpoint over its weights, its frozen parameters stay frozen.
 
     Everything is validated (the config, the run folder, the corpus read and tokenized in memory)
     before the first byte is written, and the folder is written under its lock (``rundir``).
@@ -398,6 +415,8 @@ def pretrain(cfg: RunConfig, out: Path, *, resume: bool = False, log=print) -> d
         val_idx, val_tgt = sequences(rundir.load_tokens(out, "val"), cfg.train.seq_len, cfg.train.eval_tokens)
         torch.manual_seed(cfg.train.seed)
         model = DuoModel(cfg.model)
+        if prepare is not None:
+            prepare(model)
         objective = pretrain_objective(model, cfg, val_idx, val_tgt)
         return train_loop(objective, cfg.train, train_tokens, out, device=device, resume=resume,
                           desc="pretrain", run_config=to_dict(cfg))

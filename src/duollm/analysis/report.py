@@ -28,7 +28,7 @@ from .. import rundir
 from ..io import atomic_write_bytes, atomic_write_text
 from ..model import DuoModel, param_counts
 from ..rundir import writing
-from . import gap, wallclock
+from . import gap, stage1, wallclock
 from .difficulty import reference_k, token_table, write_difficulty
 from .figures import render_all, sample_sequence, visible
 from .findings import across_seeds, check_all, counts
@@ -331,7 +331,7 @@ def tables(res: dict) -> list[tuple[str, list[str], list[list[str]]]]:
                         ["text", "loss small", "loss big", "loss oracle", "gap", "rank by loss", "rank by gap"],
                         [[visible(t["text"]), _fmt(t["loss_small"]), _fmt(t["loss_big"]), _fmt(t["loss_oracle"]), _fmt(t["gap"]),
                           str(t["loss_rank"]), str(t["gap_rank"])] for t in d[key]]))
-    return out + wallclock.tables(res.get("wallclock"))
+    return out + wallclock.tables(res.get("wallclock")) + stage1.tables(res.get("stage1"))
 
 
 def position_table(o: dict, label: str) -> list:
@@ -479,9 +479,11 @@ def _write_report(run_dir: Path) -> Path:
     rd = RunData(run_dir)
     out = rundir.report_dir(rd.run)
     difficulty = write_difficulty(rd.run, rd)
-    findings = [f.as_dict() for f in check_all(rd)]
-    pngs = render_all(rd, difficulty, findings)
-    res = results(rd, difficulty, list(pngs), findings)
+    ev = stage1.load(rd.run)  # the paper's Fig. 8, when the study ran it (study.stage1)
+    findings = [f.as_dict() for f in [*check_all(rd), *stage1.findings(ev)]]
+    s1 = stage1.section(ev)
+    pngs = render_all(rd, difficulty, findings) | stage1.figure(s1)
+    res = results(rd, difficulty, list(pngs), findings) | ({"stage1": s1} if s1 else {})
     for name, png in pngs.items():
         atomic_write_bytes(out / "figures" / f"{name}.png", png)
     figs = out / "figures"

@@ -7,6 +7,11 @@ prints it, and ``python -m duollm.lm_eval_model`` adds it by itself. Tasks:
                   ``loglikelihood_rolling``; the text is ``duollm_ppl/duollm_ppl.txt`` unless
                   ``--metadata '{"data_file": "PATH"}'`` names a file, a folder or a glob
                   (one document per file).
+    duollm_mc     a 4-way multiple choice built from local text (the same text and ``data_file``;
+                  ``window_words``, default 48): the true continuation of a window of words against
+                  the continuations of three others, ``acc`` and ``acc_norm`` by log-likelihood: the
+                  offline stand-in for ARC-Easy / HellaSwag that the Stage-1 study (``stage1.py``)
+                  also computes on tokens.
 """
 
 from pathlib import Path
