@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import __version__, rundir, threads
+from . import __version__, memory, rundir, threads
 from .analysis.report import write_report
 from .analysis.rundata import inventory
 from .config import load_config
@@ -147,6 +147,11 @@ def add_info_arguments(i: argparse.ArgumentParser) -> None:
     i.add_argument("run", nargs="?")
     i.add_argument("--config", help="preset or YAML file")
     i.add_argument("--json", action="store_true")
+    i.add_argument("--memory", action="store_true", help="the memory plan: bytes per device while training")
+    i.add_argument("--gpus", type=int, default=1, help="devices the plan spreads training over (--memory)")
+    i.add_argument("--parallel", choices=("ddp", "fsdp"), default=None, help="default: the config's train.parallel")
+    i.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                   help="compute dtype of the plan (default: train.dtype; auto: bfloat16 unless train.device=cpu)")
 
 
 def model_info(cfg) -> dict:
@@ -180,6 +185,8 @@ def cmd_info(args) -> None:
     info = model_info(cfg)
     if args.run:
         info["run"] = inventory(Path(args.run))
+    if args.memory:
+        info["memory"] = memory.plan(cfg, args.gpus, args.parallel or cfg.train.parallel, args.dtype)
     if args.json:
         print(json.dumps(info))
         return
@@ -199,6 +206,8 @@ def cmd_info(args) -> None:
         print(f"  whole model, {k.replace('all_', 'all-'):<9} {_fmt_int(f[k]):>8}  ({f[k] / f['all_big']:.2f} of all-big)")
     if args.run:
         print_inventory(info["run"])
+    if args.memory:
+        print(memory.format_plan(info["memory"]))
 
 
 def print_inventory(inv: dict) -> None:
