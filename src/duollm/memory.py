@@ -6,9 +6,10 @@ each device holds while training, so a layout can be chosen before renting GPUs 
     optimizer    AdamW's two moments, fp32
     buffers      DDP: its gradient buckets (a second copy of the gradients); FSDP: the all-gathered
                  weights of two blocks (the one running and the one prefetched) and one block's
-                 unsharded gradients before their reduce-scatter
+                 unsharded gradients before their reduce-scatter; AdamW's step temporary
     activations  what autograd saves for the backward at the micro-batch (train.batch_size / (GPUs x
-                 grad_accum) sequences of train.seq_len tokens), plus the logits' gradient in flight
+                 grad_accum) sequences of train.seq_len tokens), plus the two logits-sized gradients
+                 in flight when the backward starts
 
 Activations are not estimated from a formula but *counted*: the real model runs one sequence on the
 ``meta`` device (no memory, no arithmetic) under saved-tensor hooks, at all-big and at all-small routing,
@@ -78,8 +79,10 @@ def plan(cfg: RunConfig, gpus: int = 1, parallel: str = "ddp", dtype: str | None
     p_small = cfg.routing.p_small + cfg.routing.p_skip  # a skipped token saves less still: counted as small
     tokens = t.batch_size // (gpus * t.grad_accum) * t.seq_len
     saved = tokens * (p_big * per_token["B"] + p_small * per_token["S"])
-    logits_grad = tokens * cfg.model.vocab_size * FP32
-    out = {**states, "buffers": buffers, "activations": saved + logits_grad}
+    # in flight at the start of the backward: the gradients of the log-softmax output and of the logits
+    logits_grads = 2 * tokens * cfg.model.vocab_size * FP32
+    adam_step = FP32 * n_params / shards  # foreach AdamW's one temporary of the parameters' size (sqrt of v)
+    out = {**states, "buffers": buffers + adam_step, "activations": saved + logits_grads}
     out["total"] = sum(out.values())
     return {"bytes": out, "gpus": gpus, "parallel": parallel, "dtype": dtype, "params": n_params,
             "micro_batch": t.batch_size // (gpus * t.grad_accum), "seq_len": t.seq_len,
