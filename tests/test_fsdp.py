@@ -8,12 +8,14 @@ import sys
 import time
 
 import pytest
-from conftest import duollm
+from conftest import cli
 
+from duollm import rundir
 from test_train import assert_same_weights, losses
 
-COMMON = ["--config", "tiny", "--set", "train.steps=8", "train.save_every=2", "train.eval_every=8", "train.log_every=1",
-          "train.batch_size=8"]
+STEPS = 24  # long enough to be killed mid-run after its first checkpoint (step 2)
+COMMON = ["--config", "tiny", "--set", f"train.steps={STEPS}", "train.save_every=2", f"train.eval_every={STEPS}",
+          "train.log_every=1", "train.batch_size=8"]
 
 
 def torchrun(*args, **popen):
@@ -28,38 +30,37 @@ def torchrun(*args, **popen):
 
 
 def test_fsdp_two_processes_match_one_resume_after_a_kill_and_load_anywhere(tmp_path):
-    duollm("train", "--out", tmp_path / "one", *COMMON)
-    torchrun("train", "--out", tmp_path / "two", *COMMON, "train.parallel=fsdp")
-    one = [row for row in losses(tmp_path / "one") if row[1] is not None]
-    two = [row for row in losses(tmp_path / "two") if row[1] is not None]
-    assert [s for s, *_ in one] == [s for s, *_ in two] == list(range(1, 9))
-    for (_, a, _), (_, b, _) in zip(one, two):
-        assert a == pytest.approx(b, rel=1e-4)  # the stated tolerance: float sums in another order
-    assert_same_weights(tmp_path / "one", tmp_path / "two", rtol=1e-4, atol=1e-5)
-
-    # killed (the whole torchrun group) after its first checkpoint, then resumed under FSDP: the same run
-    cut = tmp_path / "cut"
-    proc = torchrun("train", "--out", cut, *COMMON, "train.parallel=fsdp", "train.steps=40",
-                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    """One FSDP run, killed (the whole torchrun group, SIGKILL) after its first checkpoint and resumed under
+    FSDP, against one process: every step's loss and the final weights (torchrun's start-up is most of the cost)."""
+    cli("train", "--out", tmp_path / "one", *COMMON)
+    two = tmp_path / "two"
+    proc = torchrun("train", "--out", two, *COMMON, "train.parallel=fsdp", stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while not (cut / "latest").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
+    while not (two / "latest").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
     killed = proc.poll() is None
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert killed, "the run finished before the kill"
-    torchrun("train", "--out", cut, "--resume", *COMMON, "train.parallel=fsdp", "train.steps=40")
-    duollm("train", "--out", tmp_path / "whole", *COMMON, "train.steps=40")
-    assert max(s for s, *_ in losses(cut)) == 40
-    assert_same_weights(cut, tmp_path / "whole", rtol=1e-3, atol=1e-5)
+    torchrun("train", "--out", two, "--resume", *COMMON, "train.parallel=fsdp")
+    one = [row for row in losses(tmp_path / "one") if row[1] is not None]
+    got = [row for row in losses(two) if row[1] is not None]
+    assert [s for s, *_ in one] == [s for s, *_ in got] == list(range(1, STEPS + 1))
+    for (_, a, _), (_, b, _) in zip(one, got):
+        assert a == pytest.approx(b, rel=1e-4)  # the stated tolerance: float sums in another order
+    assert_same_weights(tmp_path / "one", two, rtol=1e-4, atol=1e-5)
 
-    # the checkpoint is the one format: one process evaluates it and resumes it (under DDP's default)
-    proc = duollm("eval", tmp_path / "two", "--json")
+    # the checkpoint is the one format: one process evaluates it, runs the oracle and a router on it, resumes it
+    proc = cli("eval", two, "--json")
     assert '"ppl"' in proc.stdout
-    duollm("train", "--out", tmp_path / "two", "--resume", *COMMON, "train.steps=10")
-    assert losses(tmp_path / "two")[-1][0] == 10
+    cli("oracle", two, "--budgets", "2", "--max-tokens", "256")
+    cli("router", two, "--target", "0.5", "--steps", "4")
+    assert rundir.oracle_names(two) and rundir.router_names(two)
+    cli("train", "--out", two, "--resume", *COMMON, f"train.steps={STEPS + 2}")
+    assert losses(two)[-1][0] == STEPS + 2
 
 
 def test_parallel_must_be_ddp_or_fsdp(tmp_path):
-    proc = duollm("train", "--config", "tiny", "--out", tmp_path / "r", "--set", "train.parallel=zero3", check=False)
+    proc = cli("train", "--config", "tiny", "--out", tmp_path / "r", "--set", "train.parallel=zero3", check=False)
     assert proc.returncode != 0 and "train.parallel ddp or fsdp" in proc.stderr and not (tmp_path / "r").exists()

@@ -90,7 +90,6 @@ class Model:
     title: str
     prepare: Callable[[DuoModel], None] | None = None
     trained_here: bool = True
-    after: str | None = None  # the model whose checkpoint this one starts from
 
 
 def plan(cfg: RunConfig, run: Path) -> list[Model]:
@@ -117,7 +116,7 @@ def plan(cfg: RunConfig, run: Path) -> list[Model]:
 
     models.append(Model("bigfirst", root / "bigfirst", _sub_config(cfg, steps_b, seed_offset=1),
                         f"Fig. 8c phase 2: big modules frozen, small modules trained with random routing, {steps_b} steps",
-                        prepare=from_phase_a, after="bigfirst-a"))
+                        prepare=from_phase_a))
     return models
 
 
