@@ -146,7 +146,7 @@ PRESETS: dict[str, dict] = {
         # budget router ~0.4 s per step; the paper's router only (imitation: +~45 s), one context. 100 router
         # steps: at 50 the routers sat 1.4-1.9 ppl above fixed@k and a finding turned inconclusive; batch 16:
         # at 8 (~14 s less per router) they sat 1.1-1.3 ppl above fixed@k and the router finding did too (docs/LOG.md)
-        # stage 1 (off by default): 7 models of 256 steps, ~N minutes (docs/LOG.md)
+        # stage 1 (off by default, study.stage1=true): 7 models of 256 steps, 23.6 minutes measured (docs/LOG.md)
         "study": dict(tokens=1024, contexts="shared", router_steps=100, router_batch=16, router_methods="budget",
                       batch_tokens=1024, stage1_steps=256),
     },
