@@ -387,12 +387,12 @@ def make_null_run(run: Path) -> Path:
     return out
 
 
-def stage1_dir(run: Path) -> Path:  # the Stage-1 study's models (stage1.py); its evaluation: stage1_evaluation
+def stage1_dir(run: Path) -> Path:  # the Stage-1 study's models (stage1.py)
     return Path(run) / STAGE1
 
 
 def stage1_evaluation(run: Path) -> Path:
-    return Path(run) / STAGE1 / "evaluation.json"
+    return stage1_dir(run) / "evaluation.json"
 
 
 # ----------------------------------------------------------------------------- one writer

@@ -227,17 +227,16 @@ def evaluate(cfg: RunConfig, run: Path, oracle: Path | None = None, log=print) -
     fixed = fixed_patterns(oracle, L)
     reference = FlopModel.from_config(cfg.model).all_big()  # the cost model DuoModel.forward reports
     models = {}
-    todo = [m for m in plan(cfg, run) if routings(m.name, L)]
-    bar = tqdm(total=sum(2 * len(routings(m.name, L, fixed=fixed)) for m in todo), desc="stage 1: evaluation",
-               unit="eval", leave=False)
-    for m in todo:
+    todo = [(m, r) for m in plan(cfg, run) if (r := routings(m.name, L, fixed=fixed))]  # bigfirst-a: none
+    bar = tqdm(total=sum(2 * len(r) for _, r in todo), desc="stage 1: evaluation", unit="eval", leave=False)
+    for m, scored_under in todo:
         trained, _ = rundir.load_model(m.folder, device)
         torch.manual_seed(m.cfg.train.seed)  # the model at initialisation, as pretraining builds it
         init = DuoModel(m.cfg.model).to(device).eval()
         entry = {"folder": str(m.folder.relative_to(run)) if m.folder != run else ".", "title": m.title,
                  "step": rundir.trained_step(m.folder), "d_ff_big": m.cfg.model.d_ff_big,
                  "params": sum(p.numel() for p in trained.parameters()), "trained": {}, "init": {}}
-        for label, routes in routings(m.name, L, fixed=fixed).items():
+        for label, routes in scored_under.items():
             if isinstance(routes, float):  # random routing: fresh seeded routes per draw
                 routes = (lambda p: lambda n, seed: random_routes(L, n, T, p_big=p, seed=seed))(routes)
             for which, model in (("trained", trained), ("init", init)):
