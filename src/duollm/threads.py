@@ -10,10 +10,11 @@ of spin (``OMP_WAIT_POLICY=PASSIVE``) helped under load but cost 20-30% on an id
 
 So ``ThreadGovernor`` watches the machine: every ``interval`` seconds it reads how much CPU the
 *other* processes used on the cores this process may run on (``/proc/stat`` over our affinity set,
-minus our own CPU time, so that our spinning threads do not count against us) and sets torch's
-intra-op threads to the cores left free, rounded to the nearest whole core, between 1 and the
-maximum (torch's default: the cores, or ``OMP_NUM_THREADS``). Loops call ``poll()`` once per unit
-of work (a training step, a leaf of the oracle's tree); between readings it costs one clock read.
+minus the CPU time of this process and its descendants, so that neither our spinning threads nor
+torch.compile's compile workers count against us) and sets torch's intra-op threads to the cores
+left free, rounded to the nearest whole core, between 1 and the maximum (torch's default: the
+cores, or ``OMP_NUM_THREADS``). Loops call ``poll()`` once per unit of work (a training step, a leaf
+of the oracle's tree); between readings it costs one clock read.
 ``threads=N`` (``--threads N``, config key ``threads``) fixes N threads instead. Where ``/proc/stat``
 is missing (not Linux) the count stays at the maximum.
 
@@ -55,6 +56,43 @@ def busy_jiffies(cores: list[int]) -> int | None:
     return total
 
 
+def _stat_jiffies(stat: str) -> tuple[int, int]:
+    """``(ppid, jiffies)`` of a ``/proc/<pid>/stat`` line: the process's user and system time, its
+    reaped children's included (after the command's closing parenthesis: state, ppid, ..., fields 14-17)."""
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return int(fields[1]), sum(int(x) for x in fields[11:15])
+
+
+def own_jiffies() -> int | None:
+    """CPU jiffies this process and its living descendants spent (reaped ones included): "ours".
+
+    Our own children are not competitors: torch.compile's compile workers and their compilers are
+    child processes, and seeing them as another busy process dropped training to one thread during
+    compilation, and every change of the thread count made ``torch.compile`` recompile (it guards on it;
+    docs/LOG.md 2026-12-02, 45 s instead of 71 s for the first six steps). None without ``/proc``."""
+    me = os.getpid()
+    try:
+        with open(f"/proc/{me}/stat") as f:
+            _, total = _stat_jiffies(f.read())
+        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return None
+    children: dict[int, list[tuple[int, int]]] = {}
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                ppid, jiffies = _stat_jiffies(f.read())
+        except (OSError, ValueError):  # gone since the listing
+            continue
+        children.setdefault(ppid, []).append((pid, jiffies))
+    todo = [me]
+    while todo:
+        for pid, jiffies in children.get(todo.pop(), []):
+            total += jiffies
+            todo.append(pid)
+    return total
+
+
 class ThreadGovernor:
     """See the module docstring. ``fixed``: a thread count to keep (0 or None: follow the free cores)."""
 
@@ -71,19 +109,19 @@ class ThreadGovernor:
         self.changes = 0
         torch.set_num_threads(self.threads)
 
-    def _reading(self) -> tuple[float, int, float] | None:
-        busy = busy_jiffies(self.cores)
-        return None if busy is None else (time.monotonic(), busy, time.process_time())
+    def _reading(self) -> tuple[float, int, int] | None:
+        busy, ours = busy_jiffies(self.cores), own_jiffies()
+        return None if busy is None or ours is None else (time.monotonic(), busy, ours)
 
     def others(self) -> float | None:
-        """Cores the other processes used since the last reading (and start a new reading)."""
+        """Cores the other processes (not ours, not our descendants) used since the last reading (and
+        start a new reading)."""
         now = self._reading()
         last, self._last = self._last, now
         if now is None or last is None or now[0] - last[0] <= 0:
             return None
         wall = now[0] - last[0]
-        ours = (now[2] - last[2]) * CLK_TCK
-        return max(0.0, (now[1] - last[1] - ours) / CLK_TCK / wall)
+        return max(0.0, (now[1] - last[1] - (now[2] - last[2])) / CLK_TCK / wall)
 
     def decide(self, others: float) -> int:
         """Threads for the free cores: len(cores) - others, to the nearest core, within [1, max]."""

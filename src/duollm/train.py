@@ -224,16 +224,18 @@ def train_loop(
             batch.update(objective.make_batch(idx_BT, tgt_BT, gen))
         return batch
 
-    def forward(batch: dict, *, backward: bool) -> float:
-        """Mean loss over the global batch (gradients accumulated when ``backward``)."""
+    def forward(batch: dict, *, backward: bool, net: torch.nn.Module | None = None) -> float:
+        """Mean loss over the global batch (gradients accumulated when ``backward``) of ``net`` (default:
+        the wrapped module: compiled, DDP)."""
+        net = net or wrapped
         loss_sum = torch.zeros((), device=device)
         for m in range(t.grad_accum):
             lo = (ddp.rank * t.grad_accum + m) * micro
             mb = {k: v[lo : lo + micro].to(device) for k, v in batch.items()}  # every tensor is batch-first
             sync = m == t.grad_accum - 1 or ddp.world == 1 or sharded  # FSDP: reduce-scatter every micro-batch
-            ctx = contextlib.nullcontext() if sync or not backward else wrapped.no_sync()
+            ctx = contextlib.nullcontext() if sync or not backward else net.no_sync()
             with ctx, autocast(device, t.dtype), torch.set_grad_enabled(backward):
-                loss = objective.loss(wrapped, mb)
+                loss = objective.loss(net, mb)
             if backward:
                 (loss / t.grad_accum).backward()
             loss_sum += loss.detach().float()
@@ -263,7 +265,8 @@ def train_loop(
     def probe(step: int) -> float:
         """The loss of the current weights on the next batch, changing nothing (buffers restored)."""
         buffers = {name: b.clone() for name, b in module.named_buffers()}
-        loss = forward(batch_of(step), backward=False)
+        # the module itself: a compiled one would compile its whole forward again for no_grad (~5 s on `cpu`)
+        loss = forward(batch_of(step), backward=False, net=module)
         with torch.no_grad():
             for name, b in module.named_buffers():
                 b.copy_(buffers[name])
