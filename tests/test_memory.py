@@ -1,5 +1,6 @@
 """The memory plan (``duollm info --memory``, issue 17): exact state sizes, activations counted on the meta
-device within 10% of what a routed CPU training forward really saves, the layouts' arithmetic."""
+device within 10% of what a routed CPU training forward really saves, the peak as the larger of two moments,
+the layouts' arithmetic."""
 
 import json
 
@@ -36,7 +37,9 @@ def saved_by_a_routed_forward(cfg, B: int) -> int:
 
 @pytest.mark.parametrize("preset", ["tiny", "cpu"])
 def test_planned_activations_are_within_10_percent_of_a_routed_forward(preset):
-    cfg = load_config(preset, ["train.batch_size=4", "train.seq_len=32"] if preset == "cpu" else ["train.batch_size=4"])
+    # at the preset's own length: the meta device's math attention saved T x T probabilities the fused kernels do
+    # not, which put the count 14% over at 128 tokens and hid at 32
+    cfg = load_config(preset, ["train.batch_size=4"])
     p = memory.plan(cfg, dtype="float32")
     tokens = 4 * cfg.train.seq_len
     planned = p["bytes"]["activations"] - 2 * tokens * cfg.model.vocab_size * 4  # less the gradients in flight
@@ -75,3 +78,17 @@ def test_info_prints_the_plan():
     assert info["memory"]["dtype"] == "bfloat16" and info["memory"]["bytes"]["total"] > 0
     bad = cli("info", "--config", "cpu", "--memory", "--gpus", "0", check=False)
     assert bad.returncode != 0 and "--gpus must be >= 1" in bad.stderr
+
+
+def test_the_peak_is_the_larger_of_two_moments_not_the_sum_of_the_rows():
+    p = memory.plan(load_config("cpu"), dtype="float32")
+    b = p["bytes"]
+    assert b["total"] == max(p["phases"].values())
+    # the backward starts without gradients (freed after every step); AdamW's step runs without activations
+    assert p["phases"]["backward"] == b["weights"] + b["optimizer"] + b["activations"]
+    assert p["phases"]["optimizer"] == b["weights"] + b["optimizer"] + b["gradients"] + b["buffers"]
+    assert p["peak_phase"] == "backward" and b["total"] < sum(v for k, v in b.items() if k != "total")
+    acc = memory.plan(load_config("cpu", ["train.grad_accum=4"]), dtype="float32")
+    a = acc["bytes"]  # under accumulation the earlier micro-batches' gradients are held through the backward
+    assert acc["phases"]["backward"] == a["weights"] + a["optimizer"] + a["gradients"] + a["activations"]
+    assert a["activations"] == pytest.approx(b["activations"] / 4)
