@@ -66,6 +66,27 @@ def autocast(device: torch.device, dtype: str):
     return contextlib.nullcontext()
 
 
+@contextlib.contextmanager
+def deterministic_compiled(on: bool):
+    """Deterministic algorithms while a compiled model trains on the CPU (``on``), as they were after.
+
+    Inductor's CPU scatter kernels (the backward of the embedding and of the routed FFN's gather)
+    accumulate with atomic adds in whatever order the threads reach them, so two runs of one seed on
+    the same threads parted after ~8 `cpu`-preset steps and ended 0.06 nats apart. Deterministic mode
+    makes inductor lower them to ATen's ordered kernels instead: bit-identical runs, no step-time
+    cost measured (docs/LOG.md 2026-12-02). Not on CUDA, where ordered kernels are slow and cuBLAS
+    has its own conditions."""
+    if not on:
+        yield
+        return
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
 # ----------------------------------------------------------------------------- schedule and logging
 
 
@@ -273,56 +294,57 @@ def train_loop(
         return loss
 
     pending = None  # a staged checkpoint waiting for the next loss to prove its weights good
-    try:
-        for step in range(start, t.steps):
-            threads.poll()  # follow the cores other processes leave free (threads.py)
-            lr = lr_at(step, t)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            module.train()
-            train_loss = forward(batch_of(step), backward=True)
-            if not math.isfinite(train_loss):
-                raise diverged("loss", train_loss, step + 1)
-            # max_norm=inf measures without clipping (train.grad_clip=0: off)
-            grad_norm = fsdp.full_norm(torch.nn.utils.clip_grad_norm_(params, t.grad_clip or math.inf))
-            if not math.isfinite(grad_norm):
-                raise diverged("the gradient norm", grad_norm, step + 1)
-            if pending is not None:
+    with deterministic_compiled(t.compile and device.type == "cpu"):
+        try:
+            for step in range(start, t.steps):
+                threads.poll()  # follow the cores other processes leave free (threads.py)
+                lr = lr_at(step, t)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                module.train()
+                train_loss = forward(batch_of(step), backward=True)
+                if not math.isfinite(train_loss):
+                    raise diverged("loss", train_loss, step + 1)
+                # max_norm=inf measures without clipping (train.grad_clip=0: off)
+                grad_norm = fsdp.full_norm(torch.nn.utils.clip_grad_norm_(params, t.grad_clip or math.inf))
+                if not math.isfinite(grad_norm):
+                    raise diverged("the gradient norm", grad_norm, step + 1)
+                if pending is not None:
+                    commit(pending)
+                    pending = None
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                done = step + 1
+                bar.update(1)
+                if done % t.log_every == 0 or done == t.steps:
+                    now = time.perf_counter()
+                    n = t.log_every if done % t.log_every == 0 else done - start
+                    last = {"train/loss": train_loss, "lr": lr, "grad_norm": grad_norm,
+                            "tokens_per_s": n * tokens_per_step / max(now - tick, 1e-9)}
+                    tick = now
+                    log.write(done, last)
+                    bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
+                # under FSDP every rank takes part in the forward (its all-gathers); rank 0 logs
+                if objective.evaluate is not None and (done % t.eval_every == 0 or done == t.steps) and (ddp.main or sharded):
+                    val = objective.evaluate(module)
+                    log.write(done, val)
+                    last.update(val)
+                    if ddp.main:
+                        bar.write(f"step {done}: " + "  ".join(f"{k} {v:.4f}" for k, v in val.items()))
+                if done % t.save_every == 0 or done == t.steps:
+                    pending = stage(done)
+            if pending is not None:  # the last checkpoint: its weights' loss on the next batch, no update
+                module.train()
+                final_loss = probe(t.steps)
+                if not math.isfinite(final_loss):
+                    raise diverged("the loss of the final weights", final_loss, t.steps)
                 commit(pending)
                 pending = None
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            done = step + 1
-            bar.update(1)
-            if done % t.log_every == 0 or done == t.steps:
-                now = time.perf_counter()
-                n = t.log_every if done % t.log_every == 0 else done - start
-                last = {"train/loss": train_loss, "lr": lr, "grad_norm": grad_norm,
-                        "tokens_per_s": n * tokens_per_step / max(now - tick, 1e-9)}
-                tick = now
-                log.write(done, last)
-                bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
-            # under FSDP every rank takes part in the forward (its all-gathers); rank 0 logs
-            if objective.evaluate is not None and (done % t.eval_every == 0 or done == t.steps) and (ddp.main or sharded):
-                val = objective.evaluate(module)
-                log.write(done, val)
-                last.update(val)
-                if ddp.main:
-                    bar.write(f"step {done}: " + "  ".join(f"{k} {v:.4f}" for k, v in val.items()))
-            if done % t.save_every == 0 or done == t.steps:
-                pending = stage(done)
-        if pending is not None:  # the last checkpoint: its weights' loss on the next batch, no update
-            module.train()
-            final_loss = probe(t.steps)
-            if not math.isfinite(final_loss):
-                raise diverged("the loss of the final weights", final_loss, t.steps)
-            commit(pending)
-            pending = None
-    finally:
-        if isinstance(pending, Path):  # staged but never vouched for (divergence, interruption)
-            shutil.rmtree(pending, ignore_errors=True)
-        bar.close()
-        log.close()
+        finally:
+            if isinstance(pending, Path):  # staged but never vouched for (divergence, interruption)
+                shutil.rmtree(pending, ignore_errors=True)
+            bar.close()
+            log.close()
     return last
 
 
