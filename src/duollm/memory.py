@@ -20,9 +20,9 @@ Gradients are freed after every step and the activations before the optimizer ru
 
 Activations are not estimated from a formula but *counted*: the real model runs one sequence on the
 ``meta`` device (no memory, no arithmetic) under saved-tensor hooks, at all-big and at all-small routing,
-and random routing at P(big) = p saves p of the one and 1 - p of the other per token (measured: within
-0.1% of a routed CPU forward on the ``cpu`` preset at its batch and length, 4% on ``tiny``). Under bf16 autocast the counted
-tensors are taken at 2 bytes where the meta run in bf16 gives them; the residual stream and the norms
+and random routing at P(big) = p saves p of the one and 1 - p of the other per token (measured: 4.8% under
+a routed CPU forward on the ``cpu`` preset at its batch and length, 4% on ``tiny``). Under bf16 autocast the
+counted tensors are taken at 2 bytes where the meta run in bf16 gives them; the residual stream and the norms
 stay fp32 under real autocast, so the bf16 figure is a lower bound (``cpu`` preset: CPU autocast saved
 0.71x of fp32's bytes, the plan counts 0.66x).
 """
@@ -46,9 +46,9 @@ _SDPA = F.scaled_dot_product_attention
 def _fused_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
     """Attention as the fused kernels run it, for the meta count. On ``meta`` PyTorch has no fused kernel and
     takes the math path, which saves the T x T probabilities; CPU flash attention and the CUDA kernels save
-    q, k, v, the output and one log-sum-exp per query instead (counted with them: 579 MiB at the ``cpu``
-    preset's batch, where a CPU forward saves 509). The CPU flash op has a meta kernel: its saved tensors
-    are the fused kernels'. A mask (never in training) keeps the math path."""
+    q, k, v, the output and one log-sum-exp per query instead (at the ``cpu`` preset's batch a CPU forward
+    saves 509 MiB: the math path counted 579, this 484). The CPU flash op has a meta kernel: its saved
+    tensors are the fused kernels'. A mask (never in training) keeps the math path."""
     if attn_mask is not None or dropout_p:
         return _SDPA(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
                      enable_gqa=enable_gqa)

@@ -72,7 +72,7 @@ def deterministic_compiled(on: bool):
 
     Inductor's CPU scatter kernels (the backward of the embedding and of the routed FFN's gather)
     accumulate with atomic adds in whatever order the threads reach them, so two runs of one seed on
-    the same threads parted after ~8 `cpu`-preset steps and ended 0.06 nats apart. Deterministic mode
+    the same threads parted after ~8 `cpu`-preset steps and ended 0.1 nats apart. Deterministic mode
     makes inductor lower them to ATen's ordered kernels instead: bit-identical runs, no step-time
     cost measured (docs/LOG.md 2026-12-02). Not on CUDA, where ordered kernels are slow and cuBLAS
     has its own conditions."""
@@ -286,7 +286,7 @@ def train_loop(
     def probe(step: int) -> float:
         """The loss of the current weights on the next batch, changing nothing (buffers restored)."""
         buffers = {name: b.clone() for name, b in module.named_buffers()}
-        # the module itself: a compiled one would compile its whole forward again for no_grad (~5 s on `cpu`)
+        # the module itself: a compiled one would compile its whole forward again for no_grad (~6 s on `cpu`)
         loss = forward(batch_of(step), backward=False, net=module)
         with torch.no_grad():
             for name, b in module.named_buffers():
