@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -115,20 +114,17 @@ def main(argv=None) -> int:
                 base.mkdir(parents=True)
                 save_config(cfg, rundir.config_path(base))
                 rundir.prepare_data(cfg, base, log=lambda *a: None)
-            out = Path(tmp) / f"b{batch}"
-            rundir.make_sub_run(base, out, cfg)
             peaks = {}
             for mode, env in (("live", {"MALLOC_MMAP_THRESHOLD_": "65536"}), ("default", {})):
                 if mode == "default" and args.device != "cpu":
                     break
+                out = rundir.make_sub_run(base, Path(tmp) / f"b{batch}-{mode}", cfg)  # a fresh run per case
                 proc = subprocess.run([sys.executable, "-c", CHILD, args.config, str(out), json.dumps(sets)],
                                       capture_output=True, text=True, env={**os.environ, **env})
                 if proc.returncode:
                     print(proc.stderr[-2000:], file=sys.stderr)
                     return 1
                 peaks[mode] = json.loads(proc.stdout.strip().splitlines()[-1])["peak"]
-                shutil.rmtree(out)
-                rundir.make_sub_run(base, out, cfg)
             if args.device == "cpu":
                 peaks["tensors"] = tensor_peak(cfg)
             plan = memory.plan(cfg, 1, "ddp", "float32" if args.device == "cpu" else None)
