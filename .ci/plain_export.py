@@ -16,7 +16,8 @@ if mode == "make":
 
     import torch
 
-    from duollm.rundir import load_model, routing_policy
+    from duollm.checkpoint import load_model
+    from duollm.routers.store import routing_policy
 
     run = root / "run"
     for args in (["train", "--config", "tiny", "--out", run], ["router", run, "--target", "0.5", "--steps", "5"],

@@ -26,9 +26,9 @@ import time
 
 CHILD = r"""
 import itertools, json, sys, time, torch
-from duollm import threads
+from duollm.runtime import threads
 from duollm.config import load_config
-from duollm.model import DuoModel
+from duollm.model.model import DuoModel
 work, n, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 gov = threads.configure(n)
 cfg = load_config("cpu")
@@ -81,7 +81,7 @@ def main() -> None:
     p.add_argument("--json")
     args = p.parse_args()
     sys.path.insert(0, __file__.rsplit("/", 1)[0])
-    from duollm.timing import cpu_busy
+    from duollm.inference.timing import cpu_busy
 
     busy = cpu_busy()
     print(f"CPU busy before the run: {busy:.0%}" if busy is not None else "CPU load unknown")

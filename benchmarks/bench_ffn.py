@@ -33,9 +33,9 @@ import sys
 import torch
 
 from duollm.config import load_config
-from duollm.model import DuoFFN
-from duollm.routing import BIG, FlopModel, RouteProbs, sample_routes
-from duollm.timing import report_machine, time_interleaved
+from duollm.inference.timing import report_machine, time_interleaved
+from duollm.model.model import DuoFFN
+from duollm.model.routing import BIG, FlopModel, RouteProbs, sample_routes
 
 MIXES = {  # name -> route probabilities (skip, small, big)
     "all-big": RouteProbs(skip=0.0, small=0.0, big=1.0),

@@ -1,6 +1,6 @@
 """Wall-clock of routed generation on a preset at initialisation (issue 14): `duollm bench` without a run.
 
-Times prefill and decode (``duollm.bench.measure``: static KV cache, interleaved rounds) at batch 1
+Times prefill and decode (``duollm.inference.bench.measure``: static KV cache, interleaved rounds) at batch 1
 and 8 under all-big, all-small, fixed patterns at k = L/3, L/2, 2L/3 and a *router*: a ``Router``
 with random projections whose big logit is calibrated (``routers.calibrate``) so that 1/3 of the
 routes go big, mixed per token and layer as a trained router's are. Speed-ups over all-big are
@@ -23,11 +23,11 @@ import sys
 
 import torch
 
-from duollm.bench import default_policies, format_table, measure
 from duollm.config import load_config
-from duollm.model import DuoModel
+from duollm.inference.bench import default_policies, format_table, measure
+from duollm.model.model import DuoModel
+from duollm.model.policy import Router
 from duollm.routers.calibrate import calibrate_budget
-from duollm.routers.policy import Router
 
 TARGETS = [  # (what, policy prefix, batch, field, share of the ideal gain)
     ("batch-1 decode, fixed@4", "fixed@4", 1, "decode_gain_share", 0.8),

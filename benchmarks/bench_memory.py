@@ -1,4 +1,4 @@
-"""The memory plan (``duollm info --memory``, ``duollm.memory``) against the measured peak of training.
+"""The memory plan (``duollm info --memory``, ``duollm.train.memory``) against the measured peak of training.
 
 Each case trains a few steps of a preset in a fresh process (``train.pretrain`` on a run folder whose
 token cache is already written, so the corpus and tokenizer are not in the figure) and measures the
@@ -37,8 +37,9 @@ from pathlib import Path
 CHILD = r"""
 import json, sys, threading, time, torch
 from pathlib import Path
-from duollm import rundir, train
 from duollm.config import load_config
+from duollm.data.cache import load_tokens
+from duollm.train.loop import pretrain
 cfg = load_config(sys.argv[1], json.loads(sys.argv[3]))
 out = Path(sys.argv[2])
 cuda = cfg.train.device.startswith("cuda")
@@ -46,7 +47,7 @@ def anon():  # anonymous resident memory (heap, tensors), not the pages of torch
     for line in open("/proc/self/status"):
         if line.startswith("RssAnon:"):
             return int(line.split()[1]) * 1024
-rundir.load_tokens(out, "train")[:].sum()  # the token cache paged in: not the training's
+load_tokens(out, "train")[:].sum()  # the token cache paged in: not the training's
 before, peak, done = anon(), [0], []
 def sample():
     while not done:
@@ -56,7 +57,7 @@ if cuda:
     torch.cuda.reset_peak_memory_stats()
 else:
     threading.Thread(target=sample, daemon=True).start()
-train.pretrain(cfg, out, resume=True, log=lambda *a: None)
+pretrain(cfg, out, resume=True, log=lambda *a: None)
 done.append(1)
 print(json.dumps({"peak": torch.cuda.max_memory_allocated() if cuda else peak[0] - before}))
 """
@@ -67,9 +68,9 @@ def tensor_peak(cfg, steps: int = 3) -> int:
     import torch
     from torch.distributed._tools.mem_tracker import MemTracker
 
-    from duollm.model import DuoModel
-    from duollm.routing import RouteProbs, sample_routes
-    from duollm.train import make_optimizer
+    from duollm.model.model import DuoModel
+    from duollm.model.routing import RouteProbs, sample_routes
+    from duollm.train.loop import make_optimizer
 
     torch.manual_seed(0)
     model = DuoModel(cfg.model)
@@ -100,8 +101,11 @@ def main(argv=None) -> int:
     ap.add_argument("--json")
     args = ap.parse_args(argv)
 
-    from duollm import memory, rundir
+    from duollm import rundir
     from duollm.config import load_config, save_config
+    from duollm.data.cache import prepare_data
+    from duollm.study.folders import make_sub_run
+    from duollm.train import memory
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -113,12 +117,12 @@ def main(argv=None) -> int:
             if not rundir.has_run(base):
                 base.mkdir(parents=True)
                 save_config(cfg, rundir.config_path(base))
-                rundir.prepare_data(cfg, base, log=lambda *a: None)
+                prepare_data(cfg, base, log=lambda *a: None)
             peaks = {}
             for mode, env in (("live", {"MALLOC_MMAP_THRESHOLD_": "65536"}), ("default", {})):
                 if mode == "default" and args.device != "cpu":
                     break
-                out = rundir.make_sub_run(base, Path(tmp) / f"b{batch}-{mode}", cfg)  # a fresh run per case
+                out = make_sub_run(base, Path(tmp) / f"b{batch}-{mode}", cfg)  # a fresh run per case
                 proc = subprocess.run([sys.executable, "-c", CHILD, args.config, str(out), json.dumps(sets)],
                                       capture_output=True, text=True, env={**os.environ, **env})
                 if proc.returncode:

@@ -39,14 +39,16 @@ import time
 import numpy as np
 import torch
 
-from duollm.config import load_config
-from duollm.model import DuoModel
+from duollm.checkpoint import load_model
+from duollm.config import load_config, load_run_config
+from duollm.data.cache import eval_tokens
+from duollm.model.model import DuoModel
+from duollm.model.routing import FlopModel
 from duollm.oracle import build_spec, naive_losses
 from duollm.oracle.kernels import Kernels
 from duollm.oracle.plan import build_plan
 from duollm.oracle.runner import compute_chunk, engine_model
 from duollm.oracle.tree import naive_flops, tree_flops
-from duollm.routing import FlopModel
 
 CLOCK = time.perf_counter  # set in main: process CPU time on one thread, wall time otherwise
 
@@ -135,7 +137,7 @@ def speed(args) -> list[dict]:
 CHILD = """
 import json, resource, sys, tempfile, torch
 from duollm.config import load_config
-from duollm.model import DuoModel
+from duollm.model.model import DuoModel
 from duollm.oracle import build_spec, run_oracle
 tokens, budgets, dtype = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 cfg = load_config("cpu")
@@ -189,14 +191,13 @@ def agreement(args) -> dict:
 
     import pyarrow.parquet as pq
 
-    from duollm import rundir
     from duollm.oracle import run_oracle
 
     run = Path(args.agreement)
-    model = rundir.load_model(run)
+    model = load_model(run)
     model = model[0] if isinstance(model, tuple) else model
-    cfg = rundir.load_run_config(run)
-    idx, tgt = rundir.eval_tokens(run, cfg, max_tokens=args.agreement_tokens)[:2]
+    cfg = load_run_config(run)
+    idx, tgt = eval_tokens(run, cfg, max_tokens=args.agreement_tokens)[:2]
     spec = build_spec(cfg.model.n_layers, options="SB")
     out, times = {}, {}
     with tempfile.TemporaryDirectory() as d:

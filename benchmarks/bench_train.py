@@ -9,7 +9,7 @@ alike), and each keeps the median step time after a warm-up:
     all-big  no routes (every token takes the big FFN: the dense model)
 
 A step is forward, loss.backward(), optimizer.step(), zero_grad — a plain loop, independent
-of ``duollm.train``. The predicted speed-up is the FLOP ratio from ``routing.FlopModel``
+of ``duollm.train.loop``. The predicted speed-up is the FLOP ratio from ``routing.FlopModel``
 (training FLOPs ~ 3 x forward FLOPs, so the factor cancels): all-big FLOPs per token over the
 mean FLOPs per token of the routes actually drawn. Target: the measured speed-up is at least
 80% of the predicted one.
@@ -29,9 +29,9 @@ import time
 import torch
 
 from duollm.config import load_config
-from duollm.model import DuoModel
-from duollm.routing import FlopModel, RouteProbs, sample_routes
-from duollm.timing import report_machine, sync
+from duollm.inference.timing import report_machine, sync
+from duollm.model.model import DuoModel
+from duollm.model.routing import FlopModel, RouteProbs, sample_routes
 
 TARGET = 0.8  # measured speed-up / predicted speed-up, at least
 

@@ -1,7 +1,7 @@
 """The prepared GPU check (``benchmarks/gpu_check.sh``; issue 17): the CUDA paths in one short run.
 
 1. training: ``--steps`` steps of the preset through the real loop (bf16 autocast on CUDA), tokens/s
-   and MFU against the device's bf16 peak, the peak memory against the plan (``duollm.memory``);
+   and MFU against the device's bf16 peak, the peak memory against the plan (``duollm.train.memory``);
 2. the oracle on the device on a slice of patterns (budget L/2, ``--oracle-tokens`` tokens), its
    numbers checked finite;
 3. the same slice on the CPU in float32 where that is cheap (``--cpu-reference``), oracle@k compared;
@@ -49,12 +49,16 @@ def main(argv=None) -> int:
     ap.add_argument("--json")
     args = ap.parse_args(argv)
 
-    from duollm import memory, rundir, train
+    from duollm import rundir
+    from duollm.checkpoint import load_model
     from duollm.config import load_config
-    from duollm.distributed import resolve_device
-    from duollm.generate import generate_batch
+    from duollm.data.cache import load_tokenizer
+    from duollm.inference.generate import generate_batch
+    from duollm.model.routing import FlopModel, RandomPolicy
     from duollm.oracle.command import run_oracle_command
-    from duollm.routing import FlopModel, RandomPolicy
+    from duollm.runtime.distributed import resolve_device
+    from duollm.train import loop as train
+    from duollm.train import memory
 
     device = resolve_device(args.device)
     tmp = tempfile.TemporaryDirectory()
@@ -117,8 +121,8 @@ def main(argv=None) -> int:
         check(rel < 0.01, "device oracle within 1% of the CPU's")
 
     # 4. routed generation
-    model, _ = rundir.load_model(out, device)
-    tok = rundir.load_tokenizer(out)
+    model, _ = load_model(out, device)
+    tok = load_tokenizer(out)
     prompts = [tok.encode(t) for t in ("The ", "def ", "import os\n", "class A:")]
     gens = {}
     for label, routes in (("random:0.5", RandomPolicy(0.5, seed=0)), ("fixed", "BS" * (cfg.model.n_layers // 2))):

@@ -22,7 +22,8 @@ def test_eval_json_and_per_token(tiny_run, tmp_path):
 
 def test_eval_per_token_matches_the_model(tiny_run, tmp_path):
     """The canonical token order: row-major over the run's validation sequences."""
-    from duollm.rundir import eval_tokens, load_model
+    from duollm.checkpoint import load_model
+    from duollm.data.cache import eval_tokens
 
     cli("eval", tiny_run, "--pattern", "BBSS", "--per-token", tmp_path / "l.npy")
     model, cfg = load_model(tiny_run)

@@ -1,8 +1,7 @@
 import pytest
 import yaml
 
-from duollm.config import PRESETS, load_config, save_config, to_dict
-from duollm.rundir import load_run_config
+from duollm.config import PRESETS, load_config, load_run_config, save_config, to_dict
 
 
 def test_presets_load_and_cpu_is_twelve_layers():

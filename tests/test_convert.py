@@ -7,9 +7,9 @@ import torch
 
 pytest.importorskip("transformers")
 
-from duollm.hf.convert import add_arguments as add_convert_arguments  # noqa: E402
-from duollm.hf.convert import init_small_from_big
-from duollm.hf.convert import run_command as run_convert_command
+from duollm.integrations.hf.convert import add_arguments as add_convert_arguments  # noqa: E402
+from duollm.integrations.hf.convert import init_small_from_big
+from duollm.integrations.hf.convert import run_command as run_convert_command
 
 LLAMA = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              vocab_size=512, max_position_embeddings=64, rope_theta=5000.0, tie_word_embeddings=False,
@@ -19,7 +19,7 @@ GPT2 = dict(n_embd=64, n_layer=2, n_head=4, vocab_size=512, n_positions=64, bos_
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    from duollm.lm_eval_tasks import DEFAULT_TEXT
+    from duollm.integrations.lm_eval.tasks import DEFAULT_TEXT
 
     path = tmp_path_factory.mktemp("corpus") / "ft.txt"
     path.write_text(DEFAULT_TEXT.read_text() * 2)
@@ -47,7 +47,7 @@ def convert_cli(*argv):
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_all_big_reproduces_the_source_logits(kind, tiny_run, corpus, tmp_path):
-    from duollm.rundir import load_model
+    from duollm.checkpoint import load_model
 
     source = pretrained(kind, tmp_path / "src", tiny_run)
     run = tmp_path / "run"
@@ -69,7 +69,7 @@ def test_all_big_reproduces_the_source_logits(kind, tiny_run, corpus, tmp_path):
 
 
 def test_small_module_keeps_the_most_important_neurons():
-    from duollm.model import DuoModel, ModelConfig
+    from duollm.model.model import DuoModel, ModelConfig
 
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=50, n_layers=2, d_model=16, n_heads=2, d_ff_big=32, d_ff_small=32, max_seq_len=16)

@@ -2,8 +2,9 @@ import numpy as np
 import pytest
 from conftest import SHARED_CORPUS
 
-from duollm import data, rundir
 from duollm.config import load_config
+from duollm.data import corpus as data
+from duollm.data.cache import cached_meta, eval_tokens, load_tokens, prepare_data
 
 
 def test_builtin_corpus_is_the_python_docs():
@@ -70,12 +71,12 @@ def test_hf_dataset_from_a_local_folder(tmp_path):
 
 def test_prepare_data_caches_tokens(tmp_path):
     cfg = load_config("tiny", [f"data.spec=file:{SHARED_CORPUS}"])
-    meta = rundir.prepare_data(cfg, tmp_path, log=lambda *_: None)
-    train = rundir.load_tokens(tmp_path, "train")
+    meta = prepare_data(cfg, tmp_path, log=lambda *_: None)
+    train = load_tokens(tmp_path, "train")
     assert len(train) == meta["train_tokens"] > 100_000 and train.dtype == np.uint16
     assert int(np.max(train)) < cfg.model.vocab_size
-    assert rundir.prepare_data(cfg, tmp_path, log=lambda *_: None) == meta  # second call reuses the cache
-    idx_ST, tgt_ST = rundir.eval_tokens(tmp_path, cfg, max_tokens=320)
+    assert prepare_data(cfg, tmp_path, log=lambda *_: None) == meta  # second call reuses the cache
+    idx_ST, tgt_ST = eval_tokens(tmp_path, cfg, max_tokens=320)
     assert idx_ST.shape == (10, cfg.train.seq_len)
     assert (idx_ST[:, 1:] == tgt_ST[:, :-1]).all()  # targets are the next tokens
 
@@ -163,7 +164,7 @@ def test_a_saved_dataset_trains(tmp_path):
     datasets.Dataset.from_list(ROWS).save_to_disk(str(tmp_path / "saved"))
     cli("train", "--config", "tiny", "--out", tmp_path / "run", "--data", f"hf:{tmp_path / 'saved'}",
         "--set", "train.steps=2", "train.eval_every=2", "train.save_every=2")
-    meta = rundir.cached_meta(load_config("tiny", [f"data.spec=hf:{tmp_path / 'saved'}"]), tmp_path / "run")
+    meta = cached_meta(load_config("tiny", [f"data.spec=hf:{tmp_path / 'saved'}"]), tmp_path / "run")
     assert meta["chars"] == len(data.EOS.join(r["text"] for r in ROWS))
 
 

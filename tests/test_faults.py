@@ -158,8 +158,8 @@ def test_divergence_names_a_checkpoint_that_is_really_good(tmp_path):
     line = refused("train", "--config", "tiny", "--out", out, "--set", "train.lr=1e6", "train.min_lr=0",
                    "train.save_every=1", "train.eval_every=100", *QUIET, fragment="training diverged")
     assert "at step" in line
-    from duollm.checkpoint import latest_checkpoint
-    from duollm.rundir import eval_tokens, load_model
+    from duollm.checkpoint import latest_checkpoint, load_model
+    from duollm.data.cache import eval_tokens
 
     kept = latest_checkpoint(out)
     if kept is None:
@@ -176,7 +176,7 @@ def test_divergence_names_a_checkpoint_that_is_really_good(tmp_path):
 def test_the_loop_checks_the_gradient_norm_before_the_step(tmp_path, monkeypatch):
     """4: a non-finite gradient norm stops training before the optimizer sees it. The step-4 weights
     gave that gradient, so their checkpoint is not called good: step-0000002 is the last good one."""
-    import duollm.train as train_mod
+    import duollm.train.loop as train_mod
     from duollm.config import load_config
 
     real = torch.nn.utils.clip_grad_norm_
@@ -538,13 +538,13 @@ def test_kill_9_mid_run_then_rerun_gives_identical_outputs(tiny_run, tmp_path, w
 def test_a_run_killed_before_its_data_was_written_restarts(tmp_path, monkeypatch, again):
     """The config is written first: a folder killed while its token cache was being written is a run
     with no checkpoint, which `train` (or `train --resume`) simply starts again."""
-    import duollm.rundir
+    import duollm.train.loop
 
     out = tmp_path / "r"
-    real = duollm.rundir.write_data
-    monkeypatch.setattr(duollm.rundir, "write_data", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    real = duollm.train.loop.write_data
+    monkeypatch.setattr(duollm.train.loop, "write_data", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     assert cli("train", "--config", "tiny", "--out", out, "--set", "train.steps=2")[0] == 130
-    monkeypatch.setattr(duollm.rundir, "write_data", real)
+    monkeypatch.setattr(duollm.train.loop, "write_data", real)
     rc, lines = cli("train", "--config", "tiny", "--out", out, "--set", "train.steps=2", *again)
     assert rc == 0, lines
     assert (out / "latest").resolve().name == "step-0000002"

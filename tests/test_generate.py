@@ -6,12 +6,12 @@ import shutil
 import pytest
 import torch
 
-from duollm.generate import add_arguments as add_generate_arguments
-from duollm.generate import generate_ids
-from duollm.generate import run_command as run_generate_command
-from duollm.model import DuoModel, KVCache, ModelConfig
-from duollm.routing import RandomPolicy
-from duollm.rundir import routing_policy as resolve_policy
+from duollm.inference.generate import add_arguments as add_generate_arguments
+from duollm.inference.generate import generate_ids
+from duollm.inference.generate import run_command as run_generate_command
+from duollm.model.model import DuoModel, KVCache, ModelConfig
+from duollm.model.routing import RandomPolicy
+from duollm.routers.store import routing_policy as resolve_policy
 
 
 def generate_cli(capsys, *argv):
@@ -91,7 +91,8 @@ def test_policy_specs():
 
 
 def test_generate_command_prints_text_and_routes(tiny_run, capsys):
-    from duollm.rundir import load_model, load_tokenizer
+    from duollm.checkpoint import load_model
+    from duollm.data.cache import load_tokenizer
 
     prompt = "The for statement"
     out = generate_cli(capsys, tiny_run, "--prompt", prompt, "--policy", "SB_B", "--max-new-tokens", "12",
@@ -111,9 +112,11 @@ def test_generate_command_prints_text_and_routes(tiny_run, capsys):
 
 def test_generate_command_with_a_router(tiny_run, tmp_path, capsys):
     """router:NAME routes each generated token by the router's decision on its hidden state."""
+    from duollm.checkpoint import load_model
+    from duollm.data.cache import load_tokenizer
+    from duollm.model.policy import Router
     from duollm.routers.config import RouterConfig
-    from duollm.routers.policy import Router
-    from duollm.rundir import load_model, load_tokenizer, save_router
+    from duollm.routers.store import save_router
 
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run, symlinks=True)

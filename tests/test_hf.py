@@ -13,10 +13,10 @@ import torch
 
 pytest.importorskip("transformers")
 
-from duollm.hf import DuoConfig, DuoForCausalLM  # noqa: E402  (registers the Auto classes)
-from duollm.hf.export import add_arguments as add_export_arguments  # noqa: E402
-from duollm.hf.export import run_command as run_export_command
-from duollm.model import ModelConfig  # noqa: E402
+from duollm.integrations.hf import DuoConfig, DuoForCausalLM  # noqa: E402  (registers the Auto classes)
+from duollm.integrations.hf.export import add_arguments as add_export_arguments  # noqa: E402
+from duollm.integrations.hf.export import run_command as run_export_command
+from duollm.model.model import ModelConfig  # noqa: E402
 
 
 def export(run, out, *extra):
@@ -60,7 +60,8 @@ def test_export_then_auto_classes_give_the_run_logits(tiny_run, exported):
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from duollm.rundir import eval_tokens, load_model, load_tokenizer
+    from duollm.checkpoint import load_model
+    from duollm.data.cache import eval_tokens, load_tokenizer
 
     run_model, cfg = load_model(tiny_run)
     hf = AutoModelForCausalLM.from_pretrained(exported).eval()
@@ -128,9 +129,9 @@ def test_greedy_generate_uses_and_grows_the_cache():
 def test_generate_with_a_router_policy(tiny_run, tmp_path):
     from transformers import AutoModelForCausalLM
 
+    from duollm.model.policy import Router
     from duollm.routers.config import RouterConfig
-    from duollm.routers.policy import Router
-    from duollm.rundir import save_router
+    from duollm.routers.store import save_router
 
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run, symlinks=True)
@@ -222,7 +223,7 @@ def test_save_pretrained_round_trip_untied(tmp_path):
 def test_metrics_log_sends_metrics_to_wandb_offline(tmp_path, monkeypatch):
     """train.wandb=true: wandb.init in offline mode in the run folder, every metric logged at its step."""
     from duollm.config import TrainConfig
-    from duollm.train import MetricsLog
+    from duollm.train.loop import MetricsLog
 
     calls = []
     fake = types.ModuleType("wandb")
@@ -255,7 +256,7 @@ def test_wandb_offline_run_is_written(tmp_path, monkeypatch):
     """The real wandb package, offline: the run file under RUN/wandb holds the logged metric."""
     pytest.importorskip("wandb")
     from duollm.config import TrainConfig
-    from duollm.train import MetricsLog
+    from duollm.train.loop import MetricsLog
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -274,8 +275,8 @@ def test_wandb_offline_run_is_written(tmp_path, monkeypatch):
 
 def test_commands_say_how_to_install_transformers(monkeypatch, tmp_path):
     """Without the hf extra, export and convert fail with one line naming the extra (no traceback)."""
-    from duollm.hf.convert import add_arguments as add_convert_arguments
-    from duollm.hf.convert import run_command as run_convert_command
+    from duollm.integrations.hf.convert import add_arguments as add_convert_arguments
+    from duollm.integrations.hf.convert import run_command as run_convert_command
 
     monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers -> ImportError
     with pytest.raises(ValueError, match=r"duollm export needs transformers: pip install 'duollm\[hf\]'"):

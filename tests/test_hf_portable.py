@@ -11,9 +11,9 @@ import torch
 
 pytest.importorskip("transformers")
 
-from duollm.hf import DuoConfig, DuoForCausalLM  # noqa: E402  (registers the Auto classes)
-from duollm.hf.export import export_run  # noqa: E402
-from duollm.hf.standalone import SOURCES, modeling_source  # noqa: E402
+from duollm.integrations.hf import DuoConfig, DuoForCausalLM  # noqa: E402  (registers the Auto classes)
+from duollm.integrations.hf.export import export_run  # noqa: E402
+from duollm.integrations.hf.standalone import SOURCES, modeling_source  # noqa: E402
 
 # a plain torch + transformers environment: every import of duollm fails (CI also runs this in a fresh venv)
 PLAIN = textwrap.dedent("""
@@ -69,7 +69,8 @@ def test_the_standalone_module_defines_each_name_once():
 def test_an_export_loads_and_round_trips_without_duollm(routed_run, tmp_path):
     """trust_remote_code in a process where duollm cannot be imported: the run's logits and routes under the
     exported router policy, save_pretrained -> from_pretrained equal, the routers carried along."""
-    from duollm.rundir import load_model, routing_policy
+    from duollm.checkpoint import load_model
+    from duollm.routers.store import routing_policy
 
     out = export_run(routed_run, tmp_path / "hf", routing="router:budget-0.50")
     assert (out / "modeling_duo.py").is_file() and not (out / "configuration_duo.py").exists()
@@ -86,7 +87,7 @@ def test_an_export_loads_and_round_trips_without_duollm(routed_run, tmp_path):
 
 
 def test_save_pretrained_of_a_registered_model_writes_the_code_too(routed_run, tmp_path):
-    """A model loaded through `import duollm.hf` saves the standalone code and auto_map, so the saved folder
+    """A model loaded through `import duollm.integrations.hf` saves the standalone code and auto_map, so the saved folder
     loads with trust_remote_code where duollm is absent."""
     from transformers import AutoModelForCausalLM
 
@@ -110,7 +111,7 @@ def small_model(**kw) -> DuoForCausalLM:
 def test_activation_checkpointing_gives_the_same_gradients(policy):
     """Checkpointed blocks recompute in the backward with the routes the forward took (a random or budgeted
     policy would otherwise decide anew): loss and every gradient equal the plain backward's."""
-    from duollm.routers.policy import Router
+    from duollm.model.policy import Router
 
     idx = torch.randint(0, 97, (2, 16))
     grads = []

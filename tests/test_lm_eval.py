@@ -9,8 +9,8 @@ import torch
 
 lm_eval = pytest.importorskip("lm_eval")
 
-from duollm.lm_eval_model import DuoLM  # noqa: E402  (registers --model duollm)
-from duollm.lm_eval_tasks import DEFAULT_TEXT, TASKS_DIR  # noqa: E402
+from duollm.integrations.lm_eval.model import DuoLM  # noqa: E402  (registers --model duollm)
+from duollm.integrations.lm_eval.tasks import DEFAULT_TEXT, TASKS_DIR  # noqa: E402
 
 
 def evaluate(model_args: dict, metadata: dict | None = None) -> dict:
@@ -25,7 +25,7 @@ def evaluate(model_args: dict, metadata: dict | None = None) -> dict:
 def whole_windows_text(run, seq_len: int) -> str:
     """A prefix of the shipped text whose tokens fill whole evaluation windows: n * seq_len + 1 tokens,
     so `duollm eval` (which drops a last partial window) and lm-eval score exactly the same tokens."""
-    from duollm.rundir import load_tokenizer
+    from duollm.data.cache import load_tokenizer
 
     tok = load_tokenizer(run)
     ids = tok.encode(DEFAULT_TEXT.read_text())
@@ -38,7 +38,7 @@ def whole_windows_text(run, seq_len: int) -> str:
 
 def test_wrapper_perplexity_equals_duollm_eval(tiny_run, tmp_path, capsys):
     from duollm.cli import main
-    from duollm.rundir import load_run_config
+    from duollm.config import load_run_config
 
     seq_len = load_run_config(tiny_run).train.seq_len
     doc = tmp_path / "doc.txt"
@@ -57,8 +57,8 @@ def test_shipped_task_on_an_exported_model(tiny_run, tmp_path):
     """The shipped text, the exported folder (pretrained=), its saved policy; the same numbers as the run."""
     import argparse
 
-    from duollm.hf.export import add_arguments as add_export_arguments
-    from duollm.hf.export import run_command as run_export_command
+    from duollm.integrations.hf.export import add_arguments as add_export_arguments
+    from duollm.integrations.hf.export import run_command as run_export_command
 
     p = argparse.ArgumentParser()
     add_export_arguments(p)
@@ -74,8 +74,9 @@ def test_shipped_task_on_an_exported_model(tiny_run, tmp_path):
 def test_loglikelihood_and_generate_until(tiny_run):
     from lm_eval.api.instance import Instance
 
-    from duollm.generate import generate_ids
-    from duollm.rundir import load_model, load_tokenizer
+    from duollm.checkpoint import load_model
+    from duollm.data.cache import load_tokenizer
+    from duollm.inference.generate import generate_ids
 
     lm = DuoLM(run=str(tiny_run), policy="SSBB", batch_size=2)
     context, continuation = "The while statement is used for", " repeated execution"
@@ -108,8 +109,8 @@ def test_plain_lm_eval_hf_model_on_an_export_gives_the_same_perplexity(tiny_run,
     pytest.importorskip("accelerate")
     from lm_eval.tasks import TaskManager
 
-    from duollm.hf.export import export_run
-    from duollm.rundir import load_run_config
+    from duollm.config import load_run_config
+    from duollm.integrations.hf.export import export_run
 
     out = export_run(tiny_run, tmp_path / "hf", routing="SB_B")
     seq_len = load_run_config(tiny_run).train.seq_len

@@ -8,11 +8,11 @@ import pytest
 import torch
 from conftest import cli
 
-from duollm import memory
 from duollm.config import load_config
-from duollm.model import DuoModel
-from duollm.routing import RouteProbs, sample_routes
-from duollm.train import make_optimizer
+from duollm.model.model import DuoModel
+from duollm.model.routing import RouteProbs, sample_routes
+from duollm.train import memory
+from duollm.train.loop import make_optimizer
 
 
 def saved_by_a_routed_forward(cfg, B: int) -> int:

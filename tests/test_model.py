@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from duollm.config import load_config
-from duollm.model import DuoModel, param_counts
+from duollm.model.model import DuoModel, param_counts
 
 transformers = pytest.importorskip("transformers")
 
@@ -120,7 +120,7 @@ def test_soft_one_hot_mix_equals_hard_route(model_and_tokens):
 
 
 def test_kv_cache_decoding_matches_full_forward(model_and_tokens):
-    from duollm.model import KVCache
+    from duollm.model.model import KVCache
 
     model, idx_BT = model_and_tokens
     pattern = "SB" * (model.cfg.n_layers // 2)

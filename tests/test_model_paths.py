@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from duollm.config import load_config
-from duollm.model import DuoFFN, DuoModel
-from duollm.routing import BIG, SKIP, SMALL
+from duollm.model.model import DuoFFN, DuoModel
+from duollm.model.routing import BIG, SKIP, SMALL
 
 TOL = dict(rtol=1e-5, atol=1e-6)
 

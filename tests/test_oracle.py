@@ -23,14 +23,14 @@ import pytest
 import torch
 
 from duollm.config import load_config
-from duollm.distributed import has_bf16_matrix_units
-from duollm.model import DuoModel
+from duollm.model.model import DuoModel
+from duollm.model.routing import BIG, SKIP, SMALL, CandidateSpace, code_strings, parse_pattern, pattern_codes
 from duollm.oracle import build_plan, build_spec, naive_losses, pattern_losses, run_oracle
 from duollm.oracle.context import Head, make_context
 from duollm.oracle.reductions import default_schedules, linear_schedule
 from duollm.oracle.runner import engine_model, resolve_dtype
 from duollm.oracle.tree import walk_tree
-from duollm.routing import BIG, SKIP, SMALL, CandidateSpace, code_strings, parse_pattern, pattern_codes
+from duollm.runtime.distributed import has_bf16_matrix_units
 
 ATOL = 2e-5
 
@@ -138,7 +138,7 @@ def test_tree_equals_naive_on_a_gpt2_style_model():
 
 def test_frozen_singleton_equals_own_forward(model, toks, tmp_path):
     """Frozen, candidate set {P}, reference P: exactly the model's forward under P (== duollm eval --pattern P)."""
-    from duollm.evaluate import per_token_loss
+    from duollm.train.evaluate import per_token_loss
 
     idx, tgt = toks
     for P in ("SBB_", "BBBB"):

@@ -12,6 +12,8 @@ import torch
 from conftest import duollm
 
 from duollm.cli import main
+from duollm.config import load_run_config
+from duollm.data.cache import eval_tokens
 from duollm.oracle.runner import resolve_dtype
 
 
@@ -98,7 +100,6 @@ def test_oracle_command_bad_inputs_exit_with_one_line(tiny_run, tmp_path, capsys
 def test_an_oracle_of_the_training_split_is_named_and_kept_apart(tiny_run, tmp_path, capsys):
     """``--split train``: oracle tables for training tokens (what routers may learn from), named apart and
     never taken for the validation oracle by the report, the findings or the routers' comparison."""
-    from duollm import rundir
     from duollm.analysis.rundata import RunData
     from duollm.routers.labels import find_oracle
 
@@ -110,10 +111,10 @@ def test_an_oracle_of_the_training_split_is_named_and_kept_apart(tiny_run, tmp_p
     assert name == "SB-shared-train"
     s = json.loads((run / "oracle" / name / "summary.json").read_text())
     assert s["split"] == "train" and s["data"] == "train split" and s["tokens"] == 256
-    idx, _ = rundir.eval_tokens(run, rundir.load_run_config(run), max_tokens=256, split="train")
+    idx, _ = eval_tokens(run, load_run_config(run), max_tokens=256, split="train")
     table = pq.read_table(run / "oracle" / name / "per_token.parquet")
     assert np.array_equal(table.column("token").to_numpy(), idx.reshape(-1).numpy())
-    val_idx, _ = rundir.eval_tokens(run, rundir.load_run_config(run), max_tokens=256)
+    val_idx, _ = eval_tokens(run, load_run_config(run), max_tokens=256)
     assert not np.array_equal(idx.numpy(), val_idx.numpy())
     assert name not in {o.name for o in RunData(run).sweeps.values()} and find_oracle(run, "SB", 1) != name
     assert main(["oracle", str(run), "--split", "train", "--context", "sequential", "--budgets", "1"]) == 2
@@ -123,4 +124,4 @@ def test_an_oracle_of_the_training_split_is_named_and_kept_apart(tiny_run, tmp_p
     out = capsys.readouterr()
     assert "imitation: 8 training-split oracle sequences (SB-shared-train, k=2)" in out.out + out.err
     e = json.loads((run / "routers" / "imitation-0.50" / "eval.json").read_text())
-    assert e["tokens"] == rundir.eval_tokens(run, rundir.load_run_config(run))[0].numel()  # the validation tokens
+    assert e["tokens"] == eval_tokens(run, load_run_config(run))[0].numel()  # the validation tokens

@@ -25,6 +25,7 @@ from duollm.analysis.findings import (
 )
 from duollm.analysis.report import write_report
 from duollm.analysis.rundata import Oracle, RunData, reference_budgets
+from duollm.data.cache import load_tokens
 from duollm.oracle.command import run_oracle_command
 from duollm.stats import VERDICTS
 
@@ -228,13 +229,12 @@ def test_report_without_routers_or_skip_study(oracle_only_run):
 
 def test_a_barely_trained_run_carries_the_smoke_test_banner(oracle_only_run):
     """The 30-step tiny model is worse than a unigram model of its training tokens: its report says so."""
-    from duollm import rundir
 
     write_report(oracle_only_run)
     res = json.loads((oracle_only_run / "report" / "results.json").read_text())
     q = res["model_quality"]
     table = pq.read_table(oracle_only_run / "oracle" / "SB-shared" / "per_token.parquet")
-    counts = np.bincount(np.asarray(rundir.load_tokens(oracle_only_run, "train")), minlength=512) + 1.0
+    counts = np.bincount(np.asarray(load_tokens(oracle_only_run, "train")), minlength=512) + 1.0
     unigram = math.exp(-np.log(counts[table.column("target").to_numpy()] / counts.sum()).mean())
     assert q["unigram_ppl"] == pytest.approx(unigram, rel=1e-4) and q["ratio"] >= 0.8 and q["smoke_test"] is True
     for page in ("report.md", "index.html"):

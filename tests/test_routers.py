@@ -15,17 +15,19 @@ from conftest import copy_trained
 
 from duollm.analysis.report import router_rows
 from duollm.analysis.rundata import RunData
+from duollm.checkpoint import load_model
 from duollm.config import load_config
-from duollm.evaluate import per_token_loss
+from duollm.data.cache import eval_tokens, load_tokens
+from duollm.model.policy import Router
+from duollm.model.routing import BIG, SMALL, format_pattern
 from duollm.routers.calibrate import calibrate_budget
 from duollm.routers.command import add_arguments, run_router_command
 from duollm.routers.config import resolve_router_config
 from duollm.routers.evaluate import evaluate_router
 from duollm.routers.objectives import RouterTrainer, beta_at, router_objective
-from duollm.routers.policy import Router
-from duollm.routing import BIG, SMALL, format_pattern
-from duollm.rundir import eval_tokens, load_model, load_router, load_tokens
-from duollm.train import train_loop
+from duollm.routers.store import load_router
+from duollm.train.evaluate import per_token_loss
+from duollm.train.loop import train_loop
 
 QUIET = ["train.eval_every=1000", "train.save_every=1000", "train.log_every=1000", "train.batch_size=8"]
 
@@ -212,7 +214,7 @@ def test_save_load_round_trip_and_cli_plumbing(router_run):
 
 
 def test_router_in_generation_with_cache(router_run):
-    from duollm.model import KVCache
+    from duollm.model.model import KVCache
 
     model, cfg = load_model(router_run)
     idx_ST, _ = eval_tokens(router_run, cfg)

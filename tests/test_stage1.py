@@ -7,12 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from duollm import rundir, stage1
+from duollm import rundir
 from duollm.analysis import stage1 as stage1_report
-from duollm.config import load_config
-from duollm.model import DuoModel
-from duollm.routing import FlopModel
-from duollm.study import run_study
+from duollm.checkpoint import load_model, trained_step
+from duollm.config import load_config, load_run_config
+from duollm.model.model import DuoModel
+from duollm.model.routing import FlopModel
+from duollm.study import stage1
+from duollm.study.run import run_study
 
 QUIET = lambda *a, **k: None  # noqa: E731
 
@@ -132,15 +134,15 @@ def test_the_stage_trains_every_model_freezes_the_big_first_model_and_reports(tm
     run_study("tiny", None, out, sets, log=QUIET)
     root = rundir.stage1_dir(out)
     for name in ("dense-p0.00", "dense-p0.25", "dense-p0.50", "dense-p0.75", "dense-p1.00"):
-        assert rundir.trained_step(root / name) == 12, name
+        assert trained_step(root / name) == 12, name
     assert not (root / "duo").exists()  # stage1_steps = train.steps: the run's own model
-    assert rundir.trained_step(root / "bigfirst-a") == 8 and rundir.trained_step(root / "bigfirst") == 4
-    assert rundir.load_run_config(root / "dense-p0.25").model.d_ff_big == stage1.matched_width(
+    assert trained_step(root / "bigfirst-a") == 8 and trained_step(root / "bigfirst") == 4
+    assert load_run_config(root / "dense-p0.25").model.d_ff_big == stage1.matched_width(
         load_config("tiny").model, 0.25)
 
     # Fig. 8c: phase 2 changed the small FFNs only; everything phase 1 trained is bit-identical
-    a = rundir.load_model(root / "bigfirst-a")[0].state_dict()
-    b = rundir.load_model(root / "bigfirst")[0].state_dict()
+    a = load_model(root / "bigfirst-a")[0].state_dict()
+    b = load_model(root / "bigfirst")[0].state_dict()
     assert a.keys() == b.keys()
     small = [k for k in a if ".ffn.small." in k]
     assert small and all(not torch.equal(a[k], b[k]) for k in small)
@@ -165,12 +167,12 @@ def test_the_stage_trains_every_model_freezes_the_big_first_model_and_reports(tm
     assert "Stage 1 (paper Fig. 8)" in (rundir.report_dir(out) / "report.md").read_text()
 
     # rerunning skips every stage; another stage1_steps trains the Duo model of the stage and the rest again
-    before = {p: rundir.trained_step(p) for p in root.iterdir() if p.is_dir()}
+    before = {p: trained_step(p) for p in root.iterdir() if p.is_dir()}
     run_study(None, None, out, [], log=QUIET)
-    assert {p: rundir.trained_step(p) for p in root.iterdir() if p.is_dir()} == before
+    assert {p: trained_step(p) for p in root.iterdir() if p.is_dir()} == before
     run_study(None, None, out, ["study.stage1_steps=6"], log=QUIET)
-    assert rundir.trained_step(root / "duo") == 6 and rundir.trained_step(root / "dense-p0.50") == 6
-    assert rundir.trained_step(root / "bigfirst") == 2
+    assert trained_step(root / "duo") == 6 and trained_step(root / "dense-p0.50") == 6
+    assert trained_step(root / "bigfirst") == 2
     assert json.loads(rundir.stage1_evaluation(out).read_text())["models"]["duo"]["step"] == 6
 
 

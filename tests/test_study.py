@@ -13,10 +13,11 @@ import duollm.oracle.command
 import duollm.oracle.runner
 import duollm.routers.command
 import duollm.routers.evaluate
-import duollm.train
-from duollm.config import load_config
+import duollm.train.loop
+from duollm.checkpoint import load_model, trained_step
+from duollm.config import load_config, load_run_config
 from duollm.stats import VERDICTS
-from duollm.study import Study, resolve_config, router_budgets, run_study
+from duollm.study.run import Study, resolve_config, router_budgets, run_study
 
 QUIET = lambda *a, **k: None  # noqa: E731
 
@@ -27,7 +28,7 @@ class Calls:
 
     def __init__(self, mp: pytest.MonkeyPatch):
         self.log: list[tuple[str, dict]] = []
-        for module, name in ((duollm.train, "pretrain"), (duollm.oracle.command, "run_oracle_command"),
+        for module, name in ((duollm.train.loop, "pretrain"), (duollm.oracle.command, "run_oracle_command"),
                              (duollm.routers.command, "run_router_command")):
             mp.setattr(module, name, self._wrap(name, getattr(module, name)))
 
@@ -249,15 +250,15 @@ def test_the_null_control_is_the_model_at_initialisation_on_the_same_tokens(stud
     import torch
 
     from duollm import rundir
-    from duollm.model import DuoModel
+    from duollm.model.model import DuoModel
 
     out = study["out"]
     null = rundir.null_dir(out)
-    cfg = rundir.load_run_config(out)
+    cfg = load_run_config(out)
     torch.manual_seed(cfg.train.seed)
     init = DuoModel(cfg.model)
-    model, _ = rundir.load_model(null)
-    assert rundir.trained_step(null) == 0
+    model, _ = load_model(null)
+    assert trained_step(null) == 0
     assert all(torch.equal(a, b) for a, b in zip(init.state_dict().values(), model.state_dict().values()))
     real = pq.read_table(out / "oracle" / "SB-shared" / "per_token.parquet", columns=["token", "target"])
     nul = pq.read_table(null / "oracle" / "SB-shared" / "per_token.parquet", columns=["token", "target"])

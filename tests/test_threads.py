@@ -11,9 +11,9 @@ import time
 import pytest
 import torch
 
-from duollm import threads
 from duollm.cli import main
 from duollm.config import load_config
+from duollm.runtime import threads
 
 
 @pytest.fixture

@@ -10,9 +10,9 @@ import torch
 from conftest import duollm
 from safetensors.torch import load_file
 
-from duollm import train as train_mod  # the loop draws its batches with train.sample_batch
+from duollm.train import loop as train_mod  # the loop draws its batches with sample_batch
 from duollm.config import load_config
-from duollm.train import pretrain
+from duollm.train.loop import pretrain
 
 QUICK = ["train.steps=12", "train.save_every=4", "train.eval_every=6", "train.log_every=2"]
 
@@ -222,7 +222,7 @@ def test_an_offline_wandb_run_records_project_tags_and_folder(tmp_path, monkeypa
     """The real wandb, offline: the run lands under train.wandb_dir and its record names project and tags."""
     pytest.importorskip("wandb")
     from duollm.config import TrainConfig
-    from duollm.train import MetricsLog
+    from duollm.train.loop import MetricsLog
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")

@@ -8,15 +8,15 @@ import torch
 from conftest import assert_one_line_error, cli, copy_trained
 
 from duollm.config import load_config
-from duollm.model import DuoModel
+from duollm.model.model import DuoModel
+from duollm.model.policy import Router
+from duollm.model.routing import BIG, SMALL
 from duollm.oracle.naive import naive_losses
 from duollm.routers.command import run_router_command
 from duollm.routers.config import resolve_router_config
 from duollm.routers.objectives import RouterTrainer
-from duollm.routers.policy import Router
+from duollm.routers.store import load_router
 from duollm.routers.value import budget_patterns, collect_targets, prefix_values
-from duollm.routing import BIG, SMALL
-from duollm.rundir import load_router
 
 QUIET = ["train.eval_every=1000", "train.save_every=1000", "train.log_every=1000", "train.batch_size=4",
          "value_tokens=256"]

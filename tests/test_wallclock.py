@@ -6,12 +6,12 @@ import pytest
 import torch
 from conftest import copy_trained, duollm, snapshot
 
-from duollm.bench import WeightBytes, default_policies, format_table, measure
-from duollm.generate import generate_batch, generate_ids
-from duollm.kvcache import KVCache, StaticKVCache
-from duollm.model import DuoModel, ModelConfig
-from duollm.routers.policy import Router
-from duollm.routing import BIG, SMALL
+from duollm.inference.bench import WeightBytes, default_policies, format_table, measure
+from duollm.inference.generate import generate_batch, generate_ids
+from duollm.model.kvcache import KVCache, StaticKVCache
+from duollm.model.model import DuoModel, ModelConfig
+from duollm.model.policy import Router
+from duollm.model.routing import BIG, SMALL
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ import torch as _torch
 # it is set here, on import, before any parallel op has started the pool.
 _torch.set_flush_denormal(True)
 
-from .model import DuoModel, DuoOutput, ModelConfig  # noqa: E402 (after the mode is set)
-from .routing import BIG, SKIP, SMALL, FlopModel, RouteProbs, format_pattern, parse_pattern  # noqa: E402
+from .model.model import DuoModel, DuoOutput, ModelConfig  # noqa: E402 (after the mode is set)
+from .model.routing import BIG, SKIP, SMALL, FlopModel, RouteProbs, format_pattern, parse_pattern  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = [

@@ -32,7 +32,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from . import rundir
+from .config import load_run_config
 from .io import TMP_SUFFIX, as_os_error, atomic_path, atomic_write_json
+from .model.model import DuoModel
 
 LATEST = "latest"
 PIN = "KEEP"  # a step folder holding this file is never deleted by retention
@@ -261,3 +264,26 @@ def load_state(ckpt: Path) -> dict:
             return torch.load(path, map_location="cpu", weights_only=True)  # never unpickles code
     except Exception as e:
         raise ValueError(f"corrupt checkpoint {path}: {_first_line(e)}") from None
+
+
+# ----------------------------------------------------------------------------- a run's model
+
+
+def trained_step(run: Path) -> int:
+    """The step of the run's checkpoint (0: none)."""
+    ckpt = latest_checkpoint(run)
+    return step_of(ckpt) if ckpt is not None and rundir.has_run(run) else 0
+
+
+def load_model(run: Path, device: str | torch.device = "cpu"):
+    """The trained Duo model of a run folder, in eval mode: ``(model, cfg)``."""
+    run = Path(run)
+    if not run.is_dir():
+        raise ValueError(f"run folder {run} does not exist")
+    cfg = load_run_config(run)
+    ckpt = latest_checkpoint(run)
+    if ckpt is None:
+        raise ValueError(f"run folder {run} has no checkpoint (train it first)")
+    model = DuoModel(cfg.model)
+    load_weights(model, ckpt)
+    return model.to(device).eval(), cfg

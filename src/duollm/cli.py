@@ -16,17 +16,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import __version__, memory, rundir, threads
+from . import __version__, rundir
 from .analysis.report import write_report
 from .analysis.rundata import inventory
-from .config import load_config
-from .data import parse_max_tokens
-from .evaluate import per_token_loss, random_routes, summarize
+from .checkpoint import load_model
+from .config import load_config, load_run_config
+from .data.cache import eval_tokens
+from .data.corpus import parse_max_tokens
 from .io import atomic_path
-from .model import DuoModel, param_counts
-from .routing import parse_pattern
-from .study import run_study
-from .train import pretrain
+from .model.model import DuoModel, param_counts
+from .model.routing import parse_pattern
+from .routers.store import routing_policy
+from .runtime import threads
+from .study.run import run_study
+from .train import memory
+from .train.evaluate import per_token_loss, random_routes, summarize
+from .train.loop import pretrain
 
 
 def _fmt_int(n: float) -> str:
@@ -86,7 +91,7 @@ def _routing_from_args(args, n_layers: int, n_seq: int, seq_len: int):
     if len(chosen) > 1:
         raise ValueError(f"give one of --pattern, --random-big, --router; got {' and '.join(chosen)}")
     if getattr(args, "router", None):
-        return [rundir.routing_policy(f"router:{args.router}", n_layers, root=Path(args.run))]
+        return [routing_policy(f"router:{args.router}", n_layers, root=Path(args.run))]
     if args.pattern:
         parse_pattern(args.pattern, n_layers)
         return [(args.pattern, args.pattern)]
@@ -106,8 +111,8 @@ def evaluation_table(run: Path, args) -> list[dict]:
     max_tokens = parse_max_tokens(args.max_tokens)
     if args.per_token and Path(args.per_token).is_dir():
         raise ValueError(f"--per-token {args.per_token} is a folder; give a file name such as losses.npy")
-    model, cfg = rundir.load_model(run)
-    idx_ST, tgt_ST = rundir.eval_tokens(run, cfg, args.data, max_tokens)
+    model, cfg = load_model(run)
+    idx_ST, tgt_ST = eval_tokens(run, cfg, args.data, max_tokens)
     rows = []
     for name, routes in _routing_from_args(args, cfg.model.n_layers, *idx_ST.shape):
         res = per_token_loss(model, idx_ST, tgt_ST, routes, progress=True, desc=name)
@@ -179,7 +184,7 @@ def cmd_info(args) -> None:
     if args.run:
         if not Path(args.run).is_dir():
             raise ValueError(f"run folder {args.run} does not exist")
-        cfg = rundir.load_run_config(Path(args.run))
+        cfg = load_run_config(Path(args.run))
     else:
         cfg = load_config(args.config)
     info = model_info(cfg)
@@ -265,13 +270,14 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
                "stage 2: exhaustive routing search under a budget, with baselines"),
     "router": ("duollm.routers.command", "add_arguments", "run_command",
                "stage 3: train a router on the frozen model, evaluate it against the oracle"),
-    "generate": ("duollm.generate", "add_arguments", "run_command",
+    "generate": ("duollm.inference.generate", "add_arguments", "run_command",
                  "generate text under a routing policy; --show-routes prints the routes"),
-    "bench": ("duollm.bench", "add_arguments", "run_command",
+    "bench": ("duollm.inference.bench", "add_arguments", "run_command",
               "wall-clock of prefill and decode under patterns and routers, next to their ideals"),
-    "export": ("duollm.hf.export", "add_arguments", "run_command",
+    "export": ("duollm.integrations.hf.export", "add_arguments", "run_command",
                "export a run to the Hugging Face format (AutoModelForCausalLM)"),
-    "convert": ("duollm.hf.convert", "add_arguments", "run_command", "turn a pretrained Llama or GPT-2 model into a Duo run"),
+    "convert": ("duollm.integrations.hf.convert", "add_arguments", "run_command",
+                "turn a pretrained Llama or GPT-2 model into a Duo run"),
     "info": (__name__, "add_info_arguments", "cmd_info", "parameter counts and FLOPs per token"),
     "run": (__name__, "add_run_arguments", "cmd_run", "the whole study, end to end"),
     "compare": ("duollm.analysis.compare", "add_arguments", "run_command",

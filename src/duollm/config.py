@@ -17,11 +17,12 @@ from pathlib import Path
 
 import yaml
 
-from .data import check_data_files
-from .distributed import DEVICE_NAMES
+from . import rundir
+from .data.corpus import check_data_files
 from .io import atomic_write_text
-from .model import ModelConfig
-from .routing import CONTEXTS, RouteProbs, parse_routing
+from .model.model import ModelConfig
+from .model.routing import CONTEXTS, RouteProbs, parse_routing
+from .runtime.distributed import DEVICE_NAMES
 
 
 @dataclass
@@ -496,3 +497,11 @@ def read_config_file(path: Path) -> RunConfig:
     except yaml.YAMLError as e:
         raise ValueError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
     return from_dict(RunConfig, data)
+
+
+def load_run_config(run: Path) -> RunConfig:
+    """The resolved config saved in a run folder; one line if the folder holds none."""
+    path = rundir.config_path(run)
+    if not path.is_file():
+        raise ValueError(f"{run} is not a run folder (no {rundir.CONFIG})")
+    return read_config_file(path)

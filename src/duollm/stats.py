@@ -91,9 +91,17 @@ def budget_weights(big_fraction: float, n_layers: int) -> tuple[int, float]:
     return k0, x - k0
 
 
-def finite_rounded(d: dict, nd: int = 4) -> dict:
-    """A statistic's dict for JSON: floats rounded, undefined values (NaN, inf) as None."""
-    return {k: (round(float(v), nd) if math.isfinite(v) else None) for k, v in d.items()}
+def finite_round(x, nd: int = 4):
+    """A number for JSON: rounded to ``nd`` places, undefined (None, NaN, inf) as None; lists and dicts
+    element by element. The one rounding of every number the study writes."""
+    if isinstance(x, dict):
+        return {k: finite_round(v, nd) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [finite_round(v, nd) for v in x]
+    if x is None:
+        return None
+    x = float(x)
+    return round(x, nd) if math.isfinite(x) else None
 
 
 def bootstrap(stat, n_seq: int, *, null_stat=None, n_boot: int = N_BOOT, seed: int = 0, level: float = LEVEL) -> dict:

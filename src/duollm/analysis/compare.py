@@ -49,7 +49,7 @@ def run_summary(run: Path) -> dict:
     """One run's headline numbers (the run table)."""
     inv, rd = inventory(run), RunData(run)
     mid = next((b for b in decomposition(rd) if b["k"] == rd.n_layers // 2), {})
-    results = rundir.report_dir(run) / "results.json"
+    results = rundir.report_results(run)
     verdicts = json.loads(results.read_text()).get("verdicts") if results.is_file() else None
     return {"run": str(run), "steps": inv["trained_steps"], "val_all_big": inv["validation"].get("val/all_big"),
             "val_all_small": inv["validation"].get("val/all_small"), "tokens": mid.get("tokens"), "k": mid.get("k"),

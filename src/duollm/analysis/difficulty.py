@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 
 from .. import rundir
 from ..io import atomic_path, atomic_write_json
+from ..stats import finite_round
 from .rundata import RunData, reference_budgets
 
 TOP = 15  # tokens listed at the head of each ranking
@@ -100,7 +101,7 @@ def context_text(rd: RunData, tab: dict, i: int, before: int = 3) -> str:
 
 
 def _r(x, nd: int = 6):
-    return None if x is None or not math.isfinite(float(x)) else round(float(x), nd)
+    return finite_round(x, nd)
 
 
 def summarize(rd: RunData, tab: dict) -> dict:
@@ -188,7 +189,7 @@ def write_difficulty(run: Path, rd: RunData | None = None) -> dict | None:
         cols[f"oracle_loss_k{k}"] = tab["oracle_JN"][j].astype(np.float32)
     for j, k in enumerate(tab["ks"]):
         cols[f"gap_k{k}"] = (tab["loss_small_N"] - tab["oracle_JN"][j]).astype(np.float32)
-    with atomic_path(out / "difficulty.parquet") as tmp:
+    with atomic_path(out / rundir.DIFFICULTY_TABLE) as tmp:
         pq.write_table(pa.table(cols), str(tmp))
-    atomic_write_json(out / "difficulty.json", summary)
+    atomic_write_json(out / rundir.DIFFICULTY_SUMMARY, summary)
     return summary

@@ -32,10 +32,10 @@ from matplotlib.patches import Patch
 
 from .. import rundir
 from ..io import read_json_lines
+from ..model.routing import BIG, SKIP
 from ..oracle.reductions import linear_schedule
-from ..routing import BIG, SKIP
 from .difficulty import rankdata, reference_k, summarize, token_table
-from .plotting import COLORS, as_rundata, bin_positions, heatmap, new_figure, png_bytes, styled, visible  # noqa: F401
+from .plotting import COLORS, as_rundata, heatmap, new_figure, png_bytes, styled, visible
 from .rundata import RunData, early_exit_pattern, reference_budgets
 
 # ----------------------------------------------------------------------------- perplexity vs budget

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .. import rundir
-from ..stats import bootstrap, verdict, verdict_of
+from ..stats import bootstrap, finite_round, verdict, verdict_of
 from .difficulty import reference_k, spearman
 from .evidence import OracleView, gain, max_drop, ppl_of, slope, view
 from .rundata import RunData, early_exit_pattern, reference_budgets
@@ -46,19 +46,12 @@ class Finding:
 
 
 def _r(x, nd: int = 4):
-    if x is None:
-        return None
-    x = float(x)
-    return round(x, nd) if math.isfinite(x) else None
+    return finite_round(x, nd)
 
 
-def _rounded(effect: dict) -> dict:
-    return {k: (_rounded(v) if isinstance(v, dict) else _r(v, 5)) for k, v in effect.items()}
-
-
-def _decide(fid, claim, criterion, stat, n_seq, null_stat=None, numbers=None, context=None, direction=1) -> Finding:
+def decide(fid, claim, criterion, stat, n_seq, null_stat=None, numbers=None, context=None, direction=1) -> Finding:
     effect = bootstrap(stat, n_seq, null_stat=null_stat)
-    return Finding(fid, claim, criterion, verdict_of(effect, direction), _rounded(effect), numbers or {}, context)
+    return Finding(fid, claim, criterion, verdict_of(effect, direction), finite_round(effect, 5), numbers or {}, context)
 
 
 def _combine(verdicts: list[str]) -> str:
@@ -102,7 +95,7 @@ def oracle_u_shape(v: OracleView | None, nv: OracleView | None, L: int, context=
     ppl = {k: ppl_of(v.seq_loss(f"oracle_loss_k{k}")) for k in v.budgets if k >= 1}
     k_best = min(ppl, key=lambda k: (ppl[k], k))
     nv = _null(v, nv)
-    return _decide("oracle_u_shape", claim, criterion, stat_of(v), v.S, stat_of(nv) if nv else None,
+    return decide("oracle_u_shape", claim, criterion, stat_of(v), v.S, stat_of(nv) if nv else None,
                    {"k_best": k_best, "ppl_k1": _r(ppl[1]), "ppl_best": _r(ppl[k_best]), "ppl_kL": _r(ppl[L]), "L": L},
                    context)
 
@@ -119,7 +112,7 @@ def one_big_beats_all_big(v: OracleView | None, nv: OracleView | None, context=N
         return lambda idx: gain(a[idx], b[idx])
 
     nv = _null(v, nv)
-    return _decide("one_big_beats_all_big", claim, criterion, stat_of(v), v.S, stat_of(nv) if nv else None,
+    return decide("one_big_beats_all_big", claim, criterion, stat_of(v), v.S, stat_of(nv) if nv else None,
                    {"oracle_ppl_k1": _r(ppl_of(v.seq_loss("oracle_loss_k1"))),
                     "all_big_ppl": _r(ppl_of(v.seq_loss("loss_all_big")))}, context)
 
@@ -143,14 +136,14 @@ def big_layers_by_budget(v: OracleView | None, nv: OracleView | None, L: int, co
     for name, direction in (("small", 1), ("large", -1)):
         k = ks[name]
         e = bootstrap(stats[name][0], v.S, null_stat=stats[name][1])
-        parts[name] = {"k": k, "direction": direction, "verdict": verdict_of(e, direction), **_rounded(e),
+        parts[name] = {"k": k, "direction": direction, "verdict": verdict_of(e, direction), **finite_round(e, 5),
                        "big_share_by_layer": [_r(x, 3) for x in v.share_SL(f"best_pattern_k{k}", "B").mean(0)]}
     # the headline effect: the difference of the two slopes (small minus large; > 0 as the paper says)
     (small, n_small), (large, n_large) = stats["small"], stats["large"]
     e = bootstrap(lambda idx: small(idx) - large(idx), v.S,
                   null_stat=(lambda idx: n_small(idx) - n_large(idx)) if nv else None)
     return Finding("big_layers_by_budget", claim, criterion, _combine([p["verdict"] for p in parts.values()]),
-                   _rounded(e), {"slopes": parts}, context)
+                   finite_round(e, 5), {"slopes": parts}, context)
 
 
 def skip_not_early_exit(v: OracleView | None, nv: OracleView | None, L: int, skips: int | None) -> Finding:
@@ -171,7 +164,7 @@ def skip_not_early_exit(v: OracleView | None, nv: OracleView | None, L: int, ski
     losses = v.oracle.pattern_losses()
     order = sorted(losses, key=losses.get)
     nv = _null(v, nv)
-    return _decide("skip_not_early_exit", claim, criterion, stat_of(v), v.S, stat_of(nv) if nv else None,
+    return decide("skip_not_early_exit", claim, criterion, stat_of(v), v.S, stat_of(nv) if nv else None,
                    {"skips": skips, "skip_rate_by_layer": [_r(x, 3) for x in rate_L],
                     "rate_spread": _r(rate_L.max() - rate_L.min()), "early_exit_pattern": ee,
                     "early_exit_rank": order.index(ee) + 1 if ee in losses else None, "candidates": len(order),
@@ -197,7 +190,7 @@ def constant_budget_best(seq: OracleView | None, nseq: OracleView | None, predic
         return lambda idx: min(gain(const[idx], fall[idx]), gain(const[idx], rise[idx]))
 
     nseq = _null(seq, nseq) if nseq is not None and nseq.has(cols[1]) and nseq.has(cols[0].format(c=c)) else None
-    return _decide("constant_budget_best", claim, criterion, stat_of(seq), seq.S, stat_of(nseq) if nseq else None,
+    return decide("constant_budget_best", claim, criterion, stat_of(seq), seq.S, stat_of(nseq) if nseq else None,
                    {"schedules": {n: entries[n]["schedule"] for n in ("constant", "falling", "rising")},
                     "predictions": predictions}, "sequential")
 
@@ -259,8 +252,8 @@ def routers_near_baselines(rd: RunData, v: OracleView | None, null: RunData | No
             vd = "inconclusive"
         verdicts.append(vd)
         rows.append({"router": r["name"], "k": k, "realised_k": _r(k_real, 3), "verdict": vd,
-                     "gap_ratio_minus_0.8": _rounded(ratio), "router_minus_fixed_ppl": _rounded(near),
-                     "oracle_gain_over_fixed": _rounded(real), "null_oracle_gain_over_fixed": _r(null_gain.get(k)),
+                     "gap_ratio_minus_0.8": finite_round(ratio, 5), "router_minus_fixed_ppl": finite_round(near, 5),
+                     "oracle_gain_over_fixed": finite_round(real, 5), "null_oracle_gain_over_fixed": _r(null_gain.get(k)),
                      "ppl": _r(ppl_of(router_S)), "fixed_ppl": _r(ppl_of(fixed_S)), "oracle_ppl": _r(ppl_of(oracle_S))})
     worst = min(rows, key=lambda x: x["gap_ratio_minus_0.8"]["value"])
     return Finding("routers_near_baselines", claim, criterion, _combine(verdicts), worst["gap_ratio_minus_0.8"],
@@ -299,7 +292,7 @@ def routers_favour_late_layers(rd: RunData, null_run: RunData | None = None) -> 
         return Finding("routers_favour_late_layers", claim, criterion, None)
     null = _null_routers(routers, null_run)
     n_seq = len(routers[0]["oracle"]["per_sequence"]["sequence"])
-    return _decide("routers_favour_late_layers", claim, criterion, _router_stat(routers, _late_layers), n_seq,
+    return decide("routers_favour_late_layers", claim, criterion, _router_stat(routers, _late_layers), n_seq,
                    _router_stat(null, _late_layers) if null else None,
                    {"routers": [r["name"] for r in routers], "null_routers": [r["name"] for r in null],
                     "layer_profiles": {r["name"]: r.get("layer_profile") for r in routers}})
@@ -321,7 +314,7 @@ def routers_early_tokens_more_big(rd: RunData, null_run: RunData | None = None) 
     if vd == "reproduced" and effect["value"] < 0.02:
         vd = "inconclusive"
     per_router = {r["name"]: _r(_early_tokens(r["oracle"]["per_sequence"])(np.arange(n_seq))) for r in routers}
-    return Finding("routers_early_tokens_more_big", claim, criterion, vd, _rounded(effect),
+    return Finding("routers_early_tokens_more_big", claim, criterion, vd, finite_round(effect, 5),
                    {"early_minus_rest": per_router, "threshold": 0.02})
 
 
@@ -352,7 +345,7 @@ def difficulty_not_raw_loss(v: OracleView | None, nv: OracleView | None, L: int)
         return _r((gap[small >= np.quantile(small, 0.75)] < np.median(gap)).mean())
 
     nv = _null(v, nv)
-    return _decide("difficulty_not_raw_loss", claim, criterion, stat_of(v), v.S, stat_of(nv) if nv else None,
+    return decide("difficulty_not_raw_loss", claim, criterion, stat_of(v), v.S, stat_of(nv) if nv else None,
                    {"k": k, "high_loss_low_gain_share": high_loss_low_gain(v),
                     "null_high_loss_low_gain_share": high_loss_low_gain(nv) if nv else None}, v.oracle.context)
 

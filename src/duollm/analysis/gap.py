@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..stats import budget_weights, finite_rounded, recovered_share
+from ..stats import budget_weights, finite_round, recovered_share
 from .evidence import view
 from .rundata import RunData
 
 
 def _share(d: dict | None) -> dict | None:
-    return None if d is None else finite_rounded(d)
+    return None if d is None else finite_round(d)
 
 
 def decomposition(rd: RunData) -> list[dict]:

@@ -25,9 +25,11 @@ import numpy as np
 import torch
 
 from .. import rundir
+from ..data.cache import load_tokens
 from ..io import atomic_write_bytes, atomic_write_text
-from ..model import DuoModel, param_counts
+from ..model.model import DuoModel, param_counts
 from ..rundir import writing
+from ..stats import finite_round
 from . import gap, stage1, wallclock
 from .difficulty import reference_k, token_table, write_difficulty
 from .figures import render_all, sample_sequence, visible
@@ -64,10 +66,7 @@ FIGURE_CAPTIONS = {
 
 
 def _r(x, nd: int = 4):
-    if x is None:
-        return None
-    x = float(x)
-    return round(x, nd) if math.isfinite(x) else None
+    return finite_round(x, nd)
 
 
 def model_summary(rd: RunData) -> dict:
@@ -109,7 +108,7 @@ def model_quality(rd: RunData) -> dict | None:
     table = o.per_token() if o is not None else None
     if table is None or "target" not in table.column_names:
         return None
-    counts_V = np.bincount(np.asarray(rundir.load_tokens(rd.run, "train")), minlength=rd.config.model.vocab_size) + 1.0
+    counts_V = np.bincount(np.asarray(load_tokens(rd.run, "train")), minlength=rd.config.model.vocab_size) + 1.0
     tgt_N = table.column("target").to_numpy()
     unigram = math.exp(-float(np.log(counts_V[tgt_N] / counts_V.sum()).mean()))
     ratio = o.summary["all_big_ppl"] / unigram
@@ -485,13 +484,13 @@ def _write_report(run_dir: Path) -> Path:
     pngs = render_all(rd, difficulty, findings) | stage1.figure(s1)
     res = results(rd, difficulty, list(pngs), findings) | ({"stage1": s1} if s1 else {})
     for name, png in pngs.items():
-        atomic_write_bytes(out / "figures" / f"{name}.png", png)
-    figs = out / "figures"
+        atomic_write_bytes(rundir.report_figure(rd.run, name), png)
+    figs = out / rundir.REPORT_FIGURES
     if figs.is_dir():  # figures a previous report had but this run no longer supports
         for stale in sorted(figs.glob("*.png")):
             if stale.stem not in pngs:
                 stale.unlink()
-    atomic_write_text(out / "results.json", json.dumps(res, indent=2, sort_keys=True) + "\n")
-    atomic_write_text(out / "report.md", render_markdown(res, pngs))
-    atomic_write_text(out / "index.html", render_html(res, pngs, coloured_tokens_html(rd)))
-    return out / "index.html"
+    atomic_write_text(rundir.report_results(rd.run), json.dumps(res, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(out / rundir.REPORT_MD, render_markdown(res, pngs))
+    atomic_write_text(rundir.report_html(rd.run), render_html(res, pngs, coloured_tokens_html(rd)))
+    return rundir.report_html(rd.run)

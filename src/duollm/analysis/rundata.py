@@ -22,7 +22,9 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from .. import rundir
-from ..config import RunConfig
+from ..checkpoint import trained_step
+from ..config import RunConfig, load_run_config
+from ..data.cache import load_tokenizer
 
 
 def _json(path: Path):
@@ -89,7 +91,7 @@ class RunData:
 
     @cached_property
     def config(self) -> RunConfig:
-        return rundir.load_run_config(self.run)
+        return load_run_config(self.run)
 
     @property
     def n_layers(self) -> int:
@@ -153,7 +155,7 @@ class RunData:
 
     @cached_property
     def data_meta(self) -> dict:
-        path = rundir.data_dir(self.run) / "meta.json"
+        path = rundir.data_meta(self.run)
         return _json(path) if path.is_file() else {}
 
     @cached_property
@@ -180,7 +182,7 @@ class RunData:
     @cached_property
     def tokenizer(self):
         try:
-            return rundir.load_tokenizer(self.run)
+            return load_tokenizer(self.run)
         except ValueError:
             return None
 
@@ -217,12 +219,12 @@ def inventory(run: Path) -> dict:
     routers = [{"name": r["name"], "method": r.get("method"), "target": r.get("target"), "tokens": r.get("tokens"),
                 "ppl": r.get("ppl"), "big_fraction": r.get("big_fraction"),
                 "recovered": ((r.get("oracle") or {}).get("recovered") or {}).get("value")} for r in rd.routers]
-    results = rundir.report_dir(run) / "results.json"
+    results = rundir.report_results(run)
     inputs = [p for p in Path(run).glob("oracle/*/summary.json")] + [p for p in Path(run).glob("routers/*/eval.json")]
     inputs += [p for p in Path(run).glob("study/routers/*.json")] + [rundir.metrics_path(run), rundir.bench_path(run)]
     newest = max((p.stat().st_mtime for p in inputs if p.is_file()), default=0.0)
     report = "none" if not results.is_file() else "current" if results.stat().st_mtime >= newest else "stale"
-    return {"trained_steps": rundir.trained_step(run), "train_steps": cfg.train.steps,
+    return {"trained_steps": trained_step(run), "train_steps": cfg.train.steps,
             "validation": {k: v for k, v in metrics.items() if k.startswith("val/")},
             "oracles": oracles, "routers": routers, "report": report,
             "null": rundir.has_run(rundir.null_dir(run)), "bench": rundir.bench_path(run).is_file(),

@@ -1,5 +1,5 @@
 """The report's Stage-1 section (paper section 3.4, Fig. 8), from ``RUN/stage1/evaluation.json``
-(``duollm.stage1``): Duo against FLOP-matched dense models at every P(big), the big-first ablation,
+(``duollm.study.stage1``): Duo against FLOP-matched dense models at every P(big), the big-first ablation,
 their findings (three verdicts against the null: the same models at initialisation) and the figure.
 
 Every number is on the stage's own token set (``eval.max_tokens`` whole validation windows, more than
@@ -17,12 +17,14 @@ from pathlib import Path
 import numpy as np
 
 from .. import rundir
-from ..stats import bootstrap, ppl_interval, verdict_of
+from ..stats import bootstrap, finite_round, ppl_interval, verdict_of
 from .evidence import gain
-from .findings import Finding, _decide, _r
+from .findings import Finding, decide
 from .plotting import COLORS, new_figure, png_bytes
 
 DENSE_COLOR = "#1f78b4"
+
+_r = finite_round  # every number rounded as the findings round theirs
 
 
 def load(run: Path) -> dict | None:
@@ -87,7 +89,7 @@ def _all_of(fid: str, claim: str, criterion: str, S: int, parts: dict) -> Findin
     ``(trained, init)``), decided against the null; reproduced only if every part is on its own too,
     contradicted when the mean is. ``numbers``: each part's value, interval and verdict."""
     stats = list(parts.values())
-    f = _decide(fid, claim, criterion, lambda idx: np.mean([a(idx) for a, _ in stats]), S,
+    f = decide(fid, claim, criterion, lambda idx: np.mean([a(idx) for a, _ in stats]), S,
                 lambda idx: np.mean([b(idx) for _, b in stats]))
     each = {name: bootstrap(a, S, null_stat=b) for name, (a, b) in parts.items()}
     verdicts = {name: verdict_of(e) for name, e in each.items()}
@@ -126,7 +128,7 @@ def findings(ev: dict | None) -> list[Finding]:
     if {0.5, 1.0} <= set(grid):
         stat = {w: (lambda a, b: lambda idx: a(idx) - b(idx))(dense_gain(w, 0.5), dense_gain(w, 1.0))
                 for w in ("trained", "init")}
-        out.append(_decide("stage1_duo_approaches_dense", claim, criterion, stat["trained"], S, stat["init"]))
+        out.append(decide("stage1_duo_approaches_dense", claim, criterion, stat["trained"], S, stat["init"]))
     else:
         out.append(Finding("stage1_duo_approaches_dense", claim, criterion, None))
 
@@ -153,7 +155,7 @@ def findings(ev: dict | None) -> list[Finding]:
             return lambda idx: gain(a[idx], b[idx])
         numbers = {f"gain_p{p:g}": _r(gain(loss[("duo", f"p{p:.2f}", "trained")], loss[("bigfirst", f"p{p:.2f}", "trained")]))
                    for p in (0.0, 1.0) if ("bigfirst", f"p{p:.2f}", "trained") in loss}
-        out.append(_decide("stage1_big_first_worse", claim, criterion, first("trained"), S, first("init"), numbers))
+        out.append(decide("stage1_big_first_worse", claim, criterion, first("trained"), S, first("init"), numbers))
     else:
         out.append(Finding("stage1_big_first_worse", claim, criterion, None))
     return out

@@ -1,7 +1,7 @@
 """The report's "compute and wall-clock" section, from ``duollm bench``'s table (``RUN/bench/bench.json``).
 
 Speed-ups over all-big next to the ideals the routes allow (FLOP-proportional for prefill,
-weight-bytes-proportional for decode) and the share of the ideal gain realised (``duollm.bench``).
+weight-bytes-proportional for decode) and the share of the ideal gain realised (``duollm.inference.bench``).
 """
 
 from __future__ import annotations

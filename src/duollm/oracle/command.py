@@ -15,10 +15,14 @@ from pathlib import Path
 import numpy as np
 
 from .. import rundir
-from ..data import parse_max_tokens
-from ..distributed import resolve_device
+from ..checkpoint import load_model
+from ..config import load_run_config
+from ..data.cache import eval_tokens
+from ..data.corpus import parse_max_tokens
 from ..io import atomic_write_json
-from ..routing import CandidateSpace, parse_budgets, parse_routing
+from ..model.routing import CandidateSpace, parse_budgets, parse_routing
+from ..routers.store import routing_policy
+from ..runtime.distributed import resolve_device
 from .plan import OracleSpec
 from .runner import DTYPES, engine_model, run_oracle
 from .sequential import run_sequential
@@ -197,11 +201,11 @@ def run_oracle_command(
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ValueError(f"run folder {run_dir} does not exist")
-    cfg = rundir.load_run_config(run_dir)
+    cfg = load_run_config(run_dir)
     dev = resolve_device(device)
     if context == "frozen" and isinstance(reference, str) and parse_routing(reference, cfg.model.n_layers).kind == "router":
         # a trained router of this run routes the context (hard decisions)
-        reference = rundir.routing_policy(reference, cfg.model.n_layers, root=run_dir, device=dev)[1]
+        reference = routing_policy(reference, cfg.model.n_layers, root=run_dir, device=dev)[1]
     spec = build_spec(
         cfg.model.n_layers, budgets=budgets, options=options, skips=skips, skips_mode=skips_mode,
         budget_mode=budget_mode, context=context, reference=reference, search=search, beam_width=beam_width,
@@ -218,8 +222,8 @@ def run_oracle_command(
     name = name or spec.name() + ("" if split == "validation" else f"-{split}")
     if batch_tokens < 1:
         raise ValueError(f"--batch-tokens must be positive; got {batch_tokens}")
-    model, cfg = rundir.load_model(run_dir, dev)
-    idx_ST, tgt_ST = rundir.eval_tokens(run_dir, cfg, spec=data, max_tokens=max_tokens, split=split)
+    model, cfg = load_model(run_dir, dev)
+    idx_ST, tgt_ST = eval_tokens(run_dir, cfg, spec=data, max_tokens=max_tokens, split=split)
     if schedules_only and spec.context != "sequential":
         raise ValueError("--schedules-only applies to the sequential context only (use --context sequential)")
     with rundir.writing(run_dir):

@@ -28,8 +28,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..model import DuoModel, apply_rope
-from ..routing import CONTEXTS, SKIP, parse_pattern
+from ..model.model import DuoModel, apply_rope
+from ..model.routing import CONTEXTS, SKIP, parse_pattern
 from . import kernels as K
 from .kernels import norm as layer_input  # (the local K below counts KV heads)
 

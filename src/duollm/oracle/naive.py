@@ -18,8 +18,8 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from ..model import DuoModel
-from ..routing import format_pattern, pattern_codes
+from ..model.model import DuoModel
+from ..model.routing import format_pattern, pattern_codes
 from .context import reference_routes
 
 

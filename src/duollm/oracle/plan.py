@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..routing import BIG, CONTEXTS, SMALL, CandidateSpace, parse_pattern, parse_routing, pattern_codes
+from ..model.routing import BIG, CONTEXTS, SMALL, CandidateSpace, parse_pattern, parse_routing, pattern_codes
 
 SEARCHES = ("exhaustive", "beam", "greedy")
 

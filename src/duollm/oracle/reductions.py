@@ -23,7 +23,7 @@ import math
 import numpy as np
 import torch
 
-from ..routing import BIG, SKIP, FlopModel, code_strings, decode_codes
+from ..model.routing import BIG, SKIP, FlopModel, code_strings, decode_codes
 from ..stats import paired_ppl_difference, ppl_interval, recovered_share
 from .plan import Plan
 

@@ -36,11 +36,12 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from ..distributed import has_bf16_matrix_units, init_distributed
+from .. import rundir
 from ..io import atomic_path, atomic_write_json
-from ..model import DuoModel
-from ..routing import BIG, SKIP, code_strings, decode_codes, parse_pattern
+from ..model.model import DuoModel
+from ..model.routing import BIG, SKIP, code_strings, decode_codes, parse_pattern
 from ..rundir import ORACLE_LOSS, PARTIAL, PATTERNS, PER_TOKEN, RUN_JSON, SUMMARY, USAGE
+from ..runtime.distributed import has_bf16_matrix_units, init_distributed
 from ..stats import paired_ppl_difference, ppl_interval
 from .context import Head, make_context
 from .kernels import Kernels
@@ -198,13 +199,13 @@ def compute_chunk(model: DuoModel, plan: Plan, idx_BT, tgt_BT, *, batch_tokens: 
 
 def _open_partial(partial: Path, fingerprint: str, matrix_shape: tuple[int, int] | None) -> None:
     """``.partial/`` for these inputs: saved chunks of other inputs are dropped; the matrix reserved."""
-    stamp = partial / "fingerprint.json"
+    stamp = partial / rundir.PARTIAL_FINGERPRINT
     if stamp.is_file() and json.loads(stamp.read_text()).get("fingerprint") != fingerprint:
         shutil.rmtree(partial)  # different inputs: the saved chunks do not apply
     partial.mkdir(parents=True, exist_ok=True)
     atomic_write_json(stamp, {"fingerprint": fingerprint})
-    if matrix_shape is not None and not (partial / "loss_matrix.npy").is_file():
-        _allocate_matrix(partial / "loss_matrix.npy", matrix_shape)
+    if matrix_shape is not None and not (partial / rundir.LOSS_MATRIX).is_file():
+        _allocate_matrix(partial / rundir.LOSS_MATRIX, matrix_shape)
 
 
 class ChunkProgress:
@@ -304,14 +305,14 @@ def run_oracle(
     if world > 1:
         dist.barrier()
 
-    matrix = np.lib.format.open_memmap(partial / "loss_matrix.npy", mode="r+") if keep_matrix else None
+    matrix = np.lib.format.open_memmap(partial / rundir.LOSS_MATRIX, mode="r+") if keep_matrix else None
     results, resumed, computed = {}, 0, 0
-    todo_tokens = sum((b - a) * T for i, a, b in mine if not (partial / f"chunk_{i:05d}.npz").is_file())
+    todo_tokens = sum((b - a) * T for i, a, b in mine if not (rundir.partial_chunk(partial, i)).is_file())
     bar = ChunkProgress(todo_tokens, P, f"oracle {spec.name()}", enabled=progress and rank == 0,
                         share=1.0 if spec.search == "exhaustive" else 0.5)
     try:  # the bar closes before an error is printed: the error stays one line of its own
         for i, a, b in mine:
-            path = partial / f"chunk_{i:05d}.npz"
+            path = rundir.partial_chunk(partial, i)
             if path.is_file():
                 with np.load(path) as z:
                     results[i] = {k: z[k] for k in z.files}
@@ -356,7 +357,7 @@ def run_oracle(
         summary = _write_outputs(out_dir, plan, merged, idx_ST, tgt_ST, emodel, meta, rescore)
         if keep_matrix:
             del matrix
-            os.replace(partial / "loss_matrix.npy", out_dir / "loss_matrix.npy")
+            os.replace(partial / rundir.LOSS_MATRIX, out_dir / rundir.LOSS_MATRIX)
         atomic_write_json(out_dir / RUN_JSON, {
             "wall_s": round(time.time() - t_start, 3),
             "compute_s": round(compute_s, 3),

@@ -35,8 +35,8 @@ from __future__ import annotations
 
 import torch
 
-from ..model import DuoModel
-from ..routing import BIG, ROUTE_OF_LETTER, SKIP, CandidateSpace
+from ..model.model import DuoModel
+from ..model.routing import BIG, ROUTE_OF_LETTER, SKIP, CandidateSpace
 from .context import Head
 from .step import layer_children
 

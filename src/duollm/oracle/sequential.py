@@ -35,11 +35,11 @@ import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
-from .. import threads
 from ..io import atomic_path, atomic_write_json
-from ..model import DuoModel, KVCache
-from ..routing import BIG, code_strings, decode_codes, pattern_codes
+from ..model.model import DuoModel, KVCache
+from ..model.routing import BIG, code_strings, decode_codes, pattern_codes
 from ..rundir import PER_TOKEN, RUN_JSON, SUMMARY
+from ..runtime import threads
 from ..stats import paired_ppl_difference, ppl_interval
 from . import kernels as K
 from .context import Head, frozen_attn_residual

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from ..routing import BIG, SKIP, SMALL
+from ..model.routing import BIG, SKIP, SMALL
 from . import kernels as K
 
 

@@ -22,9 +22,9 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from .. import threads
-from ..model import DuoModel
-from ..routing import SKIP, FlopModel, pattern_codes
+from ..model.model import DuoModel
+from ..model.routing import SKIP, FlopModel, pattern_codes
+from ..runtime import threads
 from .context import Head
 from .step import layer_children
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from ..routing import BIG
+from ..model.policy import Router
+from ..model.routing import BIG
 from .evaluate import run_router
-from .policy import Router
 
 
 @torch.no_grad()

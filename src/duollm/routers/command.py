@@ -8,18 +8,20 @@ from pathlib import Path
 import torch
 
 from .. import rundir
-from ..checkpoint import latest_checkpoint
-from ..config import METHODS, VALUE_METHODS, to_dict
-from ..data import sequences
-from ..distributed import resolve_device
-from ..routing import ROUTE_OF_LETTER
-from ..train import train_loop
+from ..checkpoint import latest_checkpoint, load_model
+from ..config import METHODS, VALUE_METHODS, load_run_config, to_dict
+from ..data.cache import eval_tokens, load_tokens
+from ..data.corpus import sequences
+from ..model.policy import Router
+from ..model.routing import ROUTE_OF_LETTER
+from ..runtime.distributed import resolve_device
+from ..train.loop import train_loop
 from .calibrate import calibrate_budget
 from .config import RouterConfig, resolve_router_config
 from .evaluate import write_eval
 from .labels import find_oracle, holdout_split, load_oracle_table
 from .objectives import RouterTrainer, router_objective
-from .policy import Router
+from .store import load_router_folder, save_router, write_router_yaml
 from .value import dagger
 
 
@@ -27,14 +29,14 @@ def train_router(run: Path, cfg: RouterConfig, *, resume: bool = False, log=prin
     """Train, save and evaluate one router on the frozen model of ``run``; returns its name."""
     run = Path(run)
     device = resolve_device(cfg.train.device)
-    model, run_cfg = rundir.load_model(run, device)
+    model, run_cfg = load_model(run, device)
     model.requires_grad_(False)  # the LM stays frozen (paper section 3.3)
     L = run_cfg.model.n_layers
-    idx_ST, tgt_ST = rundir.eval_tokens(run, run_cfg)
+    idx_ST, tgt_ST = eval_tokens(run, run_cfg)
     k = cfg.budget_k(L)
     oracle_name = find_oracle(run, cfg.options, k, cfg.oracle)
     oracle = load_oracle_table(run, oracle_name, k, idx_ST, tgt_ST, cfg.options) if oracle_name else None
-    imitation_data, train_tokens = None, rundir.load_tokens(run, "train")
+    imitation_data, train_tokens = None, load_tokens(run, "train")
     if cfg.method == "imitation":
         imitation_data, train_tokens = _imitation_data(run, run_cfg, cfg, k, idx_ST, tgt_ST, oracle, log)
     out = rundir.router_dir(run, cfg.name)
@@ -60,7 +62,7 @@ def _imitation_data(run: Path, run_cfg, cfg: RouterConfig, k: int, idx_ST, tgt_S
     labels = find_oracle(run, cfg.options, k, split="train")
     if labels is not None:
         n = rundir.oracle_summary(rundir.oracle_dir(run, labels))["tokens"]
-        idx_ST, tgt_ST = rundir.eval_tokens(run, run_cfg, max_tokens=n, split="train")
+        idx_ST, tgt_ST = eval_tokens(run, run_cfg, max_tokens=n, split="train")
         table = load_oracle_table(run, labels, k, idx_ST, tgt_ST, cfg.options)
         train_seq = table.sequences
     elif oracle is None:
@@ -78,7 +80,7 @@ def _imitation_data(run: Path, run_cfg, cfg: RouterConfig, k: int, idx_ST, tgt_S
     if not used <= {ROUTE_OF_LETTER[c] for c in cfg.options}:
         raise ValueError(f"oracle {table.name} uses routes outside the router's options {cfg.options}")
     if labels is not None:
-        train_tokens = rundir.load_tokens(run, "train")
+        train_tokens = load_tokens(run, "train")
         log(f"imitation: {len(train_seq)} training-split oracle sequences ({labels}, k={k}) to train on; "
             f"evaluated on validation tokens only")
     else:
@@ -97,7 +99,7 @@ def _train_router(run: Path, out: Path, cfg: RouterConfig, model, idx_ST, tgt_ST
         router.init_bias(cfg.probs_R())
     trainer = RouterTrainer(router, model, cfg)
     n_val = max(1, min(idx_ST.shape[0], cfg.train.eval_tokens // idx_ST.shape[1]))
-    rundir.write_router_yaml(out, router, cfg)  # the config of a router in training is on disk from the start
+    write_router_yaml(out, router, cfg)  # the config of a router in training is on disk from the start
     if cfg.method in VALUE_METHODS:  # on-policy targets in DAgger rounds, each through train_loop
         dagger(model, trainer, cfg, out, train_tokens, device=device, resume=resume, log=log,
                make_objective=lambda rows: router_objective(trainer, cfg, idx_ST[:n_val], tgt_ST[:n_val], value_data=rows))
@@ -106,10 +108,10 @@ def _train_router(run: Path, out: Path, cfg: RouterConfig, model, idx_ST, tgt_ST
         train_loop(objective, cfg.train, train_tokens, out, device=device, resume=resume,
                    desc=f"router {cfg.name}", run_config=to_dict(cfg))
     if cfg.calibrate:  # on training-split tokens: the evaluation tokens stay unseen
-        cal_idx, cal_tgt = sequences(rundir.load_tokens(run, "train"), idx_ST.shape[1], cfg.calibration_tokens)
+        cal_idx, cal_tgt = sequences(load_tokens(run, "train"), idx_ST.shape[1], cfg.calibration_tokens)
         delta, got = calibrate_budget(model, router, cal_idx, cal_tgt, cfg.target, batch_size=cfg.eval_batch)
         log(f"calibration: big logit offset {delta:+.3f} gives a big fraction of {got:.3f} (target {cfg.target:.3f})")
-    rundir.save_router(out, router, cfg)
+    save_router(out, router, cfg)
     write_eval(out, model, router, idx_ST, tgt_ST, cfg, oracle, log, labels=label_source(run, cfg, cfg.budget_k(L)))
     return cfg.name
 
@@ -120,11 +122,11 @@ def reevaluate_router(run: Path, name: str, *, oracle: str = "", log=print) -> s
     folder = rundir.router_dir(run, name)
     if not (folder / rundir.ROUTER_WEIGHTS).is_file():
         raise ValueError(f"no trained router {name!r} in {run / 'routers'} (train it first)")
-    router, cfg = rundir.load_router_folder(folder)
+    router, cfg = load_router_folder(folder)
     if oracle:
         cfg.oracle = oracle
-    model, run_cfg = rundir.load_model(run)
-    idx_ST, tgt_ST = rundir.eval_tokens(run, run_cfg)
+    model, run_cfg = load_model(run)
+    idx_ST, tgt_ST = eval_tokens(run, run_cfg)
     k = cfg.budget_k(run_cfg.model.n_layers)
     oracle_name = find_oracle(run, cfg.options, k, cfg.oracle)
     table = load_oracle_table(run, oracle_name, k, idx_ST, tgt_ST, cfg.options) if oracle_name else None
@@ -198,7 +200,7 @@ def run_router_command(run_dir: Path, **kwargs) -> str:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ValueError(f"run folder {run_dir} does not exist")
-    cfg = resolve_router_config(rundir.load_run_config(run_dir), flags, sets)
+    cfg = resolve_router_config(load_run_config(run_dir), flags, sets)
     if eval_only:
         return reevaluate_router(run_dir, cfg.name, oracle=cfg.oracle, log=log)
     return train_router(run_dir, cfg, resume=resume, log=log)

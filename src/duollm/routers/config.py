@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, field
 
 from ..config import METHODS, VALUE_METHODS, RunConfig, TrainConfig, apply_overrides, from_dict, to_dict, validate_train
-from ..routing import canonical_options
+from ..model.routing import canonical_options
 
 
 def router_train_defaults() -> TrainConfig:

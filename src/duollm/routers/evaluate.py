@@ -10,14 +10,14 @@ from pathlib import Path
 
 import torch
 
-from ..evaluate import per_token_loss, summarize
 from ..io import atomic_write_json
-from ..routing import BIG, SKIP
+from ..model.policy import Router
+from ..model.routing import BIG, SKIP
 from ..rundir import ROUTER_EVAL
-from ..stats import budget_weights, finite_rounded, paired_ppl_difference, ppl_interval, recovered_share
+from ..stats import budget_weights, finite_round, paired_ppl_difference, ppl_interval, recovered_share
+from ..train.evaluate import per_token_loss, summarize
 from .config import RouterConfig
 from .labels import OracleTable, holdout_split
-from .policy import Router
 
 
 def run_router(model, router: Router, idx_ST, tgt_ST, batch_size: int = 16) -> dict:
@@ -33,10 +33,7 @@ def run_router(model, router: Router, idx_ST, tgt_ST, batch_size: int = 16) -> d
 
 
 def _r(x, nd: int = 5):
-    """Round floats (and nested lists of them) for compact JSON."""
-    if isinstance(x, list):
-        return [_r(v, nd) for v in x]
-    return round(float(x), nd)
+    return finite_round(x, nd)
 
 
 def usage(route_LST: torch.Tensor) -> dict:
@@ -170,7 +167,7 @@ def _recovered_matched(res: dict, router_ST, oracle: OracleTable, seq, L: int) -
 
 def _recovered(router_ST, oracle_ST, fixed_ST) -> dict:
     """``stats.recovered_share`` of torch tensors; None for an undefined share (the oracle gains nothing)."""
-    return finite_rounded(recovered_share(*(t.double().cpu().numpy() for t in (router_ST, oracle_ST, fixed_ST))), 5)
+    return finite_round(recovered_share(*(t.double().cpu().numpy() for t in (router_ST, oracle_ST, fixed_ST))), 5)
 
 
 def per_sequence(route_LST: torch.Tensor, router_ST, fixed_ST, oracle_ST, seq) -> dict:

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import torch
 
 from .. import rundir
-from ..routing import canonical_options, parse_pattern
+from ..model.routing import canonical_options, parse_pattern
 
 
 @dataclass

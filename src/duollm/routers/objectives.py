@@ -10,11 +10,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import VALUE_METHODS
-from ..routing import BIG, SKIP
-from ..train import Objective
+from ..model.policy import Router
+from ..model.routing import BIG, SKIP
+from ..train.loop import Objective
 from .config import RouterConfig
 from .evaluate import run_router
-from .policy import Router
 
 
 def beta_at(step: int, c: RouterConfig) -> float:

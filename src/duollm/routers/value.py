@@ -38,16 +38,16 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import latest_checkpoint, load_weights, module_tensors, save_tensors
 from ..config import to_dict
-from ..data import sequences
-from ..evaluate import per_token_loss
+from ..data.corpus import sequences
 from ..io import atomic_write_json
-from ..model import DuoModel
+from ..model.model import DuoModel
+from ..model.policy import Router
+from ..model.routing import BIG, SMALL, format_pattern
 from ..oracle.context import FrozenContext
 from ..oracle.tree import walk_tree
-from ..routing import BIG, SMALL, format_pattern
 from ..rundir import DAGGER_RECORD, ROUTER_DAGGER
-from ..train import train_loop
-from .policy import Router
+from ..train.evaluate import per_token_loss
+from ..train.loop import train_loop
 
 
 def budget_patterns(n_layers: int, k: int) -> np.ndarray:

@@ -1,5 +1,0 @@
-"""`python -m duollm.lm_eval_tasks` prints the folder to pass to lm_eval as --include_path."""
-
-from . import TASKS_DIR
-
-print(TASKS_DIR)

@@ -1,0 +1,462 @@
+"""The Duo-LLM study end to end: ``duollm run`` (DESIGN 2, 4.4, 5, 6; issue 5).
+
+``run_study(config, data, out)`` runs every stage of the paper on one model and writes the
+report:
+
+    train                 stage 1, random-routing pretraining (reused when finished, resumed when not)
+    oracle <context>      stage 2, every budget k = 0..L over big/small, per context policy
+                          (``shared``; ``frozen`` with all-big context tokens on request); the same pass
+                          gives fixed@k, best of 100 random, random@k and the position-varying budgets
+    sequential oracle     the position-varying budgets where they are not a convexity identity: each
+                          token chooses given its predecessors' own choices (oracle/sequential.py)
+    null control          RUN/null: the model at initialisation through the oracle, sequential
+                          schedules, skip study and the paper's router at k = L/2 (DESIGN 4.4a)
+    skip study            big-or-skip with s = L/2 skipped layers (the paper: 6 of 12)
+    router <method> k     stage 3, one router per method and budget (the paper: 4, 6, 8 of 12)
+    stage 1               ``study.stage1``: the paper's Fig. 8, Duo vs FLOP-matched dense models and the
+                          big-first ablation, RUN/stage1/ (stage1.py)
+    seed <s>              ``study.seeds`` > 1: the whole study again with training seed s in
+                          RUN/seeds/seed-<s>/ (no null of its own: the findings use RUN/null)
+    report                token difficulty, figures, findings: RUN/report/ (analysis/)
+
+Resuming: a stage is complete when its outputs are (an oracle's ``run.json``, written after its
+summary, with no partial chunks left; a router's evaluation), and it then skips itself. After
+each stage a marker ``RUN/study/stages/<stage>.json`` records the inputs the outputs came from
+(checkpoint step, tokens, method, ...): outputs made from other inputs are recomputed, outputs
+made outside the study (``duollm oracle`` by hand) with matching tokens are adopted. An
+interrupted oracle or router continues from its own last chunk or checkpoint.
+
+Which tokens: the oracle's cost grows with 2^(L+1) layer evaluations per token, so the study
+scores ``study.tokens`` validation tokens (0: ``eval.max_tokens``). Routers are evaluated on
+the same tokens as the oracle (``RUN/study/routers/<name>.json`` when ``eval.max_tokens``
+differs), so every number in the report compares like with like.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import rundir
+from ..analysis.report import headline, smoke_banner, write_report
+from ..checkpoint import latest_checkpoint, load_model, trained_step
+from ..config import (
+    VALUE_METHODS,
+    RunConfig,
+    load_config,
+    parse_list,
+    resume_conflict,
+    router_budgets,
+    router_methods,
+    router_mixtures,
+    skip_count,
+)
+from ..data.cache import eval_tokens
+from ..io import atomic_write_json
+from ..oracle import command as oracle_command
+from ..oracle.reductions import default_schedules
+from ..routers import command as router_command
+from ..routers.config import router_name
+from ..routers.evaluate import evaluate_router
+from ..routers.labels import load_oracle_table
+from ..routers.store import load_router_folder
+from ..rundir import ROUTER_EVAL
+from ..runtime import threads
+from ..runtime.distributed import resolve_device
+from ..train import loop as train
+from . import stage1
+from .eta import costs, eta_seconds, fmt_duration
+from .folders import make_null_run
+
+
+def resolve_config(config: str | None, data: str | None, out: Path, overrides=()) -> RunConfig:
+    """The config of the study in ``out``: a new run's from the preset or file and the overrides;
+    for a folder that already holds a run, the run's own config with the overrides.
+
+    Rerunning the same command continues the run. For an existing run, ``config`` contributes
+    its ``study`` section; anything a resume may not change (``config.resume_conflict``) is
+    refused (more ``train.steps`` continue the training)."""
+    overrides = list(overrides) + ([f"data.spec={data}"] if data else [])
+    saved = rundir.config_path(out)
+    if not saved.is_file():
+        return load_config(config, overrides)
+    trained = load_config(str(saved))
+    cfg = load_config(str(saved), overrides)
+    want = load_config(config, overrides) if config is not None else None
+    for other in (cfg, want):
+        conflict = None if other is None else resume_conflict(trained, other)
+        if conflict:
+            raise ValueError(f"{out} already holds another run: {conflict}; choose another --out, "
+                             f"or drop --config/--data to continue it")
+    if want is not None:
+        cfg.study = want.study
+    return cfg
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+@dataclass
+class Stage:
+    id: str  # file-name-safe, also the marker's name
+    title: str
+    cost: float  # FLOPs, for the ETA
+    kind: str  # train | oracle | router | report: stages of one kind share a measured FLOP rate
+    key: Callable[[], dict]  # the inputs the outputs depend on (evaluated when the stage is reached)
+    complete: Callable[[], bool]  # outputs present and whole
+    run: Callable[[bool], None]  # argument: the outputs present came from other inputs (clean up first)
+
+
+class Study:
+    """The stages of one run folder; see the module docstring."""
+
+    def __init__(self, cfg: RunConfig, out: Path, log: Callable[[str], None] = print):
+        self.cfg, self.out, self.log = cfg, Path(out), log
+        self.L = cfg.model.n_layers
+        self.contexts = parse_list(cfg.study.contexts)
+        self.skips = skip_count(cfg)
+        self.router_ks = router_budgets(cfg)
+        self.methods = router_methods(cfg)
+        self._tokens = None
+
+    # -- shared facts -------------------------------------------------------------------
+    def trained_step(self) -> int:
+        return trained_step(self.out)
+
+    def tokens(self) -> int:
+        """Evaluation tokens every oracle and router scores (whole sequences, capped)."""
+        if self._tokens is None:
+            idx_ST, _ = eval_tokens(self.out, self.cfg, max_tokens=self.requested_tokens())
+            self._tokens = int(idx_ST.numel())
+        return self._tokens
+
+    def requested_tokens(self) -> int:
+        return self.cfg.study.tokens or self.cfg.eval.max_tokens
+
+    def oracle_name(self, context: str, options: str = "SB", skips: int | None = None) -> str:
+        return oracle_command.build_spec(self.L, budgets="all", options=options, skips=skips, context=context,
+                          reference=self.cfg.study.reference if context == "frozen" else None).name()
+
+    def sequential_budgets(self) -> str:
+        """The budgets of the paper's schedules (falling, rising, constant: 2..6 of 12)."""
+        ks = [k for _, a, b in default_schedules(self.L) for k in (a, b)]
+        return f"{min(ks)}-{max(ks)}"
+
+    def seeds(self) -> list[int]:
+        """The training seeds of the extra language models (``study.seeds`` - 1 of them)."""
+        return [self.cfg.train.seed + i for i in range(1, self.cfg.study.seeds)]
+
+    @property
+    def primary_context(self) -> str:
+        return self.contexts[0]
+
+    # -- the stages ---------------------------------------------------------------------
+    def stages(self) -> list[Stage]:
+        c = costs(self.cfg, self.requested_tokens())
+        out = [Stage("train", f"training the {self.cfg.preset} preset on {self.cfg.data.spec}", c["train"], "train",
+                     lambda: {"steps": self.cfg.train.steps}, lambda: self.trained_step() >= self.cfg.train.steps,
+                     lambda stale: self.train())]
+        for ctx in self.contexts:
+            ref = f" (context tokens {self.cfg.study.reference})" if ctx == "frozen" else ""
+            out.append(self.oracle_stage(f"oracle over every budget, {ctx} context{ref}", c["oracle"],
+                                         context=ctx))
+        seq = self.cfg.study.sequential
+        if seq:
+            out.append(self.oracle_stage(f"sequential oracle: budgets {self.sequential_budgets()} and the position "
+                                         f"schedules", c["sequential"], context="sequential"))
+        if self.skips:
+            out.append(self.oracle_stage(f"skip study: big or skip, {self.skips} of {self.L} layers skipped", c["skip"],
+                                         context=self.primary_context, options="B_", skips=self.skips))
+        if "imitation" in self.methods and self.router_ks:  # its labels come from training tokens (issue 13, item 2)
+            out.append(self.train_labels_stage(c["oracle"] * len(self.router_ks) / (self.L + 1)))
+        for k in self.router_ks:
+            for method in self.methods:
+                out.append(self.router_stage(method, k / self.L, c["router"]))
+        for target, options, skip in router_mixtures(self.cfg):  # the paper's mixtures, skip included (figs. 7, 9)
+            out.append(self.router_stage("budget", target, c["router"], options=options, skip_target=skip))
+        if self.cfg.study.null:  # the null control (DESIGN 4.4a): the same stages on the model at initialisation
+            null = rundir.null_dir(self.out)
+            out.append(Stage("null", "null control: the model at initialisation (step 0, the training seed)", 0.0,
+                             "null", lambda: {"seed": self.cfg.train.seed}, lambda: trained_step(null) == 0
+                             and rundir.has_run(null) and latest_checkpoint(null) is not None,
+                             lambda stale: make_null_run(self.out)))
+            for ctx in self.contexts:
+                out.append(self.oracle_stage(f"null control: oracle over every budget, {ctx} context", c["oracle"],
+                                             context=ctx, run=null))
+            if seq:
+                out.append(self.oracle_stage("null control: sequential oracle, the position schedules", c["sequential"] / 2,
+                                             context="sequential", run=null))
+            if self.skips:
+                out.append(self.oracle_stage("null control: skip study", c["skip"], context=self.primary_context,
+                                             options="B_", skips=self.skips, run=null))
+            if "budget" in self.methods and self.router_ks:  # the paper's router at the middle budget
+                k = self.router_ks[len(self.router_ks) // 2]
+                out.append(self.router_stage("budget", k / self.L, c["router"], run=null))
+        if self.cfg.study.stage1:  # the paper's Fig. 8: Duo vs FLOP-matched dense models (stage1.py)
+            out += self.stage1_stages(c["train"] / self.cfg.train.steps)
+        for seed in self.seeds():
+            out.append(self.seed_stage(seed, sum(c.values())))
+        out.append(Stage("report", "difficulty, figures, findings, report", 0.0, "report", lambda: {}, lambda: False,
+                         lambda stale: self.report()))
+        return out
+
+    def train(self) -> None:
+        train.pretrain(self.cfg, self.out, resume=rundir.has_run(self.out), log=self.log)
+
+    def oracle_stage(self, title: str, cost: float, *, context: str, options: str = "SB", skips: int | None = None,
+                     run: Path | None = None) -> Stage:
+        """An oracle sweep of the run's model (or of the run folder ``run``: the null control)."""
+        run = run or self.out
+        name = self.oracle_name(context, options, skips)
+        folder = rundir.oracle_dir(run, name)
+
+        def complete() -> bool:
+            return rundir.is_complete_oracle(folder) and rundir.oracle_summary(folder).get("tokens") == self.tokens()
+
+        sequential = context == "sequential"
+
+        def go(stale: bool) -> None:
+            oracle_command.run_oracle_command(run, budgets=self.sequential_budgets() if sequential else "all",
+                               options=options, skips=skips, context=context,
+                               reference=self.cfg.study.reference if context == "frozen" else None,
+                               max_tokens=self.requested_tokens(), name=name, batch_tokens=self.cfg.study.batch_tokens,
+                               dtype=self.cfg.study.dtype,
+                               schedules_only=sequential and run != self.out)
+
+        prefix = "" if run == self.out else f"{run.name}-"
+        return Stage(f"{prefix}oracle-{name}", title, cost, "oracle",
+                     lambda: {"step": trained_step(run), "tokens": self.tokens(), "name": name}, complete, go)
+
+    def train_labels_stage(self, cost: float) -> Stage:
+        """The oracle on as many *training* tokens at the routers' budgets: imitation learns from it
+        (``duollm oracle --split train``), so every validation token it is evaluated on stays unseen."""
+        budgets = ",".join(map(str, self.router_ks))
+        name = self.oracle_name(self.primary_context) + "-train"
+        folder = rundir.oracle_dir(self.out, name)
+
+        def complete() -> bool:
+            return rundir.is_complete_oracle(folder) and rundir.oracle_summary(folder).get("tokens") == self.tokens()
+
+        def go(stale: bool) -> None:
+            if stale:
+                shutil.rmtree(folder, ignore_errors=True)
+            oracle_command.run_oracle_command(self.out, budgets=budgets, options="SB", context=self.primary_context,
+                                              max_tokens=self.requested_tokens(), name=name, split="train",
+                                              batch_tokens=self.cfg.study.batch_tokens, dtype=self.cfg.study.dtype)
+
+        return Stage(f"oracle-{name}", f"oracle on training tokens at k = {budgets}: the imitation routers' labels", cost,
+                     "oracle", lambda: {"step": self.trained_step(), "tokens": self.tokens(), "budgets": budgets},
+                     complete, go)
+
+    def router_stage(self, method: str, target: float, cost: float, run: Path | None = None, options: str = "SB",
+                     skip_target: float = 0.0) -> Stage:
+        """A router of the run's model (or of the run folder ``run``: the null control), evaluated on the
+        study's tokens with the per-sequence evidence the findings resample. ``target``: the big fraction
+        (k / L for the budgets the oracle is compared at); a router that may skip has no oracle of its options
+        in the study, so it is evaluated on the study's tokens without one."""
+        run_dir = run or self.out
+        k = round(target * self.L)
+        name = router_name(method, target, options, skip_target)
+        folder = rundir.router_dir(run_dir, name)
+        study_eval = rundir.study_router_eval(run_dir, name)
+        compared = options == "SB"
+
+        def usable(path: Path) -> bool:  # on the oracle's tokens, with the per-sequence evidence
+            if not path.is_file():
+                return False
+            res = json.loads(path.read_text())
+            return res.get("tokens") == self.tokens() and (not compared or bool((res.get("oracle") or {}).get("per_sequence")))
+
+        def complete() -> bool:  # evaluated by the router command or by the study
+            if usable(folder / ROUTER_EVAL):
+                return not study_eval.exists()
+            return (folder / ROUTER_EVAL).is_file() and usable(study_eval)
+
+        def go(stale: bool) -> None:
+            if stale:  # trained by an earlier study on another model or tokens: start over
+                shutil.rmtree(folder, ignore_errors=True)
+            if not (folder / ROUTER_EVAL).is_file():
+                router_command.run_router_command(
+                    run_dir, target=target, method=method, options=options,
+                    # a value router's steps run on cached targets, not through the LM: its own default
+                    steps=None if method in VALUE_METHODS else self.cfg.study.router_steps,
+                    skip_target=skip_target if options == "SB_" else None,
+                    oracle=self.oracle_name(self.primary_context) if compared else None, log=self.log,
+                    resume=latest_checkpoint(folder) is not None, set=self.router_sets(method))
+            if not usable(folder / ROUTER_EVAL):
+                self.evaluate_router_on_study_tokens(run_dir, name, k if compared else None)
+            elif study_eval.is_file():
+                study_eval.unlink()
+
+        key = lambda: {"step": trained_step(run_dir), "tokens": self.tokens(),  # noqa: E731
+                       "steps": self.cfg.study.router_steps, "batch": self.cfg.study.router_batch,
+                       "oracle": self.oracle_name(self.primary_context)}
+        prefix, title = ("", "") if run_dir == self.out else (f"{run_dir.name}-", "null control: ")
+        what = f"k={k} of {self.L} (target {target:.2f})" if compared else f"big {target:.2f}, skip {skip_target:.2f}"
+        return Stage(f"{prefix}router-{name}", f"{title}router {method} at {what}", cost, "router", key, complete, go)
+
+    def seed_stage(self, seed: int, cost: float) -> Stage:
+        """The whole study once more with training seed ``seed`` (``study.seeds``), in its own folder."""
+        folder = rundir.seed_dir(self.out, seed)
+
+        def go(stale: bool) -> None:
+            cfg = copy.deepcopy(self.cfg)
+            cfg.train.seed, cfg.study.seeds, cfg.study.null = seed, 1, False
+            if rundir.config_path(folder).is_file():
+                conflict = resume_conflict(load_config(str(rundir.config_path(folder))), cfg)
+                if conflict:
+                    raise ValueError(f"{folder} holds another run: {conflict}")
+            train.check_run_folder(cfg, folder, resume=rundir.has_run(folder))
+            with rundir.writing(folder, create=True):
+                Study(cfg, folder, self.log).run()
+
+        return Stage(f"seed-{seed}", f"the study with training seed {seed} ({folder})", cost, "seed",
+                     lambda: {"seed": seed}, lambda: False, go)
+
+    def stage1_stages(self, cost_per_step: float) -> list[Stage]:
+        """The Stage-1 study (``stage1.py``): its models in training order, then their evaluation. A model
+        trained for another ``study.stage1_steps`` is trained again from scratch."""
+        out = []
+        steps = stage1.stage1_steps(self.cfg)
+        for m in stage1.plan(self.cfg, self.out):
+            if not m.trained_here:  # the run's own model
+                continue
+
+            def go(stale: bool, m=m) -> None:
+                if stale:
+                    shutil.rmtree(m.folder, ignore_errors=True)
+                stage1.train_model(self.out, m, self.log)
+
+            out.append(Stage(f"stage1-{m.name}", f"stage 1: {m.title}", cost_per_step * m.cfg.train.steps, "stage1",
+                             lambda m=m: {"steps": m.cfg.train.steps, "d_ff_big": m.cfg.model.d_ff_big, "stage1_steps": steps},
+                             lambda m=m: trained_step(m.folder) >= m.cfg.train.steps, go))
+        oracle = rundir.oracle_dir(self.out, self.oracle_name(self.primary_context))
+        out.append(Stage("stage1-evaluation", "stage 1: every model scored, trained and at initialisation", 0.0, "report",
+                         lambda: {"step": self.trained_step(), "stage1_steps": steps, "tokens": self.cfg.eval.max_tokens,
+                                  "fixed": rundir.is_complete_oracle(oracle)},
+                         lambda: rundir.stage1_evaluation(self.out).is_file(),
+                         lambda stale: stage1.evaluate(self.cfg, self.out, oracle, self.log)))
+        return out
+
+    def router_sets(self, method: str) -> list[str]:
+        """Router config overrides: budget calibration measures on as many training tokens as the study
+        evaluates, which keeps its cost at the study's scale; a router trained through the LM takes
+        ``study.router_batch`` sequences per step (a value router trains on its cached targets)."""
+        sets = [f"calibration_tokens={self.requested_tokens()}"]
+        return sets if method in VALUE_METHODS else [*sets, f"train.batch_size={self.cfg.study.router_batch}"]
+
+    def evaluate_router_on_study_tokens(self, run: Path, name: str, k: int | None) -> None:
+        """The router's evaluation (routers.evaluate_router) on the oracle's tokens (against the oracle at k)."""
+        device = resolve_device(self.cfg.train.device)
+        model, cfg = load_model(run, device)
+        router, rcfg = load_router_folder(rundir.router_dir(run, name), device)
+        idx_ST, tgt_ST = eval_tokens(run, cfg, max_tokens=self.requested_tokens())
+        oracle = None if k is None else load_oracle_table(run, self.oracle_name(self.primary_context), k, idx_ST, tgt_ST,
+                                                          rcfg.options)
+        labels = router_command.label_source(run, rcfg, rcfg.budget_k(self.L))
+        result = evaluate_router(model, router, idx_ST, tgt_ST, rcfg, oracle, labels)
+        atomic_write_json(rundir.study_router_eval(run, name), result)
+
+    def report(self) -> None:
+        write_report(self.out)
+
+    # -- running ------------------------------------------------------------------------
+    def marker(self, stage: Stage) -> Path:
+        return rundir.stage_marker(self.out, stage.id)
+
+    def run(self) -> list[dict]:
+        """Run every stage not yet complete; returns what each stage did (id, seconds, skipped)."""
+        stages = self.stages()
+        n = len(stages)
+        t0 = time.time()
+        rates: dict[str, list[float]] = {}  # kind -> [seconds, FLOPs] of the stages computed in this call
+        done = []
+        for i, stage in enumerate(stages, 1):
+            elapsed = time.time() - t0
+            eta = eta_seconds(stages[i - 1:], rates)
+            eta = f", ETA {fmt_duration(eta)}" if eta is not None else ""
+            prefix = f"[{i}/{n}]"
+            marker = self.marker(stage)
+            recorded = json.loads(marker.read_text()) if marker.is_file() else None
+            key = stage.key()
+            # training is never "stale": more steps continue it, and a finished run is what the other stages use
+            stale = stage.kind != "train" and recorded is not None and recorded.get("key") != key
+            if stage.complete() and not stale:
+                self.log(f"{prefix} {stage.title}: already done, skipped (elapsed {fmt_duration(elapsed)})")
+                if recorded is None:
+                    atomic_write_json(marker, {"key": key, "seconds": None, "adopted": True})
+                done.append({"id": stage.id, "skipped": True, "seconds": 0.0})
+                continue
+            self.log(f"{prefix} {stage.title}{' (outputs from other inputs: redone)' if stale else ''} "
+                     f"(elapsed {fmt_duration(elapsed)}{eta})")
+            start = time.time()
+            stage.run(stale)
+            seconds = time.time() - start
+            atomic_write_json(marker, {"key": stage.key(), "seconds": round(seconds, 3)})
+            rates.setdefault(stage.kind, [0.0, 0.0])
+            rates[stage.kind][0] += seconds
+            rates[stage.kind][1] += stage.cost
+            done.append({"id": stage.id, "skipped": False, "seconds": seconds})
+            self.log(f"{' ' * len(prefix)} done in {fmt_duration(seconds)}")
+        return done
+
+
+# ----------------------------------------------------------------------------- the summary printed at the end
+
+
+def results_table(out: Path) -> str:
+    """A short text table of the report's numbers (from ``RUN/report/results.json``)."""
+    res = json.loads((rundir.report_results(out)).read_text())
+    f = lambda x, nd=2: "—" if x is None else f"{x:.{nd}f}"  # noqa: E731
+    lines = []
+    sweeps = res["oracle"]  # the primary context first
+    if sweeps:
+        first = sweeps[0]
+        head = (f"{'k':>3} " + " ".join(f"{'oracle ' + o['context']:>15}" for o in sweeps)
+                + f" {'fixed':>9} {'best100':>9} {'random':>9}")
+        lines.append(head)
+        by_ctx = [{b["k"]: b for b in o["budgets"]} for o in sweeps]
+        for b in first["budgets"]:
+            k = b["k"]
+            lines.append(f"{k:>3} " + " ".join(f"{f(d.get(k, {}).get('oracle_ppl')):>15}" for d in by_ctx)
+                         + f" {f(b['fixed_ppl']):>9} {f(b['best_of_100_ppl']):>9} {f(b['random_mean_ppl']):>9}")
+        lines.append(f"all-big {f(first['all_big_ppl'])}, all-small {f(first['all_small_ppl'])} "
+                     f"({first['tokens']:,} tokens; fixed, best of 100 and random: {first['context']} context)")
+    for r in res["routers"]:
+        lines.append(f"router {r['name']:<24} ppl {f(r['ppl'])}  big {f(r['big_fraction'], 3)}  "
+                     f"oracle@{r['k']} {f(r['oracle_ppl'])}  fixed {f(r['fixed_ppl'])}  layers {r['layer_profile']}")
+    for x in res["findings"]:
+        e = x["effect"] or {}
+        ctx = f" [{x['context']}]" if x["context"] else ""
+        eff = f"{e['value']:+.3f} [{f(e.get('lo'), 3)}, {f(e.get('hi'), 3)}], null {f(e.get('null'), 3)}" if e else ""
+        lines.append(f"  {(x['verdict'] or 'not tested'):<13} {x['claim']}{ctx}  {eff}")
+    lines.append(headline(res))
+    banner = smoke_banner(res)
+    if banner:
+        lines.append(banner)
+    return "\n".join(lines)
+
+
+def run_study(config: str | None, data: str | None, out: Path, overrides=(), log: Callable[[str], None] = print) -> Path:
+    """``duollm run``: the whole study into ``out``; returns the report's ``index.html``.
+
+    ``config``: a preset or YAML file (default ``cpu``; for an existing run folder, its own
+    config); ``data``: a data spec; ``overrides``: ``key=value`` strings (``study.*`` included).
+    Rerunning after an interruption continues where it stopped."""
+    out = Path(out)
+    cfg = resolve_config(config, data, out, overrides)
+    resolve_device(cfg.train.device)
+    threads.configure(cfg.threads)  # unless --threads was given
+    train.check_run_folder(cfg, out, resume=rundir.has_run(out))
+    study = Study(cfg, out, log)
+    t0 = time.time()
+    with rundir.writing(out, create=True):  # one writer for the whole study; its stages take the same lock again
+        study.run()
+    log(results_table(out))
+    log(f"study finished in {fmt_duration(time.time() - t0)}; report: {rundir.report_html(out)}")
+    return rundir.report_html(out)
