@@ -136,7 +136,7 @@ def main(argv=None) -> int:
                          **{f"measured_{k}": v for k, v in peaks.items()},
                          **{f"ratio_{k}": plan["bytes"]["total"] / v for k, v in peaks.items() if k != "default"},
                          **plan["bytes"]})
-    mib = lambda x: "—" if x is None else f"{x / 2**20:.1f}"  # noqa: E731
+    mib = lambda x: "—" if x is None else f"{x / 2**20:.1f}"
     print(f"{'batch':>6} {'planned MiB':>12} {'tensors MiB':>12} {'plan/tensors':>13} {'live MiB':>9} {'plan/live':>10} "
           f"{'default glibc MiB':>18}")
     for r in rows:

@@ -23,7 +23,7 @@ LAYERS = [
     ("config",),  # RunConfig, presets, strict YAML
     ("checkpoint", "data.cache"),  # a run's checkpoint and model; its tokenizer and token cache
     ("train",),  # stage 1: the one loop, validation losses, FSDP, the memory plan
-    ("routers.config", "routers.store"),  # a trained router as a file, and routing specs resolved against a run
+    ("routers.methods", "routers.config", "routers.store"),  # what a router is: its methods, config, file; routing specs of a run
     ("oracle",),  # stage 2
     ("routers",),  # stage 3: training and evaluating routers (value targets use the oracle's engine)
     ("inference",),  # generation and wall-clock under a routing

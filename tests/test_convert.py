@@ -7,7 +7,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from duollm.integrations.hf.convert import add_arguments as add_convert_arguments  # noqa: E402
+from duollm.integrations.hf.convert import add_arguments as add_convert_arguments
 from duollm.integrations.hf.convert import init_small_from_big
 from duollm.integrations.hf.convert import run_command as run_convert_command
 

@@ -489,25 +489,25 @@ def test_kill_9_mid_run_then_rerun_gives_identical_outputs(tiny_run, tmp_path, w
     rng = random.Random(f"kill-{what}")
     if what == "train":
         args = lambda out: ["train", "--config", "tiny", "--out", out, "--set", "train.steps=90", "train.save_every=10",
-                            "train.eval_every=30"]  # noqa: E731
-        again = lambda out: args(out) + ["--resume"]  # noqa: E731
-        started = lambda out: (out / "latest").exists()  # noqa: E731
-        compare = lambda out: (_outputs(out / "latest", ["model.safetensors", "optimizer.safetensors"]),  # noqa: E731
+                            "train.eval_every=30"]
+        again = lambda out: args(out) + ["--resume"]
+        started = lambda out: (out / "latest").exists()
+        compare = lambda out: (_outputs(out / "latest", ["model.safetensors", "optimizer.safetensors"]),
                                losses(out))
     elif what == "run":  # the whole tiny study, killed inside its first oracle
-        args = again = lambda out: ["run", "--config", "tiny", "--out", out]  # noqa: E731
-        started = lambda out: (out / "oracle" / "SB-shared" / ".partial").is_dir()  # noqa: E731
-        compare = lambda out: _outputs(out / "report", ["results.json", "report.md"])  # noqa: E731
+        args = again = lambda out: ["run", "--config", "tiny", "--out", out]
+        started = lambda out: (out / "oracle" / "SB-shared" / ".partial").is_dir()
+        compare = lambda out: _outputs(out / "report", ["results.json", "report.md"])
     else:
         sub = "oracle/SB-shared" if what == "oracle" else "routers/budget-0.50"
         args = (lambda out: ["oracle", out, "--batch-tokens", "128"]) if what == "oracle" else \
-            (lambda out: ["router", out, "--target", "0.5", "--steps", "60", "--set", "train.save_every=5"])  # noqa: E731
-        again = (lambda out: args(out)) if what == "oracle" else (lambda out: args(out) + ["--resume"])  # noqa: E731
+            (lambda out: ["router", out, "--target", "0.5", "--steps", "60", "--set", "train.save_every=5"])
+        again = (lambda out: args(out)) if what == "oracle" else (lambda out: args(out) + ["--resume"])
         marker = ".partial" if what == "oracle" else "latest"
-        started = lambda out: (out / sub / marker).exists() and any((out / sub / marker).iterdir())  # noqa: E731
+        started = lambda out: (out / sub / marker).exists() and any((out / sub / marker).iterdir())
         files = ["oracle_loss.npy", "per_token.parquet", "patterns.parquet"] if what == "oracle" else \
             ["router.safetensors", "eval.json"]
-        compare = lambda out: _outputs(out / sub, files)  # noqa: E731
+        compare = lambda out: _outputs(out / sub, files)
 
     def fresh(name):  # the same folder name (the report names it), in two places
         folder = tmp_path / name / "run"

@@ -13,10 +13,10 @@ import torch
 
 pytest.importorskip("transformers")
 
-from duollm.integrations.hf import DuoConfig, DuoForCausalLM  # noqa: E402  (registers the Auto classes)
-from duollm.integrations.hf.export import add_arguments as add_export_arguments  # noqa: E402
+from duollm.integrations.hf import DuoConfig, DuoForCausalLM  # registers the Auto classes
+from duollm.integrations.hf.export import add_arguments as add_export_arguments
 from duollm.integrations.hf.export import run_command as run_export_command
-from duollm.model.model import ModelConfig  # noqa: E402
+from duollm.model.model import ModelConfig
 
 
 def export(run, out, *extra):

@@ -11,9 +11,9 @@ import torch
 
 pytest.importorskip("transformers")
 
-from duollm.integrations.hf import DuoConfig, DuoForCausalLM  # noqa: E402  (registers the Auto classes)
-from duollm.integrations.hf.export import export_run  # noqa: E402
-from duollm.integrations.hf.standalone import SOURCES, modeling_source  # noqa: E402
+from duollm.integrations.hf import DuoConfig, DuoForCausalLM  # registers the Auto classes
+from duollm.integrations.hf.export import export_run
+from duollm.integrations.hf.standalone import SOURCES, modeling_source
 
 # a plain torch + transformers environment: every import of duollm fails (CI also runs this in a fresh venv)
 PLAIN = textwrap.dedent("""

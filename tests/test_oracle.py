@@ -24,11 +24,12 @@ import torch
 
 from duollm.config import load_config
 from duollm.model.model import DuoModel
-from duollm.model.routing import BIG, SKIP, SMALL, CandidateSpace, code_strings, parse_pattern, pattern_codes
+from duollm.model.routing import BIG, SKIP, SMALL, parse_pattern
 from duollm.oracle import build_plan, build_spec, naive_losses, pattern_losses, run_oracle
 from duollm.oracle.context import Head, make_context
 from duollm.oracle.reductions import default_schedules, linear_schedule
 from duollm.oracle.runner import engine_model, resolve_dtype
+from duollm.oracle.space import CandidateSpace, code_strings, pattern_codes
 from duollm.oracle.tree import walk_tree
 from duollm.runtime.distributed import has_bf16_matrix_units
 

@@ -68,8 +68,11 @@ def test_oracle_command_writes_the_contract_and_lines_up_with_eval(tiny_run, tmp
             assert entry["exhaustive_oracle_ppl"] == ex["oracle_ppl"] and entry["gap_ppl"] >= -1e-6
             assert 0.0 <= entry["share_tokens_at_optimum"] <= 1.0 and entry["fixed_pattern"] == ex["fixed_pattern"]
         assert g["budgets"][0]["share_tokens_at_optimum"] == 1.0  # k = 0 has one candidate
-        # the default dtype is auto: bfloat16 layers where the CPU has bf16 matrix units; the summary names it
-        assert main(["oracle", str(tiny_run), "--budgets", "0", "--name", "auto"]) == 0
+        # the default dtype is float32 (exact on every CPU: OracleSpec); auto means bfloat16 layers where the CPU
+        # has bf16 matrix units, and the summary names the one used
+        assert main(["oracle", str(tiny_run), "--budgets", "0", "--name", "default"]) == 0
+        assert json.loads((tiny_run / "oracle" / "default" / "summary.json").read_text())["dtype"] == "float32"
+        assert main(["oracle", str(tiny_run), "--budgets", "0", "--name", "auto", "--dtype", "auto"]) == 0
         a = json.loads((tiny_run / "oracle" / "auto" / "summary.json").read_text())
         assert a["dtype"] == resolve_dtype("auto", torch.device("cpu")) and s["dtype"] == "float32"
         assert a["all_big_ppl"] == pytest.approx(s["all_big_ppl"], rel=1e-2)
@@ -125,3 +128,25 @@ def test_an_oracle_of_the_training_split_is_named_and_kept_apart(tiny_run, tmp_p
     assert "imitation: 8 training-split oracle sequences (SB-shared-train, k=2)" in out.out + out.err
     e = json.loads((run / "routers" / "imitation-0.50" / "eval.json").read_text())
     assert e["tokens"] == eval_tokens(run, load_run_config(run))[0].numel()  # the validation tokens
+
+
+def test_a_context_policy_registered_from_outside_runs_through_the_command(tiny_run, tmp_path, monkeypatch, capsys):
+    """docs/ARCHITECTURE.md's "to add an oracle context": one registry entry. A policy registered here (the
+    frozen context with the context tokens all small, under its own name) runs through `duollm oracle` and
+    gives exactly the frozen policy's numbers with --reference S."""
+    from duollm.oracle.context import CONTEXTS, FrozenContext, OracleContext
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, symlinks=True, ignore=shutil.ignore_patterns("oracle"))
+    monkeypatch.setitem(CONTEXTS, "small-context", OracleContext(
+        "small-context", "context tokens all small; only the scored token's routes vary",
+        make=lambda model, idx_BT, reference, kernels: FrozenContext(model, idx_BT, "S" * model.cfg.n_layers, kernels),
+        beam_unit="token"))
+    assert main(["oracle", str(run), "--budgets", "1,2", "--context", "small-context"]) == 0
+    assert capsys.readouterr().out.split()[-1] == "SB-small-context"
+    assert main(["oracle", str(run), "--budgets", "1,2", "--context", "frozen", "--reference", "S"]) == 0
+    mine, frozen = (json.loads((run / "oracle" / n / "summary.json").read_text()) for n in ("SB-small-context", "SB-frozen-S"))
+    assert mine["context"] == "small-context"
+    assert [b["oracle_ppl"] for b in mine["budgets"]] == [b["oracle_ppl"] for b in frozen["budgets"]]
+    np.testing.assert_array_equal(np.load(run / "oracle" / "SB-small-context" / "oracle_loss.npy"),
+                                  np.load(run / "oracle" / "SB-frozen-S" / "oracle_loss.npy"))

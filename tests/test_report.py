@@ -278,3 +278,30 @@ def test_report_on_a_run_without_any_oracle(tiny_run, tmp_path):
     assert all(f["verdict"] is None for f in res["findings"]) and res["verdicts"]["tested"] == 0
     with pytest.raises(ValueError, match="does not exist"):
         write_report(tmp_path / "missing")
+
+
+def test_a_finding_registered_from_outside_is_decided_and_reported(oracle_only_run, monkeypatch):
+    """docs/ARCHITECTURE.md's "to add a finding": one registry entry. A finding registered here (all big
+    beats all small, per context) is decided on the run with its interval and gated by the null like the
+    paper's: this run has no null control, so it cannot be "reproduced"."""
+    from duollm.analysis.evidence import gain
+    from duollm.analysis.findings import FINDINGS, Finding, FindingCheck, decide
+
+    def big_beats_small(ev):
+        claim, criterion = "All big beats all small.", "effect = relative perplexity gain of all-big over all-small"
+        if ev.sweep is None:
+            return Finding("big_beats_small", claim, criterion, None, context=ev.context)
+        big, small = ev.sweep.seq_loss("loss_all_big"), ev.sweep.seq_loss("loss_all_small")
+        return decide("big_beats_small", claim, criterion, lambda idx: gain(big[idx], small[idx]), ev.sweep.S,
+                      context=ev.context)
+
+    monkeypatch.setitem(FINDINGS, "big_beats_small", FindingCheck("big_beats_small", big_beats_small, per_context=True))
+    write_report(oracle_only_run)
+    res = json.loads((oracle_only_run / "report" / "results.json").read_text())
+    mine = [f for f in res["findings"] if f["id"] == "big_beats_small"]
+    assert len(mine) == 1 and mine[0]["context"] == "shared" and mine[0]["verdict"] in ("inconclusive", "contradicted")
+    e = mine[0]["effect"]
+    assert e["lo"] <= e["value"] <= e["hi"]
+    if e["lo"] > 0:  # an effect whose interval excludes zero, without a null: not evidence (DESIGN 4.4a)
+        assert mine[0]["numbers"]["without_null"].startswith("no null control")
+    assert "All big beats all small." in (oracle_only_run / "report" / "index.html").read_text()

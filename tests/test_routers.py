@@ -341,10 +341,47 @@ def test_budget_calibration_meets_the_target(router_run):
     model, cfg = load_model(router_run)
     idx_ST, tgt_ST = eval_tokens(router_run, cfg)
     router = random_router(cfg.model.n_layers, cfg.model.d_model, scale=0.5)
-    big = lambda: (per_token_loss(model, idx_ST, tgt_ST, router)["route_LST"] == BIG).float().mean().item()  # noqa: E731
+    big = lambda: (per_token_loss(model, idx_ST, tgt_ST, router)["route_LST"] == BIG).float().mean().item()
     before = big()
     target = 0.3 if before > 0.4 else 0.7  # a target the uncalibrated router misses by at least 0.1
     assert abs(before - target) > 0.1
     delta, got = calibrate_budget(model, router, idx_ST, tgt_ST, target)
     assert abs(got - target) < 0.02 and got == big() and router.offset_O[1] == delta
     assert router.mode == "hard" and router.offset_O[0] == 0.0
+
+
+def test_a_router_method_registered_from_outside_runs_through_the_command_and_the_study(router_run, tmp_path,
+                                                                                       monkeypatch, capsys):
+    """docs/ARCHITECTURE.md's "to add a router method": one registry entry, no other file touched. A method
+    that learns the budget term alone (no language-model loss) is registered here, then trained by `duollm
+    router` (its default applied, its name on the folder and in eval.json) and by the study."""
+    from duollm.cli import main
+    from duollm.routers.methods import METHODS, RouterMethod
+    from duollm.study.run import run_study
+
+    def budget_term_only(trainer, mb):
+        prob_L = []
+
+        def policy(layer, x_BTD):
+            prob_L.append(trainer.router.weights(trainer.router.logits(layer, x_BTD), "soft", 1.0))
+            return prob_L[-1]
+
+        trainer.lm(mb["idx_BT"], mb["tgt_BT"], policy, return_logits=False)
+        return (torch.stack(prob_L)[..., BIG].mean() - trainer.cfg.target) ** 2
+
+    monkeypatch.setitem(METHODS, "budget-term", RouterMethod("budget-term", budget_term_only,
+                                                             defaults={"beta_schedule": "constant"}))
+    assert main(["router", str(router_run), "--target", "0.5", "--method", "budget-term", "--steps", "4",
+                 "--set", *QUIET]) == 0
+    assert capsys.readouterr().out.split()[-1] == "budget-term-0.50"
+    ev = read_eval(router_run, "budget-term-0.50")
+    assert ev["method"] == "budget-term" and np.isfinite(ev["ppl"])
+    saved = yaml.safe_load((router_run / "routers" / "budget-term-0.50" / "router.yaml").read_text())["config"]
+    assert saved["method"] == "budget-term" and saved["beta_schedule"] == "constant"
+
+    out = copy_trained(router_run, tmp_path / "study")
+    run_study("tiny", None, out, ["study.router_methods=budget-term", "study.router_targets=1/2", "study.null=false",
+                                  "study.sequential=false", "study.skip_fraction=0", "study.contexts=shared",
+                                  "study.router_mixtures=", "study.router_steps=4"], log=lambda *a: None)
+    res = json.loads((out / "report" / "results.json").read_text())
+    assert [(r["name"], r["method"]) for r in res["routers"]] == [("budget-term-0.50", "budget-term")]

@@ -12,10 +12,10 @@ import pytest
 import torch
 from conftest import duollm
 
-from duollm.model.routing import CandidateSpace
 from duollm.oracle import build_spec
 from duollm.oracle.naive import naive_sequential
 from duollm.oracle.sequential import run_sequential, sequential_oracle
+from duollm.oracle.space import CandidateSpace
 from test_oracle import tiny_model, tokens
 
 

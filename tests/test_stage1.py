@@ -16,7 +16,7 @@ from duollm.model.routing import FlopModel
 from duollm.study import stage1
 from duollm.study.run import run_study
 
-QUIET = lambda *a, **k: None  # noqa: E731
+QUIET = lambda *a, **k: None
 
 
 def test_matched_widths_are_the_papers_and_cost_what_the_duo_model_costs():
@@ -78,7 +78,7 @@ def synthetic(gains: dict, S: int = 48, seed: int = 0) -> dict:
     initialisation are all the same: the null of every effect is zero."""
     rng = np.random.default_rng(seed)
     base_S = 4.0 + 0.3 * rng.standard_normal(S)
-    noise = lambda: 0.01 * rng.standard_normal(S)  # noqa: E731
+    noise = lambda: 0.01 * rng.standard_normal(S)
 
     def entry(loss_S):
         return {"loss_S": loss_S.tolist(), "acc_S": np.full(S, 0.3).tolist(), "mc_S": np.full(S, 0.5).tolist(),
@@ -177,7 +177,9 @@ def test_the_stage_trains_every_model_freezes_the_big_first_model_and_reports(tm
 
 
 def test_stage1_config_is_checked():
+    from duollm.study.settings import validate_study
+
     with pytest.raises(ValueError, match="stage1_steps must be >= 0"):
-        load_config("tiny", ["study.stage1_steps=-1"])
+        validate_study(load_config("tiny", ["study.stage1_steps=-1"]))
     with pytest.raises(ValueError, match="at least 3 steps"):
-        load_config("tiny", ["study.stage1=true", "study.stage1_steps=2"])
+        validate_study(load_config("tiny", ["study.stage1=true", "study.stage1_steps=2"]))

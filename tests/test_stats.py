@@ -88,7 +88,7 @@ def test_bootstrap_of_a_statistic_covers_its_true_value_and_pairs_the_null():
         assert e["lo"] <= e["value"] <= e["hi"]
         hits += e["lo"] <= true <= e["hi"]
     assert 0.89 <= hits / n <= 0.99, hits / n
-    stat = lambda idx: float(b_S[idx].mean())  # noqa: E731
+    stat = lambda idx: float(b_S[idx].mean())
     same = bootstrap(stat, 40, null_stat=stat)
     assert same["minus_null"] == {"diff": 0.0, "lo": 0.0, "hi": 0.0}
     assert verdict_of(same) == "inconclusive"  # the null shows exactly the effect: not evidence

@@ -17,24 +17,32 @@ import duollm.train.loop
 from duollm.checkpoint import load_model, trained_step
 from duollm.config import load_config, load_run_config
 from duollm.stats import VERDICTS
-from duollm.study.run import Study, resolve_config, router_budgets, run_study
+from duollm.study.run import Study, resolve_config, run_study
+from duollm.study.settings import router_budgets, validate_study
 
-QUIET = lambda *a, **k: None  # noqa: E731
+QUIET = lambda *a, **k: None
 
 
 
 class Calls:
-    """Counts (and records the keyword arguments of) calls to the functions the stages use."""
+    """Records the calls the stages make into the library (training, an oracle, a router), each as the
+    keywords a reader checks: an oracle by its spec, a router by its config."""
 
     def __init__(self, mp: pytest.MonkeyPatch):
         self.log: list[tuple[str, dict]] = []
-        for module, name in ((duollm.train.loop, "pretrain"), (duollm.oracle.command, "run_oracle_command"),
-                             (duollm.routers.command, "run_router_command")):
-            mp.setattr(module, name, self._wrap(name, getattr(module, name)))
+        mp.setattr(duollm.study.run, "pretrain", self._wrap("pretrain", lambda *a, **k: k))
+        mp.setattr(duollm.study.run, "oracle_of_run", self._wrap("oracle", lambda run, spec, **k: {
+            "context": spec.context, "budgets": spec.space.budgets, "options": spec.space.options,
+            "split": k.get("split", "validation"), "schedules_only": spec.schedules_only, "dtype": spec.dtype}))
+        mp.setattr(duollm.study.run, "train_router", self._wrap("router", lambda run, cfg, **k: {
+            "resume": k["resume"], "method": cfg.method, "options": cfg.options, "target": cfg.target,
+            "oracle": cfg.oracle}))
 
-    def _wrap(self, name, fn):
+    def _wrap(self, name, describe):
+        fn = getattr(duollm.study.run, {"oracle": "oracle_of_run", "router": "train_router"}.get(name, name))
+
         def wrapped(*args, **kwargs):
-            self.log.append((name, kwargs))
+            self.log.append((name, describe(*args, **kwargs)))
             return fn(*args, **kwargs)
         return wrapped
 
@@ -107,23 +115,24 @@ def test_killed_stages_resume_and_finished_ones_are_not_recomputed(study):
     first, second, third = study["passes"]
     # pass 1: the run was trained already (reused, not retrained); killed in the frozen oracle
     assert not names(first, "pretrain")
-    assert [kw["context"] for kw in names(first, "run_oracle_command")] == ["shared", "frozen"]
+    assert [kw["context"] for kw in names(first, "oracle")] == ["shared", "frozen"]
+    assert {kw["dtype"] for kw in names(first, "oracle")} == {"float32"}  # study.dtype
     # pass 2: the shared oracle is not recomputed; the frozen one continues from its saved chunk; then
     # the sequential oracle, the skip study and the imitation routers' labels on training tokens
-    oracles = names(second, "run_oracle_command")
+    oracles = names(second, "oracle")
     assert [kw["context"] for kw in oracles] == ["frozen", "sequential", "shared", "shared"]
-    assert oracles[1]["budgets"] == "0-2" and oracles[2]["options"] == "B_"
-    assert oracles[3]["split"] == "train" and oracles[3]["budgets"] == "1,2,3"
+    assert oracles[1]["budgets"] == (0, 1, 2) and oracles[2]["options"] == "B_"
+    assert oracles[3]["split"] == "train" and oracles[3]["budgets"] == (1, 2, 3)
     frozen = json.loads((out / "oracle" / "SB-frozen-B" / "run.json").read_text())
     assert frozen["chunks"] == 2 and frozen["chunks_resumed"] == 1
-    assert len(names(second, "run_router_command")) == 1  # killed in the first router
+    assert len(names(second, "router")) == 1  # killed in the first router
     # pass 3: no training, no oracle of the run; the killed router resumes from its checkpoint; then the
     # null control's stages on RUN/null: sweep, sequential schedules only, skip study, the paper's router at L/2
     assert not names(third, "pretrain")
-    null_oracles = [(n, kw) for n, kw in third if n == "run_oracle_command"]
+    null_oracles = [(n, kw) for n, kw in third if n == "oracle"]
     assert [kw["context"] for _, kw in null_oracles] == ["shared", "frozen", "sequential", "shared"]
     assert [kw["schedules_only"] for _, kw in null_oracles] == [False, False, True, False]
-    routers = names(third, "run_router_command")
+    routers = names(third, "router")
     assert routers[0]["resume"] is True and routers[0]["method"] == "budget"
     assert all(r["resume"] is False for r in routers[1:])
     cfg = load_config("tiny")
@@ -134,7 +143,7 @@ def test_killed_stages_resume_and_finished_ones_are_not_recomputed(study):
         ev = json.loads((out / "routers" / f"imitation-{k / 4:.2f}" / "eval.json").read_text())
         assert ev["labels"] == "train"
     mixture = [r for r in routers if r["options"] == "B_"]
-    assert len(mixture) == 1 and mixture[0]["target"] == 0.5 and mixture[0]["oracle"] is None
+    assert len(mixture) == 1 and mixture[0]["target"] == 0.5 and mixture[0]["oracle"] == ""
     assert routers[-1]["method"] == "budget" and routers[-1]["target"] == 0.5
 
 
@@ -152,7 +161,7 @@ def test_rerun_skips_every_finished_stage_and_redoes_stale_ones(study):
         rec["key"]["step"] = -1
         marker.write_text(json.dumps(rec))
         run_study(None, None, out, log=QUIET)
-        assert [(n, kw.get("context")) for n, kw in calls.log] == [("run_oracle_command", "shared")]
+        assert [(n, kw.get("context")) for n, kw in calls.log] == [("oracle", "shared")]
 
 
 def test_progress_lines_and_results_table(study):
@@ -240,7 +249,7 @@ def test_study_config_is_strict():
                                ("study.router_methods=budget,magic", "magic"), ("study.skip_fraction=1.0", "skip_fraction"),
                                ("study.reference=BBX", "pattern"), ("study.colour=red", "unknown config key study.colour")):
         with pytest.raises(ValueError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
-            load_config("tiny", [override])
+            validate_study(load_config("tiny", [override]))
     cfg = load_config("cpu")
     assert router_budgets(cfg) == [4, 6, 8]  # the paper's budgets for 12 layers
 

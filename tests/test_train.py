@@ -10,8 +10,8 @@ import torch
 from conftest import duollm
 from safetensors.torch import load_file
 
-from duollm.train import loop as train_mod  # the loop draws its batches with sample_batch
 from duollm.config import load_config
+from duollm.train import loop as train_mod  # the loop draws its batches with sample_batch
 from duollm.train.loop import pretrain
 
 QUICK = ["train.steps=12", "train.save_every=4", "train.eval_every=6", "train.log_every=2"]

@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 
 from . import rundir
 from .config import load_run_config
-from .io import TMP_SUFFIX, as_os_error, atomic_path, atomic_write_json
+from .io import TMP_SUFFIX, as_os_error, atomic_path, atomic_write_json, replace_folder
 from .model.model import DuoModel
 
 LATEST = "latest"
@@ -172,15 +172,9 @@ def commit_checkpoint(staged: Path, keep: int = 1) -> Path:
     ckpt_dir, name = staged.parent, staged.name[1 : -len(TMP_SUFFIX)]
     final = ckpt_dir / name
     try:
-        if final.exists():  # a step folder of the same step (a rerun after a fall-back): swap it whole
-            if is_pinned(final):  # the step stays pinned
-                (staged / PIN).touch()
-            old = ckpt_dir / f".{name}.old{TMP_SUFFIX}"
-            os.replace(final, old)
-            os.replace(staged, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staged, final)
+        if is_pinned(final):  # a step folder of the same step (a rerun after a fall-back) that stays pinned
+            (staged / PIN).touch()
+        replace_folder(staged, final)
         link_tmp = ckpt_dir / f".{LATEST}{TMP_SUFFIX}"
         if os.path.lexists(link_tmp):
             os.unlink(link_tmp)

@@ -20,15 +20,16 @@ from . import __version__, rundir
 from .analysis.report import write_report
 from .analysis.rundata import inventory
 from .checkpoint import load_model
-from .config import load_config, load_run_config
+from .config import PRESETS, load_config, load_run_config
 from .data.cache import eval_tokens
-from .data.corpus import parse_max_tokens
+from .data.corpus import SPEC_HELP, parse_max_tokens
 from .io import atomic_path
 from .model.model import DuoModel, param_counts
 from .model.routing import parse_pattern
 from .routers.store import routing_policy
 from .runtime import threads
 from .study.run import run_study
+from .study.settings import validate_study
 from .train import memory
 from .train.evaluate import per_token_loss, random_routes, summarize
 from .train.loop import pretrain
@@ -45,8 +46,8 @@ def _fmt_int(n: float) -> str:
 
 
 def add_train_arguments(t: argparse.ArgumentParser) -> None:
-    t.add_argument("--config", help="preset (tiny, cpu, paper) or YAML file")
-    t.add_argument("--data", help="builtin:pydoc | file:PATH | hf:NAME[:CONFIG]")
+    t.add_argument("--config", help=f"preset ({', '.join(PRESETS)}) or YAML file")
+    t.add_argument("--data", help=SPEC_HELP)
     t.add_argument("--out", help="run folder (default runs/<preset or config file name>)")
     t.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.steps=100")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
@@ -66,6 +67,7 @@ def cmd_train(args) -> str:
         cfg = load_config(str(rundir.config_path(out)), overrides)  # the run's own config, plus overrides
     else:
         cfg = load_config(args.config, overrides)  # with --resume: checked against the run's config
+    validate_study(cfg)  # saved with the run: a bad study section is refused now, not when the study starts
     pretrain(cfg, out, resume=args.resume)
     return str(out)
 
@@ -150,7 +152,7 @@ def cmd_eval(args) -> None:
 
 def add_info_arguments(i: argparse.ArgumentParser) -> None:
     i.add_argument("run", nargs="?")
-    i.add_argument("--config", help="preset or YAML file")
+    i.add_argument("--config", help=f"preset ({', '.join(PRESETS)}) or YAML file")
     i.add_argument("--json", action="store_true")
     i.add_argument("--memory", action="store_true", help="the memory plan: bytes per device while training")
     i.add_argument("--gpus", type=int, default=1, help="devices the plan spreads training over (--memory)")
@@ -238,8 +240,8 @@ def print_inventory(inv: dict) -> None:
 
 
 def add_run_arguments(r: argparse.ArgumentParser) -> None:
-    r.add_argument("--config", help="preset (default cpu) or YAML file")
-    r.add_argument("--data", help="data spec (default builtin:pydoc)")
+    r.add_argument("--config", help=f"preset ({', '.join(PRESETS)}; default cpu) or YAML file")
+    r.add_argument("--data", help=f"{SPEC_HELP} (default builtin:pydoc)")
     r.add_argument("--out", help="run folder (default runs/<preset or config file name>)")
     r.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. study.tokens=4096")
 

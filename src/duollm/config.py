@@ -12,7 +12,6 @@ import os
 import types
 import typing
 from dataclasses import dataclass, field
-from fractions import Fraction
 from pathlib import Path
 
 import yaml
@@ -21,7 +20,7 @@ from . import rundir
 from .data.corpus import check_data_files
 from .io import atomic_write_text
 from .model.model import ModelConfig
-from .model.routing import CONTEXTS, RouteProbs, parse_routing
+from .model.routing import RouteProbs
 from .runtime.distributed import DEVICE_NAMES
 
 
@@ -74,7 +73,7 @@ class TrainConfig:
     wandb_dir: str = ""  # "": WANDB_DIR if set, else the run folder
     keep_checkpoints: int = 1  # newest step folders kept; older ones go, except pinned ones (a KEEP file inside)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    parallel: str = "ddp"  # under torchrun: ddp (replicas) | fsdp (FSDP2, sharded per block: fsdp.py)
+    parallel: str = "ddp"  # under torchrun: ddp (replicas) | fsdp (FSDP2, sharded per block: train/fsdp.py)
 
 
 @dataclass
@@ -84,7 +83,7 @@ class EvalConfig:
 
 @dataclass
 class StudyConfig:
-    """What ``duollm run`` does after training (``study.py``; lists are comma-separated strings)."""
+    """What ``duollm run`` does after training (``study/run.py``; lists are comma-separated strings)."""
 
     tokens: int = 0  # evaluation tokens the oracles and routers score (0: eval.max_tokens)
     contexts: str = "shared,frozen"  # oracle context policies; the first is the one the routers and skip study use
@@ -105,14 +104,14 @@ class StudyConfig:
     null: bool = True  # a null control: the model at initialisation through the same stages, same tokens (DESIGN 4.4a)
     sequential: bool = True  # the sequential oracle at the paper's position-varying budgets (oracle/sequential.py)
     seeds: int = 1  # language models (and their routers) trained with seeds train.seed, +1, ...: RUN/seeds/seed-<s>/
-    stage1: bool = False  # the paper's Fig. 8: Duo vs FLOP-matched dense models, big-first ablation (stage1.py)
+    stage1: bool = False  # the paper's Fig. 8: Duo vs FLOP-matched dense models, big-first ablation (study/stage1.py)
     stage1_steps: int = 0  # training steps of each of the stage's models (0: train.steps, the run's own model)
 
 
 @dataclass
 class RunConfig:
     preset: str = "cpu"
-    threads: int = 0  # torch threads: 0 follows the cores other processes leave free (threads.py); N fixes N
+    threads: int = 0  # torch threads: 0 follows the cores other processes leave free (runtime/threads.py); N fixes N
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
@@ -367,94 +366,12 @@ def validate(cfg: RunConfig) -> None:
         raise ValueError("data.tokenizer must be bpe or a tokenizer name or path")
     if cfg.eval.max_tokens <= 0:
         raise ValueError(f"eval.max_tokens must be positive; got {cfg.eval.max_tokens}")
-    validate_study(cfg)
 
 
 # ----------------------------------------------------------------------------- the study's settings
 
-METHODS = ("budget", "imitation", "straight-through", "value", "expected-cost")  # router training methods (routers/)
-VALUE_METHODS = ("value", "expected-cost")  # trained on on-policy exact targets, DAgger rounds (routers/value.py)
-
-
 def parse_list(text: str) -> list[str]:
     return [x.strip() for x in str(text).split(",") if x.strip()]
-
-
-def router_budgets(cfg: RunConfig) -> list[int]:
-    """Budgets k of the study's routers: each target fraction of L rounded (1/3, 1/2, 2/3 of 12 -> 4, 6, 8)."""
-    L = cfg.model.n_layers
-    ks = []
-    for item in parse_list(cfg.study.router_targets):
-        try:
-            f = Fraction(item)
-        except (ValueError, ZeroDivisionError):
-            raise ValueError(f"study.router_targets: {item!r} is not a fraction (e.g. 1/3 or 0.5)") from None
-        if not 0 < f <= 1:
-            raise ValueError(f"study.router_targets: {item} must be a fraction of the layers in (0, 1]")
-        k = max(1, round(f * L))
-        if k not in ks:
-            ks.append(k)
-    return sorted(ks)
-
-
-def router_methods(cfg: RunConfig) -> list[str]:
-    methods = parse_list(cfg.study.router_methods)
-    bad = [m for m in methods if m not in METHODS]
-    if bad:
-        raise ValueError(f"study.router_methods: unknown method {bad[0]!r} (known: {', '.join(METHODS)})")
-    return methods
-
-
-PAPER_MIXTURES = "0.3/0.7/0,0.5/0/0.5,0.5/0.3/0.2"  # big/small/skip of the paper's figs. 7 and 9
-
-
-def router_mixtures(cfg: RunConfig) -> list[tuple[float, str, float]]:
-    """``study.router_mixtures`` as (big target, options, skip target) per router: options SB without
-    skip, B_ without small, SB_ with all three."""
-    text = PAPER_MIXTURES if cfg.study.router_mixtures.strip() == "paper" else cfg.study.router_mixtures
-    out = []
-    for item in parse_list(text):
-        try:
-            big, small, skip = (float(x) for x in item.split("/"))
-        except ValueError:
-            raise ValueError(f"study.router_mixtures: {item!r} is not big/small/skip fractions (e.g. 0.5/0.3/0.2)") from None
-        if min(big, small, skip) < 0 or abs(big + small + skip - 1.0) > 1e-6 or big == 0:
-            raise ValueError(f"study.router_mixtures: {item} must be fractions >= 0 summing to 1, with some big")
-        options = "SB" if skip == 0 else "B_" if small == 0 else "SB_"
-        out.append((big, options, 0.0 if options == "SB" else skip))
-    return out
-
-
-def skip_count(cfg: RunConfig) -> int:
-    """Skipped layers in the skip study: round(skip_fraction * L), the paper's 6 of 12 (0: no skip study)."""
-    return round(cfg.study.skip_fraction * cfg.model.n_layers)
-
-
-def validate_study(cfg: RunConfig) -> None:
-    """One-line ValueErrors for a bad ``study`` section."""
-    st, L = cfg.study, cfg.model.n_layers
-    contexts = parse_list(st.contexts)
-    if not contexts or any(c not in CONTEXTS[:2] for c in contexts) or len(set(contexts)) != len(contexts):
-        raise ValueError(f"study.contexts must list shared and/or frozen, comma-separated; got {st.contexts!r}")
-    if "frozen" in contexts and parse_routing(st.reference, L).kind != "pattern":
-        raise ValueError(f"study.reference must be B, S or a pattern (the study's routers come later); got {st.reference!r}")
-    if not 0.0 <= st.skip_fraction < 1.0:
-        raise ValueError(f"study.skip_fraction must be in [0, 1); got {st.skip_fraction}")
-    if st.skip_fraction and not 0 < skip_count(cfg) < L:
-        raise ValueError(f"study.skip_fraction={st.skip_fraction} gives {skip_count(cfg)} of {L} layers skipped")
-    for name in ("router_steps", "router_batch", "batch_tokens", "seeds"):
-        if getattr(st, name) <= 0:
-            raise ValueError(f"study.{name} must be positive; got {getattr(st, name)}")
-    if st.dtype not in ("auto", "float32", "bfloat16"):
-        raise ValueError(f"study.dtype must be auto, float32 or bfloat16; got {st.dtype!r}")
-    if st.tokens < 0 or st.stage1_steps < 0:
-        raise ValueError(f"study.tokens and study.stage1_steps must be >= 0 (0: the default); got {st.tokens}, "
-                         f"{st.stage1_steps}")
-    if st.stage1 and (st.stage1_steps or cfg.train.steps) < 3:
-        raise ValueError("study.stage1 needs at least 3 steps per model (the big-first ablation trains 2/3 + 1/3)")
-    router_budgets(cfg)
-    router_methods(cfg)
-    router_mixtures(cfg)
 
 
 # What a resume may change (README "Reliability"): how long and how often, where it runs and what is

@@ -15,6 +15,7 @@ import errno as errno_mod
 import json
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -65,6 +66,33 @@ def atomic_path(path: str | os.PathLike):
     finally:
         if tmp is not None and os.path.lexists(tmp):
             os.unlink(tmp)
+
+
+def replace_folder(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Move the complete folder ``src`` onto ``dst``. An existing ``dst`` is first renamed aside whole and
+    removed after, so at every moment ``dst`` is the old folder or the new one, never a mixture."""
+    src, dst = Path(src), Path(dst)
+    old = dst.parent / f".{dst.name}.old{TMP_SUFFIX}"
+    shutil.rmtree(old, ignore_errors=True)
+    if dst.exists():
+        os.replace(dst, old)
+    os.replace(src, dst)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike):
+    """Yield an empty temporary folder next to ``path``; if the body succeeds it replaces ``path`` whole
+    (``replace_folder``), otherwise it is removed. An export or a converted run is complete or absent."""
+    path = Path(path)
+    tmp = path.parent / f".{path.name}{TMP_SUFFIX}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        replace_folder(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def atomic_write_bytes(path, data: bytes) -> None:

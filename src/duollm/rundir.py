@@ -210,7 +210,7 @@ def seed_dirs(run: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-", 1)[1]) if p.name.split("-", 1)[1].isdigit() else 0)
 
 
-def stage1_dir(run: Path) -> Path:  # the Stage-1 study's models (stage1.py)
+def stage1_dir(run: Path) -> Path:  # the Stage-1 study's models (study/stage1.py)
     return Path(run) / STAGE1
 
 

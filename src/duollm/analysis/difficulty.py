@@ -68,7 +68,7 @@ def token_table(rd: RunData) -> dict | None:
         return None
     cols = table.column_names
     ks = [k for k in oracle.ks if f"oracle_loss_k{k}" in cols]
-    col = lambda name: table.column(name).to_numpy()  # noqa: E731
+    col = lambda name: table.column(name).to_numpy()
     return {
         "oracle": oracle,
         "ks": ks,

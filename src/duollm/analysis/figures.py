@@ -52,7 +52,7 @@ def fig_ppl_vs_budget(rd: RunData) -> Figure | None:
     ax = fig.subplots()
     primary = rd.primary
     ks = np.array(primary.ks)
-    col = lambda key, o=primary: np.array([b.get(key) if b.get(key) is not None else np.nan for b in o.budgets], float)  # noqa: E731
+    col = lambda key, o=primary: np.array([b.get(key) if b.get(key) is not None else np.nan for b in o.budgets], float)
     for i, (ctx, o) in enumerate(sweeps.items()):
         ax.plot(o.ks, col("oracle_ppl", o), marker="o", ms=3, color=COLORS["oracle"], ls="-" if i == 0 else "--",
                 label=f"oracle, {o.label}")

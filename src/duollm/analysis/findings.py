@@ -20,6 +20,7 @@ Array name legend (``docs/NOTATION.md``): S sequences, T positions, L layers.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -350,35 +351,87 @@ def difficulty_not_raw_loss(v: OracleView | None, nv: OracleView | None, L: int)
                     "null_high_loss_low_gain_share": high_loss_low_gain(nv) if nv else None}, v.oracle.context)
 
 
-# ----------------------------------------------------------------------------- all of them
+# ----------------------------------------------------------------------------- the registry
+
+
+@dataclass
+class Evidence:
+    """What a finding is decided on: the run's outputs, the null control's, and (for the checks decided once
+    per context policy) the context whose budget sweep is examined."""
+
+    rd: RunData
+    null: RunData | None
+    context: str | None = None
+
+    @property
+    def L(self) -> int:
+        return self.rd.n_layers
+
+    @property
+    def sweep(self) -> OracleView | None:
+        return view(self.rd.sweeps.get(self.context)) if self.context else None
+
+    @property
+    def null_sweep(self) -> OracleView | None:
+        return view(self.null.sweeps.get(self.context)) if self.null is not None and self.context else None
+
+    def of(self, pick) -> tuple[OracleView | None, OracleView | None]:
+        """``pick(run_data)`` -> an oracle output, viewed on the run and on the null control."""
+        return view(pick(self.rd)), view(pick(self.null)) if self.null is not None else None
+
+
+@dataclass(frozen=True)
+class FindingCheck:
+    """One finding: ``check(evidence) -> Finding``. ``per_context``: decided once per context policy of
+    the study's budget sweeps. ``null_gated``: a "reproduced" needs the same statistic on the null control
+    (DESIGN 4.4a); a check whose own criterion involves the null says False."""
+
+    id: str
+    check: Callable[[Evidence], Finding]
+    per_context: bool = False
+    null_gated: bool = True
+
+
+FINDINGS: dict[str, FindingCheck] = {}
+
+
+def register(finding: FindingCheck) -> FindingCheck:
+    """Add a finding; the report decides every registered finding, in registration order."""
+    FINDINGS[finding.id] = finding
+    return finding
+
+
+register(FindingCheck("oracle_u_shape", lambda ev: oracle_u_shape(ev.sweep, ev.null_sweep, ev.L, ev.context),
+                      per_context=True))
+register(FindingCheck("one_big_beats_all_big", lambda ev: one_big_beats_all_big(ev.sweep, ev.null_sweep, ev.context),
+                      per_context=True))
+register(FindingCheck("big_layers_by_budget", lambda ev: big_layers_by_budget(ev.sweep, ev.null_sweep, ev.L, ev.context),
+                      per_context=True))
+register(FindingCheck("skip_not_early_exit", lambda ev: skip_not_early_exit(
+    *ev.of(lambda r: r.skip_study), ev.L, int(ev.rd.skip_study.summary["skips"]) if ev.rd.skip_study else None)))
+register(FindingCheck("constant_budget_best", lambda ev: constant_budget_best(
+    *ev.of(lambda r: r.sequential), schedule_predictions(ev.rd))))
+register(FindingCheck("routers_near_baselines", lambda ev: routers_near_baselines(ev.rd, view(ev.rd.primary), ev.null),
+                      null_gated=False))
+register(FindingCheck("routers_favour_late_layers", lambda ev: routers_favour_late_layers(ev.rd, ev.null)))
+register(FindingCheck("routers_early_tokens_more_big", lambda ev: routers_early_tokens_more_big(ev.rd, ev.null)))
+register(FindingCheck("difficulty_not_raw_loss", lambda ev: difficulty_not_raw_loss(*ev.of(lambda r: r.primary), ev.L)))
 
 
 def check_all(rd: RunData, null: RunData | None = None) -> list[Finding]:
-    """Every finding, oracle checks once per context policy, in the order of DESIGN section 2.
-    ``null``: the null control's outputs (default ``rd.null``; a seed of a multi-seed study uses its
-    parent's)."""
-    L = rd.n_layers
+    """Every registered finding, those of a budget sweep once per context policy (the contexts first, in
+    the order of DESIGN section 2). ``null``: the null control's outputs (default ``rd.null``; a seed of a
+    multi-seed study uses its parent's)."""
     null = null if null is not None else rd.null
-    null_primary = view(null.primary) if null is not None else None
-    out: list[Finding] = []
-    sweeps = [(o.context, view(o)) for o in rd.sweeps.values()] or [(None, None)]
-    for ctx, v in sweeps:
-        nv = view(null.sweeps.get(ctx)) if null is not None and ctx else None
-        out += [oracle_u_shape(v, nv, L, ctx), one_big_beats_all_big(v, nv, ctx), big_layers_by_budget(v, nv, L, ctx)]
-    skips = int(rd.skip_study.summary["skips"]) if rd.skip_study else None
-    out.append(skip_not_early_exit(view(rd.skip_study), view(null.skip_study) if null is not None else None, L, skips))
-    out.append(constant_budget_best(view(rd.sequential), view(null.sequential) if null is not None else None,
-                                    schedule_predictions(rd)))
-    primary = view(rd.primary)
-    out += [routers_near_baselines(rd, primary, null), routers_favour_late_layers(rd, null),
-            routers_early_tokens_more_big(rd, null)]
-    out.append(difficulty_not_raw_loss(primary, null_primary, L))
-    for f in out:  # DESIGN 4.4a: a finding counts only against a null
-        gated = f.id == "routers_near_baselines" or (f.effect is not None and f.effect.get("null") is not None)
-        if f.verdict == "reproduced" and not gated:
+    per_context = [f for f in FINDINGS.values() if f.per_context]
+    once = [f for f in FINDINGS.values() if not f.per_context]
+    decided = [(f, f.check(Evidence(rd, null, ctx))) for ctx in (list(rd.sweeps) or [None]) for f in per_context]
+    decided += [(f, f.check(Evidence(rd, null))) for f in once]
+    for check, f in decided:  # DESIGN 4.4a: a finding counts only against a null
+        if check.null_gated and f.verdict == "reproduced" and (f.effect is None or f.effect.get("null") is None):
             f.verdict = "inconclusive"
             f.numbers["without_null"] = "no null control for this statistic (study.null=false?): not evidence"
-    return out
+    return [f for _, f in decided]
 
 
 def across_seeds(rd: RunData, findings: list[dict]) -> dict | None:
@@ -388,7 +441,7 @@ def across_seeds(rd: RunData, findings: list[dict]) -> dict | None:
     if not runs:
         return None
     seeds = [rd.config.train.seed] + [r.config.train.seed for r in runs]
-    key = lambda f: (f["id"], f["context"])  # noqa: E731  # a seed may lack a context the parent has
+    key = lambda f: (f["id"], f["context"])  # a seed may lack a context the parent has
     per_run = [{key(f): f for f in fs} for fs in [findings, *([f.as_dict() for f in check_all(r, null=rd.null)]
                                                               for r in runs)]]
     rows = []
@@ -411,4 +464,4 @@ def counts(findings: list[dict]) -> dict:
     return out
 
 
-__all__ = ["Finding", "across_seeds", "check_all", "counts", "verdict"]
+__all__ = ["FINDINGS", "Evidence", "Finding", "FindingCheck", "across_seeds", "check_all", "counts", "register", "verdict"]

@@ -285,7 +285,7 @@ def tables(res: dict) -> list[tuple[str, list[str], list[list[str]]]]:
     if n and res["oracle"]:
         real, null = res["oracle"][0], n["oracle"]
         by_k = {b["k"]: b for b in null["budgets"]}
-        gain = lambda b, o: None if b.get("oracle_ppl") is None else 1.0 - b["oracle_ppl"] / o["all_big_ppl"]  # noqa: E731
+        gain = lambda b, o: None if b.get("oracle_ppl") is None else 1.0 - b["oracle_ppl"] / o["all_big_ppl"]
         out.append((f"Null control: the model at initialisation on the same tokens ({null['context']} context): "
                     f"all-big {_ci(null, 'all_big_ppl')}, all-small {_ci(null, 'all_small_ppl')}",
                     ["k", "oracle, null [95%]", "oracle gain over all-big, null", "oracle gain over all-big, trained"],

@@ -46,6 +46,8 @@ EOS = "<|endoftext|>"
 
 
 BUILTIN = ("pydoc", "pydoc-topics")
+# the kinds of data spec, for --help (a new kind: here, in parse_data_spec and in read_documents)
+SPEC_HELP = "builtin:pydoc | file:PATH | hf:NAME[:CONFIG] | hf:FOLDER (save_to_disk) | hf:json|parquet|csv (data.data_files)"
 
 
 def parse_data_spec(spec: str) -> tuple[str, str]:

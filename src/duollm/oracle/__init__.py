@@ -1,7 +1,10 @@
 """Stage 2 of Duo-LLM: the oracle engine (paper section 3.2, DESIGN 4.2).
 
+- ``build_spec``: the user's choices -> an ``OracleSpec`` (what is searched and how it is computed).
+- ``oracle_of_run``: a run folder + ``OracleSpec`` -> ``RUN/oracle/<name>/`` (the study calls this).
+- ``run_oracle``: a model + tokens + ``OracleSpec`` -> an output folder (chunks, resume, sharding).
+- ``CONTEXTS`` (``context.py``): the context policies, one registry entry each.
 - ``run_oracle_command`` / ``add_arguments``: the ``duollm oracle`` command.
-- ``run_oracle``: a model + tokens + ``OracleSpec`` -> the output folder (chunks, resume, sharding).
 - ``walk_tree`` (tree evaluator), ``naive_losses`` (one forward per pattern), ``beam_search``.
 - ``pattern_losses``: every pattern's per-token loss for small problems (tests, notebooks).
 """
@@ -11,10 +14,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .command import add_arguments, build_spec, run_command, run_oracle_command
-from .context import FrozenContext, SharedContext, make_context
+from .command import add_arguments, run_command, run_oracle_command
+from .context import CONTEXTS, FrozenContext, OracleContext, SharedContext, make_context
+from .folder import oracle_of_run
 from .naive import naive_losses
-from .plan import OracleSpec, Plan, build_plan
+from .plan import OracleSpec, Plan, build_plan, build_spec
 from .runner import run_oracle
 from .search import beam_search
 from .tree import naive_flops, tree_flops, walk_tree
@@ -36,7 +40,7 @@ def pattern_losses(model, idx_ST, tgt_ST, route_PL, *, context="shared", referen
 
 
 __all__ = [
-    "FrozenContext", "OracleSpec", "Plan", "SharedContext", "add_arguments", "beam_search", "build_plan",
-    "build_spec", "run_command", "make_context", "naive_flops", "naive_losses", "pattern_losses",
-    "run_oracle", "run_oracle_command", "tree_flops", "walk_tree",
+    "CONTEXTS", "FrozenContext", "OracleContext", "OracleSpec", "Plan", "SharedContext", "add_arguments", "beam_search",
+    "build_plan", "build_spec", "make_context", "naive_flops", "naive_losses", "oracle_of_run", "pattern_losses",
+    "run_command", "run_oracle", "run_oracle_command", "tree_flops", "walk_tree",
 ]

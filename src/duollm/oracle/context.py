@@ -24,12 +24,14 @@ per position, D model width, H query heads, K key/value heads, E head dim, L lay
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from ..model.model import DuoModel, apply_rope
-from ..model.routing import CONTEXTS, SKIP, parse_pattern
+from ..model.routing import SKIP, parse_pattern
 from . import kernels as K
 from .kernels import norm as layer_input  # (the local K below counts KV heads)
 
@@ -161,11 +163,56 @@ def frozen_attn_residual(block, h_BTMD, k_BKCE, v_BKCE, cos_TE, sin_TE, strict_T
 
 
 def make_context(model: DuoModel, context: str, idx_BT: torch.Tensor, reference=None, kernels: K.Kernels = K.EAGER):
-    assert context in CONTEXTS, "OracleSpec validates the context"
-    if context == "shared":
-        return SharedContext(model, idx_BT.shape[1], kernels)
-    ref = reference if reference is not None else "B" * model.cfg.n_layers
-    return FrozenContext(model, idx_BT, ref, kernels)
+    """The tree engine's context object of the policy ``context`` for the sequences ``idx_BT``."""
+    policy = CONTEXTS[context]
+    assert policy.make is not None, "OracleSpec sends contexts with their own engine elsewhere"
+    return policy.make(model, idx_BT, reference, kernels)
+
+
+# ----------------------------------------------------------------------------- the registry
+
+
+@dataclass(frozen=True)
+class OracleContext:
+    """One context policy: how the context tokens are routed while a token's pattern varies.
+
+    ``make(model, idx_BT, reference, kernels)`` builds what the tree engine walks with (a class with
+    ``residual``, like ``SharedContext``); a policy with an engine of its own (``engine="sequential"``,
+    oracle/sequential.py) has none. ``reference``: the policy routes the context tokens by a reference
+    (``--reference``, ``study.reference``). ``beam_unit``: what beam search keeps its best prefixes for —
+    each ``sequence`` (its tokens share one prefix) or each scored ``token``. ``note``: the sentence every
+    summary of this policy carries.
+    """
+
+    name: str
+    note: str
+    make: Callable | None = None
+    engine: str = "tree"  # tree: the exhaustive walk and beam search; sequential: oracle/sequential.py
+    reference: bool = False
+    beam_unit: str = "sequence"
+
+
+CONTEXTS: dict[str, OracleContext] = {}
+
+
+def register(context: OracleContext) -> OracleContext:
+    """Add a context policy; ``duollm oracle --context NAME`` and ``study.contexts`` then take it."""
+    CONTEXTS[context.name] = context
+    return context
+
+
+register(OracleContext(
+    "shared", "each candidate pattern routes every token of the sequence; each token keeps its best",
+    make=lambda model, idx_BT, reference, kernels: SharedContext(model, idx_BT.shape[1], kernels)))
+register(OracleContext(
+    "frozen", "context tokens keep the reference routing; only the scored token's own routes vary "
+              "(all-big/all-small baselines too: the scored token's routes, the context at the reference)",
+    make=lambda model, idx_BT, reference, kernels: FrozenContext(
+        model, idx_BT, reference if reference is not None else "B" * model.cfg.n_layers, kernels),
+    reference=True, beam_unit="token"))
+register(OracleContext(
+    "sequential", "left to right: each token chooses its pattern given the earlier tokens' own choices",
+    engine="sequential"))
 
 
 class Head:

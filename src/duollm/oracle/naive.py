@@ -19,8 +19,9 @@ import numpy as np
 import torch
 
 from ..model.model import DuoModel
-from ..model.routing import format_pattern, pattern_codes
+from ..model.routing import format_pattern
 from .context import reference_routes
+from .space import pattern_codes
 
 
 @torch.no_grad()

@@ -23,9 +23,10 @@ import math
 import numpy as np
 import torch
 
-from ..model.routing import BIG, SKIP, FlopModel, code_strings, decode_codes
+from ..model.routing import BIG, SKIP, FlopModel
 from ..stats import paired_ppl_difference, ppl_interval, recovered_share
 from .plan import Plan
+from .space import code_strings, decode_codes
 
 
 class ChunkReducer:

@@ -20,6 +20,7 @@ J budgets, L layers.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import math
@@ -39,15 +40,16 @@ from tqdm.auto import tqdm
 from .. import rundir
 from ..io import atomic_path, atomic_write_json
 from ..model.model import DuoModel
-from ..model.routing import BIG, SKIP, code_strings, decode_codes, parse_pattern
+from ..model.routing import BIG, SKIP, parse_pattern
 from ..rundir import ORACLE_LOSS, PARTIAL, PATTERNS, PER_TOKEN, RUN_JSON, SUMMARY, USAGE
 from ..runtime.distributed import has_bf16_matrix_units, init_distributed
 from ..stats import paired_ppl_difference, ppl_interval
-from .context import Head, make_context
+from .context import CONTEXTS, Head, make_context
 from .kernels import Kernels
 from .plan import OracleSpec, Plan, build_plan
 from .reductions import ChunkReducer, finalize, label_free_entry, merge_chunks
 from .search import beam_search, max_children
+from .space import code_strings, decode_codes
 from .tree import walk_tree
 
 ENGINE_VERSION = 3  # 2: random@k per sequence in each chunk's reductions; 3: the label-free oracles
@@ -135,7 +137,6 @@ def engine_model(model: DuoModel, dtype: str) -> DuoModel:
 # ----------------------------------------------------------------------------- one chunk
 
 
-@torch.no_grad()
 @torch.no_grad()
 def pattern_token_losses(model: DuoModel, spec: OracleSpec, route_PL: np.ndarray, idx_ST, tgt_ST, *,
                          batch_tokens: int, kernels: Kernels) -> np.ndarray:
@@ -248,25 +249,22 @@ def run_oracle(
     spec: OracleSpec,
     out_dir: str | os.PathLike,
     *,
-    batch_tokens: int = 4096,
-    dtype: str = "float32",
-    keep_matrix: bool = False,
-    compile: bool | str = "auto",
     progress: bool = True,
     meta: dict | None = None,
     on_chunk: Callable[[int], None] | None = None,
+    **engine,
 ) -> dict | None:
     """Run the oracle of ``spec`` on the tokens ``idx_ST``/``tgt_ST`` and write ``out_dir``.
 
     Returns the summary dict on rank 0 (None on other ranks). ``on_chunk(i)`` is called after
-    chunk i is saved (tests use it to interrupt). ``meta`` is merged into the summary. ``dtype``:
-    float32 (exact), bfloat16 (``engine_model``) or auto (``resolve_dtype``: bfloat16 where the
-    device has bf16 matrix units; ``duollm oracle``'s default).
-    ``compile``: fuse each node's elementwise work with torch.compile (see ``kernels``; True/False;
-    "auto": when the run evaluates at least 2^24 pattern-tokens, where compiling pays off).
+    chunk i is saved (tests use it to interrupt). ``meta`` is merged into the summary. How it is
+    computed is the spec's (``OracleSpec``: dtype, batch_tokens, compile, keep_matrix); ``engine``
+    overrides any of those for this call. ``dtype`` auto: ``resolve_dtype``; ``compile`` auto: when the
+    run evaluates at least 2^24 pattern-tokens, where compiling pays off.
     """
-    if not isinstance(batch_tokens, int) or batch_tokens < 1:
-        raise ValueError(f"batch tokens must be a positive integer; got {batch_tokens!r}")
+    if engine:
+        spec = dataclasses.replace(spec, **engine)
+    batch_tokens, dtype, compile, keep_matrix = spec.batch_tokens, spec.dtype, spec.compile, spec.keep_matrix
     if idx_ST.dim() != 2 or idx_ST.shape != tgt_ST.shape or idx_ST.numel() == 0:
         raise ValueError("evaluation tokens must be two non-empty [sequences, positions] tensors of one shape")
     if idx_ST.shape[1] > model.cfg.max_seq_len:
@@ -288,8 +286,6 @@ def run_oracle(
     rank, world = ddp.rank, ddp.world
     mine = [c for c in chunks if c[0] % world == rank]
     P = len(plan.code_P)
-    if compile not in (True, False, "auto"):
-        raise ValueError(f"compile must be true, false or auto; got {compile!r}")
     if compile == "auto":
         compile = P * N >= 1 << 24 or spec.search == "beam" and N >= 1 << 14
     kernels = Kernels(bool(compile))
@@ -418,11 +414,7 @@ def _write_outputs(out_dir: Path, plan: Plan, merged: dict, idx_ST, tgt_ST, mode
         **{k: v for k, v in meta.items() if k != "name"},
         **summary_core,
         "notes": [
-            f"context={spec.context}: "
-            + ("each candidate pattern routes every token of the sequence; each token keeps its best"
-               if spec.context == "shared" else
-               "context tokens keep the reference routing; only the scored token's own routes vary "
-               "(all-big/all-small baselines too: the scored token's routes, the context at the reference)"),
+            f"context={spec.context}: {CONTEXTS[spec.context].note}",
             "compute is FLOPs per token relative to all-big (routing.FlopModel)",
             "*_lo / *_hi: 95% bootstrap interval over sequences (1000 seeded replicates, stats.py)",
             "random_mean_ppl = exp(mean over candidates of the per-pattern mean loss)",

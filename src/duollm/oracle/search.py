@@ -36,8 +36,9 @@ from __future__ import annotations
 import torch
 
 from ..model.model import DuoModel
-from ..model.routing import BIG, ROUTE_OF_LETTER, SKIP, CandidateSpace
-from .context import Head
+from ..model.routing import BIG, ROUTE_OF_LETTER, SKIP
+from .context import CONTEXTS, Head
+from .space import CandidateSpace
 from .step import layer_children
 
 SEQ_FACTOR = 4  # shared context: a sequence keeps up to 4 x width prefixes per cell
@@ -53,7 +54,7 @@ class BeamSearch:
         self.model, self.ctx, self.space = model, ctx, space
         self.head = head or Head(model, kernels=ctx.kernels)
         self.budgets, self.width = tuple(budgets), width
-        self.unit = "token" if ctx.name == "frozen" else "sequence"
+        self.unit = CONTEXTS[ctx.name].beam_unit
         self.rows = rows  # cap on hidden-state rows per matrix product (memory)
         self.routes = [ROUTE_OF_LETTER[c] for c in ("B", "S", "_") if c in space.options]
 

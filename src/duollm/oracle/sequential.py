@@ -37,13 +37,14 @@ from tqdm.auto import tqdm
 
 from ..io import atomic_path, atomic_write_json
 from ..model.model import DuoModel, KVCache
-from ..model.routing import BIG, code_strings, decode_codes, pattern_codes
+from ..model.routing import BIG
 from ..rundir import PER_TOKEN, RUN_JSON, SUMMARY
 from ..runtime import threads
 from ..stats import paired_ppl_difference, ppl_interval
 from . import kernels as K
 from .context import Head, frozen_attn_residual
 from .reductions import compute_of_codes, default_schedules, linear_schedule
+from .space import code_strings, decode_codes, pattern_codes
 from .step import layer_children
 
 

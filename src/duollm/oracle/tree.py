@@ -23,9 +23,10 @@ import numpy as np
 import torch
 
 from ..model.model import DuoModel
-from ..model.routing import SKIP, FlopModel, pattern_codes
+from ..model.routing import SKIP, FlopModel
 from ..runtime import threads
 from .context import Head
+from .space import pattern_codes
 from .step import layer_children
 
 Consume = Callable[[np.ndarray, torch.Tensor], None]  # (pattern indices [R], loss_RBT)
@@ -84,7 +85,7 @@ def walk_tree(
             else:
                 visit(depth + 1, a, b, child)
         if leaves:
-            threads.poll()  # one reading of the machine's load every few seconds (threads.py)
+            threads.poll()  # one reading of the machine's load every few seconds (runtime/threads.py)
             h_RBTD = torch.stack([h.squeeze(2) for h in leaf_h])
             out = head(h_RBTD, tgt_BT.expand(len(leaves), *tgt_BT.shape), doubt=doubt)
             consume(np.array(leaves), *(out if doubt else (out,)))

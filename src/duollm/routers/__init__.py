@@ -1,10 +1,12 @@
 """Stage 3: trained routers, measured against the oracle (paper section 3.3, DESIGN 4.3).
 
-Modules (mirroring ``oracle/``): ``config`` (RouterConfig and its validation), ``policy`` (the
-``Router``), ``labels`` (the oracle's per-token patterns as imitation labels), ``objectives``
-(the three training methods), ``calibrate`` (budget calibration), ``evaluate`` (``eval.json``),
-``command`` (``duollm router``). Router folders are saved and loaded by ``rundir``. This
-package file imports nothing, so ``rundir`` can load a ``Router`` without an import circle.
+Modules (mirroring ``oracle/``): ``methods`` (the registry of training methods: one entry each, its
+loss, what it learns from, its defaults), ``config`` (RouterConfig and its validation), ``store``
+(router folders saved and loaded; routing specs resolved against a run), ``labels`` (the oracle's
+per-token patterns as imitation labels), ``objectives`` (the trainer the training loop runs),
+``value`` (on-policy targets, DAgger rounds), ``calibrate`` (budget calibration), ``evaluate``
+(``eval.json``), ``command`` (``train_router`` and ``duollm router``). The ``Router`` itself is
+part of the model (``model/policy.py``): every export carries it.
 
 A ``Router`` holds one linear map per layer from the hidden state entering the FFN (the
 ``x_BTD`` a ``RoutingPolicy`` receives) to one logit per allowed route. It *is* a routing
@@ -18,8 +20,8 @@ returns:
     "straight-through"  prob_BTR = one_hot(argmax) + p - p.detach(): hard routes forward,
                         gradients of the softmax backward
 
-Three training methods share that module, one training loop (``train.train_loop``, so
-checkpoints, resume, DDP and metrics come from there) and one evaluation:
+The training methods (``methods.METHODS``) share that module, one training loop (``train_loop``,
+so checkpoints, resume, DDP and metrics come from there) and one evaluation. The built-in ones:
 
     budget            the paper's router (3.3): soft mix, beta annealed upward, language-model
                       cross-entropy + alpha * mean_B (mean_{L,T} P(big) - target)^2, LM frozen
@@ -27,6 +29,9 @@ checkpoints, resume, DDP and metrics come from there) and one evaluation:
                       take at evaluation; the budget term sees the realised (hard) fractions
     imitation         supervised: cross-entropy of each layer's logits against the oracle's
                       per-token best pattern at the matching budget k = round(target * L)
+    value             cross-entropy against the route of least on-policy value (the best loss
+                      reachable under exactly k bigs), in DAgger rounds (``value.py``)
+    expected-cost     the expected regret of the router's choice under the same values
 
 Imitation uses teacher forcing: the model is run with every token routed by its own oracle
 pattern, and the router at layer l sees the hidden state that routing produces. Those are

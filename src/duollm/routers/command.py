@@ -9,7 +9,7 @@ import torch
 
 from .. import rundir
 from ..checkpoint import latest_checkpoint, load_model
-from ..config import METHODS, VALUE_METHODS, load_run_config, to_dict
+from ..config import load_run_config, to_dict
 from ..data.cache import eval_tokens, load_tokens
 from ..data.corpus import sequences
 from ..model.policy import Router
@@ -20,6 +20,7 @@ from .calibrate import calibrate_budget
 from .config import RouterConfig, resolve_router_config
 from .evaluate import write_eval
 from .labels import find_oracle, holdout_split, load_oracle_table
+from .methods import METHODS
 from .objectives import RouterTrainer, router_objective
 from .store import load_router_folder, save_router, write_router_yaml
 from .value import dagger
@@ -37,7 +38,7 @@ def train_router(run: Path, cfg: RouterConfig, *, resume: bool = False, log=prin
     oracle_name = find_oracle(run, cfg.options, k, cfg.oracle)
     oracle = load_oracle_table(run, oracle_name, k, idx_ST, tgt_ST, cfg.options) if oracle_name else None
     imitation_data, train_tokens = None, load_tokens(run, "train")
-    if cfg.method == "imitation":
+    if METHODS[cfg.method].data == "labels":
         imitation_data, train_tokens = _imitation_data(run, run_cfg, cfg, k, idx_ST, tgt_ST, oracle, log)
     out = rundir.router_dir(run, cfg.name)
     if latest_checkpoint(out) is not None and not resume:
@@ -50,7 +51,7 @@ def train_router(run: Path, cfg: RouterConfig, *, resume: bool = False, log=prin
 def label_source(run: Path, cfg: RouterConfig, k: int) -> str | None:
     """Where an imitation router's labels come from: ``train`` (a training-split oracle table) or
     ``validation`` (part of the evaluation tokens: only its held-out numbers are free of the leak)."""
-    if cfg.method != "imitation":
+    if METHODS[cfg.method].data != "labels":
         return None
     return "train" if find_oracle(run, cfg.options, k, split="train") is not None else "validation"
 
@@ -100,7 +101,7 @@ def _train_router(run: Path, out: Path, cfg: RouterConfig, model, idx_ST, tgt_ST
     trainer = RouterTrainer(router, model, cfg)
     n_val = max(1, min(idx_ST.shape[0], cfg.train.eval_tokens // idx_ST.shape[1]))
     write_router_yaml(out, router, cfg)  # the config of a router in training is on disk from the start
-    if cfg.method in VALUE_METHODS:  # on-policy targets in DAgger rounds, each through train_loop
+    if METHODS[cfg.method].data == "values":  # on-policy targets in DAgger rounds, each through train_loop
         dagger(model, trainer, cfg, out, train_tokens, device=device, resume=resume, log=log,
                make_objective=lambda rows: router_objective(trainer, cfg, idx_ST[:n_val], tgt_ST[:n_val], value_data=rows))
     else:

@@ -9,8 +9,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from ..config import METHODS, VALUE_METHODS, RunConfig, TrainConfig, apply_overrides, from_dict, to_dict, validate_train
+from ..config import RunConfig, TrainConfig, apply_overrides, from_dict, to_dict, validate_train
 from ..model.routing import canonical_options
+from .methods import METHODS, get
 
 
 def router_train_defaults() -> TrainConfig:
@@ -30,13 +31,12 @@ class RouterConfig:
     The paper leaves alpha and the beta schedule unspecified (DESIGN 2); these defaults are
     ours: alpha = 10 keeps the realised budget within a few hundredths of the target on the
     ``cpu`` preset, beta grows geometrically 1 -> 100 so the final soft mix is nearly hard.
-    ``straight-through`` defaults to a constant beta = 1 instead (``METHOD_DEFAULTS``): its
-    forward pass is hard already, and a sharpened softmax only starves its gradient (on the
-    tiny model an annealed straight-through router oscillates between whole-layer flips).
+    A method may change these defaults (``methods.RouterMethod.defaults``: straight-through keeps
+    beta constant, imitation calibrates, the value methods enforce the budget).
     """
 
     label: str = ""  # the router's folder name under RUN/routers ("": method and target, e.g. budget-0.50)
-    method: str = "budget"  # budget | imitation | straight-through | value | expected-cost
+    method: str = "budget"  # a name of routers.methods.METHODS
     target: float = 0.5  # fraction of (token, layer) decisions that go big
     options: str = "SB"  # allowed routes per layer: SB, B_ or SB_
     skip_target: float = 0.0  # fraction skipped (options SB_; with B_ it is 1 - target)
@@ -84,8 +84,7 @@ def router_name(method: str, target: float, options: str = "SB", skip_target: fl
 
 
 def validate_router_config(c: RouterConfig) -> None:
-    if c.method not in METHODS:
-        raise ValueError(f"unknown router method {c.method!r} (known: {', '.join(METHODS)})")
+    method = get(c.method)
     c.options = canonical_options(c.options)
     if c.label and (c.label.startswith(".") or not all(ch.isalnum() or ch in "-_." for ch in c.label)):
         raise ValueError(f"router name must be letters, digits, '-', '_' or '.' (not leading); got {c.label!r}")
@@ -113,8 +112,10 @@ def validate_router_config(c: RouterConfig) -> None:
         raise ValueError(f"router calibration_tokens must be positive; got {c.calibration_tokens}")
     if c.enforce and c.options != "SB":
         raise ValueError(f"router enforce=true needs options SB (the budget counts big against small); got {c.options}")
-    if c.method in VALUE_METHODS and not c.enforce:
-        raise ValueError(f"router method {c.method} needs enforce=true (its targets assume exactly k bigs per token)")
+    for key, value in method.requires.items():
+        if getattr(c, key) != value:
+            raise ValueError(f"router method {c.method} needs {key}={str(value).lower()} (its targets assume exactly "
+                             f"k bigs per token)" if key == "enforce" else f"router method {c.method} needs {key}={value!r}")
     if c.dagger_rounds < 1 or c.value_tokens < 1:
         raise ValueError(f"router dagger_rounds and value_tokens must be >= 1; got {c.dagger_rounds}, {c.value_tokens}")
     if c.eval_batch <= 0:
@@ -125,26 +126,12 @@ def validate_router_config(c: RouterConfig) -> None:
     validate_train(c.train, "router train.")
 
 
-# Defaults that depend on the method, applied after the flags and before ``--set`` overrides.
-METHOD_DEFAULTS: dict[str, dict] = {
-    "straight-through": {"beta_schedule": "constant"},
-    # The oracle's labels are minority-big at most layers when k < L/2 (20-44% big per layer at k=4
-    # on the cpu preset), so the argmax of a well-fitted probe picks small almost everywhere and the
-    # realised budget collapses (0.19 for a 0.33 target). Imitation is trained without any budget
-    # term, so its budget is met afterwards by one offset on the big logit (``calibrate_budget``).
-    "imitation": {"calibrate": True},
-    # the on-policy targets (routers/value.py) are the best loss reachable under exactly k bigs
-    "value": {"enforce": True},
-    "expected-cost": {"enforce": True},
-}
-
-
 def resolve_router_config(run_cfg: RunConfig, overrides: dict | None = None, sets: list[str] | tuple = ()) -> RouterConfig:
     """Defaults (sequence length from the run) < ``overrides`` (CLI flags) < method defaults < ``key=value``."""
     data = _default_dict(run_cfg)
     for k, v in (overrides or {}).items():
         _set(data, k, v)
-    for k, v in METHOD_DEFAULTS.get(data["method"], {}).items():
+    for k, v in (METHODS[data["method"]].defaults if data["method"] in METHODS else {}).items():
         _set(data, k, v)
     apply_overrides(data, sets or (), what="router config")
     cfg = from_dict(RouterConfig, data)

@@ -1,4 +1,4 @@
-"""The three training methods on one module (``RouterTrainer``) for ``train.train_loop``.
+"""Every training method on one module (``RouterTrainer``, its loss from ``methods.METHODS``) for ``train_loop``.
 
 Tensor legend (``docs/NOTATION.md``): B batch, T positions, L layers, R routes, O options, S sequences.
 """
@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from ..config import VALUE_METHODS
 from ..model.policy import Router
 from ..model.routing import BIG, SKIP
 from ..train.loop import Objective
 from .config import RouterConfig
 from .evaluate import run_router
+from .methods import METHODS
 
 
 def beta_at(step: int, c: RouterConfig) -> float:
@@ -53,75 +52,7 @@ class RouterTrainer(nn.Module):
         return self._lm[0]
 
     def forward(self, mb: dict) -> torch.Tensor:
-        if self.cfg.method == "imitation":
-            return self.imitation_loss(mb)
-        if self.cfg.method in VALUE_METHODS:
-            return self.value_loss(mb)
-        return self.budget_loss(mb)
-
-    def budget_loss(self, mb: dict) -> torch.Tensor:
-        """CE + alpha * mean_B (mean_{L,T} P(big) - target)^2 (paper section 3.3), per sequence.
-
-        ``budget`` mixes the routes softly; ``straight-through`` routes hard, so its budget term
-        measures the realised fractions (value) while its gradient is the softmax's.
-        """
-        c = self.cfg
-        mode = "soft" if c.method == "budget" else "straight-through"
-        beta = float(mb["beta_B"][0])
-        w_L = []
-
-        def policy(layer, x_BTD):
-            prob_BTR = self.router.weights(self.router.logits(layer, x_BTD), mode, beta)
-            w_L.append(prob_BTR)
-            return prob_BTR
-
-        out = self.lm(mb["idx_BT"], mb["tgt_BT"], policy, return_logits=False)
-        prob_LBTR = torch.stack(w_L)
-        big_B = prob_LBTR[..., BIG].mean(dim=(0, 2))
-        penalty = ((big_B - c.target) ** 2).mean()
-        if c.options == "SB_":
-            skip_B = prob_LBTR[..., SKIP].mean(dim=(0, 2))
-            penalty = penalty + ((skip_B - c.skip_target) ** 2).mean()
-        return out.loss + c.alpha * penalty
-
-    def imitation_loss(self, mb: dict) -> torch.Tensor:
-        """Cross-entropy of each layer's router logits against the oracle's route (teacher forcing).
-
-        The model is routed by the oracle's patterns; the LM's weights are frozen and its
-        input needs no gradient, so no graph is built through it: only the router learns.
-        """
-        route_LBT = mb["route_BLT"].transpose(0, 1)
-        logits_L = []
-
-        def policy(layer, x_BTD):
-            logits_L.append(self.router.logits(layer, x_BTD))
-            return route_LBT[layer]
-
-        self.lm(mb["idx_BT"], None, policy, return_logits=False)
-        logits_LBTO = torch.stack(logits_L)
-        label_LBT = self.router.option_of_R[route_LBT]
-        return F.cross_entropy(logits_LBTO.flatten(0, 2), label_LBT.flatten())
-
-    def value_loss(self, mb: dict) -> torch.Tensor:
-        """On-policy targets (routers/value.py), on the states the router met; no LM forward.
-
-        ``value``: cross-entropy against the route of least V (the best reachable loss);
-        ``expected-cost``: sum_r pi(r | x) (V(r) - min V), the expected regret in nats. Only
-        decisions the budget leaves open count (forced ones have an infinite V on one side).
-        """
-        x_BTLD, used_BTL, value_BTLO = mb["x_BTLD"], mb["used_BTL"], mb["value_BTLO"]
-        terms = []
-        for layer in range(x_BTLD.shape[2]):
-            value_BTO = value_BTLO[:, :, layer]
-            open_BT = torch.isfinite(value_BTO).all(-1)
-            logits_XO = self.router.budget_logits(layer, x_BTLD[:, :, layer], used_BTL[:, :, layer])[open_BT]
-            value_XO = value_BTO[open_BT]
-            if self.cfg.method == "value":
-                terms.append(F.cross_entropy(logits_XO, value_XO.argmin(-1), reduction="none"))
-            else:
-                regret_XO = value_XO - value_XO.min(-1, keepdim=True).values
-                terms.append((torch.softmax(logits_XO, -1) * regret_XO).sum(-1))
-        return torch.cat(terms).mean()
+        return METHODS[self.cfg.method].loss(self, mb)
 
 
 def router_objective(trainer: RouterTrainer, cfg: RouterConfig, val_idx_ST, val_tgt_ST,

@@ -1,12 +1,13 @@
 """The cost model of the study's stages, for its ETA: forward-equivalent FLOPs per kind of stage, and
-seconds left at the FLOP rates measured so far (``study.py``)."""
+seconds left at the FLOP rates measured so far (``run.py``)."""
 
 from __future__ import annotations
 
 import math
 
-from ..config import RunConfig, skip_count
+from ..config import RunConfig
 from ..model.routing import FlopModel
+from .settings import skip_count
 
 
 def _prefixes(L: int, skips: int | None) -> list[int]:

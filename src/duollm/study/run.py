@@ -1,7 +1,10 @@
 """The Duo-LLM study end to end: ``duollm run`` (DESIGN 2, 4.4, 5, 6; issue 5).
 
 ``run_study(config, data, out)`` runs every stage of the paper on one model and writes the
-report:
+report. Each stage calls the library, as a user's script would: ``train.loop.pretrain``,
+``oracle.folder.oracle_of_run`` with an ``OracleSpec`` (``Study.oracle_spec``), ``routers.command.train_router``
+with a ``RouterConfig`` (``Study.router_config``); the study's own choices (its tokens, float32 oracles, the
+routers' steps and batch) are the settings of ``RunConfig.study`` (``settings.py``), passed explicitly.
 
     train                 stage 1, random-routing pretraining (reused when finished, resumed when not)
     oracle <context>      stage 2, every budget k = 0..L over big/small, per context policy
@@ -45,33 +48,27 @@ from pathlib import Path
 from .. import rundir
 from ..analysis.report import headline, smoke_banner, write_report
 from ..checkpoint import latest_checkpoint, load_model, trained_step
-from ..config import (
-    VALUE_METHODS,
-    RunConfig,
-    load_config,
-    parse_list,
-    resume_conflict,
-    router_budgets,
-    router_methods,
-    router_mixtures,
-    skip_count,
-)
+from ..config import RunConfig, load_config, parse_list, resume_conflict
 from ..data.cache import eval_tokens
 from ..io import atomic_write_json
-from ..oracle import command as oracle_command
+from ..oracle.context import CONTEXTS
+from ..oracle.folder import oracle_of_run
+from ..oracle.plan import OracleSpec, build_spec
 from ..oracle.reductions import default_schedules
-from ..routers import command as router_command
-from ..routers.config import router_name
+from ..routers.command import label_source, train_router
+from ..routers.config import RouterConfig, resolve_router_config
 from ..routers.evaluate import evaluate_router
 from ..routers.labels import load_oracle_table
+from ..routers.methods import METHODS
 from ..routers.store import load_router_folder
 from ..rundir import ROUTER_EVAL
 from ..runtime import threads
 from ..runtime.distributed import resolve_device
-from ..train import loop as train
+from ..train.loop import check_run_folder, pretrain
 from . import stage1
 from .eta import costs, eta_seconds, fmt_duration
 from .folders import make_null_run
+from .settings import router_budgets, router_methods, router_mixtures, skip_count, validate_study
 
 
 def resolve_config(config: str | None, data: str | None, out: Path, overrides=()) -> RunConfig:
@@ -84,7 +81,9 @@ def resolve_config(config: str | None, data: str | None, out: Path, overrides=()
     overrides = list(overrides) + ([f"data.spec={data}"] if data else [])
     saved = rundir.config_path(out)
     if not saved.is_file():
-        return load_config(config, overrides)
+        cfg = load_config(config, overrides)
+        validate_study(cfg)
+        return cfg
     trained = load_config(str(saved))
     cfg = load_config(str(saved), overrides)
     want = load_config(config, overrides) if config is not None else None
@@ -95,6 +94,7 @@ def resolve_config(config: str | None, data: str | None, out: Path, overrides=()
                              f"or drop --config/--data to continue it")
     if want is not None:
         cfg.study = want.study
+    validate_study(cfg)
     return cfg
 
 
@@ -138,9 +138,17 @@ class Study:
     def requested_tokens(self) -> int:
         return self.cfg.study.tokens or self.cfg.eval.max_tokens
 
+    def oracle_spec(self, context: str, options: str = "SB", skips: int | None = None, budgets: str = "all",
+                    schedules_only: bool = False) -> OracleSpec:
+        """The spec of one of the study's oracles; the engine options are the study's settings (``study.dtype``
+        is float32 by default: a verdict must not depend on the CPU it ran on, config.StudyConfig)."""
+        return build_spec(self.L, budgets=budgets, options=options, skips=skips, context=context,
+                          reference=self.cfg.study.reference if CONTEXTS[context].reference else None,
+                          dtype=self.cfg.study.dtype, batch_tokens=self.cfg.study.batch_tokens,
+                          schedules_only=schedules_only)
+
     def oracle_name(self, context: str, options: str = "SB", skips: int | None = None) -> str:
-        return oracle_command.build_spec(self.L, budgets="all", options=options, skips=skips, context=context,
-                          reference=self.cfg.study.reference if context == "frozen" else None).name()
+        return self.oracle_spec(context, options, skips).name()
 
     def sequential_budgets(self) -> str:
         """The budgets of the paper's schedules (falling, rising, constant: 2..6 of 12)."""
@@ -162,7 +170,7 @@ class Study:
                      lambda: {"steps": self.cfg.train.steps}, lambda: self.trained_step() >= self.cfg.train.steps,
                      lambda stale: self.train())]
         for ctx in self.contexts:
-            ref = f" (context tokens {self.cfg.study.reference})" if ctx == "frozen" else ""
+            ref = f" (context tokens {self.cfg.study.reference})" if CONTEXTS[ctx].reference else ""
             out.append(self.oracle_stage(f"oracle over every budget, {ctx} context{ref}", c["oracle"],
                                          context=ctx))
         seq = self.cfg.study.sequential
@@ -172,7 +180,8 @@ class Study:
         if self.skips:
             out.append(self.oracle_stage(f"skip study: big or skip, {self.skips} of {self.L} layers skipped", c["skip"],
                                          context=self.primary_context, options="B_", skips=self.skips))
-        if "imitation" in self.methods and self.router_ks:  # its labels come from training tokens (issue 13, item 2)
+        if any(METHODS[m].data == "labels" for m in self.methods) and self.router_ks:
+            # imitation's labels come from training tokens (issue 13, item 2)
             out.append(self.train_labels_stage(c["oracle"] * len(self.router_ks) / (self.L + 1)))
         for k in self.router_ks:
             for method in self.methods:
@@ -194,7 +203,7 @@ class Study:
             if self.skips:
                 out.append(self.oracle_stage("null control: skip study", c["skip"], context=self.primary_context,
                                              options="B_", skips=self.skips, run=null))
-            if "budget" in self.methods and self.router_ks:  # the paper's router at the middle budget
+            if "budget" in self.methods and self.router_ks:  # the paper's router (section 3.3) at the middle budget
                 k = self.router_ks[len(self.router_ks) // 2]
                 out.append(self.router_stage("budget", k / self.L, c["router"], run=null))
         if self.cfg.study.stage1:  # the paper's Fig. 8: Duo vs FLOP-matched dense models (stage1.py)
@@ -206,7 +215,7 @@ class Study:
         return out
 
     def train(self) -> None:
-        train.pretrain(self.cfg, self.out, resume=rundir.has_run(self.out), log=self.log)
+        pretrain(self.cfg, self.out, resume=rundir.has_run(self.out), log=self.log)
 
     def oracle_stage(self, title: str, cost: float, *, context: str, options: str = "SB", skips: int | None = None,
                      run: Path | None = None) -> Stage:
@@ -218,15 +227,13 @@ class Study:
         def complete() -> bool:
             return rundir.is_complete_oracle(folder) and rundir.oracle_summary(folder).get("tokens") == self.tokens()
 
-        sequential = context == "sequential"
+        # the null control's sequential oracle needs the position schedules only
+        sequential = CONTEXTS[context].engine == "sequential"
+        spec = self.oracle_spec(context, options, skips, budgets=self.sequential_budgets() if sequential else "all",
+                                schedules_only=sequential and run != self.out)
 
         def go(stale: bool) -> None:
-            oracle_command.run_oracle_command(run, budgets=self.sequential_budgets() if sequential else "all",
-                               options=options, skips=skips, context=context,
-                               reference=self.cfg.study.reference if context == "frozen" else None,
-                               max_tokens=self.requested_tokens(), name=name, batch_tokens=self.cfg.study.batch_tokens,
-                               dtype=self.cfg.study.dtype,
-                               schedules_only=sequential and run != self.out)
+            oracle_of_run(run, spec, name=name, max_tokens=self.requested_tokens())
 
         prefix = "" if run == self.out else f"{run.name}-"
         return Stage(f"{prefix}oracle-{name}", title, cost, "oracle",
@@ -245,9 +252,8 @@ class Study:
         def go(stale: bool) -> None:
             if stale:
                 shutil.rmtree(folder, ignore_errors=True)
-            oracle_command.run_oracle_command(self.out, budgets=budgets, options="SB", context=self.primary_context,
-                                              max_tokens=self.requested_tokens(), name=name, split="train",
-                                              batch_tokens=self.cfg.study.batch_tokens, dtype=self.cfg.study.dtype)
+            oracle_of_run(self.out, self.oracle_spec(self.primary_context, budgets=budgets), name=name,
+                          max_tokens=self.requested_tokens(), split="train")
 
         return Stage(f"oracle-{name}", f"oracle on training tokens at k = {budgets}: the imitation routers' labels", cost,
                      "oracle", lambda: {"step": self.trained_step(), "tokens": self.tokens(), "budgets": budgets},
@@ -261,10 +267,11 @@ class Study:
         in the study, so it is evaluated on the study's tokens without one."""
         run_dir = run or self.out
         k = round(target * self.L)
-        name = router_name(method, target, options, skip_target)
+        compared = options == "SB"
+        cfg = self.router_config(method, target, options, skip_target, compared)
+        name = cfg.name
         folder = rundir.router_dir(run_dir, name)
         study_eval = rundir.study_router_eval(run_dir, name)
-        compared = options == "SB"
 
         def usable(path: Path) -> bool:  # on the oracle's tokens, with the per-sequence evidence
             if not path.is_file():
@@ -281,19 +288,13 @@ class Study:
             if stale:  # trained by an earlier study on another model or tokens: start over
                 shutil.rmtree(folder, ignore_errors=True)
             if not (folder / ROUTER_EVAL).is_file():
-                router_command.run_router_command(
-                    run_dir, target=target, method=method, options=options,
-                    # a value router's steps run on cached targets, not through the LM: its own default
-                    steps=None if method in VALUE_METHODS else self.cfg.study.router_steps,
-                    skip_target=skip_target if options == "SB_" else None,
-                    oracle=self.oracle_name(self.primary_context) if compared else None, log=self.log,
-                    resume=latest_checkpoint(folder) is not None, set=self.router_sets(method))
+                train_router(run_dir, cfg, resume=latest_checkpoint(folder) is not None, log=self.log)
             if not usable(folder / ROUTER_EVAL):
                 self.evaluate_router_on_study_tokens(run_dir, name, k if compared else None)
             elif study_eval.is_file():
                 study_eval.unlink()
 
-        key = lambda: {"step": trained_step(run_dir), "tokens": self.tokens(),  # noqa: E731
+        key = lambda: {"step": trained_step(run_dir), "tokens": self.tokens(),
                        "steps": self.cfg.study.router_steps, "batch": self.cfg.study.router_batch,
                        "oracle": self.oracle_name(self.primary_context)}
         prefix, title = ("", "") if run_dir == self.out else (f"{run_dir.name}-", "null control: ")
@@ -311,7 +312,7 @@ class Study:
                 conflict = resume_conflict(load_config(str(rundir.config_path(folder))), cfg)
                 if conflict:
                     raise ValueError(f"{folder} holds another run: {conflict}")
-            train.check_run_folder(cfg, folder, resume=rundir.has_run(folder))
+            check_run_folder(cfg, folder, resume=rundir.has_run(folder))
             with rundir.writing(folder, create=True):
                 Study(cfg, folder, self.log).run()
 
@@ -343,12 +344,21 @@ class Study:
                          lambda stale: stage1.evaluate(self.cfg, self.out, oracle, self.log)))
         return out
 
-    def router_sets(self, method: str) -> list[str]:
-        """Router config overrides: budget calibration measures on as many training tokens as the study
-        evaluates, which keeps its cost at the study's scale; a router trained through the LM takes
-        ``study.router_batch`` sequences per step (a value router trains on its cached targets)."""
+    def router_config(self, method: str, target: float, options: str, skip_target: float, compared: bool) -> RouterConfig:
+        """The study's router: the method's own defaults, the study's steps and batch, budget calibration measured
+        on as many training tokens as the study evaluates (which keeps its cost at the study's scale). A value
+        router trains on cached targets, not through the LM: its own steps and batch."""
+        through_lm = METHODS[method].data != "values"
+        flags = {"method": method, "target": target, "options": options,
+                 "oracle": self.oracle_name(self.primary_context) if compared else None}
+        if options == "SB_":
+            flags["skip_target"] = skip_target
+        if through_lm:
+            flags["train.steps"] = self.cfg.study.router_steps
         sets = [f"calibration_tokens={self.requested_tokens()}"]
-        return sets if method in VALUE_METHODS else [*sets, f"train.batch_size={self.cfg.study.router_batch}"]
+        if through_lm:
+            sets.append(f"train.batch_size={self.cfg.study.router_batch}")
+        return resolve_router_config(self.cfg, {k: v for k, v in flags.items() if v is not None}, sets)
 
     def evaluate_router_on_study_tokens(self, run: Path, name: str, k: int | None) -> None:
         """The router's evaluation (routers.evaluate_router) on the oracle's tokens (against the oracle at k)."""
@@ -358,7 +368,7 @@ class Study:
         idx_ST, tgt_ST = eval_tokens(run, cfg, max_tokens=self.requested_tokens())
         oracle = None if k is None else load_oracle_table(run, self.oracle_name(self.primary_context), k, idx_ST, tgt_ST,
                                                           rcfg.options)
-        labels = router_command.label_source(run, rcfg, rcfg.budget_k(self.L))
+        labels = label_source(run, rcfg, rcfg.budget_k(self.L))
         result = evaluate_router(model, router, idx_ST, tgt_ST, rcfg, oracle, labels)
         atomic_write_json(rundir.study_router_eval(run, name), result)
 
@@ -412,7 +422,7 @@ class Study:
 def results_table(out: Path) -> str:
     """A short text table of the report's numbers (from ``RUN/report/results.json``)."""
     res = json.loads((rundir.report_results(out)).read_text())
-    f = lambda x, nd=2: "—" if x is None else f"{x:.{nd}f}"  # noqa: E731
+    f = lambda x, nd=2: "—" if x is None else f"{x:.{nd}f}"
     lines = []
     sweeps = res["oracle"]  # the primary context first
     if sweeps:
@@ -452,7 +462,7 @@ def run_study(config: str | None, data: str | None, out: Path, overrides=(), log
     cfg = resolve_config(config, data, out, overrides)
     resolve_device(cfg.train.device)
     threads.configure(cfg.threads)  # unless --threads was given
-    train.check_run_folder(cfg, out, resume=rundir.has_run(out))
+    check_run_folder(cfg, out, resume=rundir.has_run(out))
     study = Study(cfg, out, log)
     t0 = time.time()
     with rundir.writing(out, create=True):  # one writer for the whole study; its stages take the same lock again

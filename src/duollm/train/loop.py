@@ -300,7 +300,7 @@ def train_loop(
     with deterministic_compiled(t.compile and device.type == "cpu"):
         try:
             for step in range(start, t.steps):
-                threads.poll()  # follow the cores other processes leave free (threads.py)
+                threads.poll()  # follow the cores other processes leave free (runtime/threads.py)
                 lr = lr_at(step, t)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
@@ -415,7 +415,7 @@ def pretrain(cfg: RunConfig, out: Path, *, resume: bool = False, log=print,
     """Stage 1 end to end: data and tokenizer into the run folder, then the training loop.
 
     ``prepare(model)``: applied to the freshly built model before training (e.g. start from other
-    weights, freeze parameters: the Fig. 8c ablation of ``stage1.py``); a resume then loads the
+    weights, freeze parameters: the Fig. 8c ablation of ``study/stage1.py``); a resume then loads the
     checkpoint over its weights, its frozen parameters stay frozen.
 
     Everything is validated (the config, the run folder, the corpus read and tokenized in memory)

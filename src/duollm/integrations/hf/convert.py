@@ -25,8 +25,6 @@ Tensor name legend: F FFN inner width, D model width, N tokens.
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -36,6 +34,7 @@ from ...checkpoint import save_checkpoint
 from ...config import load_config, save_config, validate
 from ...data.cache import load_tokens, write_data
 from ...data.corpus import build_data, sample_batch
+from ...io import atomic_folder
 from ...model.model import DuoModel, ModelConfig
 from ...train.loop import make_optimizer
 
@@ -267,10 +266,7 @@ def convert(source: str, out, *, d_ff_small: int | None = None, small_init: str 
     log(f"{source}: {hf_model.config.model_type}, {mcfg.n_layers} layers, width {mcfg.d_model}, FFN {mcfg.d_ff_big} "
         f"-> big {mcfg.d_ff_big} / small {mcfg.d_ff_small}; all-big logits match (max |diff| {diff:.2g})")
 
-    tmp = out.parent / f".{out.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_folder(out) as tmp:
         write_data(build_data(cfg, log=log), tmp)  # the pretrained tokenizer, the token cache
         idx_BT = None
         if small_init == "activations":
@@ -282,9 +278,6 @@ def convert(source: str, out, *, d_ff_small: int | None = None, small_init: str 
         # fine-tuning's checkpoint retention never deletes the converted weights
         save_checkpoint(tmp, model, {"step": 0, "optimizer": make_optimizer(model, cfg.train).state_dict(),
                                      "converted_from": source_ref, "small_init": small_init}, pin=True)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     log(f"small modules initialised from the big ones ({small_init}); fine-tune with random routing:")
     log(f"  duollm train --resume --out {out} --set train.steps={cfg.train.steps}")
     return out

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 from pathlib import Path
 
 from ... import rundir
 from ...checkpoint import latest_checkpoint, load_model, load_state
 from ...data.cache import load_tokenizer
 from ...data.corpus import EOS
+from ...io import atomic_folder
 
 RUN_CONFIG_FILE = "duollm_run.yaml"
 
@@ -67,24 +66,13 @@ def export_run(run, out, *, routing: str | None = None) -> Path:
     model.config.name_or_path = str(run)  # router:NAME policies resolve against the run's routers/
     model.set_routing(routing)  # validates the policy against the model now, not at load time
 
-    tmp = out.parent / f".{out.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_folder(out) as tmp:
         model.save_pretrained(str(tmp))  # weights, config, modeling_duo.py, the run's routers (hf/modeling.py)
         tok.save_pretrained(str(tmp))
         (tmp / RUN_CONFIG_FILE).write_text(rundir.config_path(run).read_text())
         ckpt = latest_checkpoint(run)
         provenance = {"run": str(run.resolve()), "checkpoint": ckpt.name, "step": load_state(ckpt)["step"]}
         (tmp / "duollm_export.json").write_text(json.dumps(provenance, indent=2) + "\n")
-        old = out.parent / f".{out.name}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -10,7 +10,7 @@ prints it, and ``python -m duollm.integrations.lm_eval.model`` adds it by itself
     duollm_mc     a 4-way multiple choice built from local text (the same text and ``data_file``;
                   ``window_words``, default 48): the true continuation of a window of words against
                   the continuations of three others, ``acc`` and ``acc_norm`` by log-likelihood: the
-                  offline stand-in for ARC-Easy / HellaSwag that the Stage-1 study (``stage1.py``)
+                  offline stand-in for ARC-Easy / HellaSwag that the Stage-1 study (``study/stage1.py``)
                   also computes on tokens.
 """
 

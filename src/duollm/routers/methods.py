@@ -1,0 +1,153 @@
+"""Router training methods: one registry entry each (paper section 3.3 and the methods beyond it).
+
+A method says what a router learns from and the loss of one batch; everything else — the router, the
+training loop, checkpoints, resume, calibration, the evaluation against the oracle — is shared. The
+entry carries what the rest of duollm needs to know about it, so no other module compares method names:
+
+    data       "lm"      random windows of the training split, routed through the frozen LM (budget,
+                         straight-through)
+               "labels"  the oracle's per-token patterns at the router's budget (imitation: a training-split
+                         oracle, else part of the validation table)
+               "values"  on-policy value targets of the tree engine, in DAgger rounds (routers/value.py);
+                         a step needs no LM forward, so the study's router_steps and router_batch do not apply
+    defaults   RouterConfig values the method needs unless ``--set`` says otherwise
+    requires   RouterConfig values it cannot work without (a config that differs is refused)
+
+To add a method: ``register(RouterMethod(...))`` with its loss, here or in a module imported before the
+router is trained (tests/test_routers.py registers one from the test), plus a test of its loss.
+``duollm router --method NAME`` and ``study.router_methods`` then take it.
+
+Tensor legend (``docs/NOTATION.md``): B batch, T positions, L layers, R routes, O options, X open decisions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+from ..model.routing import BIG, SKIP
+
+DATA = ("lm", "labels", "values")
+
+
+@dataclass(frozen=True)
+class RouterMethod:
+    name: str
+    loss: Callable  # (trainer, batch) -> scalar loss; ``trainer`` is the ``objectives.RouterTrainer``
+    data: str = "lm"  # lm | labels | values (module docstring)
+    defaults: dict = field(default_factory=dict)
+    requires: dict = field(default_factory=dict)
+    summary: str = ""  # one line for --help and the docs
+
+    def __post_init__(self):
+        if self.data not in DATA:
+            raise ValueError(f"router method {self.name!r}: data must be one of {', '.join(DATA)}; got {self.data!r}")
+
+
+METHODS: dict[str, RouterMethod] = {}
+
+
+def register(method: RouterMethod) -> RouterMethod:
+    """Add ``method`` to the registry (a method of the same name is replaced: re-running a notebook cell)."""
+    METHODS[method.name] = method
+    return method
+
+
+def get(name: str) -> RouterMethod:
+    if name not in METHODS:
+        raise ValueError(f"unknown router method {name!r} (known: {', '.join(METHODS)})")
+    return METHODS[name]
+
+
+# ----------------------------------------------------------------------------- the losses
+
+
+def budget_loss(trainer, mb: dict, mode: str = "soft") -> torch.Tensor:
+    """CE + alpha * mean_B (mean_{L,T} P(big) - target)^2 (paper section 3.3), per sequence.
+
+    ``soft`` (budget) mixes the routes softly; ``straight-through`` routes hard, so its budget term
+    measures the realised fractions (value) while its gradient is the softmax's.
+    """
+    c = trainer.cfg
+    beta = float(mb["beta_B"][0])
+    w_L = []
+
+    def policy(layer, x_BTD):
+        prob_BTR = trainer.router.weights(trainer.router.logits(layer, x_BTD), mode, beta)
+        w_L.append(prob_BTR)
+        return prob_BTR
+
+    out = trainer.lm(mb["idx_BT"], mb["tgt_BT"], policy, return_logits=False)
+    prob_LBTR = torch.stack(w_L)
+    big_B = prob_LBTR[..., BIG].mean(dim=(0, 2))
+    penalty = ((big_B - c.target) ** 2).mean()
+    if c.options == "SB_":
+        skip_B = prob_LBTR[..., SKIP].mean(dim=(0, 2))
+        penalty = penalty + ((skip_B - c.skip_target) ** 2).mean()
+    return out.loss + c.alpha * penalty
+
+
+def imitation_loss(trainer, mb: dict) -> torch.Tensor:
+    """Cross-entropy of each layer's router logits against the oracle's route (teacher forcing).
+
+    The model is routed by the oracle's patterns; the LM's weights are frozen and its
+    input needs no gradient, so no graph is built through it: only the router learns.
+    """
+    route_LBT = mb["route_BLT"].transpose(0, 1)
+    logits_L = []
+
+    def policy(layer, x_BTD):
+        logits_L.append(trainer.router.logits(layer, x_BTD))
+        return route_LBT[layer]
+
+    trainer.lm(mb["idx_BT"], None, policy, return_logits=False)
+    logits_LBTO = torch.stack(logits_L)
+    label_LBT = trainer.router.option_of_R[route_LBT]
+    return F.cross_entropy(logits_LBTO.flatten(0, 2), label_LBT.flatten())
+
+
+def value_loss(trainer, mb: dict, regret: bool = False) -> torch.Tensor:
+    """On-policy targets (routers/value.py), on the states the router met; no LM forward.
+
+    ``value``: cross-entropy against the route of least V (the best reachable loss);
+    ``expected-cost`` (``regret``): sum_r pi(r | x) (V(r) - min V), the expected regret in nats. Only
+    decisions the budget leaves open count (forced ones have an infinite V on one side).
+    """
+    x_BTLD, used_BTL, value_BTLO = mb["x_BTLD"], mb["used_BTL"], mb["value_BTLO"]
+    terms = []
+    for layer in range(x_BTLD.shape[2]):
+        value_BTO = value_BTLO[:, :, layer]
+        open_BT = torch.isfinite(value_BTO).all(-1)
+        logits_XO = trainer.router.budget_logits(layer, x_BTLD[:, :, layer], used_BTL[:, :, layer])[open_BT]
+        value_XO = value_BTO[open_BT]
+        if not regret:
+            terms.append(F.cross_entropy(logits_XO, value_XO.argmin(-1), reduction="none"))
+        else:
+            regret_XO = value_XO - value_XO.min(-1, keepdim=True).values
+            terms.append((torch.softmax(logits_XO, -1) * regret_XO).sum(-1))
+    return torch.cat(terms).mean()
+
+
+# ----------------------------------------------------------------------------- the registry's entries
+
+register(RouterMethod("budget", budget_loss, summary="the paper's router: soft mix, beta annealed, CE + alpha * budget term"))
+# its forward pass is hard already, and a sharpened softmax only starves its gradient (on the tiny model an
+# annealed straight-through router oscillates between whole-layer flips): beta stays at beta_start
+register(RouterMethod("straight-through", partial(budget_loss, mode="straight-through"),
+                      defaults={"beta_schedule": "constant"},
+                      summary="the budget loss with hard routes forward, the softmax's gradient backward"))
+# The oracle's labels are minority-big at most layers when k < L/2 (20-44% big per layer at k=4 on the cpu
+# preset), so the argmax of a well-fitted probe picks small almost everywhere and the realised budget
+# collapses (0.19 for a 0.33 target). Imitation is trained without any budget term, so its budget is met
+# afterwards by one offset on the big logit (``calibrate_budget``).
+register(RouterMethod("imitation", imitation_loss, data="labels", defaults={"calibrate": True},
+                      summary="supervised on the oracle's per-token patterns at the router's budget"))
+# the on-policy targets (routers/value.py) are the best loss reachable under exactly k bigs
+register(RouterMethod("value", value_loss, data="values", defaults={"enforce": True}, requires={"enforce": True},
+                      summary="cross-entropy against the route of least on-policy value, DAgger rounds"))
+register(RouterMethod("expected-cost", partial(value_loss, regret=True), data="values", defaults={"enforce": True},
+                      requires={"enforce": True}, summary="the expected regret of the router's choice, DAgger rounds"))
