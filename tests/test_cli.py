@@ -116,3 +116,17 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--version"])
     assert e.value.code == 0 and capsys.readouterr().out.startswith(f"duollm {__version__} (torch ")
+
+
+def test_python_dash_m_duollm_is_the_command(tiny_run):
+    """`python -m duollm` runs the same command line as `duollm` (a user error exits 2 with one line)."""
+    import subprocess
+    import sys
+
+    from duollm import __version__
+
+    proc = subprocess.run([sys.executable, "-m", "duollm", "--version"], capture_output=True, text=True)
+    assert proc.returncode == 0 and __version__ in proc.stdout + proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "duollm", "eval", str(tiny_run), "--pattern", "BBX"],
+                          capture_output=True, text=True)
+    assert_one_line_error(proc, "BBX")
