@@ -1,4 +1,4 @@
-"""Corpora, tokenizer, token cache and the deterministic train/validation split.
+"""Corpora, tokenizers and the deterministic train/validation split, in memory.
 
 Data specs (DESIGN section 5):
     builtin:pydoc         the English prose of the Python documentation shipped with the standard library:
@@ -17,7 +17,7 @@ to that one id: the model sees where a document ends instead of guessing it from
 Split: the corpus text is cut into chunks of ``data.split_chunk_chars`` characters and every
 k-th chunk (k = round(1 / val_fraction)) goes to validation, so validation is disjoint from
 training and spread over the whole corpus. The BPE tokenizer is trained on the training
-chunks only. ``build_data`` does all of it in memory; ``rundir`` writes it into a run folder
+chunks only. ``build_data`` does all of it in memory; ``cache.py`` writes it into a run folder
 (the token ids as memmaps) and reads it back.
 
 Tensor name legend: S sequences, T positions, B batch.
