@@ -175,3 +175,28 @@ def test_bench_command_writes_its_table_and_nothing_else(tiny_run, tmp_path):
     assert "## Compute and wall-clock" in md and "fixed@2" in md.split("## Compute and wall-clock")[1]
     rows = json.loads((run / "report" / "results.json").read_text())["wallclock"]["rows"]
     assert len(rows) == len(res["rows"]) and inventory(run)["bench"] is True
+
+
+def test_an_unmeasurable_decode_says_so_instead_of_an_impossible_figure(model, monkeypatch):
+    """Issue 28, item 3: on a busy CPU the median generation can time at or below its own prefill; the decode
+    time was clamped to 1 ns and printed 7e9 tokens/s. Now the row is unmeasurable, in the table and the log."""
+    import duollm.inference.bench as bench
+
+    def crossed(fns, rounds, warmup, device):  # all-small's generation no slower than its prefill
+        return {k: [0.01 if k == "all-small|generate" or k.endswith("|prefill") else 0.02] for k in fns}
+
+    monkeypatch.setattr(bench, "time_interleaved", crossed)
+    logged = []
+    res = measure(model, {"all-big": "BBBB", "all-small": "SSSS"}, torch.randint(0, 64, (1, 8)), new_tokens=3,
+                  batches=(1,), rounds=1, log=logged.append)
+    small = next(r for r in res["rows"] if r["policy"] == "all-small")
+    assert small["decode_tokens_per_s"] is None and small["decode_speedup"] is None and small["decode_gain_share"] is None
+    big = next(r for r in res["rows"] if r["policy"] == "all-big")
+    assert big["decode_tokens_per_s"] == pytest.approx(1 / 0.005) and big["decode_speedup"] == 1.0
+    table = format_table(res)
+    row = next(line for line in table.splitlines() if line.startswith("all-small"))
+    assert "unmeasurable" in row and "e+" not in table
+    assert any("unmeasurable for all-small" in line for line in logged)
+    from duollm.analysis.wallclock import section, tables
+
+    assert "unmeasurable" in tables(section({**res, "prompt_len": 8, "run_step": 1}))[0][2][1]

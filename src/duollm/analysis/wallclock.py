@@ -28,13 +28,16 @@ def tables(sec: dict | None) -> list[tuple[str, list[str], list[list[str]]]]:
     def share(v):
         return "—" if v is None else f"{v:.0%}"
 
+    def num(v, fmt, missing="—"):  # a time a busy machine made unmeasurable (duollm bench says so)
+        return missing if v is None else format(v, fmt)
+
     title = (f"Compute and wall-clock (duollm bench at step {sec['run_step']}: {sec['device']}, {sec['threads']} threads, "
              f"prompts of {sec['prompt_len']} tokens, {sec['new_tokens']} decoded; speed-up over all-big, its ideal "
              f"(prefill: FLOP-proportional, decode: weight-bytes-proportional) and the share of the ideal gain)")
     header = ["policy", "batch", "prefill tok/s", "speed-up", "ideal", "gain share", "decode tok/s", "speed-up",
               "ideal", "gain share", "big share (decode)"]
-    rows = [[r["policy"], str(r["batch"]), f"{r['prefill_tokens_per_s']:,.0f}", f"{r['prefill_speedup']:.2f}",
-             f"{r['prefill_ideal']:.2f}", share(r["prefill_gain_share"]), f"{r['decode_tokens_per_s']:,.1f}",
-             f"{r['decode_speedup']:.2f}", f"{r['decode_ideal']:.2f}", share(r["decode_gain_share"]),
-             f"{r['decode_big']:.2f}"] for r in sec["rows"]]
+    rows = [[r["policy"], str(r["batch"]), num(r["prefill_tokens_per_s"], ",.0f", "unmeasurable"),
+             num(r["prefill_speedup"], ".2f"), f"{r['prefill_ideal']:.2f}", share(r["prefill_gain_share"]),
+             num(r["decode_tokens_per_s"], ",.1f", "unmeasurable"), num(r["decode_speedup"], ".2f"),
+             f"{r['decode_ideal']:.2f}", share(r["decode_gain_share"]), f"{r['decode_big']:.2f}"] for r in sec["rows"]]
     return [(title, header, rows)]

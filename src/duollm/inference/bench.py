@@ -79,8 +79,14 @@ def default_policies(run: Path | None, n_layers: int) -> dict[str, object]:
     return out
 
 
-def _gain_share(speedup: float, ideal: float) -> float | None:
-    return (speedup - 1) / (ideal - 1) if ideal > 1.02 else None  # no gain to share in: undefined
+def _ratio(reference_s: float | None, policy_s: float | None) -> float | None:
+    """A speed-up over all-big; None where either time was not measurable."""
+    return reference_s / policy_s if reference_s and policy_s else None
+
+
+def _gain_share(speedup: float | None, ideal: float) -> float | None:
+    # no gain to share in (ideal ~1), or no speed-up measured: undefined
+    return (speedup - 1) / (ideal - 1) if speedup is not None and ideal > 1.02 else None
 
 
 def measure(model, policies: dict[str, object], prompts_BT: torch.Tensor, *, new_tokens: int = 32,
@@ -115,19 +121,28 @@ def measure(model, policies: dict[str, object], prompts_BT: torch.Tensor, *, new
         times = {k: statistics.median(v) for k, v in time_interleaved(fns, rounds, 1, device).items()}
         for name in policies:
             prefill = times[f"{name}|prefill"]
-            decode = max(times[f"{name}|generate"] - prefill, 1e-9) / (new_tokens - 1)
-            rows.append(dict(policy=name, batch=B, prompt_len=T, prefill_s=prefill, decode_s_per_step=decode,
-                             prefill_tokens_per_s=B * T / prefill, decode_tokens_per_s=B / decode,
+            # decode is generation minus prefill: on a busy machine the two medians can cross, and a difference at
+            # or below zero measures nothing (it once printed 7e9 tokens/s): the row says so instead of a figure
+            decode = (times[f"{name}|generate"] - prefill) / (new_tokens - 1)
+            decode = decode if decode > 0 and prefill > 0 else None
+            rows.append(dict(policy=name, batch=B, prompt_len=T, prefill_s=prefill if prefill > 0 else None,
+                             decode_s_per_step=decode,
+                             prefill_tokens_per_s=B * T / prefill if prefill > 0 else None,
+                             decode_tokens_per_s=B / decode if decode else None,
                              flops=shape[name][0], decode_bytes=shape[name][1], decode_big=shape[name][2],
                              decode_skip=shape[name][3]))
         base = next(r for r in rows if r["batch"] == B and r["policy"] == "all-big")
         for r in (r for r in rows if r["batch"] == B):
-            r["prefill_speedup"] = base["prefill_s"] / r["prefill_s"]
+            r["prefill_speedup"] = _ratio(base["prefill_s"], r["prefill_s"])
             r["prefill_ideal"] = base["flops"] / r["flops"]
             r["prefill_gain_share"] = _gain_share(r["prefill_speedup"], r["prefill_ideal"])
-            r["decode_speedup"] = base["decode_s_per_step"] / r["decode_s_per_step"]
+            r["decode_speedup"] = _ratio(base["decode_s_per_step"], r["decode_s_per_step"])
             r["decode_ideal"] = base["decode_bytes"] / r["decode_bytes"]
             r["decode_gain_share"] = _gain_share(r["decode_speedup"], r["decode_ideal"])
+        unmeasured = [r["policy"] for r in rows if r["batch"] == B and r["decode_s_per_step"] is None]
+        if unmeasured:
+            log(f"batch {B}: decode unmeasurable for {', '.join(unmeasured)} (generation timed no slower than its own "
+                f"prefill: a busy machine?); rerun on an idle one")
         log(f"batch {B}: timed {len(policies)} policies")
     return {"rows": rows, "new_tokens": new_tokens, "rounds": rounds, "machine": machine,
             "threads": torch.get_num_threads(), "device": str(device)}
@@ -138,16 +153,21 @@ def format_table(result: dict) -> str:
     def share(v):
         return "   -" if v is None else f"{v:4.0%}"
 
+    def num(v, fmt, missing="-"):
+        return missing if v is None else format(v, fmt)
+
     head = (f"{'policy':<26}{'B':>3}  {'prefill tok/s':>13} {'x':>5} {'ideal':>5} {'gain':>5}   "
             f"{'decode tok/s':>12} {'x':>5} {'ideal':>5} {'gain':>5}  big")
     lines = [head, "-" * len(head)]
     for r in result["rows"]:
-        lines.append(f"{r['policy']:<26}{r['batch']:>3}  {r['prefill_tokens_per_s']:>13,.0f} {r['prefill_speedup']:>5.2f}"
-                     f" {r['prefill_ideal']:>5.2f} {share(r['prefill_gain_share']):>5}   {r['decode_tokens_per_s']:>12,.1f}"
-                     f" {r['decode_speedup']:>5.2f} {r['decode_ideal']:>5.2f} {share(r['decode_gain_share']):>5}"
-                     f"  {r['decode_big']:.2f}")
+        lines.append(f"{r['policy']:<26}{r['batch']:>3}  {num(r['prefill_tokens_per_s'], ',.0f', 'unmeasurable'):>13} "
+                     f"{num(r['prefill_speedup'], '.2f'):>5} {r['prefill_ideal']:>5.2f} {share(r['prefill_gain_share']):>5}   "
+                     f"{num(r['decode_tokens_per_s'], ',.1f', 'unmeasurable'):>12} {num(r['decode_speedup'], '.2f'):>5} "
+                     f"{r['decode_ideal']:>5.2f} {share(r['decode_gain_share']):>5}  {r['decode_big']:.2f}")
     lines.append("x: speed-up over all-big at the same batch; ideal: FLOP-proportional (prefill), weight-bytes-"
                  "proportional (decode); gain: (x - 1) / (ideal - 1); big: big share of the decode routes")
+    if any(r["decode_tokens_per_s"] is None for r in result["rows"]):
+        lines.append("unmeasurable: generation timed no slower than its own prefill (a busy machine?): rerun on an idle one")
     return "\n".join(lines)
 
 
