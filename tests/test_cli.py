@@ -130,3 +130,22 @@ def test_python_dash_m_duollm_is_the_command(tiny_run):
     proc = subprocess.run([sys.executable, "-m", "duollm", "eval", str(tiny_run), "--pattern", "BBX"],
                           capture_output=True, text=True)
     assert_one_line_error(proc, "BBX")
+
+
+def test_repeated_set_flags_all_apply(tmp_path, tiny_run):
+    """Issue 28, item 2: `--set a=1 --set b=2` kept only the last one (argparse's default for nargs="*"), so
+    this trained the preset's 30 steps without a word. Every command with --set accumulates them."""
+    out = tmp_path / "r"
+    cli("train", "--config", "tiny", "--out", out, "--set", "train.steps=3", "--set", "train.log_every=1",
+        "train.eval_every=100")
+    assert (out / "latest").resolve().name == "step-0000003"
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "train/loss" in r] == [1, 2, 3]
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, symlinks=True)
+    cli("router", run, "--target", "0.5", "--steps", "2", "--set", "alpha=3", "--set", "train.batch_size=4",
+        "train.log_every=1000")
+    import yaml
+
+    saved = yaml.safe_load((run / "routers" / "budget-0.50" / "router.yaml").read_text())["config"]
+    assert saved["alpha"] == 3 and saved["train"]["batch_size"] == 4 and saved["train"]["log_every"] == 1000

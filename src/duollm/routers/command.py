@@ -148,7 +148,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "target, e.g. budget-0.50), so several routers can share a target")
     parser.add_argument("--oracle", default=None, help="oracle name for imitation labels and agreement (default: one "
                         "with the router's options and budget, shared context first, then the newest)")
-    parser.add_argument("--set", nargs="*", metavar="KEY=VALUE",
+    parser.add_argument("--set", nargs="*", action="extend", metavar="KEY=VALUE",
                         help="router config overrides, e.g. alpha=5 beta_end=200 train.lr=0.01")
     parser.add_argument("--resume", action="store_true", help="continue a router's training from its last checkpoint")
     parser.add_argument("--eval-only", dest="eval_only", action="store_true",

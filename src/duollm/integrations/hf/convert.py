@@ -291,7 +291,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--small-init", default="weights", choices=SMALL_INITS,
                         help="how the small FFN is taken from the big one (default: weights)")
     parser.add_argument("--data", help="fine-tuning data spec (default builtin:pydoc)")
-    parser.add_argument("--set", nargs="*", metavar="KEY=VALUE", default=[],
+    parser.add_argument("--set", nargs="*", action="extend", metavar="KEY=VALUE", default=[],
                         help="config overrides, e.g. train.steps=100 (model.* only d_ff_small, skip_mode)")
 
 
