@@ -323,6 +323,31 @@ def test_resume_after_interrupt_gives_identical_outputs(model, toks, tmp_path):
     assert done[-4:] == [0, 1, 2, 3]
 
 
+def test_a_damaged_saved_chunk_is_computed_again(model, toks, tmp_path, capsys):
+    """Issue 28, item 4: a rerun over a truncated chunk file died with zipfile.BadZipFile. The chunk is now
+    computed again (one line names the file) and the result equals an uninterrupted run's."""
+    idx, tgt = toks
+    spec = build_spec(4, options="SB")
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_second(i):
+        if i == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        run_oracle(model, idx, tgt, spec, tmp_path / "r", batch_tokens=12, progress=False, on_chunk=stop_after_second)
+    chunk = tmp_path / "r" / ".partial" / "chunk_00000.npz"
+    chunk.write_bytes(chunk.read_bytes()[:100])  # what a full disk or a copy cut short leaves
+    done = []
+    run_oracle(model, idx, tgt, spec, tmp_path / "r", batch_tokens=12, progress=False, on_chunk=done.append)
+    assert done == [0, 2, 3]  # chunk 1 came from disk, the damaged chunk 0 was computed again
+    assert "chunk_00000.npz is damaged" in capsys.readouterr().err
+    run_oracle(model, idx, tgt, spec, tmp_path / "u", batch_tokens=12, progress=False)
+    _assert_same(_outputs(tmp_path / "r"), _outputs(tmp_path / "u"))
+
+
 WORKER = textwrap.dedent("""
     import sys, torch
     sys.path.insert(0, {tests!r})

@@ -26,7 +26,9 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -73,6 +75,19 @@ def _tensor_fingerprint(*tensors) -> str:
     for t in tensors:
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def _load_chunk(path: Path) -> dict | None:
+    """A saved chunk's reductions, or None: not saved yet, or damaged (a truncated file, a full disk) — then
+    the chunk is computed again, as if it had not been saved (issue 28, item 4)."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path) as z:
+            return {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        print(f"oracle: {path} is damaged; computing that chunk again", file=sys.stderr)
+        return None
 
 
 def _save_npz(path: Path, arrays: dict) -> None:
@@ -302,18 +317,14 @@ def run_oracle(
         dist.barrier()
 
     matrix = np.lib.format.open_memmap(partial / rundir.LOSS_MATRIX, mode="r+") if keep_matrix else None
-    results, resumed, computed = {}, 0, 0
-    todo_tokens = sum((b - a) * T for i, a, b in mine if not (rundir.partial_chunk(partial, i)).is_file())
-    bar = ChunkProgress(todo_tokens, P, f"oracle {spec.name()}", enabled=progress and rank == 0,
+    results = {i: r for i, _, _ in mine if (r := _load_chunk(rundir.partial_chunk(partial, i))) is not None}
+    resumed, computed = len(results), 0
+    todo = [(i, a, b) for i, a, b in mine if i not in results]
+    bar = ChunkProgress(sum((b - a) * T for _, a, b in todo), P, f"oracle {spec.name()}", enabled=progress and rank == 0,
                         share=1.0 if spec.search == "exhaustive" else 0.5)
     try:  # the bar closes before an error is printed: the error stays one line of its own
-        for i, a, b in mine:
+        for i, a, b in todo:
             path = rundir.partial_chunk(partial, i)
-            if path.is_file():
-                with np.load(path) as z:
-                    results[i] = {k: z[k] for k in z.files}
-                resumed += 1
-                continue
 
             def matrix_cb(p_R, loss_RN, a=a, b=b):
                 matrix[p_R, a * T : b * T] = loss_RN.float().cpu().numpy()
