@@ -132,3 +132,10 @@ def test_only_rundir_names_the_run_folder_files():
 def test_the_top_level_holds_the_cross_cutting_pieces_only():
     top = {m for m in MODULES if m.count(".") <= 1 and not (SRC / m.replace(".", "/")).is_dir()}
     assert top == TOP_LEVEL, top ^ TOP_LEVEL
+
+
+def test_parquet_is_read_and_written_in_one_place():
+    """Issue 28, item 5: pyarrow's dataset scanner (behind pq.read_table) hung a study; io.read_table and
+    io.write_table are the one reader and writer, so no other module imports pyarrow.parquet."""
+    users = [m for m, p in MODULES.items() if m != "duollm.io" and "pyarrow.parquet" in p.read_text()]
+    assert not users, users

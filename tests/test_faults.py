@@ -548,3 +548,56 @@ def test_a_run_killed_before_its_data_was_written_restarts(tmp_path, monkeypatch
     rc, lines = cli("train", "--config", "tiny", "--out", out, "--set", "train.steps=2", *again)
     assert rc == 0, lines
     assert (out / "latest").resolve().name == "step-0000002"
+
+
+def test_parquet_reads_need_no_arrow_thread_pool(tmp_path):
+    """Issue 28, item 5: a study hung forever in pyarrow's AsyncScanner (its thread pools). duollm's one reader
+    runs on the calling thread: with ARROW_IO_THREADS=1 and one CPU thread it reads what the writer wrote, in
+    a subprocess that must finish well within its timeout; a damaged file is one line naming it."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        import numpy as np, pyarrow as pa
+        pa.set_cpu_count(1)
+        from duollm.io import read_table, write_table
+        path = {str(tmp_path / "t.parquet")!r}
+        strings = pa.array(["SB", "BS"] * 500, type=pa.string()).dictionary_encode()
+        write_table(path, {{"sequence": np.arange(1000), "loss": np.linspace(0, 1, 1000, dtype=np.float32),
+                            "best_pattern_k1": strings}})
+        for _ in range(50):
+            t = read_table(path)
+            assert t.num_rows == 1000 and t.column("best_pattern_k1").to_pylist()[:2] == ["SB", "BS"]
+            assert read_table(path, columns=["loss"]).column_names == ["loss"]
+        print("ok")
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "ARROW_IO_THREADS": "1", "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+    from duollm.io import read_table
+
+    damaged = tmp_path / "t.parquet"
+    damaged.write_bytes(damaged.read_bytes()[:200])
+    with pytest.raises(ValueError, match="t.parquet is not a readable parquet file"):
+        read_table(damaged)
+
+
+def test_a_stage_that_makes_no_progress_says_so():
+    """Issue 28, item 5: the hung study printed nothing for 12 minutes. The study runs every stage under a
+    watchdog that prints a line each interval in which the process used no CPU."""
+    import time
+
+    from duollm.runtime.watchdog import watchdog
+
+    lines = []
+    with watchdog(lines.append, "waiting stage", every=0.1):
+        time.sleep(0.55)  # no CPU at all: a hang on a lock or a thread pool
+    assert len(lines) >= 3 and all("waiting stage: no progress for" in line for line in lines)
+    assert lines[1].split("for ")[1].startswith("0.2")  # the idle time adds up
+    busy = []
+    with watchdog(busy.append, "busy stage", every=0.1):
+        end = time.time() + 0.4
+        while time.time() < end:
+            sum(range(1000))
+    assert busy == []

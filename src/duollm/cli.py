@@ -49,7 +49,8 @@ def add_train_arguments(t: argparse.ArgumentParser) -> None:
     t.add_argument("--config", help=f"preset ({', '.join(PRESETS)}) or YAML file")
     t.add_argument("--data", help=SPEC_HELP)
     t.add_argument("--out", help="run folder (default runs/<preset or config file name>)")
-    t.add_argument("--set", nargs="*", action="extend", metavar="KEY=VALUE", help="config overrides, e.g. train.steps=100 (--set may repeat)")
+    t.add_argument("--set", nargs="*", action="extend", metavar="KEY=VALUE",
+                   help="config overrides, e.g. train.steps=100 (--set may repeat)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
 
 
@@ -243,7 +244,8 @@ def add_run_arguments(r: argparse.ArgumentParser) -> None:
     r.add_argument("--config", help=f"preset ({', '.join(PRESETS)}; default cpu) or YAML file")
     r.add_argument("--data", help=f"{SPEC_HELP} (default builtin:pydoc)")
     r.add_argument("--out", help="run folder (default runs/<preset or config file name>)")
-    r.add_argument("--set", nargs="*", action="extend", metavar="KEY=VALUE", help="config overrides, e.g. study.tokens=4096 (--set may repeat)")
+    r.add_argument("--set", nargs="*", action="extend", metavar="KEY=VALUE",
+                   help="config overrides, e.g. study.tokens=4096 (--set may repeat)")
 
 
 def cmd_run(args) -> str:

@@ -108,6 +108,33 @@ def atomic_write_json(path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
+def write_table(path, columns: dict) -> None:
+    """``columns`` (name -> numpy array or pyarrow array) as a parquet file, written atomically. With
+    ``read_table``, the one place duollm writes and reads parquet."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table(columns)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, str(tmp))
+
+
+def read_table(path, columns: list[str] | None = None):
+    """A parquet file as a pyarrow Table, read on the calling thread. ``pq.read_table`` goes through
+    pyarrow's dataset scanner, which waits on arrow's own thread pools, and a study once sat forever in
+    it at zero CPU (issue 28, item 5); the single-file reader without threads or pre-buffering uses no
+    pool. A damaged file is a one-line ValueError naming it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(str(path), pre_buffer=False).read(columns=columns, use_threads=False)
+    except OSError as e:
+        raise as_os_error(e, path) or e from None
+    except pa.ArrowException as e:
+        raise ValueError(f"{path} is not a readable parquet file ({str(e).splitlines()[0][:120]})") from None
+
+
 def append_line(path, line: str) -> None:
     """Append one line with a single ``write`` on an ``O_APPEND`` descriptor (a crash tears at most it)."""
     data = (line.rstrip("\n") + "\n").encode()

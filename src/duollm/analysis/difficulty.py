@@ -27,11 +27,9 @@ import math
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from .. import rundir
-from ..io import atomic_path, atomic_write_json
+from ..io import atomic_write_json, write_table
 from ..stats import finite_round
 from .rundata import RunData, reference_budgets
 
@@ -189,7 +187,6 @@ def write_difficulty(run: Path, rd: RunData | None = None) -> dict | None:
         cols[f"oracle_loss_k{k}"] = tab["oracle_JN"][j].astype(np.float32)
     for j, k in enumerate(tab["ks"]):
         cols[f"gap_k{k}"] = (tab["loss_small_N"] - tab["oracle_JN"][j]).astype(np.float32)
-    with atomic_path(out / rundir.DIFFICULTY_TABLE) as tmp:
-        pq.write_table(pa.table(cols), str(tmp))
+    write_table(out / rundir.DIFFICULTY_TABLE, cols)
     atomic_write_json(out / rundir.DIFFICULTY_SUMMARY, summary)
     return summary

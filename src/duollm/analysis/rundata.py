@@ -19,12 +19,12 @@ from functools import cached_property
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from .. import rundir
 from ..checkpoint import trained_step
 from ..config import RunConfig, load_run_config
 from ..data.cache import load_tokenizer
+from ..io import read_table
 
 
 def _json(path: Path):
@@ -70,14 +70,14 @@ class Oracle:
     def per_token(self):
         """The per-token table (pyarrow Table) or None."""
         path = self.folder / rundir.PER_TOKEN
-        return pq.read_table(path) if path.is_file() else None
+        return read_table(path) if path.is_file() else None
 
     def pattern_losses(self) -> dict[str, float]:
         """Mean loss of every evaluated pattern (``patterns.parquet``)."""
         path = self.folder / rundir.PATTERNS
         if not path.is_file():
             return {}
-        t = pq.read_table(path, columns=["pattern", "mean_loss"]).to_pydict()
+        t = read_table(path, columns=["pattern", "mean_loss"]).to_pydict()
         return dict(zip(t["pattern"], t["mean_loss"]))
 
 

@@ -34,13 +34,12 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from .. import rundir
-from ..io import atomic_path, atomic_write_json
+from ..io import atomic_path, atomic_write_json, write_table
 from ..model.model import DuoModel
 from ..model.routing import BIG, SKIP, parse_pattern
 from ..rundir import ORACLE_LOSS, PARTIAL, PATTERNS, PER_TOKEN, RUN_JSON, SUMMARY, USAGE
@@ -112,12 +111,6 @@ def _allocate_matrix(path: Path, shape: tuple[int, int]) -> None:
             os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
         finally:
             os.close(fd)
-
-
-def _save_parquet(path: Path, columns: dict) -> None:
-    table = pa.table(columns)
-    with atomic_path(path) as tmp:
-        pq.write_table(table, str(tmp))
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> str:
@@ -463,10 +456,10 @@ def _write_outputs(out_dir: Path, plan: Plan, merged: dict, idx_ST, tgt_ST, mode
     for j, k in enumerate(plan.budgets):
         strings = code_strings(merged["best_code_JN"][j], L)
         cols[f"best_pattern_k{k}"] = pa.array(strings.tolist(), type=pa.string()).dictionary_encode()
-    _save_parquet(out_dir / PER_TOKEN, cols)
+    write_table(out_dir / PER_TOKEN, cols)
     route_PL = decode_codes(plan.code_P, L)
     N = S * T
-    _save_parquet(out_dir / PATTERNS, {
+    write_table(out_dir / PATTERNS, {
         "pattern": code_strings(plan.code_P, L).tolist(),
         "bigs": (route_PL == BIG).sum(1).astype(np.int16),
         "skips": (route_PL == SKIP).sum(1).astype(np.int16),

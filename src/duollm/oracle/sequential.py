@@ -31,11 +31,10 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
-from ..io import atomic_path, atomic_write_json
+from ..io import atomic_write_json, write_table
 from ..model.model import DuoModel, KVCache
 from ..model.routing import BIG
 from ..rundir import PER_TOKEN, RUN_JSON, SUMMARY
@@ -235,9 +234,7 @@ def run_sequential(model: DuoModel, idx_ST: torch.Tensor, tgt_ST: torch.Tensor, 
         cols[key.replace("_loss_", "_pattern_")] = pa.array(strings, type=pa.string()).dictionary_encode()
     cols = {k.replace("oracle_pattern_", "best_pattern_"): v for k, v in cols.items()}
     out_dir.mkdir(parents=True, exist_ok=True)
-    table = pa.table(cols)
-    with atomic_path(out_dir / PER_TOKEN) as tmp:
-        pq.write_table(table, str(tmp))
+    write_table(out_dir / PER_TOKEN, cols)
     atomic_write_json(out_dir / SUMMARY, summary)
     atomic_write_json(out_dir / RUN_JSON, {"wall_s": round(time.time() - t_start, 3), "device": str(device),
                                            "schedules": len(schedules), "sequences": int(S)})

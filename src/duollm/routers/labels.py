@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
 from .. import rundir
+from ..io import read_table
 from ..model.routing import canonical_options, parse_pattern
 
 
@@ -37,7 +37,7 @@ class OracleTable:
         covered), e.g. ``fixed_loss_k4``; None when the table has no such column."""
         if self.folder is None:
             return None
-        table = pq.read_table(self.folder / rundir.PER_TOKEN)
+        table = read_table(self.folder / rundir.PER_TOKEN)
         if column not in table.column_names:
             return None
         out_ST = torch.full(self.covered_ST.shape, float("nan"))
@@ -90,7 +90,7 @@ def load_oracle_table(run: Path, name: str, k: int, idx_ST: torch.Tensor, tgt_ST
     if k not in ks:
         raise ValueError(f"oracle {name} has no budget k={k} (has {', '.join(map(str, ks))})")
     column = f"best_pattern_k{k}"
-    table = pq.read_table(folder / rundir.PER_TOKEN)
+    table = read_table(folder / rundir.PER_TOKEN)
     if column not in table.column_names:
         raise ValueError(f"oracle {name}: per_token.parquet has no column {column}")
     seq_N = torch.from_numpy(table.column("sequence").to_numpy().astype(np.int64))

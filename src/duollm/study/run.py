@@ -64,6 +64,7 @@ from ..routers.store import load_router_folder
 from ..rundir import ROUTER_EVAL
 from ..runtime import threads
 from ..runtime.distributed import resolve_device
+from ..runtime.watchdog import watchdog
 from ..train.loop import check_run_folder, pretrain
 from . import stage1
 from .eta import costs, eta_seconds, fmt_duration
@@ -405,7 +406,8 @@ class Study:
             self.log(f"{prefix} {stage.title}{' (outputs from other inputs: redone)' if stale else ''} "
                      f"(elapsed {fmt_duration(elapsed)}{eta})")
             start = time.time()
-            stage.run(stale)
+            with watchdog(self.log, stage.title):
+                stage.run(stale)
             seconds = time.time() - start
             atomic_write_json(marker, {"key": stage.key(), "seconds": round(seconds, 3)})
             rates.setdefault(stage.kind, [0.0, 0.0])
