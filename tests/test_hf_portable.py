@@ -158,3 +158,26 @@ def test_a_trainer_step_fine_tunes_an_export(routed_run, tmp_path):
     model.save_pretrained(tmp_path / "tuned")
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "tuned")
     assert again.config.routing == "router:budget-0.50" and (tmp_path / "tuned" / "routers" / "budget-0.50").is_dir()
+
+
+def test_trainer_gradient_accumulation_equals_one_big_batch(routed_run, tmp_path):
+    """Issue 28, item 1: with gradient_accumulation_steps=4 and 4 rows per step, Trainer logged a loss ~4x that
+    of 16 rows in one step (and 4x the gradient norm): the model takes **kwargs, so Trainer leaves the
+    normalisation to it. The same global batch now gives the same loss and gradient norm."""
+    pytest.importorskip("accelerate")
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    out = export_run(routed_run, tmp_path / "hf", routing="S" * 2 + "B" * 2)
+    g = torch.Generator().manual_seed(0)
+    rows = [{"input_ids": (ids := torch.randint(0, 512, (32,), generator=g)), "labels": ids} for _ in range(16)]
+    logged = {}
+    for accumulate in (1, 4):
+        args = TrainingArguments(output_dir=str(tmp_path / f"t{accumulate}"), per_device_train_batch_size=16 // accumulate,
+                                 gradient_accumulation_steps=accumulate, max_steps=1, learning_rate=1e-3, report_to=[],
+                                 save_strategy="no", use_cpu=True, logging_steps=1, disable_tqdm=True, seed=0)
+        trainer = Trainer(model=AutoModelForCausalLM.from_pretrained(out), args=args, train_dataset=rows)
+        trainer.train()
+        logged[accumulate] = next(h for h in trainer.state.log_history if "loss" in h)
+    assert logged[4]["loss"] == pytest.approx(logged[1]["loss"], rel=1e-4)
+    assert logged[4]["grad_norm"] == pytest.approx(logged[1]["grad_norm"], rel=1e-3)
+    assert 4 < logged[1]["loss"] < 8  # a next-token loss of a 512-token vocabulary, not 4x one

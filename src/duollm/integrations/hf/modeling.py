@@ -169,6 +169,8 @@ class DuoForCausalLM(PreTrainedModel, GenerationMixin):
     supports_gradient_checkpointing = True  # DuoModel checkpoints per block, replaying the routes (routing.replaying)
     _no_split_modules = ["DuoBlock"]
     _tied_weights_keys = {"model.lm_head.weight": "model.embed.weight"}
+    # forward takes num_items_in_batch: Trainer leaves the normalisation over accumulated steps to it
+    accepts_loss_kwargs = True
 
     def __init__(self, config: DuoConfig):
         super().__init__(config)
@@ -274,9 +276,15 @@ class DuoForCausalLM(PreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         routes=None,
+        num_items_in_batch: int | torch.Tensor | None = None,
         **kwargs,
     ) -> DuoCausalLMOutput:
-        """Causal LM forward. ``routes`` overrides the model's routing policy for this call."""
+        """Causal LM forward. ``routes`` overrides the model's routing policy for this call.
+
+        ``num_items_in_batch``: the labelled tokens of the whole accumulated batch (``transformers.Trainer``
+        passes it to a model that takes ``**kwargs``, and then does not divide by the accumulation steps
+        itself): the loss is the sum over this micro-batch divided by it, so the accumulated loss and gradients
+        equal one step over the whole batch. Without it, the mean over this batch's labelled tokens."""
         if inputs_embeds is not None:
             raise ValueError("DuoForCausalLM takes input_ids, not inputs_embeds")
         if input_ids is None:
@@ -313,7 +321,11 @@ class DuoForCausalLM(PreTrainedModel, GenerationMixin):
         logits_BTV = out.logits
         loss = None
         if labels is not None:  # transformers convention: labels are the inputs; predict the next one
-            loss = F.cross_entropy(logits_BTV[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+            logits_NV, tgt_N = logits_BTV[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten()
+            if num_items_in_batch is None:
+                loss = F.cross_entropy(logits_NV, tgt_N, ignore_index=-100)
+            else:
+                loss = F.cross_entropy(logits_NV, tgt_N, ignore_index=-100, reduction="sum") / num_items_in_batch
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
             logits_BTV = logits_BTV[:, -logits_to_keep:]
         elif isinstance(logits_to_keep, torch.Tensor):
