@@ -163,3 +163,23 @@ def test_the_multiple_choice_task_scores_each_items_answer_by_log_likelihood(tin
     res = out["results"]["duollm_mc"]
     assert out["n-samples"]["duollm_mc"]["effective"] == len(items)
     assert res["acc,none"] == pytest.approx(ours)
+
+
+def test_the_documented_extra_exists_under_its_exact_name_and_the_script_says_what_is_missing():
+    """Issue 28, item 7: the README's `pip install -e ".[lm_eval]"` installed nothing with an older pip, since
+    the package's metadata names the extra `lm-eval`; and `duollm-lm-eval` without lm-eval ended in a
+    traceback. The README's extras are the metadata's, letter for letter; the script says what to install."""
+    import importlib.metadata
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    documented = {x for group in re.findall(r'pip install[^`\n]*?-e "\.\[([^\]]+)\]"', readme) for x in group.split(",")}
+    extras = set(importlib.metadata.metadata("duollm").get_all("Provides-Extra"))
+    assert "lm-eval" in documented and documented <= extras, (documented, extras)
+    code = "import sys; sys.modules['lm_eval'] = None; from duollm.integrations.lm_eval import main; main(['--help'])"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
+        "duollm-lm-eval needs the lm-evaluation-harness: pip install 'duollm[lm-eval]'"]
