@@ -65,7 +65,7 @@ def cmd_train(args) -> str:
     if args.data:
         overrides.append(f"data.spec={args.data}")  # string keys take the text literally (no YAML)
     if args.resume and not args.config and rundir.has_run(out):
-        cfg = load_config(str(rundir.config_path(out)), overrides)  # the run's own config, plus overrides
+        cfg = load_config(str(rundir.config_path(out)), overrides, saved=True)  # the run's own config, plus overrides
     else:
         cfg = load_config(args.config, overrides)  # with --resume: checked against the run's config
     validate_study(cfg)  # saved with the run: a bad study section is refused now, not when the study starts

@@ -280,8 +280,13 @@ def apply_overrides(data: dict, overrides, what: str = "config") -> None:
         node[keys[-1]] = _override_value(raw, node[keys[-1]])
 
 
-def load_config(config: str | None = None, overrides: list[str] | tuple = ()) -> RunConfig:
-    """Preset name or YAML file, then ``key=value`` overrides; strict about keys and types."""
+def load_config(config: str | None = None, overrides: list[str] | tuple = (), *, saved: bool = False) -> RunConfig:
+    """Preset name or YAML file, then ``key=value`` overrides; strict about keys and types.
+
+    A relative ``file:`` data spec in a YAML file is relative to that file's folder (so the files in
+    ``configs/`` work from any working directory) and is resolved to an absolute path here; one given on
+    the command line (``--data``, ``--set``) is relative to the working directory as usual. ``saved``: the
+    file is a run's own ``config.yaml``, resolved when the run was made: taken as it is."""
     config = config or "cpu"
     if config in PRESETS:
         data = _merge(to_dict(RunConfig()), {"preset": config, **PRESETS[config]})
@@ -298,6 +303,9 @@ def load_config(config: str | None = None, overrides: list[str] | tuple = ()) ->
         preset = loaded.get("preset", "cpu")
         if preset not in PRESETS:
             raise ValueError(f"config file {config}: unknown preset {preset!r} (known: {', '.join(PRESETS)})")
+        spec = (loaded.get("data") or {}).get("spec") if isinstance(loaded.get("data"), dict) else None
+        if not saved and isinstance(spec, str) and spec.startswith("file:") and not Path(spec[5:]).expanduser().is_absolute():
+            loaded["data"]["spec"] = "file:" + str((path.resolve().parent / spec[5:]).resolve())
         data = _merge(_merge(to_dict(RunConfig()), {"preset": preset, **PRESETS[preset]}), loaded)
     else:
         raise ValueError(f"unknown preset {config!r} (known: {', '.join(PRESETS)}; or a .yaml file)")

@@ -85,8 +85,8 @@ def resolve_config(config: str | None, data: str | None, out: Path, overrides=()
         cfg = load_config(config, overrides)
         validate_study(cfg)
         return cfg
-    trained = load_config(str(saved))
-    cfg = load_config(str(saved), overrides)
+    trained = load_config(str(saved), saved=True)
+    cfg = load_config(str(saved), overrides, saved=True)
     want = load_config(config, overrides) if config is not None else None
     for other in (cfg, want):
         conflict = None if other is None else resume_conflict(trained, other)
@@ -310,7 +310,7 @@ class Study:
             cfg = copy.deepcopy(self.cfg)
             cfg.train.seed, cfg.study.seeds, cfg.study.null = seed, 1, False
             if rundir.config_path(folder).is_file():
-                conflict = resume_conflict(load_config(str(rundir.config_path(folder))), cfg)
+                conflict = resume_conflict(load_config(str(rundir.config_path(folder)), saved=True), cfg)
                 if conflict:
                     raise ValueError(f"{folder} holds another run: {conflict}")
             check_run_folder(cfg, folder, resume=rundir.has_run(folder))
