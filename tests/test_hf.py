@@ -285,3 +285,24 @@ def test_commands_say_how_to_install_transformers(monkeypatch, tmp_path):
     add_convert_arguments(p)
     with pytest.raises(ValueError, match=r"duollm convert needs transformers"):
         run_convert_command(p.parse_args(["gpt2", str(tmp_path / "out")]))
+
+
+def test_exported_and_saved_files_are_readable_by_others(tiny_run, tmp_path):
+    """Issue 28, item 11: an export's weights were written 0600 (safetensors' own mode) while the run folder's
+    are 0644: others on a shared file system could not read them. Every saved file follows the umask."""
+    import os
+    import stat
+
+    from duollm.integrations.hf.export import export_run
+
+    old = os.umask(0o022)
+    try:
+        out = export_run(tiny_run, tmp_path / "hf")
+        DuoForCausalLM.from_pretrained(out).save_pretrained(tmp_path / "again")
+    finally:
+        os.umask(old)
+    for folder in (out, tmp_path / "again"):
+        files = [p for p in folder.rglob("*") if p.is_file()]
+        assert any(p.suffix == ".safetensors" for p in files)
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in files}
+        assert all(m == 0o644 for m in modes.values()), modes

@@ -27,6 +27,7 @@ V vocabulary, K kv heads, E head dimension.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,6 +82,16 @@ try:  # inside duollm: the one resolver of routing specs, the run folder's layou
 except ImportError:  # the standalone copy (its header defines _LAYOUT); transformers saves its code (an auto class)
     load_model = standalone = None
     resolve_policy = standalone_routing_policy
+
+
+def _readable_by_all(folder: Path) -> None:
+    """The files transformers saved, with the permissions of any file this process creates (umask): safetensors
+    writes its weights 0600, which others on a shared file system cannot read (issue 28, item 11)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in Path(folder).iterdir():
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, 0o666 & ~mask)
 
 
 class DuoConfig(PreTrainedConfig):
@@ -207,6 +218,7 @@ class DuoForCausalLM(PreTrainedModel, GenerationMixin):
         if standalone is not None:  # the standalone copy is saved by transformers itself (its auto class)
             self.config.auto_map = dict(standalone.AUTO_MAP)
         super().save_pretrained(save_directory, *args, **kwargs)
+        _readable_by_all(out)
         if standalone is not None:
             standalone.write_code(out)
         source = Path(self.config.name_or_path or "") / _LAYOUT["routers"]
