@@ -601,3 +601,38 @@ def test_a_stage_that_makes_no_progress_says_so():
         while time.time() < end:
             sum(range(1000))
     assert busy == []
+
+
+def test_an_export_onto_a_full_disk_is_one_line_and_leaves_nothing(run, tmp_path):
+    """Issue 28, item 17: `export` onto a full disk ended in a SafetensorError traceback. Now one line naming the
+    folder, exit 1 (an environment failure), and no export or temporary left on the disk."""
+    with mounted(tmp_path / "small", "size=160k") as disk:
+        rc, lines = cli("export", run, disk / "hf")
+        assert rc == 1 and len(lines) == 1 and "No space left on device" in lines[0] and "hf" in lines[0], lines
+        assert list(disk.iterdir()) == []
+
+
+def test_two_exports_into_one_folder_at_once_leave_a_complete_export(run, tmp_path, monkeypatch):
+    """Issue 28, item 17: two exports into one OUT at once both exited 0 and left OUT without config.json (they
+    shared one temporary folder). Here a second export runs whole in the middle of the first: each writes its
+    own temporary and swaps it in complete, so both succeed and OUT is a whole export (the last one's)."""
+    import duollm.integrations.hf.export as export
+
+    out = tmp_path / "hf"
+    real, inner = export.load_state, []
+
+    def second_export_meanwhile(ckpt):
+        if not inner:
+            inner.append(None)
+            inner[0] = export.export_run(run, out, routing="S" * 4)
+        return real(ckpt)
+
+    monkeypatch.setattr(export, "load_state", second_export_meanwhile)
+    assert export.export_run(run, out) == out and inner == [out]
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "modeling_duo.py", "tokenizer.json", "duollm_export.json"} <= names
+    assert json.loads((out / "config.json").read_text()).get("routing") != "SSSS"  # the first one swapped in last
+    assert temporaries(tmp_path) == []
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)

@@ -21,7 +21,8 @@ from pathlib import Path
 
 TMP_SUFFIX = ".tmp"  # every temporary name ends so and starts with a dot (``rundir.clean_stale``)
 
-_RUST_OS_ERROR = re.compile(r"os error (\d+)")
+# Rust libraries' I/O errors in their text: "... (os error 28)", or safetensors' "IoError(Os { code: 28, ..."
+_RUST_OS_ERROR = re.compile(r"os error (\d+)|Os \{ code: (\d+)")
 
 
 def as_os_error(e: BaseException, path) -> OSError | None:
@@ -32,7 +33,7 @@ def as_os_error(e: BaseException, path) -> OSError | None:
         m = _RUST_OS_ERROR.search(str(e))
         if m is None:
             return None
-        code = int(m.group(1))
+        code = int(m.group(1) or m.group(2))
     strerror = os.strerror(code) if code else (getattr(e, "strerror", None) or str(e))
     return OSError(code or errno_mod.EIO, strerror, str(path))
 
@@ -72,25 +73,35 @@ def replace_folder(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     """Move the complete folder ``src`` onto ``dst``. An existing ``dst`` is first renamed aside whole and
     removed after, so at every moment ``dst`` is the old folder or the new one, never a mixture."""
     src, dst = Path(src), Path(dst)
-    old = dst.parent / f".{dst.name}.old{TMP_SUFFIX}"
-    shutil.rmtree(old, ignore_errors=True)
-    if dst.exists():
-        os.replace(dst, old)
-    os.replace(src, dst)
-    shutil.rmtree(old, ignore_errors=True)
+    old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old.", suffix=TMP_SUFFIX, dir=dst.parent))
+    try:
+        if dst.exists():
+            os.replace(dst, old)  # onto the empty folder just made: a rename, atomic
+        os.replace(src, dst)
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 @contextlib.contextmanager
 def atomic_folder(path: str | os.PathLike):
-    """Yield an empty temporary folder next to ``path``; if the body succeeds it replaces ``path`` whole
-    (``replace_folder``), otherwise it is removed. An export or a converted run is complete or absent."""
+    """Yield an empty temporary folder of its own next to ``path``; if the body succeeds it replaces ``path``
+    whole (``replace_folder``), otherwise it is removed. An export or a converted run is complete or absent,
+    whatever happens: a full disk (one OSError naming the path), or a second writer of the same folder (each
+    writes its own temporary; the last complete one wins)."""
     path = Path(path)
-    tmp = path.parent / f".{path.name}{TMP_SUFFIX}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent))
+    except OSError as e:
+        raise as_os_error(e, path) from None
     try:
         yield tmp
         replace_folder(tmp, path)
+    except Exception as e:
+        err = as_os_error(e, path)
+        if err is None:
+            raise
+        raise err from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
