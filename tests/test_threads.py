@@ -91,3 +91,28 @@ def test_importing_duollm_flushes_denormals_to_zero():
     # a model at initialisation makes denormals, and x86 cores compute them many times slower (duollm/__init__.py)
     tiny_BD = torch.full((4, 4), 1e-39)  # below float32's smallest normal, 1.18e-38
     assert (tiny_BD * 1.0).abs().max().item() == 0.0
+
+
+def test_the_governor_says_once_when_it_first_changes_the_count(restore_threads, monkeypatch, capsys):
+    """Issue 28, item 14: the governor changed torch's thread count silently. The first change is said on
+    stderr, with how to fix the count; later changes are not repeated."""
+    g = threads.ThreadGovernor(None, interval=0.0, max_threads=2)
+    g.cores = [0, 1]
+    for busy in (1.0, 0.0, 1.0):
+        monkeypatch.setattr(g, "others", lambda busy=busy: busy)
+        g.poll()
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert g.changes == 3 and len(lines) == 1
+    assert "torch threads 2 -> 1" in lines[0] and "--threads N" in lines[0]
+
+
+def test_an_out_of_range_thread_count_is_refused_before_torch_sees_it(tiny_run):
+    """Issue 28, item 21: `--threads 1000000` on `info` or `eval` exhausted the system's threads and crashed
+    the process (exit 139, nothing on stderr). It is now one line, exit 2, before torch is asked."""
+    for args in (["info", "--config", "tiny"], ["eval", str(tiny_run)]):
+        proc = subprocess.run([sys.executable, "-m", "duollm", *args, "--threads", "1000000"], capture_output=True,
+                              text=True, timeout=120)
+        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+        assert proc.returncode == 2 and len(lines) == 1 and "threads must be at most" in lines[0], proc.stderr
+    with pytest.raises(ValueError, match="threads must be at most"):
+        load_config("tiny", [f"threads={threads.thread_limit() + 1}"])

@@ -22,6 +22,7 @@ from .io import atomic_write_text
 from .model.model import ModelConfig
 from .model.routing import RouteProbs
 from .runtime.distributed import DEVICE_NAMES
+from .runtime.threads import thread_limit
 
 
 @dataclass
@@ -351,6 +352,9 @@ def validate_train(t: TrainConfig, prefix: str = "train.") -> None:
 def validate(cfg: RunConfig) -> None:
     if isinstance(cfg.threads, bool) or not isinstance(cfg.threads, int) or cfg.threads < 0:
         raise ValueError(f"threads must be 0 (follow the free cores) or a positive integer; got {cfg.threads!r}")
+    if cfg.threads > thread_limit():
+        raise ValueError(f"threads must be at most {thread_limit()} (4 per core of this machine); got {cfg.threads} "
+                         f"(--set threads=0 follows the free cores)")
     RouteProbs(cfg.routing.p_skip, cfg.routing.p_small, cfg.routing.p_big)
     if cfg.routing.per not in ("token", "sequence"):
         raise ValueError(f"routing.per must be 'token' or 'sequence'; got {cfg.routing.per!r}")

@@ -15,8 +15,9 @@ torch.compile's compile workers count against us) and sets torch's intra-op thre
 left free, rounded to the nearest whole core, between 1 and the maximum (torch's default: the
 cores, or ``OMP_NUM_THREADS``). Loops call ``poll()`` once per unit of work (a training step, a leaf
 of the oracle's tree); between readings it costs one clock read.
-``threads=N`` (``--threads N``, config key ``threads``) fixes N threads instead. Where ``/proc/stat``
-is missing (not Linux) the count stays at the maximum.
+``threads=N`` (``--threads N``, config key ``threads``) fixes N threads instead (at most 4 per core) and
+turns the governor off. The first time it changes the count it says so on stderr, once. Where
+``/proc/stat`` is missing (not Linux) the count stays at the maximum.
 
 The thread count is process-wide state in torch itself, so the governor is one per process.
 """
@@ -24,6 +25,7 @@ The thread count is process-wide state in torch itself, so the governor is one p
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 import torch
@@ -93,12 +95,20 @@ def own_jiffies() -> int | None:
     return total
 
 
+def thread_limit() -> int:
+    """The most threads a fixed count may ask for: 4 per core (beyond that a pool only waits)."""
+    return 4 * (os.cpu_count() or 1)
+
+
 class ThreadGovernor:
     """See the module docstring. ``fixed``: a thread count to keep (0 or None: follow the free cores)."""
 
     def __init__(self, fixed: int | None = None, interval: float = 2.0, max_threads: int | None = None):
         if fixed is not None and (isinstance(fixed, bool) or not isinstance(fixed, int) or fixed < 0):
             raise ValueError(f"threads must be 0 (follow the free cores) or a positive integer; got {fixed!r}")
+        if fixed is not None and fixed > thread_limit():  # a million threads exhausted the system and crashed torch
+            raise ValueError(f"threads must be at most {thread_limit()} (4 per core of this machine's "
+                             f"{os.cpu_count()}); got {fixed}")
         self.fixed = fixed or None
         self.interval = interval
         self.cores = _cores()
@@ -136,6 +146,9 @@ class ThreadGovernor:
         if others is not None:
             n = self.decide(others)
             if n != self.threads:
+                if self.changes == 0:  # said once: the thread count is no longer what torch or the user set
+                    print(f"duollm: other processes are busy on this machine's cores: torch threads {self.threads} -> "
+                          f"{n}, following the free cores (--threads N or threads=N fixes them)", file=sys.stderr)
                 torch.set_num_threads(n)
                 self.threads, self.changes = n, self.changes + 1
         return self.threads
