@@ -149,3 +149,11 @@ def test_repeated_set_flags_all_apply(tmp_path, tiny_run):
 
     saved = yaml.safe_load((run / "routers" / "budget-0.50" / "router.yaml").read_text())["config"]
     assert saved["alpha"] == 3 and saved["train"]["batch_size"] == 4 and saved["train"]["log_every"] == 1000
+
+
+def test_an_empty_pattern_or_router_name_is_refused(tiny_run):
+    """Issue 28, item 20: `eval --pattern ''` was taken as "no pattern" and printed the default table."""
+    for flag, fragment in (("--pattern", "pattern ''"), ("--router", "router")):
+        proc = cli("eval", tiny_run, flag, "", check=False)
+        assert proc.returncode == 2 and proc.stdout == "", proc.stdout
+        assert_one_line_error(proc, fragment)

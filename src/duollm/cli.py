@@ -93,9 +93,9 @@ def _routing_from_args(args, n_layers: int, n_seq: int, seq_len: int):
                                    ("--router", getattr(args, "router", None))) if v is not None]
     if len(chosen) > 1:
         raise ValueError(f"give one of --pattern, --random-big, --router; got {' and '.join(chosen)}")
-    if getattr(args, "router", None):
+    if getattr(args, "router", None) is not None:  # an empty value is refused, not taken as "none given"
         return [routing_policy(f"router:{args.router}", n_layers, root=Path(args.run))]
-    if args.pattern:
+    if args.pattern is not None:
         parse_pattern(args.pattern, n_layers)
         return [(args.pattern, args.pattern)]
     if args.random_big is not None:
