@@ -4,6 +4,7 @@ copes with whatever the run folder holds (issue 5, DESIGN 4.4)."""
 import json
 import math
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -305,3 +306,32 @@ def test_a_finding_registered_from_outside_is_decided_and_reported(oracle_only_r
     if e["lo"] > 0:  # an effect whose interval excludes zero, without a null: not evidence (DESIGN 4.4a)
         assert mine[0]["numbers"]["without_null"].startswith("no null control")
     assert "All big beats all small." in (oracle_only_run / "report" / "index.html").read_text()
+
+
+def test_a_report_killed_while_writing_leaves_the_old_report_whole(oracle_only_run, monkeypatch):
+    """Issue 28, item 19: `report` killed as it replaced its files left old and new files mixed (results.json
+    new, index.html old). The report is written into a folder of its own and swapped in whole."""
+    import hashlib
+
+    import duollm.analysis.report as report
+
+    write_report(oracle_only_run)
+
+    def digest(folder):
+        return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(folder.rglob("*")) if p.is_file()}
+
+    before = digest(oracle_only_run / "report")
+    real = report.atomic_write_text
+
+    def killed_at_the_page(path, text):
+        if Path(path).name == "index.html":
+            raise KeyboardInterrupt
+        real(path, text)
+
+    monkeypatch.setattr(report, "atomic_write_text", killed_at_the_page)
+    monkeypatch.setattr(report, "render_markdown", lambda res, pngs: "a newer report\n")  # differs from the old one
+    with pytest.raises(KeyboardInterrupt):
+        write_report(oracle_only_run)
+    assert digest(oracle_only_run / "report") == before
+    assert not [p for p in oracle_only_run.iterdir() if p.name.startswith(".report")]

@@ -92,6 +92,7 @@ def atomic_folder(path: str | os.PathLike):
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent))
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would keep the folder from everyone else
     except OSError as e:
         raise as_os_error(e, path) from None
     try:

@@ -186,10 +186,6 @@ def report_results(run: Path) -> Path:
     return report_dir(run) / REPORT_RESULTS
 
 
-def report_figure(run: Path, name: str) -> Path:
-    return report_dir(run) / REPORT_FIGURES / f"{name}.png"
-
-
 def bench_path(run: Path) -> Path:
     return Path(run) / BENCH / "bench.json"
 

@@ -165,14 +165,13 @@ def difficulty(run: Path) -> dict | None:
     return summarize(rd, tab) if tab is not None else None
 
 
-def write_difficulty(run: Path, rd: RunData | None = None) -> dict | None:
-    """Write ``RUN/report/difficulty.json`` and ``difficulty.parquet``; return the summary."""
-    rd = rd or RunData(run)
+def difficulty_table(rd: RunData) -> tuple[dict | None, dict | None]:
+    """``(summary, columns)`` of ``difficulty.json`` and ``difficulty.parquet`` (the report writes them), or
+    ``(None, None)`` when the run has no oracle to measure difficulty with."""
     tab = token_table(rd)
     if tab is None:
-        return None
+        return None, None
     summary = summarize(rd, tab)
-    out = rundir.report_dir(run)
     cols = {
         "sequence": tab["sequence_N"].astype(np.int32),
         "position": tab["position_N"].astype(np.int32),
@@ -187,6 +186,10 @@ def write_difficulty(run: Path, rd: RunData | None = None) -> dict | None:
         cols[f"oracle_loss_k{k}"] = tab["oracle_JN"][j].astype(np.float32)
     for j, k in enumerate(tab["ks"]):
         cols[f"gap_k{k}"] = (tab["loss_small_N"] - tab["oracle_JN"][j]).astype(np.float32)
-    write_table(out / rundir.DIFFICULTY_TABLE, cols)
-    atomic_write_json(out / rundir.DIFFICULTY_SUMMARY, summary)
-    return summary
+    return summary, cols
+
+
+def write_difficulty(folder: Path, summary: dict, cols: dict) -> None:
+    """``difficulty.json`` and ``difficulty.parquet`` into ``folder`` (the report being written)."""
+    write_table(Path(folder) / rundir.DIFFICULTY_TABLE, cols)
+    atomic_write_json(Path(folder) / rundir.DIFFICULTY_SUMMARY, summary)

@@ -26,12 +26,12 @@ import torch
 
 from .. import rundir
 from ..data.cache import load_tokens
-from ..io import atomic_write_bytes, atomic_write_text
+from ..io import atomic_folder, atomic_write_bytes, atomic_write_text
 from ..model.model import DuoModel, param_counts
 from ..rundir import writing
 from ..stats import finite_round
 from . import gap, stage1, wallclock
-from .difficulty import reference_k, token_table, write_difficulty
+from .difficulty import difficulty_table, reference_k, token_table, write_difficulty
 from .figures import render_all, sample_sequence, visible
 from .findings import across_seeds, check_all, counts
 from .rundata import RunData
@@ -475,22 +475,23 @@ def write_report(run_dir) -> Path:
 
 
 def _write_report(run_dir: Path) -> Path:
+    """Everything is computed first, then written into a folder of its own and swapped in whole: a report
+    that fails leaves the old one as it was, and a kill at any moment leaves the old one or the new one."""
     rd = RunData(run_dir)
-    out = rundir.report_dir(rd.run)
-    difficulty = write_difficulty(rd.run, rd)
+    difficulty, difficulty_columns = difficulty_table(rd)
     ev = stage1.load(rd.run)  # the paper's Fig. 8, when the study ran it (study.stage1)
     findings = [f.as_dict() for f in [*check_all(rd), *stage1.findings(ev)]]
     s1 = stage1.section(ev)
     pngs = render_all(rd, difficulty, findings) | stage1.figure(s1)
     res = results(rd, difficulty, list(pngs), findings) | ({"stage1": s1} if s1 else {})
-    for name, png in pngs.items():
-        atomic_write_bytes(rundir.report_figure(rd.run, name), png)
-    figs = out / rundir.REPORT_FIGURES
-    if figs.is_dir():  # figures a previous report had but this run no longer supports
-        for stale in sorted(figs.glob("*.png")):
-            if stale.stem not in pngs:
-                stale.unlink()
-    atomic_write_text(rundir.report_results(rd.run), json.dumps(res, indent=2, sort_keys=True) + "\n")
-    atomic_write_text(out / rundir.REPORT_MD, render_markdown(res, pngs))
-    atomic_write_text(rundir.report_html(rd.run), render_html(res, pngs, coloured_tokens_html(rd)))
+    files = {rundir.REPORT_RESULTS: json.dumps(res, indent=2, sort_keys=True) + "\n",
+             rundir.REPORT_MD: render_markdown(res, pngs),
+             rundir.REPORT_HTML: render_html(res, pngs, coloured_tokens_html(rd))}
+    with atomic_folder(rundir.report_dir(rd.run)) as tmp:
+        for name, png in pngs.items():
+            atomic_write_bytes(tmp / rundir.REPORT_FIGURES / f"{name}.png", png)
+        if difficulty is not None:
+            write_difficulty(tmp, difficulty, difficulty_columns)
+        for name, text in files.items():
+            atomic_write_text(tmp / name, text)
     return rundir.report_html(rd.run)
