@@ -147,6 +147,25 @@ def read_table(path, columns: list[str] | None = None):
         raise ValueError(f"{path} is not a readable parquet file ({str(e).splitlines()[0][:120]})") from None
 
 
+def read_json(path, kind: type = dict):
+    """A JSON file of a run folder, which must hold a ``kind`` (an object by default). Damaged or of another
+    shape: one ValueError naming the file (a parser's message alone names no file, and a list where an object
+    belongs ended in a TypeError three calls later)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise as_os_error(e, path) from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is damaged: not valid JSON ({e.msg}, line {e.lineno})") from None
+    if not isinstance(obj, kind):
+        want = "an object" if kind is dict else kind.__name__
+        raise ValueError(f"{path} is damaged: it holds a JSON {type(obj).__name__}, not {want}")
+    return obj
+
+
 def append_line(path, line: str) -> None:
     """Append one line with a single ``write`` on an ``O_APPEND`` descriptor (a crash tears at most it)."""
     data = (line.rstrip("\n") + "\n").encode()

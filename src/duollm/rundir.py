@@ -36,12 +36,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import json
 import os
 import shutil
 from pathlib import Path
 
-from .io import TMP_SUFFIX, as_os_error
+from .io import TMP_SUFFIX, as_os_error, read_json
 
 CONFIG, TOKENIZER_FILE, TOKENIZER_DIR, DATA, DATA_META, METRICS = (
     "config.yaml", "tokenizer.json", "tokenizer", "data", "meta.json", "metrics.jsonl")
@@ -60,8 +59,6 @@ REPORT_HTML, REPORT_MD, REPORT_RESULTS, REPORT_FIGURES = "index.html", "report.m
 DIFFICULTY_TABLE, DIFFICULTY_SUMMARY = "difficulty.parquet", "difficulty.json"  # token difficulty (analysis/difficulty.py)
 
 
-def _json(path: Path):
-    return json.loads(Path(path).read_text())
 
 
 # ----------------------------------------------------------------------------- config, tokenizer, data
@@ -124,7 +121,7 @@ def partial_chunk(partial: Path, index: int) -> Path:
 
 
 def oracle_summary(folder: Path) -> dict:
-    return _json(Path(folder) / SUMMARY)
+    return read_json(Path(folder) / SUMMARY)
 
 
 def oracle_folders(run: Path) -> list[Path]:
@@ -158,7 +155,7 @@ def router_eval(run: Path, name: str) -> dict | None:
     """A router's evaluation: the study's (on the oracle's tokens) when present, else ``eval.json``."""
     for path in (study_router_eval(run, name), router_dir(run, name) / ROUTER_EVAL):
         if path.is_file():
-            return _json(path)
+            return read_json(path)
     return None
 
 

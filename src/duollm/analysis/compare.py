@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 
 from .. import rundir
+from ..io import read_json
 from .gap import decomposition
 from .rundata import RunData, inventory
 
@@ -50,7 +51,7 @@ def run_summary(run: Path) -> dict:
     inv, rd = inventory(run), RunData(run)
     mid = next((b for b in decomposition(rd) if b["k"] == rd.n_layers // 2), {})
     results = rundir.report_results(run)
-    verdicts = json.loads(results.read_text()).get("verdicts") if results.is_file() else None
+    verdicts = read_json(results).get("verdicts") if results.is_file() else None
     return {"run": str(run), "steps": inv["trained_steps"], "val_all_big": inv["validation"].get("val/all_big"),
             "val_all_small": inv["validation"].get("val/all_small"), "tokens": mid.get("tokens"), "k": mid.get("k"),
             "oracle_ppl": mid.get("oracle_ppl"), "fixed_ppl": mid.get("fixed_ppl"), "verdicts": verdicts}

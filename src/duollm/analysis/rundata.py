@@ -24,11 +24,7 @@ from .. import rundir
 from ..checkpoint import trained_step
 from ..config import RunConfig, load_run_config
 from ..data.cache import load_tokenizer
-from ..io import read_table
-
-
-def _json(path: Path):
-    return json.loads(Path(path).read_text())
+from ..io import read_json, read_table
 
 
 @dataclass(frozen=True)
@@ -156,7 +152,7 @@ class RunData:
     @cached_property
     def data_meta(self) -> dict:
         path = rundir.data_meta(self.run)
-        return _json(path) if path.is_file() else {}
+        return read_json(path) if path.is_file() else {}
 
     @cached_property
     def final_metrics(self) -> dict:
@@ -177,7 +173,7 @@ class RunData:
     def bench(self) -> dict | None:
         """``duollm bench``'s wall-clock table, where it has been run on this run."""
         path = rundir.bench_path(self.run)
-        return _json(path) if path.is_file() else None
+        return read_json(path) if path.is_file() else None
 
     @cached_property
     def tokenizer(self):

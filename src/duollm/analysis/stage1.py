@@ -11,12 +11,12 @@ Array name legend (``docs/NOTATION.md``): S sequences.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from .. import rundir
+from ..io import read_json
 from ..stats import bootstrap, finite_round, ppl_interval, verdict_of
 from .evidence import gain
 from .findings import Finding, decide
@@ -29,7 +29,7 @@ _r = finite_round  # every number rounded as the findings round theirs
 
 def load(run: Path) -> dict | None:
     path = rundir.stage1_evaluation(run)
-    return json.loads(path.read_text()) if path.is_file() else None
+    return read_json(path) if path.is_file() else None
 
 
 def _arrays(ev: dict, model: str, label: str, which: str = "trained") -> dict[str, np.ndarray] | None:

@@ -38,7 +38,6 @@ differs), so every number in the report compares like with like.
 from __future__ import annotations
 
 import copy
-import json
 import shutil
 import time
 from collections.abc import Callable
@@ -50,7 +49,7 @@ from ..analysis.report import headline, smoke_banner, write_report
 from ..checkpoint import latest_checkpoint, load_model, trained_step
 from ..config import RunConfig, load_config, parse_list, resume_conflict
 from ..data.cache import eval_tokens
-from ..io import atomic_write_json
+from ..io import atomic_write_json, read_json
 from ..oracle.context import CONTEXTS
 from ..oracle.folder import oracle_of_run
 from ..oracle.plan import OracleSpec, build_spec
@@ -277,7 +276,7 @@ class Study:
         def usable(path: Path) -> bool:  # on the oracle's tokens, with the per-sequence evidence
             if not path.is_file():
                 return False
-            res = json.loads(path.read_text())
+            res = read_json(path)
             return res.get("tokens") == self.tokens() and (not compared or bool((res.get("oracle") or {}).get("per_sequence")))
 
         def complete() -> bool:  # evaluated by the router command or by the study
@@ -393,7 +392,7 @@ class Study:
             eta = f", ETA {fmt_duration(eta)}" if eta is not None else ""
             prefix = f"[{i}/{n}]"
             marker = self.marker(stage)
-            recorded = json.loads(marker.read_text()) if marker.is_file() else None
+            recorded = read_json(marker) if marker.is_file() else None
             key = stage.key()
             # training is never "stale": more steps continue it, and a finished run is what the other stages use
             stale = stage.kind != "train" and recorded is not None and recorded.get("key") != key
@@ -423,7 +422,7 @@ class Study:
 
 def results_table(out: Path) -> str:
     """A short text table of the report's numbers (from ``RUN/report/results.json``)."""
-    res = json.loads((rundir.report_results(out)).read_text())
+    res = read_json(rundir.report_results(out))
     f = lambda x, nd=2: "—" if x is None else f"{x:.{nd}f}"
     lines = []
     sweeps = res["oracle"]  # the primary context first
