@@ -680,3 +680,23 @@ def test_report_on_an_oracle_without_the_routers_budgets(studied, tmp_path):
     found = {f["id"]: f for f in json.loads((run / "report" / "results.json").read_text())["findings"]}
     rows = (found["routers_near_baselines"]["numbers"] or {}).get("routers", [])
     assert all(r["router"] != "budget-1.00" for r in rows)
+
+
+def test_router_weights_holding_nan_are_refused(studied, tmp_path):
+    """Issue 28, item 16: a router whose weights hold NaN was accepted: `eval --router` printed a perplexity
+    and `generate --policy router:NAME` ran, both exit 0. Both now refuse in one line naming the file."""
+    from safetensors.torch import load_file, save_file
+
+    run = tmp_path / "run"
+    shutil.copytree(studied, run, symlinks=True)
+    weights = run / "routers" / "budget-0.50" / "router.safetensors"
+    tensors = load_file(str(weights))
+    name = sorted(tensors)[0]
+    tensors[name] = torch.full_like(tensors[name], float("nan"))
+    save_file(tensors, str(weights))
+    before = snapshot(run)
+    for args in (("eval", run, "--router", "budget-0.50"), ("generate", run, "--prompt", "The", "--policy",
+                                                             "router:budget-0.50", "--max-new-tokens", "2")):
+        rc, lines = cli(*args)
+        assert rc == 2 and len(lines) == 1 and "router.safetensors holds non-finite weights" in lines[0], lines
+    assert snapshot(run) == before

@@ -78,6 +78,12 @@ class Router(nn.Module):
                 proj.weight.zero_()
                 proj.bias.copy_((self.route_O == int(route)).float())
 
+    def check_finite(self, source) -> None:
+        """One ValueError naming ``source`` if a weight is NaN or infinite: such a router routes every token by
+        an argmax over NaN, and its evaluation printed a perplexity as if it were trained (issue 28, item 16)."""
+        if not all(bool(torch.isfinite(t).all()) for t in self.state_dict().values()):
+            raise ValueError(f"{source} holds non-finite weights (NaN or inf): train the router again")
+
     def logits(self, layer: int, x_BTD: torch.Tensor) -> torch.Tensor:
         """``logits_BTO`` in float32 (the softmax and its annealing are done in full precision)."""
         proj = self.proj[layer]

@@ -42,6 +42,7 @@ def load_router_folder(folder: Path, device="cpu") -> tuple[Router, RouterConfig
         raise ValueError(f"{folder / rundir.ROUTER_YAML} is corrupt: {type(e).__name__}") from None
     # routers saved before calibration existed lack the offset
     load_weights(router, folder / rundir.ROUTER_WEIGHTS, what="router weights", optional=("offset_O",))
+    router.check_finite(folder / rundir.ROUTER_WEIGHTS)
     return router.to(device).eval(), cfg
 
 

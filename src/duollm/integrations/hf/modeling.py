@@ -67,6 +67,7 @@ def standalone_routing_policy(spec, n_layers: int, *, root=None, seed: int = 0, 
     missing, unexpected = router.load_state_dict(load_file(str(weights)), strict=False)
     if set(missing) - {"offset_O"} or unexpected:  # routers saved before calibration existed lack the offset
         raise ValueError(f"{weights} does not fit its router.yaml")
+    router.check_finite(weights)
     router.mode, router.name = "hard", f"router:{folder.name}"
     return router.name, router.to(device).eval()
 
