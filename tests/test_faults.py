@@ -700,3 +700,24 @@ def test_router_weights_holding_nan_are_refused(studied, tmp_path):
         rc, lines = cli(*args)
         assert rc == 2 and len(lines) == 1 and "router.safetensors holds non-finite weights" in lines[0], lines
     assert snapshot(run) == before
+
+
+def test_resuming_a_router_with_other_options_is_refused(studied, tmp_path):
+    """Issue 28, item 15: `router --name NAME --resume` with another target re-described the router: its
+    router.yaml and eval.json said target 0.25 for a router trained at 0.5. A resume now continues the router
+    as trained (more steps are fine) and refuses anything else in one line, changing nothing."""
+    import yaml
+
+    run = tmp_path / "run"
+    shutil.copytree(studied, run, symlinks=True)
+    quiet = ["--set", "train.log_every=1000", "train.save_every=1"]
+    run_cli("router", run, "--name", "mine", "--target", "0.5", "--steps", "2", *quiet)
+    before = snapshot(run)
+    rc, lines = cli("router", run, "--name", "mine", "--target", "0.25", "--steps", "3", "--resume", *quiet)
+    assert rc == 2 and len(lines) == 1 and "target=0.5" in lines[0] and "--resume continues it" in lines[0], lines
+    assert snapshot(run) == before
+    rc, lines = cli("router", run, "--name", "mine", "--target", "0.5", "--steps", "3", "--resume", *quiet)
+    assert rc == 0, lines
+    saved = yaml.safe_load((run / "routers" / "mine" / "router.yaml").read_text())["config"]
+    assert saved["target"] == 0.5 and saved["train"]["steps"] == 3
+    assert json.loads((run / "routers" / "mine" / "eval.json").read_text())["target"] == 0.5

@@ -404,15 +404,25 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def resume_conflict(saved: RunConfig, new: RunConfig) -> str | None:
-    """A one-line reason why ``new`` cannot continue a run trained as ``saved``, or None."""
+def first_difference(saved, new, allowed=()) -> tuple[str, object, object] | None:
+    """The first dotted key (sorted) where two configs differ, with both values, skipping the keys and
+    sections in ``allowed``; None when they agree."""
     a, b = _flat(to_dict(saved)), _flat(to_dict(new))
     for key in sorted(set(a) | set(b)):
-        if key in RESUMABLE_KEYS or key.split(".")[0] in RESUMABLE_SECTIONS or a.get(key) == b.get(key):
+        if key in allowed or key.split(".")[0] in allowed or a.get(key) == b.get(key):
             continue
-        return (f"{key} is {a.get(key)!r} in the run but {b.get(key)!r} was asked; a resume may change only "
-                f"{', '.join(RESUMABLE_KEYS)} and the eval and study sections (train another --out for the rest)")
+        return key, a.get(key), b.get(key)
     return None
+
+
+def resume_conflict(saved: RunConfig, new: RunConfig) -> str | None:
+    """A one-line reason why ``new`` cannot continue a run trained as ``saved``, or None."""
+    diff = first_difference(saved, new, RESUMABLE_KEYS + RESUMABLE_SECTIONS)
+    if diff is None:
+        return None
+    key, was, asked = diff
+    return (f"{key} is {was!r} in the run but {asked!r} was asked; a resume may change only "
+            f"{', '.join(RESUMABLE_KEYS)} and the eval and study sections (train another --out for the rest)")
 
 
 def save_config(cfg: RunConfig, path: Path) -> None:

@@ -9,7 +9,7 @@ import torch
 
 from .. import rundir
 from ..checkpoint import latest_checkpoint, load_model
-from ..config import load_run_config, to_dict
+from ..config import first_difference, load_run_config, to_dict
 from ..data.cache import eval_tokens, load_tokens
 from ..data.corpus import sequences
 from ..model.policy import Router
@@ -17,12 +17,12 @@ from ..model.routing import ROUTE_OF_LETTER
 from ..runtime.distributed import resolve_device
 from ..train.loop import train_loop
 from .calibrate import calibrate_budget
-from .config import RouterConfig, resolve_router_config
+from .config import ROUTER_RESUMABLE, RouterConfig, resolve_router_config
 from .evaluate import write_eval
 from .labels import find_oracle, holdout_split, load_oracle_table
 from .methods import METHODS
 from .objectives import RouterTrainer, router_objective
-from .store import load_router_folder, save_router, write_router_yaml
+from .store import load_router_config, load_router_folder, save_router, write_router_yaml
 from .value import dagger
 
 
@@ -43,6 +43,13 @@ def train_router(run: Path, cfg: RouterConfig, *, resume: bool = False, log=prin
     out = rundir.router_dir(run, cfg.name)
     if latest_checkpoint(out) is not None and not resume:
         raise ValueError(f"router {cfg.name} already exists in {out}; pass --resume to continue it or remove the folder")
+    if resume and (out / rundir.ROUTER_YAML).is_file():  # continue the router as it was trained, or refuse
+        saved = load_router_config(out)
+        diff = first_difference(saved, cfg, ROUTER_RESUMABLE)
+        if diff is not None:
+            key, was, asked = diff
+            raise ValueError(f"router {cfg.name} was trained with {key}={was!r}, not {asked!r}: --resume continues it "
+                             f"as it was (drop that option, or train another --name)")
     with rundir.writing(run):
         return _train_router(run, out, cfg, model, idx_ST, tgt_ST, train_tokens, oracle, imitation_data,
                              device=device, resume=resume, log=log)

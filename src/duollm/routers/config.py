@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from ..config import RunConfig, TrainConfig, apply_overrides, from_dict, to_dict, validate_train
+from ..config import RESUMABLE_KEYS, RunConfig, TrainConfig, apply_overrides, from_dict, to_dict, validate_train
 from ..model.routing import canonical_options
 from .methods import METHODS, get
 
@@ -71,6 +71,11 @@ class RouterConfig:
         """Target probability of skip, small, big (for the bias initialisation)."""
         skip = 1.0 - self.target if self.options == "B_" else self.skip_target
         return [skip, 1.0 - self.target - skip, self.target]
+
+
+# What `duollm router --resume` may change: how long and how often, where it runs, what is logged, which
+# oracle the evaluation compares with; everything else describes the router and stays as trained.
+ROUTER_RESUMABLE = tuple(k for k in RESUMABLE_KEYS if k.startswith("train.")) + ("eval_batch", "oracle")
 
 
 def router_name(method: str, target: float, options: str = "SB", skip_target: float = 0.0) -> str:

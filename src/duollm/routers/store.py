@@ -29,16 +29,28 @@ def write_router_yaml(folder: Path, router: Router, cfg: RouterConfig) -> None:
     atomic_write_text(Path(folder) / rundir.ROUTER_YAML, yaml.safe_dump(meta, sort_keys=False))
 
 
+def _router_yaml(folder: Path) -> tuple[dict, RouterConfig]:
+    try:
+        meta = yaml.safe_load((Path(folder) / rundir.ROUTER_YAML).read_text())
+        return meta, from_dict(RouterConfig, meta["config"])
+    except (yaml.YAMLError, KeyError, TypeError) as e:
+        raise ValueError(f"{Path(folder) / rundir.ROUTER_YAML} is corrupt: {type(e).__name__}") from None
+
+
+def load_router_config(folder: Path) -> RouterConfig:
+    """The ``RouterConfig`` a router was (or is being) trained with: its ``router.yaml``."""
+    return _router_yaml(folder)[1]
+
+
 def load_router_folder(folder: Path, device="cpu") -> tuple[Router, RouterConfig]:
     folder = Path(folder)
     if not (folder / rundir.ROUTER_YAML).is_file() or not (folder / rundir.ROUTER_WEIGHTS).is_file():
         raise ValueError(f"{folder} holds no trained router ({rundir.ROUTER_YAML} and {rundir.ROUTER_WEIGHTS})")
+    meta, cfg = _router_yaml(folder)
     try:
-        meta = yaml.safe_load((folder / rundir.ROUTER_YAML).read_text())
-        cfg = from_dict(RouterConfig, meta["config"])
         L = int(meta["n_layers"])
         router = Router(L, int(meta["d_model"]), meta["options"], budget_k=cfg.budget_k(L) if cfg.enforce else None)
-    except (yaml.YAMLError, KeyError, TypeError) as e:
+    except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{folder / rundir.ROUTER_YAML} is corrupt: {type(e).__name__}") from None
     # routers saved before calibration existed lack the offset
     load_weights(router, folder / rundir.ROUTER_WEIGHTS, what="router weights", optional=("offset_O",))
