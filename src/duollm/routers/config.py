@@ -73,9 +73,9 @@ class RouterConfig:
         return [skip, 1.0 - self.target - skip, self.target]
 
 
-# What `duollm router --resume` may change: how long and how often, where it runs, what is logged, which
+# What `duollm router --resume` may change: how long (steps, DAgger rounds) and how often, where it runs, what is logged, which
 # oracle the evaluation compares with; everything else describes the router and stays as trained.
-ROUTER_RESUMABLE = tuple(k for k in RESUMABLE_KEYS if k.startswith("train.")) + ("eval_batch", "oracle")
+ROUTER_RESUMABLE = tuple(k for k in RESUMABLE_KEYS if k.startswith("train.")) + ("dagger_rounds", "eval_batch", "oracle")
 
 
 def router_name(method: str, target: float, options: str = "SB", skip_target: float = 0.0) -> str:
