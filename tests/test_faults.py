@@ -721,3 +721,36 @@ def test_resuming_a_router_with_other_options_is_refused(studied, tmp_path):
     saved = yaml.safe_load((run / "routers" / "mine" / "router.yaml").read_text())["config"]
     assert saved["target"] == 0.5 and saved["train"]["steps"] == 3
     assert json.loads((run / "routers" / "mine" / "eval.json").read_text())["target"] == 0.5
+
+
+def test_data_tokenizer_and_convert_mistakes_name_what_is_wrong(tmp_path):
+    """Issue 28, item 12: `--data hf:FILE.jsonl` said it "couldn't find any data file" for a file that exists;
+    `convert` of a missing folder said "Repo id must be in the form…"; a tokenizer failure was cut at a
+    colon. Each is now one line naming the file or folder and what is wrong."""
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "hello"}\n')
+    line = refused("train", "--config", "tiny", "--data", f"hf:{data}", "--out", tmp_path / "a", fragment="names a file")
+    assert f"data.data_files={data}" in line and "hf:json" in line
+    line = refused("convert", tmp_path / "no-such-model", tmp_path / "b", fragment="no such folder")
+    assert "no-such-model" in line and "Repo id" not in line
+    refused("train", "--config", "tiny", "--set", f"data.tokenizer={tmp_path / 'no-tok'}", "--out", tmp_path / "c",
+            fragment="no-tok: no such folder")
+    bad = tmp_path / "badtok"
+    bad.mkdir()
+    (bad / "tokenizer_config.json").write_text("{}")
+    line = refused("train", "--config", "tiny", "--set", f"data.tokenizer={bad}", "--out", tmp_path / "d",
+                   fragment=str(bad))
+    assert not line.rstrip().endswith(":") and len(line.split(f"{bad}: ", 1)[1]) > 40  # the reason, not cut at a colon
+
+
+def test_a_saved_dataset_dicts_other_splits_are_said_to_be_unused(tmp_path):
+    """Issue 28, item 12: a DatasetDict folder's own validation split was silently ignored (its train split is
+    split by data.val_fraction, as every corpus is): the run says so."""
+    datasets = pytest.importorskip("datasets")
+    text = SHARED_CORPUS.read_text()[:120_000].split("\n\n")
+    folder = tmp_path / "dd"
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": text[:-50]}),
+                          "validation": datasets.Dataset.from_dict({"text": text[-50:]})}).save_to_disk(str(folder))
+    proc = run_cli("train", "--config", "tiny", "--data", f"hf:{folder}", "--out", tmp_path / "r", "--set",
+                   "train.steps=1", "train.eval_every=100")
+    assert "its validation split is not used" in proc.stderr

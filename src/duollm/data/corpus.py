@@ -30,6 +30,7 @@ import glob as globlib
 import hashlib
 import json
 import os
+import sys
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,18 @@ EOS = "<|endoftext|>"
 BUILTIN = ("pydoc", "pydoc-topics")
 # the kinds of data spec, for --help (a new kind: here, in parse_data_spec and in read_documents)
 SPEC_HELP = "builtin:pydoc | file:PATH | hf:NAME[:CONFIG] | hf:FOLDER (save_to_disk) | hf:json|parquet|csv (data.data_files)"
+
+
+def one_line(e: BaseException, limit: int = 300) -> str:
+    """A library's error as one line: its whole message with the line breaks folded (the first line alone
+    cut some at a colon, "Couldn't instantiate the backend tokenizer from one of:"), capped."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def is_local_path(name: str) -> bool:
+    """A name written as a path on this machine (absolute, ./, ../, ~), not a Hub id like org/model."""
+    return name.startswith(("/", "./", "../", "~")) or name in (".", "..")
 
 
 def parse_data_spec(spec: str) -> tuple[str, str]:
@@ -194,8 +207,15 @@ def _hf_rows(datasets, arg: str, data_files: str):
         if isinstance(ds, datasets.DatasetDict):
             if "train" not in ds:
                 raise ValueError(f"saved dataset {arg} has no train split (it has {', '.join(ds)})")
+            others = [s for s in ds if s != "train"]
+            if others:  # duollm's own split keeps validation disjoint and spread over the corpus (module docstring)
+                print(f"hf:{arg}: its train split is read and split by data.val_fraction; its {', '.join(others)} "
+                      f"split{'s are' if len(others) > 1 else ' is'} not used", file=sys.stderr)
             ds = ds["train"]
         return ds
+    if Path(arg).expanduser().is_file():
+        raise ValueError(f"hf:{arg} names a file: read local files with hf:json, hf:parquet or hf:csv and "
+                         f"data.data_files={arg} (or file:{arg} for plain text)")
     name, _, config = arg.partition(":")
     if name in FILE_BUILDERS:  # read_documents checked that data_files is set
         return datasets.load_dataset(name, config or None, data_files=expand_data_files(data_files), split="train",
@@ -223,8 +243,7 @@ def _read_hf(arg: str, text_column: str, max_chars: int, data_files: str = "") -
     except ValueError:
         raise
     except Exception as e:  # offline, unknown dataset, ...: one line, no traceback
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"cannot load Hugging Face dataset {arg}: {first}") from None
+        raise ValueError(f"cannot load Hugging Face dataset {arg}: {one_line(e)}") from None
     return parts
 
 
@@ -325,13 +344,14 @@ def train_bpe(texts: list[str], vocab_size: int) -> TextTokenizer:
 
 
 def pretrained_tokenizer(name: str) -> TextTokenizer:
+    if is_local_path(name) and not Path(name).expanduser().exists():
+        raise ValueError(f"cannot load tokenizer {name}: no such folder")
     try:
         from transformers import AutoTokenizer
 
         return TextTokenizer(AutoTokenizer.from_pretrained(name), "pretrained")
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"cannot load tokenizer {name}: {first}") from None
+        raise ValueError(f"cannot load tokenizer {name}: {one_line(e)}") from None
 
 
 # ----------------------------------------------------------------------------- token cache

@@ -33,7 +33,7 @@ from ... import rundir
 from ...checkpoint import save_checkpoint
 from ...config import load_config, save_config, validate
 from ...data.cache import load_tokens, write_data
-from ...data.corpus import build_data, sample_batch
+from ...data.corpus import build_data, is_local_path, one_line, sample_batch
 from ...io import atomic_folder
 from ...model.model import DuoModel, ModelConfig
 from ...train.loop import make_optimizer
@@ -51,11 +51,12 @@ def load_source_config(source: str):
     """The Hugging Face config of a model name or local folder (one-line ValueError if unusable)."""
     from transformers import AutoConfig
 
+    if is_local_path(source) and not Path(source).expanduser().is_dir():
+        raise ValueError(f"cannot convert {source}: no such folder")
     try:
         config = AutoConfig.from_pretrained(source)
     except Exception as e:  # unknown name, offline hub, not a model folder: one line
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"cannot load a Hugging Face config from {source}: {first}") from None
+        raise ValueError(f"cannot load a Hugging Face config from {source}: {one_line(e)}") from None
     if config.model_type not in SUPPORTED:
         raise ValueError(f"{source} is a {config.model_type!r} model; convert supports {', '.join(SUPPORTED)}")
     return config
@@ -69,8 +70,7 @@ def load_source(source: str):
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
         tokenizer = AutoTokenizer.from_pretrained(source)
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"cannot load model and tokenizer from {source}: {first}") from None
+        raise ValueError(f"cannot load model and tokenizer from {source}: {one_line(e)}") from None
     return model, tokenizer
 
 
