@@ -122,8 +122,11 @@ def test_unsupported_sources_are_refused(tmp_path, tiny_run):
     GPT2Config(**GPT2, scale_attn_by_inverse_layer_idx=True).save_pretrained(tmp_path / "odd")
     with pytest.raises(ValueError, match="standard attention scaling"):
         convert_cli(tmp_path / "odd", tmp_path / "run")
-    with pytest.raises(ValueError, match="cannot load a Hugging Face config"):
+    with pytest.raises(ValueError, match="nowhere: no such folder"):
         convert_cli(tmp_path / "nowhere", tmp_path / "run")
+    (tmp_path / "empty").mkdir()  # a folder that holds no model
+    with pytest.raises(ValueError, match="cannot load a Hugging Face config"):
+        convert_cli(tmp_path / "empty", tmp_path / "run")
     (tmp_path / "run").mkdir()
     with pytest.raises(ValueError, match="already exists"):
         convert_cli(tmp_path / "odd", tmp_path / "run")
