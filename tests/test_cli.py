@@ -157,3 +157,41 @@ def test_an_empty_pattern_or_router_name_is_refused(tiny_run):
         proc = cli("eval", tiny_run, flag, "", check=False)
         assert proc.returncode == 2 and proc.stdout == "", proc.stdout
         assert_one_line_error(proc, fragment)
+
+
+def test_help_and_readme_name_what_exists(capsys):
+    """Issue 28, item 13: --help listed presets without `wide` and data specs without hf:FOLDER / hf:json; the
+    README's synopsis of export missed --policy and cited "DESIGN section N" and "the issues", which a clone
+    does not have; there was no way to print the resolved config."""
+    import argparse
+    from pathlib import Path
+
+    from duollm.cli import main
+    from duollm.config import PRESETS
+    from duollm.integrations.hf import export
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert all(p in help_text for p in PRESETS) and "hf:FOLDER" in help_text and "hf:json" in help_text
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    synopsis = next(line for line in readme.splitlines() if line.startswith("duollm export"))
+    parser = argparse.ArgumentParser()
+    export.add_arguments(parser)
+    flags = [o for a in parser._actions for o in a.option_strings if o.startswith("--") and o != "--help"]
+    assert flags and all(f in synopsis for f in flags), synopsis
+    assert "DESIGN section" not in readme and "the issues" not in readme
+    assert "gradient_checkpointing_enable()`," not in readme.replace("deprecated `gradient_checkpointing_enable()`", "")
+
+
+def test_config_prints_the_resolved_config(tiny_run):
+    """`duollm config` prints what a run would save: the preset, the YAML, every --set, checked the same way."""
+    import yaml
+
+    from duollm.config import load_config, to_dict
+
+    out = cli("config", "--config", "tiny", "--set", "train.steps=3", "--set", "study.tokens=64").stdout
+    assert yaml.safe_load(out) == to_dict(load_config("tiny", ["train.steps=3", "study.tokens=64"]))
+    saved = yaml.safe_load(cli("config", "--config", tiny_run).stdout)
+    assert saved == yaml.safe_load((tiny_run / "config.yaml").read_text())
+    assert_one_line_error(cli("config", "--config", "tiny", "--set", "study.router_methods=magic", check=False), "magic")

@@ -306,3 +306,23 @@ def test_exported_and_saved_files_are_readable_by_others(tiny_run, tmp_path):
         assert any(p.suffix == ".safetensors" for p in files)
         modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in files}
         assert all(m == 0o644 for m in modes.values()), modes
+
+
+def test_a_tokenizer_loads_from_an_export_without_remote_code(exported, tiny_run):
+    """Issue 28, item 10: `AutoTokenizer.from_pretrained(EXPORT)` asks the remote-code question (transformers 5
+    reads the config of a model type it does not know first). The README gives the call that needs no remote
+    code; here it runs where duollm is not imported, with no question and no warning, and encodes as the run."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from duollm.data.cache import load_tokenizer
+
+    code = ("from transformers import PreTrainedTokenizerFast; import sys; "
+            f"print(PreTrainedTokenizerFast.from_pretrained({str(exported)!r})('The for statement')['input_ids'])")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                          timeout=120)
+    assert proc.returncode == 0 and "[y/N]" not in proc.stdout + proc.stderr and "model of type" not in proc.stderr
+    assert proc.stdout.strip() == str(load_tokenizer(tiny_run).encode("The for statement"))
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert "PreTrainedTokenizerFast.from_pretrained(folder)" in readme

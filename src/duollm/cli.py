@@ -15,12 +15,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from . import __version__, rundir
 from .analysis.report import write_report
 from .analysis.rundata import inventory
 from .checkpoint import load_model
-from .config import PRESETS, load_config, load_run_config
+from .config import PRESETS, load_config, load_run_config, to_dict
 from .data.cache import eval_tokens
 from .data.corpus import SPEC_HELP, parse_max_tokens
 from .io import atomic_path
@@ -146,6 +147,30 @@ def cmd_eval(args) -> None:
         print(json.dumps(out))
     else:
         print_table(rows)
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def add_config_arguments(c: argparse.ArgumentParser) -> None:
+    c.add_argument("--config", help=f"preset ({', '.join(PRESETS)}; default cpu), YAML file, or a run folder (its "
+                                    f"saved config)")
+    c.add_argument("--data", help=SPEC_HELP)
+    c.add_argument("--set", nargs="*", action="extend", metavar="KEY=VALUE",
+                   help="config overrides (--set may repeat)")
+
+
+def cmd_config(args) -> None:
+    """The resolved config as YAML: defaults < preset < YAML file < --set, exactly what `train` or `run` would
+    save as RUN/config.yaml (checked as they check it)."""
+    overrides = list(args.set or []) + ([f"data.spec={args.data}"] if args.data else [])
+    if args.config and Path(args.config).is_dir():
+        load_run_config(Path(args.config))  # one line if the folder holds no run
+        cfg = load_config(str(rundir.config_path(args.config)), overrides, saved=True)
+    else:
+        cfg = load_config(args.config, overrides)
+    validate_study(cfg)
+    print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
 
 
 # ----------------------------------------------------------------------------- info
@@ -283,6 +308,8 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "convert": ("duollm.integrations.hf.convert", "add_arguments", "run_command",
                 "turn a pretrained Llama or GPT-2 model into a Duo run"),
     "info": (__name__, "add_info_arguments", "cmd_info", "parameter counts and FLOPs per token"),
+    "config": (__name__, "add_config_arguments", "cmd_config",
+               "print the resolved config (preset < YAML < --set) as the run would save it"),
     "run": (__name__, "add_run_arguments", "cmd_run", "the whole study, end to end"),
     "compare": ("duollm.analysis.compare", "add_arguments", "run_command",
                 "every router of one or more runs by the share of the oracle's gain it recovers"),
