@@ -181,6 +181,7 @@ def test_help_and_readme_name_what_exists(capsys):
     flags = [o for a in parser._actions for o in a.option_strings if o.startswith("--") and o != "--help"]
     assert flags and all(f in synopsis for f in flags), synopsis
     assert "DESIGN section" not in readme and "the issues" not in readme
+    assert "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" in readme  # item 8: CPU anywhere
     assert "gradient_checkpointing_enable()`," not in readme.replace("deprecated `gradient_checkpointing_enable()`", "")
 
 

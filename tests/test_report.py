@@ -335,3 +335,41 @@ def test_a_report_killed_while_writing_leaves_the_old_report_whole(oracle_only_r
         write_report(oracle_only_run)
     assert digest(oracle_only_run / "report") == before
     assert not [p for p in oracle_only_run.iterdir() if p.name.startswith(".report")]
+
+
+def test_the_studys_results_reach_tensorboard_and_wandb(oracle_only_run, monkeypatch):
+    """Issue 28, item 6: no oracle, router or findings result reached TensorBoard or W&B. The report's headline
+    numbers become scalars (TensorBoard) and summary values (W&B), its figures images, in the run's own runs."""
+    wandb = pytest.importorskip("wandb")
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from duollm.config import load_run_config
+    from duollm.train.tracking import publish_results
+
+    write_report(oracle_only_run)
+    cfg = load_run_config(oracle_only_run)
+    cfg.train.tensorboard, cfg.train.wandb = True, True
+    logged = {}
+
+    class Run:
+        summary = {}
+
+        def log(self, data, step=None):
+            logged.update(data)
+
+        def finish(self):
+            pass
+
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: logged.update(init=kwargs) or Run())
+    publish_results(oracle_only_run, cfg, step=30)
+    acc = EventAccumulator(str(oracle_only_run / "tb"), size_guidance={"images": 0, "scalars": 0}).Reload()
+    scalars, images = set(acc.Tags()["scalars"]), set(acc.Tags()["images"])
+    assert "study/oracle_ppl/shared/k2" in scalars and "study/verdicts/tested" in scalars
+    assert any(t.startswith("study/finding/one_big_beats_all_big") for t in scalars)
+    assert "report/ppl_vs_budget" in images and acc.Scalars("study/oracle_ppl/shared/k2")[0].step == 30
+    res = json.loads((oracle_only_run / "report" / "results.json").read_text())
+    k2 = next(b for b in res["oracle"][0]["budgets"] if b["k"] == 2)
+    assert Run.summary["study/oracle_ppl/shared/k2"] == pytest.approx(k2["oracle_ppl"])
+    assert "report/ppl_vs_budget" in logged and logged["init"]["resume"] == "allow"
+    assert logged["init"]["id"] == json.loads((oracle_only_run / "wandb_run.json").read_text())["id"]

@@ -255,3 +255,26 @@ def test_converted_weights_survive_fine_tuning(tiny_run, tmp_path):
     cli("train", "--resume", "--out", run, "--set", "train.steps=4", "train.save_every=2", "train.eval_every=4")
     assert step_folders(run) == ["step-0000000", "step-0000004"]
     assert (run / "latest").resolve().name == "step-0000004"
+
+
+def test_a_resumed_run_continues_its_wandb_run(tmp_path, monkeypatch):
+    """Issue 28, item 6: a resume started a second W&B run (no id was kept). The id lives in the run folder,
+    and training, its resume and the study's results all pass the same one."""
+    wandb = pytest.importorskip("wandb")
+    calls = []
+
+    class Run:
+        def log(self, *args, **kwargs):
+            pass
+
+        def finish(self):
+            pass
+
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: calls.append(kwargs) or Run())
+    common = ["train.eval_every=2", "train.save_every=2", "train.wandb=true", "train.log_every=1"]
+    pretrain(load_config("tiny", ["train.steps=2", *common]), tmp_path / "r", log=lambda *_: None)
+    pretrain(load_config("tiny", ["train.steps=4", *common]), tmp_path / "r", resume=True, log=lambda *_: None)
+    assert len(calls) == 2 and calls[0]["id"] == calls[1]["id"] and calls[1]["resume"] == "allow"
+    assert json.loads((tmp_path / "r" / "wandb_run.json").read_text()) == {"id": calls[0]["id"]}
+    pretrain(load_config("tiny", ["train.steps=2", *common]), tmp_path / "other", log=lambda *_: None)
+    assert calls[2]["id"] != calls[0]["id"]  # another run folder, another W&B run

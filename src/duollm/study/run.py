@@ -65,6 +65,7 @@ from ..runtime import threads
 from ..runtime.distributed import resolve_device
 from ..runtime.watchdog import watchdog
 from ..train.loop import check_run_folder, pretrain
+from ..train.tracking import publish_results
 from . import stage1
 from .eta import costs, eta_seconds, fmt_duration
 from .folders import make_null_run
@@ -374,6 +375,7 @@ class Study:
 
     def report(self) -> None:
         write_report(self.out)
+        publish_results(self.out, self.cfg, self.trained_step())  # TensorBoard / W&B, when the run logs there
 
     # -- running ------------------------------------------------------------------------
     def marker(self, stage: Stage) -> Path:

@@ -42,7 +42,7 @@ from ..checkpoint import (
     stage_checkpoint,
     tensors_finite,
 )
-from ..config import RunConfig, TrainConfig, load_run_config, parse_list, resume_conflict, save_config, to_dict
+from ..config import RunConfig, TrainConfig, load_run_config, resume_conflict, save_config, to_dict
 from ..data.cache import cached_meta, load_tokens, write_data
 from ..data.corpus import build_data, check_length, sample_batch, sequences
 from ..io import append_line, atomic_write_text, read_json_lines
@@ -52,6 +52,7 @@ from ..runtime import threads
 from ..runtime.distributed import init_distributed, resolve_device
 from . import fsdp
 from .evaluate import validation_metrics
+from .tracking import init_wandb
 
 
 @dataclass
@@ -132,18 +133,7 @@ class MetricsLog:
                 raise ValueError("train.tensorboard=true needs tensorboard: pip install 'duollm[tensorboard]'") from None
             self.tb = SummaryWriter(str(Path(out) / "tb"), purge_step=resume_step + 1)
         if t.wandb:
-            try:
-                import wandb
-            except ImportError:
-                raise ValueError("train.wandb=true needs wandb: pip install 'duollm[wandb]'") from None
-            os.environ.setdefault("WANDB_MODE", "offline")
-            folder = wandb_dir(t, out)
-            try:
-                folder.mkdir(parents=True, exist_ok=True)  # wandb falls back to a temporary folder otherwise
-            except OSError as e:
-                raise ValueError(f"cannot create the W&B folder {folder} (train.wandb_dir or WANDB_DIR): {e.strerror}") from None
-            self.wandb = wandb.init(dir=str(folder), project=t.wandb_project or None, tags=parse_list(t.wandb_tags) or None,
-                                    config=run_config, name=Path(out).name, resume="allow")
+            self.wandb = init_wandb(t, out, run_config)
 
     def write(self, step: int, metrics: dict) -> None:
         if not self.enabled:
@@ -160,11 +150,6 @@ class MetricsLog:
             self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
-
-
-def wandb_dir(t: TrainConfig, out: Path) -> Path:
-    """``train.wandb_dir``, else ``WANDB_DIR`` (wandb.init's ``dir`` would override it), else the run folder."""
-    return Path(t.wandb_dir or os.environ.get("WANDB_DIR") or out).expanduser()
 
 
 # ----------------------------------------------------------------------------- the loop
