@@ -122,7 +122,7 @@ def test_the_exported_model_imports_only_itself():
 def test_only_rundir_names_the_run_folder_files():
     names = ["config.yaml", "metrics.jsonl", "summary.json", "per_token.parquet", "oracle_loss.npy", "eval.json",
              "router.yaml", "router.safetensors", "tokenizer.json", "meta.json", "results.json", "report.md",
-             "index.html", "evaluation.json", "bench.json", "run.json", "usage.npy", "patterns.parquet"]
+             "index.html", "evaluation.json", "bench.json", "run.json", "usage.npy", "patterns.parquet", "wandb_run.json"]
     alternatives = "|".join(map(re.escape, names))
     pattern = re.compile(rf"""["']({alternatives})["']""")
     found = {m: sorted(set(pattern.findall(p.read_text()))) for m, p in MODULES.items() if m != "duollm.rundir"}
