@@ -192,18 +192,21 @@ def test_retention_and_wandb_settings_may_change_on_resume():
         assert resume_conflict(saved, load_config("tiny", [key])) is None, key
 
 
+class FakeWandbRun:
+    """What the training loop calls on a W&B run."""
+
+    def log(self, *args, **kwargs):
+        pass
+
+    def finish(self):
+        pass
+
+
 def test_wandb_settings_reach_wandb_init(tmp_path, monkeypatch):
     wandb = pytest.importorskip("wandb")
     calls = []
 
-    class Run:
-        def log(self, *args, **kwargs):
-            pass
-
-        def finish(self):
-            pass
-
-    monkeypatch.setattr(wandb, "init", lambda **kwargs: calls.append(kwargs) or Run())
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: calls.append(kwargs) or FakeWandbRun())
     monkeypatch.delenv("WANDB_DIR", raising=False)
     common = ["train.steps=2", "train.eval_every=2", "train.save_every=2", "train.wandb=true"]
     cfg = load_config("tiny", common + ["train.wandb_project=duo-tests", "train.wandb_tags=a, b ,",
@@ -263,14 +266,7 @@ def test_a_resumed_run_continues_its_wandb_run(tmp_path, monkeypatch):
     wandb = pytest.importorskip("wandb")
     calls = []
 
-    class Run:
-        def log(self, *args, **kwargs):
-            pass
-
-        def finish(self):
-            pass
-
-    monkeypatch.setattr(wandb, "init", lambda **kwargs: calls.append(kwargs) or Run())
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: calls.append(kwargs) or FakeWandbRun())
     common = ["train.eval_every=2", "train.save_every=2", "train.wandb=true", "train.log_every=1"]
     pretrain(load_config("tiny", ["train.steps=2", *common]), tmp_path / "r", log=lambda *_: None)
     pretrain(load_config("tiny", ["train.steps=4", *common]), tmp_path / "r", resume=True, log=lambda *_: None)

@@ -45,25 +45,33 @@ def _umask() -> int:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike):
-    """Yield a temporary path next to ``path``; rename it onto ``path`` only if the body succeeds."""
-    path = Path(path)
-    tmp = None
+def os_errors_naming(path):
+    """Inside the block, an I/O failure of any library becomes one ``OSError`` naming ``path``."""
     try:
-        if path.is_dir():
-            raise IsADirectoryError(errno_mod.EISDIR, "Is a directory", str(path))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
-        os.close(fd)
-        yield Path(tmp)
-        # mkstemp creates 0600 and some writers (safetensors) recreate the file: ordinary permissions
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
+        yield
     except Exception as e:
         err = as_os_error(e, path)
         if err is None:
             raise
         raise err from None
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield a temporary path next to ``path``; rename it onto ``path`` only if the body succeeds."""
+    path = Path(path)
+    tmp = None
+    try:
+        with os_errors_naming(path):
+            if path.is_dir():
+                raise IsADirectoryError(errno_mod.EISDIR, "Is a directory", str(path))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+            os.close(fd)
+            yield Path(tmp)
+            # mkstemp creates 0600 and some writers (safetensors) recreate the file: ordinary permissions
+            os.chmod(tmp, 0o666 & ~_umask())
+            os.replace(tmp, path)
     finally:
         if tmp is not None and os.path.lexists(tmp):
             os.unlink(tmp)
@@ -89,20 +97,14 @@ def atomic_folder(path: str | os.PathLike):
     whatever happens: a full disk (one OSError naming the path), or a second writer of the same folder (each
     writes its own temporary; the last complete one wins)."""
     path = Path(path)
-    try:
+    with os_errors_naming(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent))
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would keep the folder from everyone else
-    except OSError as e:
-        raise as_os_error(e, path) from None
     try:
-        yield tmp
-        replace_folder(tmp, path)
-    except Exception as e:
-        err = as_os_error(e, path)
-        if err is None:
-            raise
-        raise err from None
+        with os_errors_naming(path):
+            yield tmp
+            replace_folder(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
