@@ -111,9 +111,9 @@ def run_oracle_command(run_dir: Path, *, progress: bool = True, save_matrix: boo
         raise ValueError(f"run folder {run_dir} does not exist")
     L = load_run_config(run_dir).model.n_layers
     spec_flags = {k: flags[k] for k in SPEC_KEYWORDS if k in flags}
-    reference = spec_flags.get("reference")
-    if (ctx := CONTEXTS.get(spec_flags.get("context") or "shared")) is not None and ctx.reference and isinstance(reference, str) \
-            and parse_routing(reference, L).kind == "router":
+    context, reference = CONTEXTS.get(spec_flags.get("context") or "shared"), spec_flags.get("reference")
+    takes_reference = context is not None and context.reference
+    if takes_reference and isinstance(reference, str) and parse_routing(reference, L).kind == "router":
         # a trained router of this run routes the context (hard decisions)
         spec_flags["reference"] = routing_policy(reference, L, root=run_dir,
                                                  device=resolve_device(flags.get("device") or "auto"))[1]
