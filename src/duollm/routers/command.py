@@ -147,7 +147,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``duollm router RUN``."""
     parser.add_argument("run")
     parser.add_argument("--target", required=True, help="fraction of routes that go big, in [0, 1] (0.5 or 6/12)")
-    parser.add_argument("--method", default="budget", help=f"{' | '.join(METHODS)} (default budget)")
+    parser.add_argument("--method", default="budget", help=f"{' | '.join(METHODS)} (default budget; each below)")
+    parser.epilog = "methods: " + "; ".join(f"{name}: {m.summary}" for name, m in METHODS.items() if m.summary)
     parser.add_argument("--options", default="SB", help="routes a layer may take: SB (default), B_ or SB_")
     parser.add_argument("--skip-target", default=None, help="fraction of routes that skip (options SB_; 0.25 or 3/12)")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default 300)")

@@ -41,7 +41,7 @@ class RouterMethod:
     data: str = "lm"  # lm | labels | values (module docstring)
     defaults: dict = field(default_factory=dict)
     requires: dict = field(default_factory=dict)
-    summary: str = ""  # one line for --help and the docs
+    summary: str = ""  # one line for `duollm router --help`
 
     def __post_init__(self):
         if self.data not in DATA:
