@@ -3,7 +3,7 @@ checks, against the registries of the stages they choose from (oracle contexts, 
 
 ``config.StudyConfig`` holds the values with their defaults; this module reads them: the routers' budgets
 and methods, the paper's route mixtures, the skip study's skip count. ``validate_study`` is called by
-``duollm run`` before anything is written.
+``duollm run``, ``train`` and ``config`` before anything is written.
 """
 
 from __future__ import annotations
