@@ -8,6 +8,7 @@ This is the one module that knows the layout of a run folder; it imports nothing
     RUN/data/{train,val}.bin, meta.json token ids (memmaps)           data.cache.load_tokens, eval_tokens
     RUN/metrics.jsonl                  training metrics               metrics_path
     RUN/wandb_run.json                 the W&B run's id (train.wandb)  wandb_run_path
+    RUN/tb/                            TensorBoard events (train.tensorboard)  tensorboard_dir
     RUN/latest -> step-N/              the checkpoint                 checkpoint.load_model
     RUN/oracle/<name>/                 one oracle run                 oracle_dir, oracle_names
         summary.json run.json per_token.parquet oracle_loss.npy usage.npy patterns.parquet .partial/
@@ -46,6 +47,7 @@ from .io import TMP_SUFFIX, as_os_error, read_json
 CONFIG, TOKENIZER_FILE, TOKENIZER_DIR, DATA, DATA_META, METRICS = (
     "config.yaml", "tokenizer.json", "tokenizer", "data", "meta.json", "metrics.jsonl")
 WANDB_RUN = "wandb_run.json"  # the W&B run's id, so that a resume continues that run (train/tracking.py)
+TENSORBOARD = "tb"  # TensorBoard events (train.tensorboard)
 ORACLE, ROUTERS, STUDY, REPORT, NULL, BENCH, STAGE1 = "oracle", "routers", "study", "report", "null", "bench", "stage1"
 # inside RUN/oracle/<name>/ (written by oracle/runner.py)
 SUMMARY, RUN_JSON, PER_TOKEN, ORACLE_LOSS, USAGE, PATTERNS, PARTIAL = (
@@ -76,6 +78,10 @@ def has_run(run: Path) -> bool:
 
 def metrics_path(run: Path) -> Path:
     return Path(run) / METRICS
+
+
+def tensorboard_dir(folder: Path) -> Path:
+    return Path(folder) / TENSORBOARD
 
 
 def wandb_run_path(folder: Path) -> Path:

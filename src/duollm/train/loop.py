@@ -131,7 +131,7 @@ class MetricsLog:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 raise ValueError("train.tensorboard=true needs tensorboard: pip install 'duollm[tensorboard]'") from None
-            self.tb = SummaryWriter(str(Path(out) / "tb"), purge_step=resume_step + 1)
+            self.tb = SummaryWriter(str(rundir.tensorboard_dir(out)), purge_step=resume_step + 1)
         if t.wandb:
             self.wandb = init_wandb(t, out, run_config)
 

@@ -90,7 +90,7 @@ def publish_results(run: Path, cfg: RunConfig, step: int) -> None:
         import matplotlib.pyplot as plt
         from torch.utils.tensorboard import SummaryWriter
 
-        with SummaryWriter(str(Path(run) / "tb")) as tb:
+        with SummaryWriter(str(rundir.tensorboard_dir(run))) as tb:
             for name, value in numbers.items():
                 tb.add_scalar(name, value, step)
             for name, png in figures.items():
