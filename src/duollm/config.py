@@ -22,7 +22,7 @@ from .io import atomic_write_text
 from .model.model import ModelConfig
 from .model.routing import RouteProbs
 from .runtime.distributed import DEVICE_NAMES
-from .runtime.threads import thread_limit
+from .runtime.threads import check_threads
 
 
 @dataclass
@@ -304,9 +304,10 @@ def load_config(config: str | None = None, overrides: list[str] | tuple = (), *,
         preset = loaded.get("preset", "cpu")
         if preset not in PRESETS:
             raise ValueError(f"config file {config}: unknown preset {preset!r} (known: {', '.join(PRESETS)})")
-        spec = (loaded.get("data") or {}).get("spec") if isinstance(loaded.get("data"), dict) else None
+        data_section = loaded.get("data")
+        spec = data_section.get("spec") if isinstance(data_section, dict) else None
         if not saved and isinstance(spec, str) and spec.startswith("file:") and not Path(spec[5:]).expanduser().is_absolute():
-            loaded["data"]["spec"] = "file:" + str((path.resolve().parent / spec[5:]).resolve())
+            data_section["spec"] = "file:" + str((path.resolve().parent / spec[5:]).resolve())
         data = _merge(_merge(to_dict(RunConfig()), {"preset": preset, **PRESETS[preset]}), loaded)
     else:
         raise ValueError(f"unknown preset {config!r} (known: {', '.join(PRESETS)}; or a .yaml file)")
@@ -350,11 +351,7 @@ def validate_train(t: TrainConfig, prefix: str = "train.") -> None:
 
 
 def validate(cfg: RunConfig) -> None:
-    if isinstance(cfg.threads, bool) or not isinstance(cfg.threads, int) or cfg.threads < 0:
-        raise ValueError(f"threads must be 0 (follow the free cores) or a positive integer; got {cfg.threads!r}")
-    if cfg.threads > thread_limit():
-        raise ValueError(f"threads must be at most {thread_limit()} (4 per core of this machine); got {cfg.threads} "
-                         f"(--set threads=0 follows the free cores)")
+    check_threads(cfg.threads)
     RouteProbs(cfg.routing.p_skip, cfg.routing.p_small, cfg.routing.p_big)
     if cfg.routing.per not in ("token", "sequence"):
         raise ValueError(f"routing.per must be 'token' or 'sequence'; got {cfg.routing.per!r}")

@@ -367,22 +367,29 @@ class Evidence:
     rd: RunData
     null: RunData | None
     context: str | None = None
+    views: dict = field(default_factory=dict, repr=False)  # oracle -> its view, shared by one check_all's checks
 
     @property
     def L(self) -> int:
         return self.rd.n_layers
 
+    def view(self, o) -> OracleView | None:
+        """``view(o)``, read once per oracle however many checks use it (a view reads the per-token table)."""
+        if id(o) not in self.views:
+            self.views[id(o)] = (o, view(o))  # the oracle is kept with its view: its id stays its own
+        return self.views[id(o)][1]
+
     @property
     def sweep(self) -> OracleView | None:
-        return view(self.rd.sweeps.get(self.context)) if self.context else None
+        return self.view(self.rd.sweeps.get(self.context)) if self.context else None
 
     @property
     def null_sweep(self) -> OracleView | None:
-        return view(self.null.sweeps.get(self.context)) if self.null is not None and self.context else None
+        return self.view(self.null.sweeps.get(self.context)) if self.null is not None and self.context else None
 
     def of(self, pick) -> tuple[OracleView | None, OracleView | None]:
         """``pick(run_data)`` -> an oracle output, viewed on the run and on the null control."""
-        return view(pick(self.rd)), view(pick(self.null)) if self.null is not None else None
+        return self.view(pick(self.rd)), self.view(pick(self.null)) if self.null is not None else None
 
 
 @dataclass(frozen=True)
@@ -416,7 +423,7 @@ register(FindingCheck("skip_not_early_exit", lambda ev: skip_not_early_exit(
     *ev.of(lambda r: r.skip_study), ev.L, int(ev.rd.skip_study.summary["skips"]) if ev.rd.skip_study else None)))
 register(FindingCheck("constant_budget_best", lambda ev: constant_budget_best(
     *ev.of(lambda r: r.sequential), schedule_predictions(ev.rd))))
-register(FindingCheck("routers_near_baselines", lambda ev: routers_near_baselines(ev.rd, view(ev.rd.primary), ev.null),
+register(FindingCheck("routers_near_baselines", lambda ev: routers_near_baselines(ev.rd, ev.view(ev.rd.primary), ev.null),
                       null_gated=False))
 register(FindingCheck("routers_favour_late_layers", lambda ev: routers_favour_late_layers(ev.rd, ev.null)))
 register(FindingCheck("routers_early_tokens_more_big", lambda ev: routers_early_tokens_more_big(ev.rd, ev.null)))
@@ -430,8 +437,9 @@ def check_all(rd: RunData, null: RunData | None = None) -> list[Finding]:
     null = null if null is not None else rd.null
     per_context = [f for f in FINDINGS.values() if f.per_context]
     once = [f for f in FINDINGS.values() if not f.per_context]
-    decided = [(f, f.check(Evidence(rd, null, ctx))) for ctx in (list(rd.sweeps) or [None]) for f in per_context]
-    decided += [(f, f.check(Evidence(rd, null))) for f in once]
+    views: dict = {}
+    decided = [(f, f.check(Evidence(rd, null, ctx, views))) for ctx in (list(rd.sweeps) or [None]) for f in per_context]
+    decided += [(f, f.check(Evidence(rd, null, None, views))) for f in once]
     for check, f in decided:  # DESIGN 4.4a: a finding counts only against a null
         if check.null_gated and f.verdict == "reproduced" and (f.effect is None or f.effect.get("null") is None):
             f.verdict = "inconclusive"

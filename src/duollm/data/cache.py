@@ -7,14 +7,13 @@ definition of the evaluation tokens ``eval``, ``oracle`` and the routers share.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from .. import rundir
 from ..config import RunConfig
-from ..io import atomic_path, atomic_write_json
+from ..io import atomic_path, atomic_write_json, read_json
 from .corpus import (
     PreparedData,
     TextTokenizer,
@@ -45,7 +44,7 @@ def load_tokenizer(run: Path) -> TextTokenizer:
 def cached_meta(cfg: RunConfig, run: Path) -> dict | None:
     """``RUN/data/meta.json`` if the run's token cache was made from exactly this data config."""
     try:
-        meta = json.loads(rundir.data_meta(run).read_text())
+        meta = read_json(rundir.data_meta(run))
     except (OSError, ValueError):
         return None
     ok = meta.get("fingerprint") == data_fingerprint(cfg) and all(
@@ -72,7 +71,7 @@ def load_tokens(run: Path, split: str) -> np.ndarray:
     meta_path, path = rundir.data_meta(run), rundir.token_file(run, split)
     if not meta_path.is_file() or not path.is_file():
         raise ValueError(f"{run} has no {split} token cache ({path.relative_to(run)}); train the run first")
-    return np.memmap(path, dtype=np.dtype(json.loads(meta_path.read_text())["dtype"]), mode="r")
+    return np.memmap(path, dtype=np.dtype(read_json(meta_path)["dtype"]), mode="r")
 
 
 def eval_tokens(run: Path, cfg: RunConfig, spec: str | None = None, max_tokens: int | None = None,

@@ -228,7 +228,7 @@ def build_plan(spec: OracleSpec, enumerate_limit: int = 1 << 20) -> Plan:
     if spec.patterns is not None:
         cand_PL = np.array([parse_pattern(p, L) for p in spec.patterns], dtype=np.int8).reshape(-1, L)
         budgets = tuple(sorted(set(_bigs(cand_PL).tolist())))
-        in_budget = lambda bigs, k: bigs == k
+        in_budget = lambda bigs, k: bigs == k  # an explicit list counts exactly
     else:
         budgets = sp.budgets
         in_budget = sp.in_budget

@@ -119,8 +119,9 @@ def validate_router_config(c: RouterConfig) -> None:
         raise ValueError(f"router enforce=true needs options SB (the budget counts big against small); got {c.options}")
     for key, value in method.requires.items():
         if getattr(c, key) != value:
-            raise ValueError(f"router method {c.method} needs {key}={str(value).lower()} (its targets assume exactly "
-                             f"k bigs per token)" if key == "enforce" else f"router method {c.method} needs {key}={value!r}")
+            shown = str(value).lower() if isinstance(value, bool) else repr(value)  # as a --set would write it
+            why = f" ({method.requires_why})" if method.requires_why else ""
+            raise ValueError(f"router method {c.method} needs {key}={shown}{why}")
     if c.dagger_rounds < 1 or c.value_tokens < 1:
         raise ValueError(f"router dagger_rounds and value_tokens must be >= 1; got {c.dagger_rounds}, {c.value_tokens}")
     if c.eval_batch <= 0:

@@ -11,7 +11,7 @@ entry carries what the rest of duollm needs to know about it, so no other module
                "values"  on-policy value targets of the tree engine, in DAgger rounds (routers/value.py);
                          a step needs no LM forward, so the study's router_steps and router_batch do not apply
     defaults   RouterConfig values the method needs unless ``--set`` says otherwise
-    requires   RouterConfig values it cannot work without (a config that differs is refused)
+    requires   RouterConfig values it cannot work without (a config that differs is refused), and why
 
 To add a method: ``register(RouterMethod(...))`` with its loss, here or in a module imported before the
 router is trained (tests/test_routers.py registers one from the test), plus a test of its loss.
@@ -41,6 +41,7 @@ class RouterMethod:
     data: str = "lm"  # lm | labels | values (module docstring)
     defaults: dict = field(default_factory=dict)
     requires: dict = field(default_factory=dict)
+    requires_why: str = ""  # said when a config breaks ``requires``
     summary: str = ""  # one line for `duollm router --help`
 
     def __post_init__(self):
@@ -147,7 +148,9 @@ register(RouterMethod("straight-through", partial(budget_loss, mode="straight-th
 register(RouterMethod("imitation", imitation_loss, data="labels", defaults={"calibrate": True},
                       summary="supervised on the oracle's per-token patterns at the router's budget"))
 # the on-policy targets (routers/value.py) are the best loss reachable under exactly k bigs
+EXACT_K = "its targets assume exactly k bigs per token"
 register(RouterMethod("value", value_loss, data="values", defaults={"enforce": True}, requires={"enforce": True},
-                      summary="cross-entropy against the route of least on-policy value, DAgger rounds"))
+                      requires_why=EXACT_K, summary="cross-entropy against the route of least on-policy value, DAgger rounds"))
 register(RouterMethod("expected-cost", partial(value_loss, regret=True), data="values", defaults={"enforce": True},
-                      requires={"enforce": True}, summary="the expected regret of the router's choice, DAgger rounds"))
+                      requires={"enforce": True}, requires_why=EXACT_K,
+                      summary="the expected regret of the router's choice, DAgger rounds"))

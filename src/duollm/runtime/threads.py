@@ -100,15 +100,22 @@ def thread_limit() -> int:
     return 4 * (os.cpu_count() or 1)
 
 
+def check_threads(n) -> None:
+    """A thread setting (``threads``, ``--threads``): 0 follows the free cores, N fixes N, at most
+    ``thread_limit()`` (a million threads exhausted the system and crashed torch). One-line ValueErrors."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"threads must be 0 (follow the free cores) or a positive integer; got {n!r}")
+    if n > thread_limit():
+        raise ValueError(f"threads must be at most {thread_limit()} (4 per core of this machine's {os.cpu_count()}); "
+                         f"got {n} (0 follows the free cores)")
+
+
 class ThreadGovernor:
     """See the module docstring. ``fixed``: a thread count to keep (0 or None: follow the free cores)."""
 
     def __init__(self, fixed: int | None = None, interval: float = 2.0, max_threads: int | None = None):
-        if fixed is not None and (isinstance(fixed, bool) or not isinstance(fixed, int) or fixed < 0):
-            raise ValueError(f"threads must be 0 (follow the free cores) or a positive integer; got {fixed!r}")
-        if fixed is not None and fixed > thread_limit():  # a million threads exhausted the system and crashed torch
-            raise ValueError(f"threads must be at most {thread_limit()} (4 per core of this machine's "
-                             f"{os.cpu_count()}); got {fixed}")
+        if fixed is not None:
+            check_threads(fixed)
         self.fixed = fixed or None
         self.interval = interval
         self.cores = _cores()

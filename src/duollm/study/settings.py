@@ -13,6 +13,7 @@ from fractions import Fraction
 from ..config import RunConfig, parse_list
 from ..model.routing import parse_routing
 from ..oracle.context import CONTEXTS
+from ..oracle.plan import DTYPES
 from ..routers.methods import METHODS
 
 PAPER_MIXTURES = "0.3/0.7/0,0.5/0/0.5,0.5/0.3/0.2"  # big/small/skip of the paper's figs. 7 and 9
@@ -85,7 +86,7 @@ def validate_study(cfg: RunConfig) -> None:
     for name in ("router_steps", "router_batch", "batch_tokens", "seeds"):
         if getattr(st, name) <= 0:
             raise ValueError(f"study.{name} must be positive; got {getattr(st, name)}")
-    if st.dtype not in ("auto", "float32", "bfloat16"):
+    if st.dtype not in DTYPES:  # the oracle engine's
         raise ValueError(f"study.dtype must be auto, float32 or bfloat16; got {st.dtype!r}")
     if st.tokens < 0 or st.stage1_steps < 0:
         raise ValueError(f"study.tokens and study.stage1_steps must be >= 0 (0: the default); got {st.tokens}, "

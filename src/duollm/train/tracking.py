@@ -66,7 +66,8 @@ def headline(results: dict) -> dict[str, float]:
     for r in results.get("routers") or []:
         if r.get("ppl") is not None:
             out[f"study/router_ppl/{r['name']}"] = r["ppl"]
-        recovered = (r.get("recovered") or {}).get("value") if isinstance(r.get("recovered"), dict) else r.get("recovered")
+        recovered = r.get("recovered")
+        recovered = recovered.get("value") if isinstance(recovered, dict) else recovered
         if recovered is not None:
             out[f"study/router_recovered/{r['name']}"] = recovered
     for f in results.get("findings") or []:
