@@ -152,7 +152,7 @@ def test_the_share_interval_is_the_inverted_t_test_of_num_minus_theta_den():
     den = 0.2 + rng.normal(0, 0.1, 16)
     num = 0.3 * den + rng.normal(0, 0.05, 16)
     r = ratio_estimate(num, den)
-    assert r["lo"] < r["value"] == pytest.approx(num.mean() / den.mean()) < r["hi"]
+    assert r["lo"] < r["value"] < r["hi"] and r["value"] == pytest.approx(num.mean() / den.mean())
     for theta in (r["lo"], r["hi"]):
         d = num - theta * den
         assert sp.ttest_1samp(d, 0.0).pvalue == pytest.approx(0.05, abs=1e-9)
