@@ -412,32 +412,35 @@ def fig_skip_vs_early_exit(rd: RunData) -> Figure | None:
 # ----------------------------------------------------------------------------- all of them
 
 def fig_findings(findings: list[dict]) -> Figure | None:
-    """Every tested finding's effect with its 95% interval next to the null's, each row scaled to its own
-    largest magnitude (the effects have different units); right of the zero line is the paper's direction."""
-    rows = [f for f in findings if f.get("effect") and f["effect"].get("lo") is not None]
+    """Every tested finding's effect minus its registry threshold in units of its own standard error, with
+    its 95% t-interval (the effects have different units; standardised, every interval is visible on one
+    axis); right of zero is the paper's direction. The effect in its own units is written at the right."""
+    rows = [f for f in findings if f.get("effect") and f["effect"].get("se") and f["effect"].get("lo") is not None
+            and f.get("threshold")]
     if not rows:
         return None
-    fig = new_figure(7.5, 0.32 * len(rows) + 1.0)
+    fig = new_figure(8.5, 0.34 * len(rows) + 1.1)
     ax = fig.subplots()
     colour = {"reproduced": "#1a7f37", "contradicted": "#b42318", "inconclusive": "#9a6700"}
+    reach = 2.0
     for i, f in enumerate(rows):
         e = f["effect"]
-        vals = [abs(x) for x in (e["lo"], e["hi"], e.get("null_lo"), e.get("null_hi")) if x is not None]
-        scale = 1.0 / max(max(vals), 1e-12)
+        d, thr, se = e.get("direction", f["threshold"]["direction"]), e.get("threshold", f["threshold"]["threshold"]), e["se"]
+        z = [d * (x - thr) / se for x in (e["lo"], e["value"], e["hi"])]
+        lo, hi = min(z[0], z[2]), max(z[0], z[2])
+        reach = max(reach, abs(lo), abs(hi))
         y = len(rows) - 1 - i
-        ax.plot([e["lo"] * scale, e["hi"] * scale], [y, y], color=colour.get(f["verdict"], "0.5"), lw=3)
-        ax.plot([e["value"] * scale], [y], "o", color=colour.get(f["verdict"], "0.5"), markersize=4)
-        if e.get("null_lo") is not None:
-            ax.plot([e["null_lo"] * scale, e["null_hi"] * scale], [y - 0.25] * 2, color="0.6", lw=2)
-            ax.plot([e["null"] * scale], [y - 0.25], "o", color="0.6", markersize=3)
-        ax.text(1.08, y, f"{f['verdict']}  {e['value']:+.3f}", va="center", fontsize=7, transform=ax.get_yaxis_transform())
+        c = colour.get(f["verdict"], "0.5")
+        ax.plot([lo, hi], [y, y], color=c, lw=3, solid_capstyle="butt")
+        ax.plot([z[1]], [y], "o", color=c, markersize=4)
+        ax.text(1.01, y, f"{f['verdict']}: {e['value']:+.3g} [{e['lo']:+.3g}, {e['hi']:+.3g}], threshold {thr:g}",
+                va="center", fontsize=6.5, transform=ax.get_yaxis_transform())
     ax.axvline(0, color="k", lw=0.6)
     ax.set_yticks(range(len(rows)), [f["id"].replace("_", " ") + (f" [{f['context']}]" if f["context"] else "")
-                                     for f in reversed(rows)])
-    ax.set_xlim(-1.1, 1.1)
-    ax.set_xticks([-1, -0.5, 0, 0.5, 1])
-    ax.set_xlabel("effect / its row's largest |value|  (colour: trained model, 95% interval; grey: null control)")
-    ax.set_title("Findings: effect and null, each with its 95% bootstrap interval")
+                                     for f in reversed(rows)], fontsize=7)
+    ax.set_xlim(-1.05 * reach, 1.05 * reach)
+    ax.set_xlabel("(effect − threshold) / standard error, paper's direction to the right (95% t-interval)")
+    ax.set_title("Findings against their registry thresholds")
     return fig
 
 

@@ -1,13 +1,24 @@
-"""The oracle-router gap, decomposed (issue 13, item 1): how much of it any router could close.
+"""The oracle's gain, decomposed (issues 13 and 27): what it is made of, and how much of it any router could close.
 
-The label oracle picks each token's pattern with the answer in hand. Oracles that cannot see the
-next token bound what a router can do: the *confidence* oracle (per token, the pattern with the
-highest top-1 probability), the *previous-token* oracle (token t takes token t-1's oracle pattern;
-t-1's label is known by then) and the *sequential* oracle (each token chooses given its
-predecessors' own choices; ``oracle/sequential.py``). Per budget k of the primary oracle, each of
-them and every router at k is reported as the share of the oracle's gain over fixed@k it recovers,
-``(fixed - x) / (fixed - oracle)`` in mean loss, with a paired 95% bootstrap interval over sequences
-(``stats.recovered_share``; the previous-token oracle on positions 1.., where it is defined).
+**The baseline is out of sample.** fixed@k chosen on the tokens it is scored on is optimistic (the winner's
+curse of picking the best of C(L,k) patterns on the same data); every share here is measured against the
+cross-fitted fixed@k (``fixed_oos_loss_k*``: chosen on the other sequences, scored on the held-out one), and
+the in-sample one is shown labelled optimistic. An oracle written before the engine had it falls back to the
+in-sample baseline, and the row says so.
+
+**What the gain is made of** (per budget k; shares of the oracle's gain over the out-of-sample fixed@k):
+
+- *winner's curse*: how much better the in-sample fixed@k looks than the out-of-sample one;
+- *selection*: the count-matched null (per token the best of the same number of random candidates, all at
+  one fixed compute, L/2) recovers this share without any compute to choose;
+- *the label*: oracles that cannot see the next token -- *confidence* (per token, the pattern with the
+  highest top-1 probability), *previous-token* (token t takes token t-1's oracle pattern; positions 1..,
+  where it is defined, for all three series) and *sequential* (each token chooses given its predecessors'
+  own choices) -- recover what a router without the label could;
+- routers at k: the share they recover, at k and at their realised compute.
+
+Shares ``(fixed - x) / (fixed - oracle)`` in mean loss with a paired Fieller interval over sequences
+(``stats.recovered_share``).
 
 Array name legend (``docs/NOTATION.md``): S sequences, T positions.
 """
@@ -16,13 +27,24 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..stats import budget_weights, finite_round, recovered_share
-from .evidence import view
+from ..stats import budget_weights, estimate, finite_round, recovered_share
+from .evidence import OracleView, view
 from .rundata import RunData
 
 
 def _share(d: dict | None) -> dict | None:
     return None if d is None else finite_round(d)
+
+
+def baseline_column(v: OracleView, k: int) -> tuple[str, bool] | None:
+    """The fixed@k column every share is measured against, and whether it is out of sample."""
+    if v.has(f"fixed_oos_loss_k{k}"):
+        return f"fixed_oos_loss_k{k}", True
+    return (f"fixed_loss_k{k}", False) if v.has(f"fixed_loss_k{k}") else None
+
+
+def _entry(x_ST, oracle_ST, fixed_ST) -> dict:
+    return {"ppl": float(np.exp(x_ST.mean())), "recovered": _share(recovered_share(x_ST, oracle_ST, fixed_ST))}
 
 
 def decomposition(rd: RunData) -> list[dict]:
@@ -36,27 +58,40 @@ def decomposition(rd: RunData) -> list[dict]:
     rows = []
     for b in rd.primary.budgets:
         k = b["k"]
-        if not v.has(f"fixed_loss_k{k}") or "confidence_recovered" not in b:
+        found = baseline_column(v, k)
+        if found is None:
             continue
-        oracle_ST, fixed_ST = v.loss(f"oracle_loss_k{k}"), v.loss(f"fixed_loss_k{k}")
+        base_col, oos = found
+        oracle_ST, fixed_ST = v.loss(f"oracle_loss_k{k}"), v.loss(base_col)
         if fixed_ST.mean() - oracle_ST.mean() <= 0:  # one candidate (k = 0, L): nothing to recover
             continue
         row = {"k": k, "tokens": rd.primary.summary.get("tokens"), "oracle_ppl": b["oracle_ppl"],
-               "fixed_ppl": b["fixed_ppl"], "best_of_100_ppl": b["best_of_100_ppl"],
-               "confidence": {"ppl": b["confidence_oracle_ppl"], "recovered": _share(b["confidence_recovered"])},
-               "previous_token": {"ppl": b["previous_token_oracle_ppl"], "recovered": _share(b["previous_token_recovered"])},
+               "baseline": "out-of-sample" if oos else "in-sample (optimistic: chosen on these tokens)",
+               "fixed_ppl": float(np.exp(fixed_ST.mean())), "fixed_in_sample_ppl": b.get("fixed_ppl"),
+               "best_of_100_ppl": b.get("best_of_100_oos_ppl") or b.get("best_of_100_ppl"),
+               "best_of_100_in_sample_ppl": b.get("best_of_100_ppl"),
+               "winners_curse": None, "count_null": None, "confidence": None, "previous_token": None,
                "sequential": None, "routers": []}
+        if oos and v.has(f"fixed_loss_k{k}"):  # nats the in-sample baseline flatters the oracle's competitor
+            ins, out = v.seq_loss(f"fixed_loss_k{k}"), v.seq_loss(base_col)
+            row["winners_curse"] = _share(estimate(lambda idx: float(out[idx].mean() - ins[idx].mean()), v.S))
+        if v.has(f"count_null_loss_k{k}"):
+            row["count_null"] = _entry(v.loss(f"count_null_loss_k{k}"), oracle_ST, fixed_ST)
+        if v.has(f"confidence_loss_k{k}"):
+            row["confidence"] = _entry(v.loss(f"confidence_loss_k{k}"), oracle_ST, fixed_ST)
+        if v.has(f"previous_token_loss_k{k}"):  # defined from position 1 on: all three series there
+            row["previous_token"] = _entry(v.loss(f"previous_token_loss_k{k}")[:, 1:], oracle_ST[:, 1:], fixed_ST[:, 1:])
+            row["previous_token"]["positions"] = "1.."
         if seq is not None and seq.has(f"oracle_loss_k{k}"):
-            seq_ST = seq.loss(f"oracle_loss_k{k}")
-            row["sequential"] = {"ppl": float(np.exp(seq_ST.mean())),
-                                 "recovered": _share(recovered_share(seq_ST, oracle_ST, fixed_ST))}
+            row["sequential"] = _entry(seq.loss(f"oracle_loss_k{k}"), oracle_ST, fixed_ST)
         for r in rd.routers:
             o = r.get("oracle") or {}
             ps = o.get("per_sequence")
             if o.get("k") != k or not ps or o.get("tokens") != rd.primary.summary.get("tokens"):
                 continue  # a router evaluated on other tokens is not comparable
-            loss_S1, oracle_S1, fixed_S1 = (np.asarray(ps[key], dtype=np.float64)[:, None]
-                                           for key in ("loss", "oracle_loss", "fixed_loss"))
+            s = np.asarray(ps["sequence"])
+            loss_S1 = np.asarray(ps["loss"], dtype=np.float64)[:, None]
+            oracle_S1, fixed_S1 = v.seq_loss(f"oracle_loss_k{k}")[s][:, None], v.seq_loss(base_col)[s][:, None]
             # its perplexity on the oracle's tokens (its own eval.json may cover more: eval.max_tokens)
             entry = {"name": r["name"], "ppl": o.get("ppl", r.get("ppl")), "big_fraction": r.get("big_fraction")}
             if r.get("labels") == "validation":  # learned from some of these sequences: the held-out share only
@@ -64,7 +99,7 @@ def decomposition(rd: RunData) -> list[dict]:
                 entry.update(ppl=held.get("ppl", r.get("ppl")), recovered=o.get("recovered"),  # the held-out share
                              recovered_matched=None, heldout=True)
             else:
-                matched = _at_compute(v, r.get("big_fraction"), r.get("skip_fraction"), rd.n_layers, ps["sequence"])
+                matched = _at_compute(v, r.get("big_fraction"), r.get("skip_fraction"), rd.n_layers, s)
                 entry.update(recovered=_share(recovered_share(loss_S1, oracle_S1, fixed_S1)),
                              recovered_matched=None if matched is None else _share(recovered_share(loss_S1, *matched)))
             row["routers"].append(entry)
@@ -72,19 +107,54 @@ def decomposition(rd: RunData) -> list[dict]:
     return rows
 
 
-def _at_compute(v, big_fraction, skip_fraction, n_layers: int, sequences) -> tuple | None:
-    """Per-sequence oracle and fixed losses ``[S, 1]`` at a router's *realised* compute: linear in k
+def _at_compute(v: OracleView, big_fraction, skip_fraction, n_layers: int, sequences) -> tuple | None:
+    """Per-sequence oracle and baseline losses ``[S, 1]`` at a router's *realised* compute: linear in k
     between the two budgets around big_fraction x L (big/small routers: compute is linear in the big
     layers), so a router realising 0.339 big is not credited with the compute it did not save."""
     if big_fraction is None or skip_fraction:
         return None
     k0, w = budget_weights(big_fraction, n_layers)
-    cols = [f"{kind}_loss_k{k}" for kind in ("oracle", "fixed") for k in (k0, k0 + 1)]
-    if not all(v.has(c) for c in cols):
+    bases = [baseline_column(v, k) for k in (k0, k0 + 1)]
+    if any(b is None for b in bases) or not all(v.has(f"oracle_loss_k{k}") for k in (k0, k0 + 1)):
         return None
     seq = np.asarray(sequences)
-    o0, o1, f0, f1 = (v.seq_loss(c)[seq] for c in cols)
+    o0, o1 = (v.seq_loss(f"oracle_loss_k{k}")[seq] for k in (k0, k0 + 1))
+    f0, f1 = (v.seq_loss(b[0])[seq] for b in bases)
     return ((1 - w) * o0 + w * o1)[:, None], ((1 - w) * f0 + w * f1)[:, None]
+
+
+def made_of(rows: list[dict], n_layers: int) -> str | None:
+    """The headline sentence: what the oracle's gain at k = L/2 (or the nearest budget) is made of."""
+    if not rows:
+        return None
+    r = min(rows, key=lambda x: (abs(x["k"] - n_layers / 2), x["k"]))
+
+    def pct(entry):
+        rec = (entry or {}).get("recovered") or {}
+        if rec.get("value") is None:
+            return None
+        ci = f" [{100 * rec['lo']:.0f}, {100 * rec['hi']:.0f}]" if rec.get("lo") is not None else ""
+        return f"{100 * rec['value']:.0f}%{ci}"
+
+    gain = np.log(r["fixed_ppl"] / r["oracle_ppl"])
+    parts = [f"At k = {r['k']}, the oracle gains {gain:.3f} nats per token over the {r['baseline']} fixed pattern"]
+    if r["winners_curse"]:
+        w = r["winners_curse"]
+        parts.append(f"choosing that pattern on the scored tokens would flatter it by {w['value']:.3f} nats "
+                     f"[{w['lo']:.3f}, {w['hi']:.3f}] (winner's curse)")
+    others = [o for o in rows if o["count_null"] and o["k"] != r["k"]]
+    if others:  # at k = L/2 the count null is the oracle itself: read it at the other budgets
+        shares = [o["count_null"]["recovered"]["value"] for o in others if (o["count_null"]["recovered"] or {}).get("value")
+                  is not None]
+        if shares:
+            parts.append(f"at the other budgets, the best of as many random sub-networks at one fixed compute (L/2) "
+                         f"recovers {100 * min(shares):.0f}-{100 * max(shares):.0f}% of the oracle's gain (selection, "
+                         f"not compute)")
+    label = [(n, pct(r[key])) for n, key in (("confidence", "confidence"), ("previous-token", "previous_token"),
+                                             ("sequential", "sequential")) if pct(r[key])]
+    if label:
+        parts.append("without the next token's label, " + ", ".join(f"the {n} oracle recovers {p}" for n, p in label))
+    return "; ".join(parts) + "."
 
 
 def _cell(entry: dict | None) -> str:
@@ -107,11 +177,15 @@ def table(rows: list[dict]) -> list[tuple[str, list[str], list[list[str]]]]:
     """The report's table (title, header, rows); nothing when the oracle predates the decomposition."""
     if not rows:
         return []
-    return [("The oracle-router gap, decomposed: perplexity (share of the oracle's gain over fixed@k recovered "
-             f"[paired 95%]) on the primary oracle's {rows[0]['tokens']:,} tokens; label-free oracles cannot see "
-             "the next token",
-             ["k", "oracle", "confidence oracle", "previous-token oracle", "sequential oracle", "routers", "fixed",
+    return [("The oracle's gain, decomposed: perplexity (share of the oracle's gain over the out-of-sample fixed@k "
+             f"recovered [paired 95%]) on the primary oracle's {rows[0]['tokens']:,} tokens; the count-matched null "
+             "selects among as many candidates at one fixed compute; label-free oracles cannot see the next token",
+             ["k", "oracle", "fixed (out of sample)", "fixed (in sample, optimistic)", "count-matched null",
+              "confidence oracle", "previous-token oracle (positions 1..)", "sequential oracle", "routers",
               "best of 100"],
-             [[str(r["k"]), f"{r['oracle_ppl']:.2f}", _cell(r["confidence"]), _cell(r["previous_token"]),
-               _cell(r["sequential"]), "; ".join(f"{x['name']} {_cell(x)}" for x in r["routers"]) or "—",
-               f"{r['fixed_ppl']:.2f}", f"{r['best_of_100_ppl']:.2f}"] for r in rows])]
+             [[str(r["k"]), f"{r['oracle_ppl']:.2f}", f"{r['fixed_ppl']:.2f}" + ("" if r["baseline"] == "out-of-sample"
+                                                                               else " (in sample)"),
+               "—" if r["fixed_in_sample_ppl"] is None else f"{r['fixed_in_sample_ppl']:.2f}",
+               _cell(r["count_null"]), _cell(r["confidence"]), _cell(r["previous_token"]), _cell(r["sequential"]),
+               "; ".join(f"{x['name']} {_cell(x)}" for x in r["routers"]) or "—",
+               "—" if r["best_of_100_ppl"] is None else f"{r['best_of_100_ppl']:.2f}"] for r in rows])]

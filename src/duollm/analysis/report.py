@@ -33,13 +33,13 @@ from ..stats import finite_round
 from . import gap, stage1, wallclock
 from .difficulty import difficulty_table, reference_k, token_table, write_difficulty
 from .figures import render_all, sample_sequence, visible
-from .findings import across_seeds, check_all, counts
+from .findings import CRITERIA, CRITERIA_VERSION, across_seeds, check_all, counts, criteria_fingerprint
 from .rundata import RunData
 
 FIGURE_CAPTIONS = {
-    "findings": "Each finding's effect (coloured by its verdict) and the null control's (grey), with 95% bootstrap "
-                "intervals over sequences; each row is scaled to its own largest magnitude, and right of zero is "
-                "the paper's direction.",
+    "findings": "Each finding's effect minus its registry threshold, in units of its own standard error (so every "
+                "95% t-interval shows on one axis), coloured by its family-adjusted verdict; right of zero is the "
+                "paper's direction. The numbers in their own units are in the findings table.",
     "training": "Training loss (random routing) and validation loss under all-big, all-small and random routing, "
                 "by step.",
     "ppl_vs_budget": "Perplexity vs big-layer budget k: the oracle (per context policy), the best fixed pattern, "
@@ -82,7 +82,10 @@ def model_summary(rd: RunData) -> dict:
 def oracle_section(o) -> dict:
     keys = ("k", "candidates", "oracle_ppl", "oracle_ppl_lo", "oracle_ppl_hi", "fixed_ppl", "fixed_ppl_lo", "fixed_ppl_hi",
             "fixed_pattern", "best_of_100_ppl", "best_of_100_ppl_lo", "best_of_100_ppl_hi", "best_of_100_per_token_ppl",
-            "random_mean_ppl", "random_mean_ppl_lo", "random_mean_ppl_hi", "oracle_compute", "fixed_compute")
+            "random_mean_ppl", "random_mean_ppl_lo", "random_mean_ppl_hi", "oracle_compute", "fixed_compute",
+            "fixed_oos_ppl", "fixed_oos_ppl_lo", "fixed_oos_ppl_hi", "best_of_100_oos_ppl", "best_of_100_oos_ppl_lo",
+            "best_of_100_oos_ppl_hi", "count_null_ppl", "count_null_ppl_lo", "count_null_ppl_hi", "count_null_n",
+            "equal_count_ppl", "equal_count_ppl_lo", "equal_count_ppl_hi")
     s = o.summary
     return {
         "name": o.name, "context": o.context, "reference": s.get("reference"), "tokens": s.get("tokens"),
@@ -161,7 +164,10 @@ def results(rd: RunData, difficulty: dict | None, figures: list[str], findings: 
                                               "early_exit_share": _r(skip.budgets[0].get("oracle_early_exit_share"))}
         if skip is not None and skip.budgets else None,
         "routers": router_rows(rd),
-        "gap": gap.decomposition(rd),
+        "gap": (rows := gap.decomposition(rd)),
+        "gain_made_of": gap.made_of(rows, rd.n_layers),
+        "criteria": {"version": CRITERIA_VERSION, "fingerprint": criteria_fingerprint(),
+                     "criteria": {k: c.as_dict() for k, c in CRITERIA.items()}},
         "sequential": oracle_section(rd.sequential) if rd.sequential is not None else None,
         "null": {"oracle": oracle_section(rd.null.primary)} if rd.null is not None and rd.null.primary else None,
         "model_quality": model_quality(rd),
@@ -215,6 +221,13 @@ def _effect(e: dict | None, key: str = "value", nd: int = 3) -> str:
     return f"{e[key]:+.{nd}f} [{_fmt(lo, nd)}, {_fmt(hi, nd)}]"
 
 
+def _threshold(f: dict) -> str:
+    """The shown effect's threshold (a part of a claim may face the other way, e.g. placement at 2L/3)."""
+    e, t = f.get("effect") or {}, f.get("threshold") or {}
+    d, thr = e.get("direction", t.get("direction")), e.get("threshold", t.get("threshold"))
+    return "—" if thr is None else f"{'>' if d == 1 else '<'} {thr:g}"
+
+
 def _numbers(d: dict) -> str:
     """Compact one-line rendering of a finding's numbers (nested lists of router rows shortened)."""
     parts = []
@@ -250,27 +263,42 @@ def tables(res: dict) -> list[tuple[str, list[str], list[list[str]]]]:
         ["context policies", ", ".join(res["evaluation"]["contexts"]) or "—"],
     ]
     out.append(("Setup", ["", ""], setup))
-    out.append(("Findings of the paper, checked here (effects with 95% bootstrap intervals over sequences; "
-                "the null is the same statistic for the model at initialisation on the same tokens)",
-                ["finding", "context", "verdict", "effect [95%]", "null [95%]", "effect − null [paired 95%]", "criterion",
-                 "numbers"],
-                [[f["claim"], f["context"] or "—", _verdict(f["verdict"]), _effect(f["effect"]), _effect(f["effect"], "null"),
-                  _diff((f["effect"] or {}).get("minus_null"), 3), f["criterion"], _numbers(f["numbers"])]
+    out.append(("Findings of the paper, each tested against its own null (H0) with the criterion frozen in the registry "
+                f"(version {res['criteria']['version']}); effects with 95% t-intervals over sequences; verdicts corrected "
+                "across the study's findings (Holm); MDE: the smallest distance from the threshold detected with 80% power",
+                ["finding", "context", "verdict (Holm)", "effect [95%]", "threshold", "p (Holm)", "unadjusted", "MDE",
+                 "as the paper measured it [95%]", "H0", "power / limits"],
+                [[f["claim"], f["context"] or "—", _verdict(f["verdict"]), _effect(f["effect"]),
+                  _threshold(f), _fmt(f["p_adjusted"], 4), _verdict(f["unadjusted_verdict"]),
+                  _fmt(f["mde"], 4), _effect(f["numbers"].get("as_paper")), f["h0"],
+                  "; ".join(x for x in (f["power"], f["why"]) if x) or "—"]
                  for f in res["findings"]]))
+    out.append((f"The registry's criteria (version {res['criteria']['version']}, fingerprint {res['criteria']['fingerprint']}): "
+                "fixed before results are seen, printed here so a reader can check them",
+                ["finding", "statistic", "threshold", "direction", "smallest effect of interest", "other"],
+                [[k, c["statistic"], _fmt(c["threshold"], 3), "above" if c["direction"] == 1 else "below",
+                  _fmt(c["sesoi"], 3), ", ".join(f"{kk} {_fmt(vv, 3)}" for kk, vv in c.items()
+                                                  if kk not in ("claim", "h0", "statistic", "threshold", "direction", "sesoi"))
+                  or "—"] for k, c in res["criteria"]["criteria"].items()]))
+    out.append(("Details of each finding (as the registry's check computed them)", ["finding", "context", "numbers"],
+                [[f["id"], f["context"] or "—", _numbers(f["numbers"])] for f in res["findings"]]))
     for o in res["oracle"]:
         ctx = o["context"]
-        rows = [[str(b["k"]), _fmt(b["candidates"]), _ci(b, "oracle_ppl"), _ci(b, "fixed_ppl"),
-                 _diff(b.get("oracle_minus_fixed")), b["fixed_pattern"] or "—", _ci(b, "best_of_100_ppl"),
-                 _fmt(b["best_of_100_per_token_ppl"]), _ci(b, "random_mean_ppl"), _fmt(b["oracle_compute"], 3)]
+        rows = [[str(b["k"]), _fmt(b["candidates"]), _ci(b, "oracle_ppl"), _ci(b, "fixed_oos_ppl"), _ci(b, "fixed_ppl"),
+                 _diff(b.get("oracle_minus_fixed")), b["fixed_pattern"] or "—", _ci(b, "count_null_ppl"),
+                 ", ".join(f"n={n}: {_fmt(v)}" for n, v in (b.get("equal_count_ppl") or {}).items()) or "—",
+                 _ci(b, "best_of_100_oos_ppl"), _ci(b, "best_of_100_ppl"), _fmt(b["best_of_100_per_token_ppl"]),
+                 _ci(b, "random_mean_ppl"), _fmt(b["oracle_compute"], 3)]
                 for b in o["budgets"]]
         ref = f", context tokens {o['reference']}" if o["reference"] else ""
         small = "all-small (scored token only)" if o["reference"] else "all-small"
         big, small_ppl = _ci(o, "all_big_ppl"), _ci(o, "all_small_ppl")
         out.append((f"Oracle, {ctx} context{ref}: all-big {big}, {small} {small_ppl} "
                     f"(compute {_fmt(o['all_small_compute'], 3)}), {_fmt(o['tokens'])} tokens",
-                    ["k", "candidates", "oracle [95% interval]", "fixed [95%]", "oracle − fixed [paired 95%]", "fixed pattern",
-                     "best of 100 [95%]", "best of 100 per token",
-                     "random [95%]", "compute"], rows))
+                    ["k", "candidates", "oracle [95% interval]", "fixed, out of sample [95%]",
+                     "fixed, in sample (optimistic) [95%]", "oracle − fixed in sample [paired 95%]", "fixed pattern (in sample)",
+                     "count-matched null [95%]", "oracle at equal count", "best of 100, out of sample [95%]",
+                     "best of 100, in sample [95%]", "best of 100 per token", "random [95%]", "compute"], rows))
         out += position_table(o, f"{ctx} context")
     out += gap.table(res.get("gap") or [])
     if res.get("sequential"):
@@ -379,11 +407,14 @@ def coloured_tokens_html(rd: RunData) -> str:
 
 def headline(res: dict) -> str:
     n = res["verdicts"]
-    null = ("against the null control" if res.get("null") else
-            "without a null control here: the parent study's report judges this seed against its null"
-            if res.get("seed_of") else "WITHOUT a null control (study.null=false)")
-    return (f"Of {n['tested']} tested findings, {n['reproduced']} reproduced, {n['contradicted']} contradicted, "
-            f"{n['inconclusive']} inconclusive ({null}; 95% intervals)")
+    null = ("" if res.get("null") else
+            "; the router findings' untrained-model null is in the parent study's report" if res.get("seed_of") else
+            "; WITHOUT the null control (study.null=false): the router findings cannot reproduce")
+    text = (f"Of {n['tested']} tested findings, {n['reproduced']} reproduced, {n['contradicted']} contradicted, "
+            f"{n['inconclusive']} inconclusive (each against its own null, 95% t-intervals over "
+            f"{res['evaluation'].get('sequences') or '?'} sequences, Holm-corrected across the findings{null})")
+    made_of = res.get("gain_made_of")
+    return text + (f". {made_of.rstrip('.')}" if made_of else "")
 
 
 def smoke_banner(res: dict) -> str | None:
@@ -480,7 +511,7 @@ def _write_report(run_dir: Path) -> Path:
     rd = RunData(run_dir)
     difficulty, difficulty_columns = difficulty_table(rd)
     ev = stage1.load(rd.run)  # the paper's Fig. 8, when the study ran it (study.stage1)
-    findings = [f.as_dict() for f in [*check_all(rd), *stage1.findings(ev)]]
+    findings = [f.as_dict() for f in check_all(rd, extra=stage1.findings(ev))]
     s1 = stage1.section(ev)
     pngs = render_all(rd, difficulty, findings) | stage1.figure(s1)
     res = results(rd, difficulty, list(pngs), findings) | ({"stage1": s1} if s1 else {})

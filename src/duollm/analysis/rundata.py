@@ -68,13 +68,14 @@ class Oracle:
         path = self.folder / rundir.PER_TOKEN
         return read_table(path) if path.is_file() else None
 
-    def pattern_losses(self) -> dict[str, float]:
-        """Mean loss of every evaluated pattern (``patterns.parquet``)."""
+    def pattern_losses(self, candidates_only: bool = False) -> dict[str, float]:
+        """Mean loss of every evaluated pattern (``patterns.parquet``). ``candidates_only``: the oracle's own
+        candidates, without the baselines it evaluates besides them (all-big and all-small in a skip study)."""
         path = self.folder / rundir.PATTERNS
         if not path.is_file():
             return {}
-        t = read_table(path, columns=["pattern", "mean_loss"]).to_pydict()
-        return dict(zip(t["pattern"], t["mean_loss"]))
+        t = read_table(path, columns=["pattern", "mean_loss", "candidate"]).to_pydict()
+        return {p: m for p, m, c in zip(t["pattern"], t["mean_loss"], t["candidate"]) if c or not candidates_only}
 
 
 class RunData:
