@@ -12,8 +12,9 @@ routers' steps and batch) are the settings of ``RunConfig.study`` (``settings.py
                           gives fixed@k, best of 100 random, random@k and the position-varying budgets
     sequential oracle     the position-varying budgets where they are not a convexity identity: each
                           token chooses given its predecessors' own choices (oracle/sequential.py)
-    null control          RUN/null: the model at initialisation through the oracle, sequential
-                          schedules, skip study and the paper's router at k = L/2 (DESIGN 4.4a)
+    null control          RUN/null: the model at initialisation, its oracle and the paper's router at
+                          k = L/2: the null of the findings on what routers learn (DESIGN 4.4a; the
+                          oracle findings have nulls of their own: analysis/findings.py)
     skip study            big-or-skip with s = L/2 skipped layers (the paper: 6 of 12)
     router <method> k     stage 3, one router per method and budget (the paper: 4, 6, 8 of 12)
     stage 1               ``study.stage1``: the paper's Fig. 8, Duo vs FLOP-matched dense models and the
@@ -45,6 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import rundir
+from ..analysis.findings import FINDINGS
 from ..analysis.report import headline, smoke_banner, write_report
 from ..checkpoint import latest_checkpoint, load_model, trained_step
 from ..config import RunConfig, load_config, parse_list, resume_conflict
@@ -189,24 +191,20 @@ class Study:
                 out.append(self.router_stage(method, k / self.L, c["router"]))
         for target, options, skip in router_mixtures(self.cfg):  # the paper's mixtures, skip included (figs. 7, 9)
             out.append(self.router_stage("budget", target, c["router"], options=options, skip_target=skip))
-        if self.cfg.study.null:  # the null control (DESIGN 4.4a): the same stages on the model at initialisation
+        # the null control (DESIGN 4.4a) where the untrained model is a finding's null: what routers learn. The
+        # paper's router (section 3.3) at the middle budget on the model at initialisation, evaluated against that
+        # model's oracle on the same tokens; no other null stage (the oracle findings have nulls of their own)
+        uses_null = any(f.uses_null for f in FINDINGS.values())
+        if self.cfg.study.null and uses_null and "budget" in self.methods and self.router_ks:
             null = rundir.null_dir(self.out)
             out.append(Stage("null", "null control: the model at initialisation (step 0, the training seed)", 0.0,
                              "null", lambda: {"seed": self.cfg.train.seed}, lambda: trained_step(null) == 0
                              and rundir.has_run(null) and latest_checkpoint(null) is not None,
                              lambda stale: make_null_run(self.out)))
-            for ctx in self.contexts:
-                out.append(self.oracle_stage(f"null control: oracle over every budget, {ctx} context", c["oracle"],
-                                             context=ctx, run=null))
-            if seq:
-                out.append(self.oracle_stage("null control: sequential oracle, the position schedules", c["sequential"] / 2,
-                                             context="sequential", run=null))
-            if self.skips:
-                out.append(self.oracle_stage("null control: skip study", c["skip"], context=self.primary_context,
-                                             options="B_", skips=self.skips, run=null))
-            if "budget" in self.methods and self.router_ks:  # the paper's router (section 3.3) at the middle budget
-                k = self.router_ks[len(self.router_ks) // 2]
-                out.append(self.router_stage("budget", k / self.L, c["router"], run=null))
+            out.append(self.oracle_stage(f"null control: oracle over every budget, {self.primary_context} context "
+                                         "(the null router's reference)", c["oracle"], context=self.primary_context, run=null))
+            k = self.router_ks[len(self.router_ks) // 2]
+            out.append(self.router_stage("budget", k / self.L, c["router"], run=null))
         if self.cfg.study.stage1:  # the paper's Fig. 8: Duo vs FLOP-matched dense models (stage1.py)
             out += self.stage1_stages(c["train"] / self.cfg.train.steps)
         for seed in self.seeds():
@@ -446,7 +444,8 @@ def results_table(out: Path) -> str:
     for x in res["findings"]:
         e = x["effect"] or {}
         ctx = f" [{x['context']}]" if x["context"] else ""
-        eff = f"{e['value']:+.3f} [{f(e.get('lo'), 3)}, {f(e.get('hi'), 3)}], null {f(e.get('null'), 3)}" if e else ""
+        eff = (f"{e['value']:+.3f} [{f(e.get('lo'), 3)}, {f(e.get('hi'), 3)}] vs {'>' if e.get('direction') == 1 else '<'} "
+               f"{e.get('threshold', 0):g}, p(Holm) {f(x.get('p_adjusted'), 3)}, MDE {f(x.get('mde'), 3)}") if e else x["why"]
         lines.append(f"  {(x['verdict'] or 'not tested'):<13} {x['claim']}{ctx}  {eff}")
     lines.append(headline(res))
     banner = smoke_banner(res)
