@@ -148,9 +148,14 @@ PRESETS: dict[str, dict] = {
         # steps: at 50 the routers sat 1.4-1.9 ppl above fixed@k and a finding turned inconclusive; batch 16:
         # at 8 (~14 s less per router) they sat 1.1-1.3 ppl above fixed@k and the router finding did too (docs/LOG.md)
         # stage 1 (off by default, study.stage1=true): 7 models of 256 steps, 23.6 minutes measured (docs/LOG.md)
-        "study": dict(tokens=1024, contexts="shared", router_steps=100, router_batch=16, router_methods="budget",
+        # 2,048 tokens = 16 sequences: at 8 the t-interval's df was 7 and the findings' MDEs twice the effects of
+        # interest (issue 27); the slimmer null control (its router's reference oracle only) pays for part of it
+        "study": dict(tokens=2048, contexts="shared", router_steps=100, router_batch=16, router_methods="budget",
                       batch_tokens=1024, stage1_steps=256),
     },
+    # the configuration whose verdicts the README quotes (DESIGN 4.4a): the cpu study on 8,192 tokens (64 sequences)
+    # and three training seeds (each seed's model, oracles and routers; study.seeds). Its time: docs/LOG.md
+    "evidence": {},  # filled below from "cpu"
     # wide enough for routing's wall-clock to matter (issue 14: `duollm bench`, benchmarks/bench_generate.py):
     # 12 x 1024, FFN 4096 / 256 (the paper's 16:1), ~215M parameters. Sized for the question, not for CPU
     # training (a step is tens of seconds on 2 cores) nor for the CPU oracle (~2^13 layer evaluations per token)
@@ -172,6 +177,9 @@ PRESETS: dict[str, dict] = {
         "eval": dict(max_tokens=262144),
     },
 }
+
+
+PRESETS["evidence"] = {**PRESETS["cpu"], "study": {**PRESETS["cpu"]["study"], "tokens": 8192, "seeds": 3}}
 
 
 # ----------------------------------------------------------------------------- strict (de)serialisation

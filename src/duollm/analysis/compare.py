@@ -5,10 +5,11 @@ The run table: steps trained, the last validation losses, the primary oracle's t
 and fixed@k at k = L/2, and the report's verdict counts (where the report has been written).
 
 The metric is the share of the oracle's gain over fixed@k a router recovers, ``(fixed - router) /
-(fixed - oracle)`` in mean loss with its paired 95% interval over sequences, on the primary oracle's
+(fixed - oracle)`` in mean loss with its paired 95% interval over sequences, fixed@k chosen out of
+sample (cross-fitted over sequences; ``gap.baseline_column``), on the primary oracle's
 tokens and at the router's *realised* compute (fixed and oracle interpolated at its big fraction;
 ``gap._at_compute``). Beside it, per budget, the ceilings a router can be judged against: the
-label-free oracles of ``gap.decomposition``. Read from the run folders alone; nothing is written.
+count-matched selection null and the label-free oracles of ``gap.decomposition``. Read from the run folders alone; nothing is written.
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ def rows_of(run: Path) -> list[dict]:
     out, rd = [], RunData(run)
     for b in decomposition(rd):
         base = {"run": str(run), "k": b["k"], "tokens": b["tokens"], "oracle_ppl": b["oracle_ppl"], "fixed_ppl": b["fixed_ppl"]}
-        for name, entry in (("confidence oracle", b["confidence"]), ("previous-token oracle", b["previous_token"]),
-                            ("sequential oracle", b["sequential"])):
+        for name, entry in (("count-matched null", b["count_null"]), ("confidence oracle", b["confidence"]),
+                            ("previous-token oracle", b["previous_token"]), ("sequential oracle", b["sequential"])):
             if entry:
                 out.append({**base, "method": name, "ppl": entry["ppl"], "big_fraction": b["k"] / rd.n_layers,
                             "recovered": entry["recovered"], "recovered_matched": entry["recovered"]})
