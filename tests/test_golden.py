@@ -35,8 +35,8 @@ def assert_matches(got, want, where="trace"):
         for i, (g, w) in enumerate(zip(got, want)):
             assert_matches(g, w, f"{where}[{i}]")
     elif isinstance(want, float) and not isinstance(want, bool):
-        # a bootstrap interval's end is a percentile of replicates: float rounding that differs between CPUs
-        # (AMD vs Intel kernels, measured 1e-3 on a Spearman over 16 sequences) can move it to the next one
+        # an interval's end adds t x the jackknife's spread of S leave-one-out statistics to the value: float
+        # rounding that differs between CPUs (AMD vs Intel kernels, 1e-3 measured on a Spearman) is scaled up
         tol = 5e-3 if where.rsplit(".", 1)[-1].endswith(("lo", "hi")) else 2e-4
         assert isinstance(got, (int, float)) and math.isclose(got, want, rel_tol=tol, abs_tol=tol), \
             f"{where}: {got} != {want}"

@@ -1,6 +1,6 @@
 """Per-sequence views of a run's outputs: what the findings resample (DESIGN 4.4a).
 
-Every finding's statistic is a function of the sequences drawn (``stats.bootstrap``), so it needs
+Every finding's statistic is a function of the sequences drawn (``stats.estimate``: a jackknife t-interval), so it needs
 the outputs per sequence: an oracle's per-token table reshaped to [sequences, positions], and a
 router's per-sequence numbers from its ``eval.json``. The null control's views have the same
 shape on the same tokens, which makes every effect-minus-null comparison paired.

@@ -57,7 +57,7 @@ def fig_ppl_vs_budget(rd: RunData) -> Figure | None:
         ax.plot(o.ks, col("oracle_ppl", o), marker="o", ms=3, color=COLORS["oracle"], ls="-" if i == 0 else "--",
                 label=f"oracle, {o.label}")
         lo, hi = col("oracle_ppl_lo", o), col("oracle_ppl_hi", o)
-        if np.isfinite(lo).any():  # the 95% bootstrap interval over sequences (stats.py)
+        if np.isfinite(lo).any():  # the 95% t-interval over sequences (stats.py)
             ax.fill_between(o.ks, lo, hi, color=COLORS["oracle"], alpha=0.15 if i == 0 else 0.08, lw=0)
     ax.plot(ks, col("fixed_ppl"), "-s", ms=3, color=COLORS["fixed"], label="fixed (best single pattern)")
     # open markers on a dashed line: where best of 100 equals fixed (it often holds the fixed pattern) both show
@@ -260,7 +260,7 @@ def fig_position_budgets(rd: RunData) -> Figure | None:
         vals = np.array([by[n]["oracle_ppl"] if n in by else np.nan for n in names])
         lo_, hi_ = (np.array([by[n].get(f"oracle_ppl_{s}", np.nan) if n in by else np.nan for n in names]) for s in ("lo", "hi"))
         # points, not bars: the axis is zoomed to the differences, and a bar's length would claim a zero
-        yerr = [vals - lo_, hi_ - vals] if np.isfinite(lo_).all() else None  # the bootstrap interval over sequences
+        yerr = [vals - lo_, hi_ - vals] if np.isfinite(lo_).all() else None  # the t-interval over sequences
         ax_p.errorbar(xs, vals, yerr=yerr, fmt="o", ms=4, elinewidth=0.8, capsize=2, label=f"oracle, {label}")
         pred = np.array([by[n].get("predicted_ppl") or np.nan if n in by else np.nan for n in names])
         ax_p.plot(xs, pred, "kx", markersize=4, label="Σ w_k·oracle@k" if i == 0 else None)

@@ -220,7 +220,7 @@ def run_sequential(model: DuoModel, idx_ST: torch.Tensor, tgt_ST: torch.Tensor, 
                   "fixed@k is the shared context's (one pattern for every token routes every context alike)",
                   "predicted_ppl = exp(sum_k w_k * mean oracle loss at constant k): the schedule's score were "
                   "budgets not to interact through the context",
-                  "*_lo / *_hi: 95% bootstrap interval over sequences (1000 seeded replicates, stats.py)"],
+                  "*_lo / *_hi: 95% t-interval over sequences (jackknife standard error, stats.py)"],
     }
     cols = {"sequence": np.repeat(np.arange(S, dtype=np.int32), T), "position": np.tile(np.arange(T, dtype=np.int32), S),
             "token": idx_ST.reshape(-1).cpu().numpy().astype(np.int32),

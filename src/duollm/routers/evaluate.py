@@ -116,7 +116,7 @@ def oracle_comparison(model, res: dict, idx_ST, tgt_ST, cfg: RouterConfig, oracl
         "all_small_ppl": oracle.summary.get("all_small_ppl"),
         "oracle_usage": usage(oracle.route_LST[:, oracle.sequences]),
     }
-    # paired comparisons on the sequences the oracle covers whole (stats.py: bootstrap over sequences)
+    # paired comparisons on the sequences the oracle covers whole (stats.py: t-intervals over sequences)
     seq = oracle.sequences
     router_ST = res["loss_ST"][seq]
     if len(seq):

@@ -53,11 +53,11 @@ def per_token_loss(
 
 
 def summarize(result: dict[str, torch.Tensor], flops_all_big: float) -> dict:
-    """Mean loss, perplexity with its 95% bootstrap interval over sequences, tokens, realised route
+    """Mean loss, perplexity with its 95% t-interval over sequences, tokens, realised route
     fractions and compute relative to all-big."""
     loss = result["loss_ST"].double().mean().item()
     route = result["route_LST"]
-    ci = ppl_interval(result["loss_ST"])  # 95% bootstrap over sequences
+    ci = ppl_interval(result["loss_ST"])  # 95% t-interval over sequences
     return {
         "loss": loss,
         "ppl": math.exp(loss),
