@@ -9,7 +9,8 @@ The metric is the share of the oracle's gain over fixed@k a router recovers, ``(
 sample (cross-fitted over sequences; ``gap.baseline_column``), on the primary oracle's
 tokens and at the router's *realised* compute (fixed and oracle interpolated at its big fraction;
 ``gap._at_compute``). Beside it, per budget, the ceilings a router can be judged against: the
-count-matched selection null and the label-free oracles of ``gap.decomposition``. Read from the run folders alone; nothing is written.
+count-matched selection null and the label-free oracles of ``gap.decomposition``. Read from the run
+folders alone; nothing is written.
 """
 
 from __future__ import annotations

@@ -252,9 +252,16 @@ STAGE1_DENSE = Criterion(
     "the Duo and the dense model differ by no more than separately trained models of one kind do (seed-to-seed)",
     "relative perplexity gain of the FLOP-matched dense model over the Duo model at this P(big)",
     0.0, 1, 0.01, (("min_seeds_per_arm", 3),))
+STAGE1_BIGFIRST = Criterion(
+    "stage1_big_first_worse",
+    "Training the big modules first, then the small ones with the big frozen, is worse than random routing from "
+    "scratch at mixed routing (Fig. 8c).",
+    "the two recipes differ by no more than separately trained models of one recipe do (seed-to-seed)",
+    "relative perplexity gain of the scratch Duo model over the big-first one at P(big) = 0.5",
+    0.0, 1, 0.01, (("min_seeds_per_arm", 3),))
 
 CRITERIA = {c.id: c for c in (U_SHAPE, ONE_BIG, PLACEMENT, SKIP_EE, SKIP_CONSISTENT, CONSTANT, NEAR, LATE, EARLY,
-                              DIFFICULTY, STAGE1_DENSE)}
+                              DIFFICULTY, STAGE1_DENSE, STAGE1_BIGFIRST)}
 
 
 def criteria_fingerprint() -> str:
