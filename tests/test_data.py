@@ -224,3 +224,21 @@ def test_data_files_take_part_in_the_fingerprint():
     legacy = {k: v for k, v in default.data.__dict__.items() if k != "data_files"}
     want = hashlib.sha256(json.dumps([legacy, default.model.vocab_size]).encode()).hexdigest()[:16]
     assert data.data_fingerprint(default) == want
+
+
+def test_each_evaluation_window_knows_the_document_it_starts_in():
+    """Windows of one document are one unit when intervals resample (DESIGN 4.4a): the document of a window is
+    the number of separators before its first token, for the windows `sequences` takes, in its order."""
+    from duollm.data.corpus import sequence_documents, sequences
+
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(1, 50, 4000)
+    tokens[rng.choice(4000, 12, replace=False)] = 0  # separator id 0: 13 documents
+    for cap in (None, 640, 64):
+        idx_ST, _ = sequences(tokens, 32, cap)
+        doc_S = sequence_documents(tokens, 32, cap, sep_id=0)
+        assert len(doc_S) == len(idx_ST)
+        for s, row in enumerate(idx_ST.numpy()):
+            start = next(i for i in range(len(tokens) - 32) if (tokens[i:i + 32] == row).all())
+            assert doc_S[s] == (tokens[:start] == 0).sum()
+    assert len(set(sequence_documents(tokens, 32, None, 0).tolist())) == 13

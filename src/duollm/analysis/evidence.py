@@ -14,6 +14,7 @@ from functools import cached_property
 
 import numpy as np
 
+from ..stats import estimate
 from .rundata import Oracle
 
 
@@ -60,6 +61,17 @@ class OracleView:
     def share_SL(self, column: str, letter: str) -> np.ndarray:
         """Per sequence and layer: the share of tokens whose pattern takes ``letter`` there."""
         return (self.letters(column) == letter).mean(1)
+
+    @cached_property
+    def groups(self) -> np.ndarray | None:
+        """``doc_S``: the document each sequence starts in (the unit intervals resample), where the oracle
+        recorded it; None: every sequence its own unit."""
+        docs = self.oracle.summary.get("documents")
+        return np.asarray(docs) if docs is not None and len(docs) == self.S else None
+
+    def estimate(self, stat, **kw) -> dict:
+        """``stats.estimate`` of a statistic of these sequences, resampling by document where recorded."""
+        return estimate(stat, self.S, groups_S=self.groups, **kw)
 
     @cached_property
     def budgets(self) -> list[int]:

@@ -288,7 +288,7 @@ def _u_parts(w: OracleView, column, ks: list[int], L: int) -> list[dict] | None:
     out = []
     for end in (min(ks), max(ks)):
         x = w.seq_loss(column(end))
-        out.append(estimate(lambda idx, x=x: gain(centre[idx], x[idx]), w.S) | {"against_k": end})
+        out.append(w.estimate(lambda idx, x=x: gain(centre[idx], x[idx])) | {"against_k": end})
     return out
 
 
@@ -324,13 +324,13 @@ def one_big_beats_all_big(v: OracleView | None, L: int, context=None) -> Finding
     numbers = {"n0": n0}
     if v.has("oracle_loss_k1") and v.has("loss_all_big"):
         o1, big = v.seq_loss("oracle_loss_k1"), v.seq_loss("loss_all_big")
-        numbers["as_paper"] = finite_round(estimate(lambda idx: gain(o1[idx], big[idx]), v.S), 5)
+        numbers["as_paper"] = finite_round(v.estimate(lambda idx: gain(o1[idx], big[idx])), 5)
         numbers["oracle_ppl_k1"], numbers["all_big_ppl"] = _r(ppl_of(o1)), _r(ppl_of(big))
     if not (v.has(a) and v.has(b)) or L < 3:
         return untested(c, "the oracle has no equal-count columns at k=1 and k=L-1", context, numbers)
     x, y = v.seq_loss(a), v.seq_loss(b)
     numbers["equal_count_ppl_k1"], numbers[f"equal_count_ppl_k{L - 1}"] = _r(ppl_of(x)), _r(ppl_of(y))
-    return one_part(c, estimate(lambda idx: gain(x[idx], y[idx]), v.S), numbers=numbers, context=context)
+    return one_part(c, v.estimate(lambda idx: gain(x[idx], y[idx])), numbers=numbers, context=context)
 
 
 def big_layers_by_budget(v: OracleView | None, L: int, context=None) -> Finding:
@@ -342,7 +342,7 @@ def big_layers_by_budget(v: OracleView | None, L: int, context=None) -> Finding:
     for name, direction in (("small", 1), ("large", -1)):
         k = ks[name]
         share_SL = v.share_SL(f"best_pattern_k{k}", "B")
-        e = estimate(lambda idx, s=share_SL: slope(s[idx].mean(0)), v.S)
+        e = v.estimate(lambda idx, s=share_SL: slope(s[idx].mean(0)))
         parts.append(Part(e, 0.0, direction))
         numbers[name] = {"k": k, "slope": finite_round(e, 5),
                          "big_share_minus_k_over_L": [_r(x - k / L, 3) for x in share_SL.mean(0)]}
@@ -360,7 +360,7 @@ def skip_not_early_exit(v: OracleView | None, L: int, skips: int | None) -> Find
         return untested(c, "no skip study")
     column, skip_SL = _skip_rates(v)
     half = L // 2
-    e = estimate(lambda idx: float(skip_SL[idx][:, L - half:].mean() - skip_SL[idx][:, :half].mean()), v.S)
+    e = v.estimate(lambda idx: float(skip_SL[idx][:, L - half:].mean() - skip_SL[idx][:, :half].mean()))
     ee = early_exit_pattern(L, skips)
     losses = v.oracle.pattern_losses(candidates_only=True)
     order = sorted(losses, key=losses.get)
@@ -378,7 +378,7 @@ def layers_consistently_skipped(v: OracleView | None, L: int, skips: int | None)
     _, skip_SL = _skip_rates(v)
     p = skips / L
     scale = max(p, 1 - p)
-    e = estimate(lambda idx: float(np.abs(skip_SL[idx].mean(0) - p).max() / scale), v.S)
+    e = v.estimate(lambda idx: float(np.abs(skip_SL[idx].mean(0) - p).max() / scale))
     rate_L = skip_SL.mean(0)
     return one_part(c, e, numbers={"skip_rate_by_layer": [_r(x, 3) for x in rate_L], "mean_rate": _r(p, 3),
                                    "most_skipped_layer": int(rate_L.argmax()), "most_kept_layer": int(rate_L.argmin())})
@@ -402,13 +402,13 @@ def constant_budget_best(seq: OracleView | None) -> Finding:
     parts, numbers = [], {"schedules": {n: entries[n]["schedule"] for n in ("constant", "falling", "rising")}}
     for n in ("falling", "rising"):
         m, p = measured[n], predicted[n]
-        e = estimate(lambda idx, m=m, p=p: gain(const[idx], m[idx]) - gain(const[idx], p[idx]), seq.S)
+        e = seq.estimate(lambda idx, m=m, p=p: gain(const[idx], m[idx]) - gain(const[idx], p[idx]))
         parts.append(Part(e, 0.0, 1))
         numbers[n] = {"interaction": finite_round(e, 5),
-                      "as_paper_gain_of_constant": finite_round(estimate(lambda idx, m=m: gain(const[idx], m[idx]), seq.S), 5),
+                      "as_paper_gain_of_constant": finite_round(seq.estimate(lambda idx, m=m: gain(const[idx], m[idx])), 5),
                       "measured_ppl": _r(ppl_of(m)), "predicted_ppl": _r(ppl_of(p))}
     f, r = measured["falling"], measured["rising"]
-    numbers["falling_vs_rising"] = finite_round(estimate(lambda idx: gain(f[idx], r[idx]), seq.S), 5)
+    numbers["falling_vs_rising"] = finite_round(seq.estimate(lambda idx: gain(f[idx], r[idx])), 5)
     return decide(c, parts, numbers=numbers, context="sequential")
 
 
@@ -447,10 +447,11 @@ def routers_near_baselines(rd: RunData, v: OracleView | None) -> Finding:
         if fixed is None or oracle is None:
             continue
         x_S, f_S, o_S = np.asarray(ps["loss"]), fixed[seqs], oracle[seqs]
-        near = estimate(lambda idx: gain(x_S[idx], f_S[idx]), len(seqs))  # > 0: the router beats fixed
-        share = ratio_estimate(f_S - x_S, f_S - o_S)
+        g_S = None if v.groups is None else v.groups[seqs]  # windows of one document resampled together
+        near = estimate(lambda idx: gain(x_S[idx], f_S[idx]), len(seqs), groups_S=g_S)  # > 0: the router beats fixed
+        share = ratio_estimate(f_S - x_S, f_S - o_S, groups_S=g_S)
         d_S = (f_S - x_S) - bound * (f_S - o_S)  # share < bound <=> mean(d) < 0 (Fieller's test)
-        d = estimate(lambda idx: float(d_S[idx].mean()), len(seqs))
+        d = estimate(lambda idx: float(d_S[idx].mean()), len(seqs), groups_S=g_S)
         p_equiv = tost(near["value"], near["se"], near["df"], -margin, margin)
         p_share_below = p_below(d["value"], d["se"], d["df"], 0.0)
         p_rep.append(max(p_equiv, p_share_below))
@@ -492,10 +493,17 @@ def _early_tokens(ps):
     return lambda idx: float(d_S[idx].mean())
 
 
-def _against_untrained(c: Criterion, routers, null, of_router, combine, numbers, why="") -> Finding:
+def _groups(routers: list[dict], v: OracleView | None) -> np.ndarray | None:
+    """The documents of the routers' sequences (indices into the primary oracle's), where recorded."""
+    if v is None or v.groups is None:
+        return None
+    return v.groups[np.asarray(routers[0]["oracle"]["per_sequence"]["sequence"])]
+
+
+def _against_untrained(c: Criterion, routers, null, of_router, combine, numbers, why="", groups_S=None) -> Finding:
     """The routers' statistic above the threshold and above the same routers' on the untrained model."""
     n_seq = len(routers[0]["oracle"]["per_sequence"]["sequence"])
-    e = estimate(_router_stat(routers, of_router, combine), n_seq,
+    e = estimate(_router_stat(routers, of_router, combine), n_seq, groups_S=groups_S,
                  null_stat=_router_stat(null, of_router, combine) if null else None)
     parts = [Part(e, c.threshold, c.direction)]
     if null:
@@ -511,7 +519,7 @@ def _against_untrained(c: Criterion, routers, null, of_router, combine, numbers,
     return f
 
 
-def routers_favour_late_layers(rd: RunData, null_run: RunData | None = None) -> Finding:
+def routers_favour_late_layers(rd: RunData, null_run: RunData | None = None, v: OracleView | None = None) -> Finding:
     c = LATE
     routers = _paper_routers(rd)
     if not routers:
@@ -519,7 +527,8 @@ def routers_favour_late_layers(rd: RunData, null_run: RunData | None = None) -> 
     null = _null_routers(routers, null_run)
     return _against_untrained(c, routers, null, _late_layers, np.mean,
                               {"routers": [r["name"] for r in routers], "null_routers": [r["name"] for r in null],
-                               "layer_profiles": {r["name"]: r.get("layer_profile") for r in routers}})
+                               "layer_profiles": {r["name"]: r.get("layer_profile") for r in routers}},
+                              groups_S=_groups(routers, v))
 
 
 def routers_early_tokens_more_big(rd: RunData, v: OracleView | None, null_run: RunData | None = None) -> Finding:
@@ -546,7 +555,7 @@ def routers_early_tokens_more_big(rd: RunData, v: OracleView | None, null_run: R
                 numbers[f"oracle_k{k}_early_minus_rest"] = _r(big_ST[:, early].mean() - big_ST[:, rest].mean())
     min_t = int(dict(c.extra)["min_seq_len"])
     why = f"sequences of {T} tokens < {min_t}: underpowered by design (the registry's minimum)" if 0 < T < min_t else ""
-    return _against_untrained(c, routers, null, _early_tokens, min, numbers, why)
+    return _against_untrained(c, routers, null, _early_tokens, min, numbers, why, _groups(routers, v))
 
 
 # ----------------------------------------------------------------------------- difficulty
@@ -571,9 +580,9 @@ def difficulty_not_raw_loss(v: OracleView | None, L: int) -> Finding:
         numbers["selection_share_of_small_minus_oracle"] = _r(1 - benefit.mean() / gap.mean()) if gap.mean() > 0 else None
         numbers["k"] = k
     benefit_S = benefit.mean(1)
-    gains = estimate(lambda idx: float(benefit_S[idx].mean()), v.S)
+    gains = v.estimate(lambda idx: float(benefit_S[idx].mean()))
     numbers["mean_benefit_nats"] = finite_round(gains, 5)
-    return decide(c, [Part(estimate(rho, v.S), c.threshold, c.direction), Part(gains, 0.0, 1)], numbers=numbers,
+    return decide(c, [Part(v.estimate(rho), c.threshold, c.direction), Part(gains, 0.0, 1)], numbers=numbers,
                   context=v.oracle.context, shown=0)
 
 
@@ -639,7 +648,8 @@ register(FindingCheck("layers_consistently_skipped",
                       lambda ev: layers_consistently_skipped(ev.view(ev.rd.skip_study), ev.L, ev.skips)))
 register(FindingCheck("constant_budget_best", lambda ev: constant_budget_best(ev.view(ev.rd.sequential))))
 register(FindingCheck("routers_near_baselines", lambda ev: routers_near_baselines(ev.rd, ev.view(ev.rd.primary))))
-register(FindingCheck("routers_favour_late_layers", lambda ev: routers_favour_late_layers(ev.rd, ev.null), uses_null=True))
+register(FindingCheck("routers_favour_late_layers",
+                      lambda ev: routers_favour_late_layers(ev.rd, ev.null, ev.view(ev.rd.primary)), uses_null=True))
 register(FindingCheck("routers_early_tokens_more_big",
                       lambda ev: routers_early_tokens_more_big(ev.rd, ev.view(ev.rd.primary), ev.null), uses_null=True))
 register(FindingCheck("difficulty_not_raw_loss", lambda ev: difficulty_not_raw_loss(ev.view(ev.rd.primary), ev.L)))

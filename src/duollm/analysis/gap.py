@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..stats import budget_weights, estimate, finite_round, recovered_share
+from ..stats import budget_weights, finite_round, recovered_share
 from .evidence import OracleView, view
 from .rundata import RunData
 
@@ -43,8 +43,9 @@ def baseline_column(v: OracleView, k: int) -> tuple[str, bool] | None:
     return (f"fixed_loss_k{k}", False) if v.has(f"fixed_loss_k{k}") else None
 
 
-def _entry(x_ST, oracle_ST, fixed_ST) -> dict:
-    return {"ppl": float(np.exp(x_ST.mean())), "recovered": _share(recovered_share(x_ST, oracle_ST, fixed_ST))}
+def _entry(x_ST, oracle_ST, fixed_ST, groups_S=None) -> dict:
+    return {"ppl": float(np.exp(x_ST.mean())),
+            "recovered": _share(recovered_share(x_ST, oracle_ST, fixed_ST, groups_S=groups_S))}
 
 
 def decomposition(rd: RunData) -> list[dict]:
@@ -74,16 +75,17 @@ def decomposition(rd: RunData) -> list[dict]:
                "sequential": None, "routers": []}
         if oos and v.has(f"fixed_loss_k{k}"):  # nats the in-sample baseline flatters the oracle's competitor
             ins, out = v.seq_loss(f"fixed_loss_k{k}"), v.seq_loss(base_col)
-            row["winners_curse"] = _share(estimate(lambda idx: float(out[idx].mean() - ins[idx].mean()), v.S))
+            row["winners_curse"] = _share(v.estimate(lambda idx: float(out[idx].mean() - ins[idx].mean())))
         if v.has(f"count_null_loss_k{k}"):
-            row["count_null"] = _entry(v.loss(f"count_null_loss_k{k}"), oracle_ST, fixed_ST)
+            row["count_null"] = _entry(v.loss(f"count_null_loss_k{k}"), oracle_ST, fixed_ST, v.groups)
         if v.has(f"confidence_loss_k{k}"):
-            row["confidence"] = _entry(v.loss(f"confidence_loss_k{k}"), oracle_ST, fixed_ST)
+            row["confidence"] = _entry(v.loss(f"confidence_loss_k{k}"), oracle_ST, fixed_ST, v.groups)
         if v.has(f"previous_token_loss_k{k}"):  # defined from position 1 on: all three series there
-            row["previous_token"] = _entry(v.loss(f"previous_token_loss_k{k}")[:, 1:], oracle_ST[:, 1:], fixed_ST[:, 1:])
+            row["previous_token"] = _entry(v.loss(f"previous_token_loss_k{k}")[:, 1:], oracle_ST[:, 1:], fixed_ST[:, 1:],
+                                           v.groups)
             row["previous_token"]["positions"] = "1.."
         if seq is not None and seq.has(f"oracle_loss_k{k}"):
-            row["sequential"] = _entry(seq.loss(f"oracle_loss_k{k}"), oracle_ST, fixed_ST)
+            row["sequential"] = _entry(seq.loss(f"oracle_loss_k{k}"), oracle_ST, fixed_ST, v.groups)
         for r in rd.routers:
             o = r.get("oracle") or {}
             ps = o.get("per_sequence")
@@ -100,8 +102,10 @@ def decomposition(rd: RunData) -> list[dict]:
                              recovered_matched=None, heldout=True)
             else:
                 matched = _at_compute(v, r.get("big_fraction"), r.get("skip_fraction"), rd.n_layers, s)
-                entry.update(recovered=_share(recovered_share(loss_S1, oracle_S1, fixed_S1)),
-                             recovered_matched=None if matched is None else _share(recovered_share(loss_S1, *matched)))
+                g_S = None if v.groups is None else v.groups[s]
+                entry.update(recovered=_share(recovered_share(loss_S1, oracle_S1, fixed_S1, groups_S=g_S)),
+                             recovered_matched=None if matched is None else
+                             _share(recovered_share(loss_S1, *matched, groups_S=g_S)))
             row["routers"].append(entry)
         rows.append(row)
     return rows

@@ -22,6 +22,7 @@ from .corpus import (
     load_bpe,
     pretrained_tokenizer,
     read_corpus,
+    sequence_documents,
     sequences,
 )
 
@@ -82,12 +83,25 @@ def eval_tokens(run: Path, cfg: RunConfig, spec: str | None = None, max_tokens: 
     otherwise the whole text of ``spec`` encoded with the run's tokenizer. ``max_tokens`` None:
     ``cfg.eval.max_tokens``; 0: no cap. Windows spread over the whole split (``corpus.sequences``).
     """
+    cap = cfg.eval.max_tokens if max_tokens is None else max_tokens
+    return sequences(_eval_stream(run, cfg, spec, split), cfg.train.seq_len, cap)
+
+
+def _eval_stream(run: Path, cfg: RunConfig, spec: str | None, split: str) -> np.ndarray:
+    """The token stream the evaluation windows are cut from: the run's ``split`` or the text of ``spec``."""
     if split not in SPLITS:
         raise ValueError(f"split must be validation or train; got {split!r}")
     if spec is None:
-        tokens = load_tokens(run, SPLITS[split])
-    else:
-        tok = load_tokenizer(run)
-        tokens = np.asarray(tok.encode(read_corpus(spec, cfg.data.text_column, cfg.data.max_chars)), dtype=np.int64)
+        return load_tokens(run, SPLITS[split])
+    tok = load_tokenizer(run)
+    return np.asarray(tok.encode(read_corpus(spec, cfg.data.text_column, cfg.data.max_chars)), dtype=np.int64)
+
+
+def eval_documents(run: Path, cfg: RunConfig, spec: str | None = None, max_tokens: int | None = None,
+                   split: str = "validation") -> list[int]:
+    """The document of each of ``eval_tokens``' sequences (``corpus.sequence_documents``): the unit that
+    intervals resample, so that windows of one document count once."""
     cap = cfg.eval.max_tokens if max_tokens is None else max_tokens
-    return sequences(tokens, cfg.train.seq_len, cap)
+    tok = load_tokenizer(run)
+    (sep_id,) = tok.encode(tok.separator)
+    return sequence_documents(_eval_stream(run, cfg, spec, split), cfg.train.seq_len, cap, sep_id).tolist()

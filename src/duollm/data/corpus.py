@@ -453,12 +453,28 @@ def sequences(tokens: np.ndarray, seq_len: int, max_tokens: int | None = None):
     in that order, so the evaluation of a smaller cap is the first rows of a larger one.
     """
     check_length(tokens, seq_len, "evaluation")
-    n_windows = (len(tokens) - 1) // seq_len
-    n_seq = n_windows if not max_tokens else max(1, min(n_windows, max_tokens // seq_len))
-    start_S = window_order(n_windows, n_seq) * seq_len
+    start_S = _window_starts(len(tokens), seq_len, max_tokens)
+    n_seq = len(start_S)
     window_ST = start_S[:, None] + np.arange(seq_len + 1, dtype=np.int64)[None, :]
     w = torch.from_numpy(np.asarray(tokens[window_ST.reshape(-1)], dtype=np.int64).reshape(n_seq, seq_len + 1))
     return w[:, :-1].contiguous(), w[:, 1:].contiguous()
+
+
+def _window_starts(n_tokens: int, seq_len: int, max_tokens: int | None) -> np.ndarray:
+    """``start_S``: the first token of each evaluation window, in ``window_order``."""
+    n_windows = (n_tokens - 1) // seq_len
+    n_seq = n_windows if not max_tokens else max(1, min(n_windows, max_tokens // seq_len))
+    return window_order(n_windows, n_seq) * seq_len
+
+
+def sequence_documents(tokens: np.ndarray, seq_len: int, max_tokens: int | None, sep_id: int) -> np.ndarray:
+    """``doc_S``: the document each of ``sequences``' windows starts in (the number of separators before its
+    first token), in the same order. Windows of one document share its topic and style, so they are one
+    unit when intervals resample sequences (DESIGN 4.4a): measured, 16 windows of the embedded corpus's
+    validation split fall in 15 documents, 64 in 54."""
+    start_S = _window_starts(len(tokens), seq_len, max_tokens)
+    sep_pos = np.flatnonzero(np.asarray(tokens) == sep_id)
+    return np.searchsorted(sep_pos, start_S, side="right")
 
 
 def parse_max_tokens(value, flag: str = "--max-tokens") -> int | None:

@@ -17,7 +17,7 @@ import numpy as np
 
 from .. import rundir
 from ..checkpoint import load_model
-from ..data.cache import eval_tokens
+from ..data.cache import eval_documents, eval_tokens
 from ..data.corpus import parse_max_tokens
 from ..io import atomic_write_json
 from ..runtime.distributed import resolve_device
@@ -48,6 +48,8 @@ def oracle_of_run(run_dir: Path, spec: OracleSpec, *, name: str | None = None, d
     name = name or spec.name() + ("" if split == "validation" else f"-{split}")
     model, cfg = load_model(run_dir, resolve_device(device))
     idx_ST, tgt_ST = eval_tokens(run_dir, cfg, spec=data, max_tokens=max_tokens, split=split)
+    # the document each sequence starts in: the unit intervals resample (windows of one document together)
+    documents = eval_documents(run_dir, cfg, spec=data, max_tokens=max_tokens, split=split)
     out_dir = rundir.oracle_dir(run_dir, name)
     with rundir.writing(run_dir):
         if sequential:
@@ -56,11 +58,13 @@ def oracle_of_run(run_dir: Path, spec: OracleSpec, *, name: str | None = None, d
                 # a bfloat16 model would keep in bfloat16
                 dtype = "float32" if spec.dtype == "auto" else spec.dtype
                 run_sequential(engine_model(model, dtype), idx_ST, tgt_ST, spec, out_dir, progress=progress,
-                               meta={"name": name, "data": data or "validation split", "dtype": dtype},
+                               meta={"name": name, "data": data or "validation split", "dtype": dtype,
+                                     "documents": documents},
                                schedules_only=spec.schedules_only)
             return name
         summary = run_oracle(model, idx_ST, tgt_ST, spec, out_dir, progress=progress,
-                             meta={"name": name, "data": data or f"{split} split", "split": split, "dtype": spec.dtype})
+                             meta={"name": name, "data": data or f"{split} split", "split": split, "dtype": spec.dtype,
+                                   "documents": documents})
         if summary is not None and spec.search == "beam":
             beam_gap(run_dir, spec, out_dir)
     return name
