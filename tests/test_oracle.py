@@ -287,6 +287,11 @@ def _outputs(folder: Path) -> dict:
     return out
 
 
+# the per-sequence reductions (cross-fitted baselines) and the count-versus-compute nulls (oracle/selection.py)
+NEW_COLUMNS = ("fixed_oos_loss_k2", "best_of_100_oos_loss_k2", "count_null_loss_k2", "equal_count_n4_loss_k2",
+               "equal_count_n6_loss_k2")
+
+
 def _assert_same(a: dict, b: dict):
     assert a["summary"] == b["summary"]
     for name in ("oracle_loss.npy", "usage.npy"):
@@ -313,6 +318,7 @@ def test_resume_after_interrupt_gives_identical_outputs(model, toks, tmp_path):
     assert done == [1, 2, 3]  # chunk 0 came from disk
     run_oracle(model, idx, tgt, spec, tmp_path / "u", batch_tokens=12, progress=False)
     _assert_same(_outputs(tmp_path / "r"), _outputs(tmp_path / "u"))
+    assert set(NEW_COLUMNS) <= set(_outputs(tmp_path / "r")["per_token"])  # compared too: one sequence per chunk
     assert not (tmp_path / "r" / ".partial").exists()
     assert json.loads((tmp_path / "r" / "run.json").read_text())["chunks_resumed"] == 1
 
@@ -379,6 +385,7 @@ def test_two_processes_equal_one(tmp_path, context):
     run_oracle(tiny_model(), idx, tgt, build_spec(4, options="SB_", context=context), tmp_path / "single",
                batch_tokens=8, progress=False)
     _assert_same(_outputs(tmp_path / "sharded"), _outputs(tmp_path / "single"))
+    assert set(NEW_COLUMNS) <= set(_outputs(tmp_path / "single")["per_token"])
     assert json.loads((tmp_path / "sharded" / "run.json").read_text())["world_size"] == 2
 
 

@@ -52,7 +52,9 @@ ORACLE, ROUTERS, STUDY, REPORT, NULL, BENCH, STAGE1 = "oracle", "routers", "stud
 # inside RUN/oracle/<name>/ (written by oracle/runner.py)
 SUMMARY, RUN_JSON, PER_TOKEN, ORACLE_LOSS, USAGE, PATTERNS, PARTIAL = (
     "summary.json", "run.json", "per_token.parquet", "oracle_loss.npy", "usage.npy", "patterns.parquet", ".partial")
-LOSS_MATRIX = "loss_matrix.npy"  # [patterns, tokens], kept on request (--save-matrix)
+# float32 [patterns, tokens], written on request (--save-matrix) and by the study's tree-engine sweeps: row p is
+# the pattern of row p of PATTERNS (code order), column n the token of row n of PER_TOKEN (n = s * T + t)
+LOSS_MATRIX = "loss_matrix.npy"
 # inside RUN/oracle/<name>/.partial/ while it runs: what the chunks were computed for, then one file per chunk
 PARTIAL_FINGERPRINT = "fingerprint.json"
 # inside RUN/routers/<name>/

@@ -3,7 +3,8 @@
 ``OracleSpec`` holds the user's choices (candidate space, context policy, search) and names the
 output folder. ``Plan`` turns a spec into arrays every chunk and every process shares: the
 patterns the tree evaluates, which budget each counts for, the seeded "100 random patterns"
-per budget (paper section 4.1), and where the all-big / all-small baselines sit.
+per budget (paper section 4.1), where the all-big / all-small baselines sit, and, for an exhaustive
+search, the seeded subsets of the count-versus-compute nulls (``selection.py``).
 
 Tensor name legend: P evaluated patterns, L layers, J reported budgets.
 """
@@ -18,6 +19,7 @@ import numpy as np
 
 from ..model.routing import BIG, SMALL, parse_pattern, parse_routing
 from .context import CONTEXTS
+from .selection import Nulls, build_nulls
 from .space import CandidateSpace, parse_budgets, pattern_codes
 
 SEARCHES = ("exhaustive", "beam", "greedy")
@@ -199,6 +201,7 @@ class Plan:
     all_big: int
     all_small: int
     extra: dict = field(default_factory=dict)
+    nulls: Nulls | None = None  # the count-versus-compute nulls: exhaustive searches of a candidate space only
 
     @property
     def n_layers(self) -> int:
@@ -215,6 +218,8 @@ class Plan:
         h.update(json.dumps({"spec": self.spec.describe(), "budgets": self.budgets}, sort_keys=True, default=str).encode())
         h.update(self.code_P.tobytes())
         h.update(self.sample_JP.tobytes())
+        if self.nulls is not None:
+            h.update(self.nulls.fingerprint())
         return h.hexdigest()
 
 
@@ -267,10 +272,13 @@ def build_plan(spec: OracleSpec, enumerate_limit: int = 1 << 20) -> Plan:
         group_of_bigs = {b: g for g, b in enumerate(group_bigs)}
         group_P = np.array([group_of_bigs[int(b)] if c else -1 for b, c in zip(bigs_P, cand_mask_P)], dtype=np.int64)
         candidates_J = member_JP.sum(1)
+        # an explicit list has no candidate space to draw the nulls from
+        nulls = build_nulls(budgets, member_JP, cand_mask_P, bigs_P, L, spec.seed) if spec.patterns is None else None
     else:  # beam: fixed/random readings can only use the random draws
         member_JP = sample_JP.copy()
         group_bigs, group_P = (), np.full(P, -1, dtype=np.int64)
         candidates_J = np.array([sp.count(k) for k in budgets], dtype=np.int64)
+        nulls = None  # the nulls need every candidate's loss
     return Plan(
         spec=spec,
         budgets=tuple(budgets),
@@ -283,4 +291,5 @@ def build_plan(spec: OracleSpec, enumerate_limit: int = 1 << 20) -> Plan:
         candidates_J=np.asarray(candidates_J, dtype=np.int64),
         all_big=index_of[int(pattern_codes(baselines[:1])[0])],
         all_small=index_of[int(pattern_codes(baselines[1:])[0])],
+        nulls=nulls,
     )

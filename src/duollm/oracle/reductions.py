@@ -2,9 +2,11 @@
 
 Per chunk of tokens (``ChunkReducer``): per budget group the best loss and best pattern of each
 token; per pattern the summed loss; per budget the per-token best among its random draws; the
-all-big and all-small losses; and the label-free oracles (``analysis/gap.py``): per group the loss
+all-big and all-small losses; the label-free oracles (``analysis/gap.py``): per group the loss
 of each token's most confident pattern, and at each token the loss of its predecessor's best
-pattern. Nothing of size patterns x tokens is kept (DESIGN 4.2).
+pattern; per pattern the summed loss of each sequence (the cross-fitted baselines); and per random
+subset of the count-versus-compute nulls each token's running minimum (``selection.py``). Nothing of
+size patterns x tokens is kept (DESIGN 4.2).
 
 After all chunks (``finalize``): oracle@k (mean of per-token best), fixed@k (the one pattern
 with the lowest mean loss, paper section 4.1), random@k (mean over candidates of the per-pattern
@@ -13,7 +15,9 @@ position-varying budgets (paper section 4.2: falling 6->2, rising 2->6, constant
 layer x position usage of the oracle's routes for the heatmaps (paper figures 3-5).
 
 Tensor name legend: P evaluated patterns, J reported budgets, G exact-bigs groups,
-N tokens (of a chunk, or all), L layers, T positions, R routes (skip, small, big).
+N tokens (of a chunk, or all), B sequences of a chunk, S sequences (all), L layers, T positions,
+R routes (skip, small, big; in ``consume``: the leaves), U null families, X their subsets
+(family x draw, ``selection.py``).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import torch
 from ..model.routing import BIG, SKIP, FlopModel
 from ..stats import paired_ppl_difference, ppl_interval, recovered_share
 from .plan import Plan
+from .selection import DRAWS
 from .space import code_strings, decode_codes
 
 
@@ -51,6 +56,11 @@ class ChunkReducer:
         self.doubt_loss_GN = torch.full((G, N), inf, device=device)
         self.prev_loss_GN = torch.full((G, N), inf, device=device)
         self.sum_P = torch.zeros(P, dtype=torch.float64, device=device)
+        self.seq_PB = torch.zeros(P, n_seq, dtype=torch.float64, device=device)  # cross-fitted fixed@k, best of 100
+        nulls = plan.nulls
+        if nulls is not None:  # per pattern the subsets it belongs to: one update of their minima per pattern
+            self.min_XN = torch.full((nulls.n_subsets, N), inf, device=device)
+            self.nulls_of = [torch.as_tensor(x_P, device=device) if len(x_P) else None for x_P in nulls.subsets_of_P]
         self.seen_P = np.zeros(P, dtype=bool)
         self.base = {}
         self.samples_of = [np.flatnonzero(plan.sample_JP[:, p]) for p in range(P)]
@@ -63,7 +73,9 @@ class ChunkReducer:
         doubt_RN = None if doubt_R is None else doubt_R.reshape(len(p_R), -1)
         p_R_t = torch.as_tensor(p_R, device=loss_RN.device)
         self.sum_P.index_copy_(0, p_R_t, loss_RN.double().sum(1))
-        self.rand_JB += self.member_JP[:, p_R_t] @ loss_RN.double().view(len(p_R), self.n_seq, -1).mean(2)
+        loss_RBT = loss_RN.double().view(len(p_R), self.n_seq, -1)
+        self.rand_JB += self.member_JP[:, p_R_t] @ loss_RBT.mean(2)
+        self.seq_PB.index_copy_(0, p_R_t, loss_RBT.sum(2))
         self.seen_P[p_R] = True
         for i, p in enumerate(p_R.tolist()):
             loss_N = loss_RN[i]
@@ -78,6 +90,8 @@ class ChunkReducer:
                 better_N = loss_N < self.sub_JN[j]
                 self.sub_JN[j] = torch.where(better_N, loss_N, self.sub_JN[j])
                 self.sub_arg_JN[j] = torch.where(better_N, p, self.sub_arg_JN[j])
+            if self.plan.nulls is not None and (x := self.nulls_of[p]) is not None:
+                self.min_XN[x] = torch.minimum(self.min_XN[x], loss_N)
             if p == self.plan.all_big:
                 self.base["all_big"] = loss_N.clone()
             if p == self.plan.all_small:
@@ -137,6 +151,9 @@ class ChunkReducer:
             if bool(torch.isfinite(self.doubt_GN).any()):  # the leaves came with their confidence
                 extra["confidence_loss_JN"] = torch.stack(rows_doubt).float().cpu().numpy()
                 extra["previous_loss_JN"] = torch.stack(rows_prev).float().cpu().numpy()
+        if plan.nulls is not None:  # per family: each token's best in a subset, averaged over the draws
+            U, N = len(plan.nulls.families), self.min_XN.shape[1]
+            extra["null_loss_UN"] = self.min_XN.view(U, DRAWS, N).double().mean(1).float().cpu().numpy()
         return {
             **extra,
             "best_loss_JN": best_JN.float().cpu().numpy(),
@@ -145,6 +162,7 @@ class ChunkReducer:
             "all_big_N": self.base["all_big"].float().cpu().numpy(),
             "all_small_N": self.base["all_small"].float().cpu().numpy(),
             "sum_P": self.sum_P.cpu().numpy(),
+            "seq_loss_PB": self.seq_PB.cpu().numpy(),
             # mean over the budget's members of each sequence's mean loss: random@k per sequence
             "random_loss_JB": (self.rand_JB / self.member_JP.sum(1, keepdim=True).clamp(min=1)).cpu().numpy(),
         }
@@ -152,12 +170,14 @@ class ChunkReducer:
 
 def merge_chunks(results: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """Concatenate per-token arrays in chunk order; sum per-pattern losses in chunk order
-    (a fixed order, so a sharded or resumed run gives the same bits as one uninterrupted pass)."""
+    (a fixed order, so a sharded or resumed run gives the same bits as one uninterrupted pass);
+    per-sequence sums ``seq_loss_PB`` become ``seq_loss_PS``."""
     out = {}
     for key in ("best_loss_JN", "best_code_JN", "sub_loss_JN", "search_loss_JN", "random_loss_JB", "confidence_loss_JN",
-                "previous_loss_JN"):
+                "previous_loss_JN", "null_loss_UN"):
         if key in results[0]:
             out[key] = np.concatenate([r[key] for r in results], axis=1)
+    out["seq_loss_PS"] = np.concatenate([r["seq_loss_PB"] for r in results], axis=1)
     for key in ("all_big_N", "all_small_N"):
         out[key] = np.concatenate([r[key] for r in results])
     sum_P = np.zeros_like(results[0]["sum_P"])

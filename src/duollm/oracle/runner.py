@@ -11,7 +11,14 @@ Outputs (DESIGN section 5): ``summary.json``, ``per_token.parquet``, ``oracle_lo
 ``usage.npy`` (float32 [budgets, routes (skip, small, big), layers, positions]: share of tokens
 at each position whose oracle pattern takes that route at that layer — the heatmaps),
 ``patterns.parquet`` (every evaluated pattern's mean loss), ``run.json`` (timing, processes),
-and ``loss_matrix.npy`` [patterns, tokens] only when asked. Each file is written atomically.
+and ``loss_matrix.npy`` only when asked (``OracleSpec.keep_matrix``): float32 [patterns, tokens], row p
+the pattern of row p of ``patterns.parquet`` (code order: lexicographic, skip < small < big), column n
+the token of row n of ``per_token.parquet`` (sequence-major: n = s * T + t), so its row means are
+``patterns.parquet``'s ``mean_loss`` (up to float32 rounding). Each file is written atomically.
+
+Per-token columns beyond the oracle (``selection.py``): ``fixed_oos_loss_k{k}`` and
+``best_of_100_oos_loss_k{k}`` (cross-fitted over sequences), ``count_null_loss_k{k}`` and
+``equal_count_n{n0}_loss_k{k}`` (the count-versus-compute nulls); exhaustive searches only.
 
 Tensor name legend: S sequences, T positions, B sequences of a chunk, N tokens, P patterns,
 J budgets, L layers.
@@ -50,10 +57,12 @@ from .kernels import Kernels
 from .plan import OracleSpec, Plan, build_plan
 from .reductions import ChunkReducer, finalize, label_free_entry, merge_chunks
 from .search import beam_search, max_children
+from .selection import DRAWS, chosen_counts, cross_fitted, null_entries
 from .space import code_strings, decode_codes
 from .tree import walk_tree
 
-ENGINE_VERSION = 3  # 2: random@k per sequence in each chunk's reductions; 3: the label-free oracles
+ENGINE_VERSION = 4  # 2: random@k per sequence in each chunk's reductions; 3: the label-free oracles; 4: per-sequence
+# sums per pattern and the count-versus-compute nulls (selection.py)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -378,7 +387,8 @@ def run_oracle(
 def _write_outputs(out_dir: Path, plan: Plan, merged: dict, idx_ST, tgt_ST, model: DuoModel, meta: dict,
                    rescore: Callable[[list[str]], dict[str, np.ndarray]]) -> dict:
     """The output files. ``rescore(patterns)``: every token's loss under a few patterns (the fixed and
-    best-of-100 pattern of each budget), for their intervals and the paired oracle-vs-pattern gains."""
+    best-of-100 pattern of each budget, in sample and cross-fitted), for their intervals, the paired
+    oracle-vs-pattern gains and the cross-fitted per-token losses."""
     spec = plan.spec
     S, T = idx_ST.shape
     L = plan.n_layers
@@ -388,9 +398,31 @@ def _write_outputs(out_dir: Path, plan: Plan, merged: dict, idx_ST, tgt_ST, mode
     for key, loss_N in (("all_big", merged["all_big_N"]), ("all_small", merged["all_small_N"])):
         ci = ppl_interval(loss_N.reshape(S, T))
         summary_core[f"{key}_ppl_lo"], summary_core[f"{key}_ppl_hi"] = ci["ppl_lo"], ci["ppl_hi"]
+    strings_P = code_strings(plan.code_P, L)
+    # out of sample (DESIGN 4.4a): sequence s scored under the pattern chosen on the other sequences; an
+    # exhaustive search of a candidate space only (the plans with nulls), and not with one sequence
+    choice = {}
+    if plan.nulls is not None:
+        for key, choose_JP in (("fixed", plan.member_JP), ("best_of_100", plan.sample_JP)):
+            if (choice_JS := cross_fitted(merged["seq_loss_PS"], choose_JP)) is not None:
+                choice[key] = choice_JS
     pattern_loss = rescore(sorted({b[key] for b in summary_core["budgets"]
-                                   for key in ("fixed_pattern", "best_of_100_pattern") if b.get(key)}))
+                                   for key in ("fixed_pattern", "best_of_100_pattern") if b.get(key)}
+                                  | {str(strings_P[p]) for choice_JS in choice.values() for p in np.unique(choice_JS)}))
+    null_J, null_cols = null_entries(plan.nulls, merged.get("null_loss_UN"), len(plan.budgets), S, T)
+    oos_cols = {}
     for j, entry in enumerate(summary_core["budgets"]):
+        entry.update(null_J[j])
+        for key in ("fixed", "best_of_100"):
+            choice_S = choice[key][j] if key in choice else None
+            loss_ST = None if choice_S is None else np.stack([pattern_loss[str(strings_P[p])][s]
+                                                              for s, p in enumerate(choice_S)])
+            ci = ppl_interval(loss_ST) if loss_ST is not None else {}
+            entry[f"{key}_oos_ppl"], entry[f"{key}_oos_ppl_lo"], entry[f"{key}_oos_ppl_hi"] = (
+                ci.get("ppl"), ci.get("ppl_lo"), ci.get("ppl_hi"))
+            entry[f"{key}_oos_patterns"] = chosen_counts(choice_S, strings_P) if choice_S is not None else None
+            if loss_ST is not None:
+                oos_cols[f"{key}_oos_loss_k{entry['k']}"] = loss_ST.reshape(-1).astype(np.float32)
         oracle_ST = merged["best_loss_JN"][j].reshape(S, T)
         ci = ppl_interval(oracle_ST)
         entry["oracle_ppl_lo"], entry["oracle_ppl_hi"] = ci["ppl_lo"], ci["ppl_hi"]
@@ -424,8 +456,17 @@ def _write_outputs(out_dir: Path, plan: Plan, merged: dict, idx_ST, tgt_ST, mode
             "random_mean_ppl = exp(mean over candidates of the per-pattern mean loss)",
             "best_of_100: seeded uniform draw of up to 100 candidates per budget; _ppl = best single pattern, "
             "_per_token_ppl = each token's best among the draw",
+            "fixed_ppl and best_of_100_ppl choose their pattern on the evaluation tokens themselves (optimistic); "
+            "fixed_oos_* and best_of_100_oos_* are cross-fitted over sequences: each sequence is scored under the "
+            "pattern with the lowest mean loss on the other sequences (exhaustive search, two sequences or more)",
+            "count_null: per token the best of n = candidates(k) random candidates that all have round(L/2) big "
+            "layers (one fixed compute; n capped at that pool, count_null_capped); equal_count[n0]: per token the "
+            "best of n0 random candidates of budget k, n0 in (C(L,1), C(L,2)); both averaged over "
+            f"{DRAWS} seeded draws without replacement (oracle/selection.py; exhaustive search only)",
         ],
     }
+    if plan.nulls is not None:
+        summary["selection_nulls"] = plan.nulls.describe()
     if spec.search == "beam":
         summary["notes"].append(
             "beam search: oracle_ppl takes per token the best of the search and the random draw; "
@@ -456,11 +497,11 @@ def _write_outputs(out_dir: Path, plan: Plan, merged: dict, idx_ST, tgt_ST, mode
     for j, k in enumerate(plan.budgets):
         strings = code_strings(merged["best_code_JN"][j], L)
         cols[f"best_pattern_k{k}"] = pa.array(strings.tolist(), type=pa.string()).dictionary_encode()
-    write_table(out_dir / PER_TOKEN, cols)
+    write_table(out_dir / PER_TOKEN, {**cols, **oos_cols, **null_cols})
     route_PL = decode_codes(plan.code_P, L)
     N = S * T
     write_table(out_dir / PATTERNS, {
-        "pattern": code_strings(plan.code_P, L).tolist(),
+        "pattern": strings_P.tolist(),
         "bigs": (route_PL == BIG).sum(1).astype(np.int16),
         "skips": (route_PL == SKIP).sum(1).astype(np.int16),
         "candidate": plan.member_JP.any(0) if spec.search == "exhaustive" else np.zeros(len(plan.code_P), bool),

@@ -144,11 +144,14 @@ class Study:
     def oracle_spec(self, context: str, options: str = "SB", skips: int | None = None, budgets: str = "all",
                     schedules_only: bool = False) -> OracleSpec:
         """The spec of one of the study's oracles; the engine options are the study's settings (``study.dtype``
-        is float32 by default: a verdict must not depend on the CPU it ran on, config.StudyConfig)."""
+        is float32 by default: a verdict must not depend on the CPU it ran on, config.StudyConfig). The tree
+        engine's sweeps keep their [patterns, tokens] loss matrix (``rundir.LOSS_MATRIX``): any later null or
+        out-of-sample baseline is then a read of it, not another pass (float32: 4096 x 2048 x 4 bytes = 32 MiB for
+        the cpu preset's sweep, 7 MiB for its skip study); the sequential engine has no such matrix."""
         return build_spec(self.L, budgets=budgets, options=options, skips=skips, context=context,
                           reference=self.cfg.study.reference if CONTEXTS[context].reference else None,
                           dtype=self.cfg.study.dtype, batch_tokens=self.cfg.study.batch_tokens,
-                          schedules_only=schedules_only)
+                          schedules_only=schedules_only, keep_matrix=CONTEXTS[context].engine != "sequential")
 
     def oracle_name(self, context: str, options: str = "SB", skips: int | None = None) -> str:
         return self.oracle_spec(context, options, skips).name()
