@@ -59,7 +59,21 @@ def fig_ppl_vs_budget(rd: RunData) -> Figure | None:
         lo, hi = col("oracle_ppl_lo", o), col("oracle_ppl_hi", o)
         if np.isfinite(lo).any():  # the 95% t-interval over sequences (stats.py)
             ax.fill_between(o.ks, lo, hi, color=COLORS["oracle"], alpha=0.15 if i == 0 else 0.08, lw=0)
-    ax.plot(ks, col("fixed_ppl"), "-s", ms=3, color=COLORS["fixed"], label="fixed (best single pattern)")
+    if np.isfinite(col("fixed_oos_ppl")).any():  # the honest baseline: chosen on the other sequences
+        ax.plot(ks, col("fixed_oos_ppl"), "-s", ms=3, color=COLORS["fixed"], label="fixed, out of sample")
+        ax.plot(ks, col("fixed_ppl"), ":", lw=1, color=COLORS["fixed"], label="fixed, in sample (optimistic)")
+    else:
+        ax.plot(ks, col("fixed_ppl"), "-s", ms=3, color=COLORS["fixed"], label="fixed (best single pattern)")
+    null = col("count_null_ppl")
+    if np.isfinite(null).any():  # selection without compute: as many random candidates, all at L/2
+        ax.plot(ks, null, "-", lw=1.2, color="#7b3294", label="count-matched null (same count, compute L/2)")
+        lo, hi = col("count_null_ppl_lo"), col("count_null_ppl_hi")
+        if np.isfinite(lo).any():
+            ax.fill_between(ks, lo, hi, color="#7b3294", alpha=0.1, lw=0)
+    for n0, ls in zip(sorted({int(n) for b in primary.budgets for n in (b.get("equal_count_ppl") or {})}), ("-.", "--")):
+        eq = np.array([np.nan if (x := (b.get("equal_count_ppl") or {}).get(str(n0))) is None else x
+                       for b in primary.budgets], float)
+        ax.plot(ks, eq, ls, marker=".", ms=4, lw=1, color="#e66101", label=f"oracle at equal count ({n0} candidates)")
     # open markers on a dashed line: where best of 100 equals fixed (it often holds the fixed pattern) both show
     ax.plot(ks, col("best_of_100_ppl"), "--^", ms=5, mfc="none", color=COLORS["best_of_100"],
             label="best of 100 random patterns")
