@@ -545,8 +545,9 @@ def test_label_free_oracles_equal_brute_force(model, tmp_path):
         assert b["confidence_oracle_ppl"] >= b["oracle_ppl"] - 1e-6
         assert b["confidence_oracle_ppl_lo"] <= b["confidence_oracle_ppl"] <= b["confidence_oracle_ppl_hi"]
         if 0 < b["k"] < 4:  # a budget with a gain to recover: the share is a number, and the oracle's own is 1
-            r = b["previous_token_recovered"]
-            assert math.isfinite(r["value"]) and r["lo"] <= r["value"] <= r["hi"]
+            r = b["previous_token_recovered"]  # Fieller's interval: unbounded (NaN) when, on these 4 sequences,
+            assert math.isfinite(r["value"])  # the oracle's gain over fixed is not clearly above zero
+            assert (math.isnan(r["lo"]) and math.isnan(r["hi"])) or r["lo"] <= r["value"] <= r["hi"]
     table = pq.read_table(tmp_path / "o" / "per_token.parquet").to_pandas()
     assert table.loc[table.position == 0, "previous_token_loss_k2"].isna().all()
     np.testing.assert_allclose(table["confidence_loss_k2"].to_numpy(), res["confidence_loss_JN"][2], atol=1e-6)

@@ -452,8 +452,12 @@ def fig_findings(findings: list[dict]) -> Figure | None:
     ax.axvline(0, color="k", lw=0.6)
     ax.set_yticks(range(len(rows)), [f["id"].replace("_", " ") + (f" [{f['context']}]" if f["context"] else "")
                                      for f in reversed(rows)], fontsize=7)
-    ax.set_xlim(-1.05 * reach, 1.05 * reach)
-    ax.set_xlabel("(effect − threshold) / standard error, paper's direction to the right (95% t-interval)")
+    ax.set_xlim(-1.1 * reach, 1.1 * reach)
+    ax.set_xscale("symlog", linthresh=4.0)  # linear where verdicts are decided (|z| ~ 2), compressed beyond
+    for z in (-2.1, 2.1):  # about where a 95% interval starts to exclude the threshold (t, 15 df)
+        ax.axvline(z, color="0.8", lw=0.6, ls=":")
+    ax.set_xlabel("(effect − threshold) / standard error, paper's direction to the right (95% t-interval; "
+                  "symmetric log beyond ±4)")
     ax.set_title("Findings against their registry thresholds")
     return fig
 
