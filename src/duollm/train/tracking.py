@@ -66,10 +66,11 @@ def headline(results: dict) -> dict[str, float]:
     for r in results.get("routers") or []:
         if r.get("ppl") is not None:
             out[f"study/router_ppl/{r['name']}"] = r["ppl"]
-        recovered = r.get("recovered")
-        recovered = recovered.get("value") if isinstance(recovered, dict) else recovered
-        if recovered is not None:
-            out[f"study/router_recovered/{r['name']}"] = recovered
+    for row in results.get("gap") or []:  # shares against the out-of-sample fixed@k (analysis/gap.py)
+        for r in row.get("routers") or []:
+            recovered = (r.get("recovered") or {}).get("value")
+            if recovered is not None:
+                out[f"study/router_recovered/{r['name']}"] = recovered
     for f in results.get("findings") or []:
         if (f.get("effect") or {}).get("value") is not None:
             out[f"study/finding/{f['id']}" + (f"/{f['context']}" if f.get("context") else "")] = f["effect"]["value"]
