@@ -83,7 +83,9 @@ def decomposition(rd: RunData) -> list[dict]:
         if v.has(f"previous_token_loss_k{k}"):  # defined from position 1 on: all three series there
             row["previous_token"] = _entry(v.loss(f"previous_token_loss_k{k}")[:, 1:], oracle_ST[:, 1:], fixed_ST[:, 1:],
                                            v.groups)
-            row["previous_token"]["positions"] = "1.."
+            # its perplexity covers positions 1..: printed with the oracle's and fixed@k's on the same positions
+            row["previous_token"].update(positions="1..", oracle_ppl=float(np.exp(oracle_ST[:, 1:].mean())),
+                                         fixed_ppl=float(np.exp(fixed_ST[:, 1:].mean())))
         if seq is not None and seq.has(f"oracle_loss_k{k}"):
             row["sequential"] = _entry(seq.loss(f"oracle_loss_k{k}"), oracle_ST, fixed_ST, v.groups)
         for r in rd.routers:
@@ -173,6 +175,8 @@ def _cell(entry: dict | None) -> str:
     m = (entry.get("recovered_matched") or {}).get("value")
     if m is not None:
         parts.append(f"{100 * m:.1f}% at its compute {entry['big_fraction']:.3f}")
+    if entry.get("positions"):  # not all positions: the yardsticks on the same ones
+        parts.append(f"positions {entry['positions']}: oracle {entry['oracle_ppl']:.2f}, fixed {entry['fixed_ppl']:.2f}")
     held = " on held-out sequences" if entry.get("heldout") else ""
     return f"{entry['ppl']:.2f}" + (f" ({', '.join(parts)}{held})" if parts else "")
 
