@@ -483,8 +483,10 @@ def routers_near_baselines(rd: RunData, v: OracleView | None) -> Finding:
     if not rows:
         return untested(c, "the oracle lacks the out-of-sample fixed@k or the budgets around the routers' realised compute")
     worst = int(np.argmax(p_rep))
-    return decide(c, [Part(parts[worst], 0.0, 1)], numbers={"routers": rows},
-                  p_pair=(max(p_rep), min(1.0, len(p_con) * min(p_con))))
+    f = decide(c, [Part(parts[worst], 0.0, 1)], numbers={"routers": rows},
+               p_pair=(max(p_rep), min(1.0, len(p_con) * min(p_con))))
+    f.effect["margin"] = margin  # an equivalence claim: the effect's yardstick is the margin around 0
+    return f
 
 
 def _router_stat(routers: list[dict], of_router, combine=np.mean):

@@ -227,6 +227,8 @@ def _threshold(f: dict) -> str:
     """The shown effect's threshold (a part of a claim may face the other way, e.g. placement at 2L/3)."""
     e, t = f.get("effect") or {}, f.get("threshold") or {}
     d, thr = e.get("direction", t.get("direction")), e.get("threshold", t.get("threshold"))
+    if e.get("margin") is not None:  # an equivalence test
+        return f"within ±{e['margin']:g}"
     return "—" if thr is None else f"{'>' if d == 1 else '<'} {thr:g}"
 
 

@@ -447,8 +447,10 @@ def results_table(out: Path) -> str:
     for x in res["findings"]:
         e = x["effect"] or {}
         ctx = f" [{x['context']}]" if x["context"] else ""
-        eff = (f"{e['value']:+.3f} [{f(e.get('lo'), 3)}, {f(e.get('hi'), 3)}] vs {'>' if e.get('direction') == 1 else '<'} "
-               f"{e.get('threshold', 0):g}, p(Holm) {f(x.get('p_adjusted'), 3)}, MDE {f(x.get('mde'), 3)}") if e else x["why"]
+        against = (f"within ±{e['margin']:g}" if e.get("margin") is not None else
+                   f"{'>' if e.get('direction') == 1 else '<'} {e.get('threshold', 0):g}")
+        eff = (f"{e['value']:+.3f} [{f(e.get('lo'), 3)}, {f(e.get('hi'), 3)}] vs {against}, "
+               f"p(Holm) {f(x.get('p_adjusted'), 3)}, MDE {f(x.get('mde'), 3)}") if e else x["why"]
         lines.append(f"  {(x['verdict'] or 'not tested'):<13} {x['claim']}{ctx}  {eff}")
     lines.append(headline(res))
     banner = smoke_banner(res)
