@@ -2,6 +2,7 @@
 the offline accuracy measures, the findings against the null, the report section."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -73,12 +74,13 @@ def test_multiple_choice_items_pair_every_continuation_once_as_the_answer():
         stage1.mc_items(w[:3, :-1], w[:3, 1:])
 
 
-def synthetic(gains: dict, S: int = 48, seed: int = 0) -> dict:
+def synthetic(gains: dict, S: int = 48, seed: int = 0, seeds: int = 1, seed_sd: float = 0.0) -> dict:
     """An evaluation.json whose trained models differ by ``gains`` (nats, per setting) and whose models at
-    initialisation are all the same: the null of every effect is zero."""
+    initialisation are all the same; ``seeds`` models per arm, each model shifted by its own training noise
+    (``seed_sd`` nats, the same on every sequence)."""
     rng = np.random.default_rng(seed)
     base_S = 4.0 + 0.3 * rng.standard_normal(S)
-    noise = lambda: 0.01 * rng.standard_normal(S)
+    noise = lambda: 0.01 * rng.standard_normal(S) + seed_sd * rng.standard_normal()
 
     def entry(loss_S):
         return {"loss_S": loss_S.tolist(), "acc_S": np.full(S, 0.3).tolist(), "mc_S": np.full(S, 0.5).tolist(),
@@ -86,17 +88,20 @@ def synthetic(gains: dict, S: int = 48, seed: int = 0) -> dict:
 
     models = {}
     init = {lab: entry(np.full(S, 7.6)) for lab in [f"p{p:.2f}" for p in stage1.P_BIG]}
-    models["duo"] = {"trained": {f"p{p:.2f}": entry(base_S + gains[("duo", p)] + noise()) for p in stage1.P_BIG},
-                     "init": init}
-    for p in stage1.P_BIG:
-        models[f"dense-p{p:.2f}"] = {"trained": {"p1.00": entry(base_S + gains[("dense", p)] + noise())},
-                                     "init": {"p1.00": entry(np.full(S, 7.6))}}
-    models["bigfirst"] = {"trained": {f"p{p:.2f}": entry(base_S + gains[("bigfirst", p)] + noise()) for p in (0.0, 0.5, 1.0)},
-                          "init": {f"p{p:.2f}": init[f"p{p:.2f}"] for p in (0.0, 0.5, 1.0)}}
+    for i in range(seeds):
+        name = lambda arm, i=i: rundir.stage1_model_name(arm, i)
+        models[name("duo")] = {"trained": {f"p{p:.2f}": entry(base_S + gains[("duo", p)] + noise()) for p in stage1.P_BIG},
+                               "init": init}
+        for p in stage1.P_BIG:
+            models[name(f"dense-p{p:.2f}")] = {"trained": {"p1.00": entry(base_S + gains[("dense", p)] + noise())},
+                                               "init": {"p1.00": entry(np.full(S, 7.6))}}
+        models[name("bigfirst")] = {"trained": {f"p{p:.2f}": entry(base_S + gains[("bigfirst", p)] + noise())
+                                                for p in (0.0, 0.5, 1.0)},
+                                    "init": {f"p{p:.2f}": init[f"p{p:.2f}"] for p in (0.0, 0.5, 1.0)}}
     for m in models.values():
         m.update(title="", step=1, d_ff_big=8, params=1, folder=".")
     return {"tokens": S * 16, "sequences": S, "items": S, "steps": 10, "draws": 4, "p_big": list(stage1.P_BIG),
-            "widths": {f"{p:.2f}": 8 for p in stage1.P_BIG}, "fixed": {}, "models": models}
+            "widths": {f"{p:.2f}": 8 for p in stage1.P_BIG}, "fixed": {}, "models": models, "seeds_per_arm": seeds}
 
 
 def paper_like() -> dict:
@@ -122,6 +127,29 @@ def test_findings_one_per_p_big_each_inconclusive_without_seeds():
         assert f.effect["value"] == pytest.approx(1 - np.exp(-(g[("duo", p)] - g[("dense", p)])), abs=0.01)
         assert f.effect["lo"] > 0 and f.verdict == "inconclusive" and "seed-to-seed" in f.why and f.p is None
     assert fs[-1].effect["lo"] > 0 and fs[-1].verdict == "inconclusive"
+
+
+def test_with_three_seeds_per_arm_the_findings_are_decided_against_seed_to_seed_variance():
+    fs = stage1_report.findings(synthetic(paper_like(), seeds=3, seed_sd=0.005))
+    assert all(f.verdict == "reproduced" and "3 seeds" in f.why for f in fs), [(f.context, f.verdict) for f in fs]
+    assert all(len(f.numbers["gain_per_seed"]) == 3 and f.effect["df"] == 2 for f in fs)
+    flipped = {k: {"duo": 0.0, "dense": 0.2, "bigfirst": -0.2}[k[0]] for k in paper_like()}
+    got = [f.verdict for f in stage1_report.findings(synthetic(flipped, seeds=3, seed_sd=0.005))]
+    assert got[:4] == ["contradicted"] * 4 and got[-1] == "contradicted"
+    # a gain inside the seeds' own spread: the sequences' interval alone would call it, the seeds do not
+    small = {k: (0.02 if k[0] == "duo" else 0.0) for k in paper_like()}
+    assert {f.verdict for f in stage1_report.findings(synthetic(small, seeds=3, seed_sd=0.05))} == {"inconclusive"}
+
+
+def test_the_plan_trains_every_arm_once_per_seed():
+    cfg = load_config("tiny", ["study.stage1=true", "study.stage1_seeds=2", "study.stage1_steps=6"])
+    models = stage1.plan(cfg, Path("RUN"))
+    names = [m.name for m in models]
+    assert names[:8] == ["duo", *(f"dense-p{p:.2f}" for p in stage1.P_BIG), "bigfirst-a", "bigfirst"]
+    assert names[8:] == [f"{n}-s1" for n in names[:8]]
+    seeds = {m.name: m.cfg.train.seed for m in models}
+    assert seeds["dense-p0.50-s1"] == seeds["dense-p0.50"] + 100 and seeds["bigfirst-s1"] == seeds["bigfirst"] + 100
+    assert stage1.routings("dense-p0.50-s1", 4) == stage1.routings("dense-p0.50", 4) and not stage1.routings("bigfirst-a-s1", 4)
 
 
 def test_the_stage_trains_every_model_freezes_the_big_first_model_and_reports(tmp_path):

@@ -107,6 +107,9 @@ class StudyConfig:
     seeds: int = 1  # language models (and their routers) trained with seeds train.seed, +1, ...: RUN/seeds/seed-<s>/
     stage1: bool = False  # the paper's Fig. 8: Duo vs FLOP-matched dense models, big-first ablation (study/stage1.py)
     stage1_steps: int = 0  # training steps of each of the stage's models (0: train.steps, the run's own model)
+    # models per arm (training seeds train.seed + 100 i): their spread is the null of a claim between models; the
+    # findings need 3 (analysis/findings.py), 1 keeps them inconclusive
+    stage1_seeds: int = 1
 
 
 @dataclass

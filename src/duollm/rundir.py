@@ -227,6 +227,17 @@ def stage1_model_dir(run: Path, name: str) -> Path:
     return stage1_dir(run) / name
 
 
+def stage1_model_name(arm: str, seed_index: int) -> str:
+    """The name of an arm's model for its i-th seed (``study.stage1_seeds``): ``dense-p0.50``, ``dense-p0.50-s1``."""
+    return f"{arm}-s{seed_index}" if seed_index else arm
+
+
+def stage1_arm(name: str) -> str:
+    """The arm a Stage-1 model belongs to: its name without the seed suffix."""
+    head, _, tail = name.rpartition("-s")
+    return head if head and tail.isdigit() else name
+
+
 def stage1_evaluation(run: Path) -> Path:
     return stage1_dir(run) / "evaluation.json"
 

@@ -90,30 +90,37 @@ def findings(ev: dict | None) -> list[Finding]:
 
     Each is a claim between separately trained models, whose null is seed-to-seed variance (DESIGN 4.4a): an
     interval over evaluation sequences leaves training noise out (a width-392 dense model beat width-512 by
-    6%). The stage trains one model per arm, fewer than the registry's ``min_seeds_per_arm``: each finding shows
-    its effect with the interval over sequences and stays inconclusive, outside the family, saying why."""
+    6%). With ``study.stage1_seeds`` models per arm (at least the registry's ``min_seeds_per_arm``), the effect
+    is the mean over seeds of each seed's gain on the stage's tokens and its t-interval is over seeds; with
+    fewer, each finding shows its effect with the interval over sequences and stays inconclusive, outside the
+    family, saying why."""
     if not ev:
         return []
-    S = ev["sequences"]
-    parts = []
-    for p in ev["p_big"]:
-        duo, dense = _arrays(ev, "duo", f"p{p:.2f}"), _arrays(ev, f"dense-p{p:.2f}", "p1.00")
-        parts.append((STAGE1_DENSE, f"P(big)={p:g}", duo, dense,
-                      {"dense_width": ev["widths"][f"{p:.2f}"]}))
-    parts.append((STAGE1_BIGFIRST, "P(big)=0.5", _arrays(ev, "bigfirst", "p0.50"), _arrays(ev, "duo", "p0.50"), {}))
+    S, n_seeds = ev["sequences"], int(ev.get("seeds_per_arm", 1))
+    parts = [(STAGE1_DENSE, f"P(big)={p:g}", ("duo", f"p{p:.2f}"), (f"dense-p{p:.2f}", "p1.00"),
+              {"dense_width": ev["widths"][f"{p:.2f}"]}) for p in ev["p_big"]]
+    parts.append((STAGE1_BIGFIRST, "P(big)=0.5", ("bigfirst", "p0.50"), ("duo", "p0.50"), {}))
     out = []
-    for c, ctx, worse, better, numbers in parts:
-        if worse is None or better is None:
+    for c, ctx, (worse, w_label), (better, b_label), numbers in parts:
+        pairs = [(_arrays(ev, rundir.stage1_model_name(worse, i), w_label),
+                  _arrays(ev, rundir.stage1_model_name(better, i), b_label))
+                 for i in range(n_seeds)]
+        if any(a is None or b is None for a, b in pairs):
             out.append(untested(c, "the stage lacks this model", ctx))
             continue
-        a, b = worse["loss_S"], better["loss_S"]
-        f = one_part(c, estimate(lambda idx, a=a, b=b: gain(b[idx], a[idx]), S), context=ctx,
-                     numbers={**numbers, "ppl": _r(ppl_of(a)), "ppl_other": _r(ppl_of(b))})
+        gain_I = np.array([gain(b["loss_S"], a["loss_S"]) for a, b in pairs])  # one gain per seed
         need = int(dict(c.extra)["min_seeds_per_arm"])
-        f.why = (f"one model per arm, fewer than the registry's {need}: no seed-to-seed variance, so the interval "
-                 "over sequences leaves training noise out")
-        f.verdict = f.unadjusted_verdict = "inconclusive"
-        f.p = f.p_reproduce = f.p_contradict = None
+        a, b = pairs[0][0]["loss_S"], pairs[0][1]["loss_S"]
+        numbers = {**numbers, "ppl": _r(ppl_of(a)), "ppl_other": _r(ppl_of(b)), "gain_per_seed": [_r(g) for g in gain_I]}
+        if n_seeds >= need:  # the null: the spread of the gain across seeds
+            f = one_part(c, estimate(lambda idx: float(gain_I[idx].mean()), n_seeds), context=ctx, numbers=numbers,
+                         why=f"interval over {n_seeds} seeds per arm (seed-to-seed variance)")
+        else:
+            f = one_part(c, estimate(lambda idx, a=a, b=b: gain(b[idx], a[idx]), S), context=ctx, numbers=numbers)
+            f.why = (f"{n_seeds} model per arm, fewer than the registry's {need}: no seed-to-seed variance, so the "
+                     "interval over sequences leaves training noise out (study.stage1_seeds)")
+            f.verdict = f.unadjusted_verdict = "inconclusive"
+            f.p = f.p_reproduce = f.p_contradict = None
         out.append(f)
     return out
 

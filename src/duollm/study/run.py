@@ -341,7 +341,7 @@ class Study:
         oracle = rundir.oracle_dir(self.out, self.oracle_name(self.primary_context))
         out.append(Stage("stage1-evaluation", "stage 1: every model scored, trained and at initialisation", 0.0, "report",
                          lambda: {"step": self.trained_step(), "stage1_steps": steps, "tokens": self.cfg.eval.max_tokens,
-                                  "fixed": rundir.is_complete_oracle(oracle)},
+                                  "fixed": rundir.is_complete_oracle(oracle), "seeds": self.cfg.study.stage1_seeds},
                          lambda: rundir.stage1_evaluation(self.out).is_file(),
                          lambda stale: stage1.evaluate(self.cfg, self.out, oracle, self.log)))
         return out

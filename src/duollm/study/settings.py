@@ -83,7 +83,7 @@ def validate_study(cfg: RunConfig) -> None:
         raise ValueError(f"study.skip_fraction must be in [0, 1); got {st.skip_fraction}")
     if st.skip_fraction and not 0 < skip_count(cfg) < L:
         raise ValueError(f"study.skip_fraction={st.skip_fraction} gives {skip_count(cfg)} of {L} layers skipped")
-    for name in ("router_steps", "router_batch", "batch_tokens", "seeds"):
+    for name in ("router_steps", "router_batch", "batch_tokens", "seeds", "stage1_seeds"):
         if getattr(st, name) <= 0:
             raise ValueError(f"study.{name} must be positive; got {getattr(st, name)}")
     if st.dtype not in DTYPES:  # the oracle engine's

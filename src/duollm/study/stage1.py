@@ -95,32 +95,42 @@ class Model:
     trained_here: bool = True
 
 
+SEED_STRIDE = 100  # arm i trains with train.seed + 100 i (+ 1 for the big-first phase 2's batches)
+
+
 def plan(cfg: RunConfig, run: Path) -> list[Model]:
-    """The stage's models in training order (the Duo model, the dense baselines, the Fig. 8c pair)."""
+    """The stage's models in training order (the Duo model, the dense baselines, the Fig. 8c pair), once per
+    seed of ``study.stage1_seeds``: the first with the run's seed, the others with train.seed + 100 i."""
     run = Path(run)
     steps = stage1_steps(cfg)
     models = []
-    own = steps == cfg.train.steps
-    models.append(Model("duo", run if own else rundir.stage1_model_dir(run, "duo"), cfg if own else _sub_config(cfg, steps),
-                        f"Duo model, random routing, {steps} steps", trained_here=not own))
-    for p in P_BIG:
-        w = matched_width(cfg.model, p)
-        name = f"dense-p{p:.2f}"
-        models.append(Model(name, rundir.stage1_model_dir(run, name), _sub_config(cfg, steps, p_big=1.0, d_ff_big=w),
-                            f"dense baseline at P(big) = {p:g}: FFN width {w}, {steps} steps"))
-    steps_b = steps // 3
-    phase_a = rundir.stage1_model_dir(run, "bigfirst-a")
-    models.append(Model("bigfirst-a", phase_a, _sub_config(cfg, steps - steps_b, p_big=1.0),
-                        f"Fig. 8c phase 1: big modules first, all-big routing, {steps - steps_b} steps"))
+    for i in range(cfg.study.stage1_seeds):
+        name_of, off = (lambda arm, i=i: rundir.stage1_model_name(arm, i)), SEED_STRIDE * i
+        seeded = f", seed {cfg.train.seed + off}" if i else ""
+        own = steps == cfg.train.steps and i == 0  # the run's own model is the first Duo model
+        models.append(Model(name_of("duo"), run if own else rundir.stage1_model_dir(run, name_of("duo")),
+                            cfg if own else _sub_config(cfg, steps, seed_offset=off),
+                            f"Duo model, random routing, {steps} steps{seeded}", trained_here=not own))
+        for p in P_BIG:
+            w = matched_width(cfg.model, p)
+            name = name_of(f"dense-p{p:.2f}")
+            models.append(Model(name, rundir.stage1_model_dir(run, name),
+                                _sub_config(cfg, steps, p_big=1.0, d_ff_big=w, seed_offset=off),
+                                f"dense baseline at P(big) = {p:g}: FFN width {w}, {steps} steps{seeded}"))
+        steps_b = steps // 3
+        phase_a = rundir.stage1_model_dir(run, name_of("bigfirst-a"))
+        models.append(Model(name_of("bigfirst-a"), phase_a, _sub_config(cfg, steps - steps_b, p_big=1.0, seed_offset=off),
+                            f"Fig. 8c phase 1: big modules first, all-big routing, {steps - steps_b} steps{seeded}"))
 
-    def from_phase_a(model: DuoModel) -> None:
-        load_weights(model, latest_checkpoint(phase_a))
-        for name, param in model.named_parameters():
-            param.requires_grad_(".ffn.small." in name)  # everything trained in phase 1 stays frozen
+        def from_phase_a(model: DuoModel, phase_a=phase_a) -> None:
+            load_weights(model, latest_checkpoint(phase_a))
+            for name, param in model.named_parameters():
+                param.requires_grad_(".ffn.small." in name)  # everything trained in phase 1 stays frozen
 
-    models.append(Model("bigfirst", rundir.stage1_model_dir(run, "bigfirst"), _sub_config(cfg, steps_b, seed_offset=1),
-                        f"Fig. 8c phase 2: big modules frozen, small modules trained with random routing, {steps_b} steps",
-                        prepare=from_phase_a))
+        models.append(Model(name_of("bigfirst"), rundir.stage1_model_dir(run, name_of("bigfirst")),
+                            _sub_config(cfg, steps_b, seed_offset=off + 1),
+                            f"Fig. 8c phase 2: big modules frozen, small modules trained with random routing, "
+                            f"{steps_b} steps{seeded}", prepare=from_phase_a))
     return models
 
 
@@ -201,6 +211,7 @@ def routings(name: str, L: int, fixed: dict[int, str] | None = None) -> dict[str
     def at(p: float) -> str | float:
         return ("B" * L if p == 1.0 else "S" * L) if p in (0.0, 1.0) else p
 
+    name = rundir.stage1_arm(name)
     if name == "duo":
         return {f"p{p:.2f}": at(p) for p in P_BIG} | {f"fixed-k{k}": pattern for k, pattern in (fixed or {}).items()}
     if name == "bigfirst":
@@ -254,6 +265,7 @@ def evaluate(cfg: RunConfig, run: Path, oracle: Path | None = None, log=print) -
     atomic_write_json(out, {"tokens": S * T, "sequences": S, "seq_len": T, "items": int(mc[1].numel()),
                             "context": mc[2], "steps": stage1_steps(cfg), "draws": DRAWS, "p_big": list(P_BIG),
                             "widths": {f"{p:.2f}": matched_width(cfg.model, p) for p in P_BIG},
-                            "fixed": {str(k): v for k, v in fixed.items()}, "models": models})
+                            "fixed": {str(k): v for k, v in fixed.items()}, "models": models,
+                            "seeds_per_arm": cfg.study.stage1_seeds})
     log(f"stage 1: {len(models)} models scored on {S * T:,} tokens and {mc[1].numel()} multiple-choice items")
     return out
