@@ -151,8 +151,9 @@ def decide(c: Criterion, parts: list[Part], numbers: dict | None = None, context
     threshold and direction. ``p_pair`` overrides the two one-sided p-values (an equivalence test)."""
     p_rep = [p.p_reproduce for p in parts]
     p_con = [p.p_contradict for p in parts]
-    if p_pair is None:
-        p_pair = (max(p_rep), min(1.0, len(parts) * min(p_con)))
+    if p_pair is None:  # an undefined part (NaN) leaves the claim unproven; any defined part may contradict it
+        con = [p for p in p_con if math.isfinite(p)]
+        p_pair = (float(np.max(p_rep)), min(1.0, len(parts) * min(con)) if con else float("nan"))
     if shown is None:
         shown = int(np.nanargmax(p_rep)) if np.isfinite(p_rep).any() else 0
     part = parts[shown]
@@ -470,7 +471,7 @@ def routers_near_baselines(rd: RunData, v: OracleView | None) -> Finding:
         p_share_below = p_below(d["value"], d["se"], d["df"], 0.0)
         far = estimate(lambda idx: gain(o_S[idx], f_S[idx]), len(seqs), groups_S=g_S)  # the oracle's own gain
         p_far = p_above(far["value"], far["se"], far["df"], margin)
-        p_rep.append(max(p_equiv, p_share_below, p_far))
+        p_rep.append(float(np.max([p_equiv, p_share_below, p_far])))  # NaN (undefined) stays NaN
         p_con.append(min(1.0, 3 * min(p_above(near["value"], near["se"], near["df"], margin),
                                       p_below(near["value"], near["se"], near["df"], -margin),
                                       p_above(d["value"], d["se"], d["df"], 0.0))))
@@ -484,7 +485,7 @@ def routers_near_baselines(rd: RunData, v: OracleView | None) -> Finding:
         return untested(c, "the oracle lacks the out-of-sample fixed@k or the budgets around the routers' realised compute")
     worst = int(np.argmax(p_rep))
     f = decide(c, [Part(parts[worst], 0.0, 1)], numbers={"routers": rows},
-               p_pair=(max(p_rep), min(1.0, len(p_con) * min(p_con))))
+               p_pair=(float(np.max(p_rep)), min(1.0, len(p_con) * float(np.nanmin(p_con)))))
     f.effect["margin"] = margin  # an equivalence claim: the effect's yardstick is the margin around 0
     return f
 
