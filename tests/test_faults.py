@@ -591,12 +591,14 @@ def test_a_stage_that_makes_no_progress_says_so():
     from duollm.runtime.watchdog import watchdog
 
     lines = []
-    with watchdog(lines.append, "waiting stage", every=0.1):
+    # os.times() counts in 10 ms ticks: at a 0.1 s interval one tick of anything (the collector, pytest) is 10% of
+    # it, so the test allows half a core per interval (a sleep uses none, the busy loop all of one)
+    with watchdog(lines.append, "waiting stage", every=0.1, idle_share=0.5):
         time.sleep(0.55)  # no CPU at all: a hang on a lock or a thread pool
     assert len(lines) >= 3 and all("waiting stage: no progress for" in line for line in lines)
     assert lines[1].split("for ")[1].startswith("0.2")  # the idle time adds up
     busy = []
-    with watchdog(busy.append, "busy stage", every=0.1):
+    with watchdog(busy.append, "busy stage", every=0.1, idle_share=0.5):
         end = time.time() + 0.4
         while time.time() < end:
             sum(range(1000))
