@@ -72,11 +72,12 @@ def format_table(runs: list[dict], rows: list[dict]) -> str:
     def counts(v):
         return "—" if not v else " / ".join(f"{v.get(k, 0)}" for k in ("reproduced", "contradicted", "inconclusive"))
 
-    top = _table(["run", "steps", "val loss all-big", "all-small", "tokens", "k", "oracle@k", "fixed@k",
+    top = _table(["run", "steps", "val loss all-big", "all-small", "tokens", "k", "oracle@k", "fixed@k (out of sample)",
                   "reproduced / contradicted / inconclusive"],
                  [[Path(r["run"]).name, str(r["steps"]), num(r["val_all_big"]), num(r["val_all_small"]), str(r["tokens"]),
                    str(r["k"]), num(r["oracle_ppl"], 2), num(r["fixed_ppl"], 2), counts(r["verdicts"])] for r in runs])
-    header = ["run", "k", "method", "ppl", "big", "recovered at k [95%]", "at its compute [95%]", "oracle", "fixed"]
+    header = ["run", "k", "method", "ppl", "big", "recovered at k [95%]", "at its compute [95%]", "oracle",
+              "fixed (out of sample)"]
     body = [[Path(r["run"]).name, str(r["k"]), r["method"], f"{r['ppl']:.2f}", f"{r['big_fraction']:.3f}",
              _share(r["recovered"]), _share(r["recovered_matched"]), f"{r['oracle_ppl']:.2f}", f"{r['fixed_ppl']:.2f}"]
             for r in rows]
