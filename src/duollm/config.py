@@ -110,6 +110,11 @@ class StudyConfig:
     # models per arm (training seeds train.seed + 100 i): their spread is the null of a claim between models; the
     # findings need 3 (analysis/findings.py), 1 keeps them inconclusive
     stage1_seeds: int = 1
+    # the scale axis (issue 29): the study again at each model width d_model (heads and FFNs scaled with it, L kept)
+    # and each multiple of train.steps, every size a run folder RUN/scale/d<d>-x<m>/ scored on the same tokens;
+    # comma-separated ("64,128,256"; "1,2"); "": the run's own width / steps only (study/scale.py)
+    widths: str = ""
+    train_tokens: str = ""
 
 
 @dataclass

@@ -21,6 +21,7 @@ This is the one module that knows the layout of a run folder; it imports nothing
     RUN/null/                          the null control: a run folder of the model at initialisation  null_dir
     RUN/seeds/seed-<s>/                the study with another training seed (a run folder)  seed_dir
     RUN/stage1/<model>/, evaluation.json  the Stage-1 study's models and their scores  stage1_dir
+    RUN/scale/d<d>-x<m>/               the study at width d, m x the training steps (a run folder)  scale_dir
     RUN/.lock                          only while a command writes    writing
 
 ``writing(run)`` is held by every command that writes into a run folder (train, oracle, router,
@@ -216,6 +217,27 @@ def seed_dirs(run: Path) -> list[Path]:
     root = Path(run) / "seeds"
     found = [p for p in root.glob("seed-*") if p.is_dir() and has_run(p)] if root.is_dir() else []
     return sorted(found, key=lambda p: int(p.name.split("-", 1)[1]) if p.name.split("-", 1)[1].isdigit() else 0)
+
+
+SCALE = "scale"
+
+
+def scale_name(d_model: int, steps_multiple: int) -> str:
+    """``d<d>-x<m>``: a size of the scale axis (``study.widths``, ``study.train_tokens``)."""
+    return f"d{int(d_model)}-x{int(steps_multiple)}"
+
+
+def scale_dir(run: Path, name: str) -> Path:
+    """``RUN/scale/d<d>-x<m>/``: the study at another model size (study/scale.py)."""
+    return Path(run) / SCALE / name
+
+
+def scale_dirs(run: Path) -> list[Path]:
+    """The scale axis's run folders that hold a run, by width then multiple."""
+    root = Path(run) / SCALE
+    found = [p for p in root.glob("d*-x*") if p.is_dir() and has_run(p)] if root.is_dir() else []
+    key = lambda p: tuple(int(x) if x.isdigit() else 0 for x in p.name[1:].split("-x", 1))
+    return sorted(found, key=key)
 
 
 def stage1_dir(run: Path) -> Path:  # the Stage-1 study's models (study/stage1.py)

@@ -58,6 +58,7 @@ from ..stats import (
     p_above,
     p_below,
     ratio_estimate,
+    t_quantile,
     tost,
     verdict_from,
 )
@@ -272,6 +273,56 @@ def criteria_fingerprint() -> str:
     """A hash of every frozen criterion: a test pins it per version."""
     text = json.dumps({"version": CRITERIA_VERSION, **{k: c.as_dict() for k, c in CRITERIA.items()}}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- the scale axis (issue 29)
+
+# How a finding's effect moves with model size, frozen like the criteria (its own version: the criteria above are
+# unchanged by it). Two sizes' models are independent, so the difference's standard error is the two added in
+# quadrature; they score the same sequences, which, correlated, makes that conservative.
+SCALE_RULE_VERSION = 1
+SCALE_RULE = ("Between the smallest and the largest model, d = direction x (effect - threshold) per size (> 0: the "
+              "claim's side). flips: the two 95% intervals of d lie on opposite sides of 0. Otherwise grows / shrinks: "
+              "the 95% t-interval of d(largest) - d(smallest) (standard errors in quadrature, df the smaller) lies "
+              "above / below 0; holds: two one-sided tests put that difference within +-sesoi at 5%; inconclusive "
+              "otherwise.")
+TRENDS = ("flips", "grows", "shrinks", "holds", "inconclusive")
+
+
+def scale_rule_fingerprint() -> str:
+    """A hash of the frozen scale rule: a test pins it per version."""
+    text = json.dumps({"version": SCALE_RULE_VERSION, "rule": SCALE_RULE, "alpha": ALPHA}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def scale_trend(c: Criterion, small: dict | None, large: dict | None) -> dict:
+    """``SCALE_RULE`` applied to a finding's effects (``stats.estimate`` dicts with ``se`` and ``df``) at the
+    smallest and the largest size; ``trend`` None where either lacks an effect."""
+    def oriented(e):
+        if not e or e.get("se") is None or not math.isfinite(e["se"]) or e.get("value") is None:
+            return None
+        thr, d = e.get("threshold", c.threshold), e.get("direction", c.direction)
+        return d * (e["value"] - thr), e["se"], e["df"]
+    a, b = oriented(small), oriented(large)
+    if a is None or b is None:
+        return {"trend": None, "difference": None}
+    (da, sa, fa), (db, sb, fb) = a, b
+    se, df = math.hypot(sa, sb), min(fa, fb)
+    diff = db - da
+    q = t_quantile(1 - ALPHA / 2, df)
+    lo_a, hi_a, lo_b, hi_b = da - q * sa, da + q * sa, db - q * sb, db + q * sb
+    lo, hi = diff - q * se, diff + q * se
+    if (lo_a > 0 and hi_b < 0) or (hi_a < 0 and lo_b > 0):
+        trend = "flips"
+    elif lo > 0:
+        trend = "grows"
+    elif hi < 0:
+        trend = "shrinks"
+    elif se > 0 and tost(diff, se, df, -c.sesoi, c.sesoi) < ALPHA:
+        trend = "holds"
+    else:
+        trend = "inconclusive"
+    return {"trend": trend, "difference": finite_round({"value": diff, "lo": lo, "hi": hi, "se": se, "df": df}, 5)}
 
 
 # ----------------------------------------------------------------------------- the oracle (sections 4.1, 4.2)
@@ -737,6 +788,6 @@ def counts(findings: list[dict]) -> dict:
     return out
 
 
-__all__ = ["CRITERIA", "CRITERIA_VERSION", "FINDINGS", "Criterion", "Evidence", "Finding", "FindingCheck", "Part",
-           "across_seeds", "adjust", "check_all", "counts", "criteria_fingerprint", "decide", "one_part", "register",
-           "untested"]
+__all__ = ["CRITERIA", "CRITERIA_VERSION", "FINDINGS", "SCALE_RULE", "SCALE_RULE_VERSION", "TRENDS", "Criterion",
+           "Evidence", "Finding", "FindingCheck", "Part", "across_seeds", "adjust", "check_all", "counts",
+           "criteria_fingerprint", "decide", "one_part", "register", "scale_rule_fingerprint", "scale_trend", "untested"]

@@ -30,7 +30,7 @@ from ..io import atomic_folder, atomic_write_bytes, atomic_write_text
 from ..model.model import DuoModel, param_counts
 from ..rundir import writing
 from ..stats import finite_round
-from . import gap, stage1, wallclock
+from . import gap, scale, stage1, wallclock
 from .difficulty import difficulty_table, reference_k, token_table, write_difficulty
 from .figures import render_all, sample_sequence, visible
 from .findings import CRITERIA, CRITERIA_VERSION, across_seeds, check_all, counts, criteria_fingerprint
@@ -59,6 +59,10 @@ FIGURE_CAPTIONS = {
     "difficulty_ranking": "Tokens ranked by difficulty gap vs by raw all-small loss.",
     "skip_vs_early_exit": "Skip study: which layers the oracle skips, its most chosen patterns, and perplexity of the "
                           "oracle, the best fixed pattern, early exit and a random pattern.",
+    "scale": "The study per model size (study.widths, study.train_tokens) against the parameter count: the big-small "
+             "gap, the oracle's gain over the out-of-sample fixed@L/2, the share of it the count-matched selection null "
+             "and the best label-free oracle recover, the router against the out-of-sample fixed pattern, and "
+             "Spearman(raw loss, benefit); 95% t-intervals over sequences.",
 }
 
 
@@ -362,7 +366,8 @@ def tables(res: dict) -> list[tuple[str, list[str], list[list[str]]]]:
                         ["text", "loss small", "loss big", "loss oracle", "gap", "rank by loss", "rank by gap"],
                         [[visible(t["text"]), _fmt(t["loss_small"]), _fmt(t["loss_big"]), _fmt(t["loss_oracle"]), _fmt(t["gap"]),
                           str(t["loss_rank"]), str(t["gap_rank"])] for t in d[key]]))
-    return out + wallclock.tables(res.get("wallclock")) + stage1.tables(res.get("stage1"))
+    return (out + wallclock.tables(res.get("wallclock")) + stage1.tables(res.get("stage1"))
+            + scale.tables(res.get("scale")))
 
 
 def position_table(o: dict, label: str) -> list:
@@ -519,6 +524,10 @@ def _write_report(run_dir: Path) -> Path:
     s1 = stage1.section(ev)
     pngs = render_all(rd, difficulty, findings) | stage1.figure(s1)
     res = results(rd, difficulty, list(pngs), findings) | ({"stage1": s1} if s1 else {})
+    sc = scale.section(rd, res)  # the other sizes' own reports beside this run's numbers (study.widths)
+    if sc:
+        pngs |= scale.figure(sc)
+        res |= {"scale": sc, "figures": list(pngs)}
     files = {rundir.REPORT_RESULTS: json.dumps(res, indent=2, sort_keys=True) + "\n",
              rundir.REPORT_MD: render_markdown(res, pngs),
              rundir.REPORT_HTML: render_html(res, pngs, coloured_tokens_html(rd))}

@@ -21,6 +21,8 @@ routers' steps and batch) are the settings of ``RunConfig.study`` (``settings.py
                           big-first ablation, RUN/stage1/ (stage1.py)
     seed <s>              ``study.seeds`` > 1: the whole study again with training seed s in
                           RUN/seeds/seed-<s>/ (no null of its own: the findings use RUN/null)
+    scale <d>x<m>         ``study.widths`` / ``study.train_tokens``: the whole study again at width d and m x
+                          the training steps in RUN/scale/d<d>-x<m>/, with its own null control (scale.py)
     report                token difficulty, figures, findings: RUN/report/ (analysis/)
 
 Resuming: a stage is complete when its outputs are (an oracle's ``run.json``, written after its
@@ -68,7 +70,7 @@ from ..runtime.distributed import resolve_device
 from ..runtime.watchdog import watchdog
 from ..train.loop import check_run_folder, pretrain
 from ..train.tracking import publish_results
-from . import stage1
+from . import scale, stage1
 from .eta import costs, eta_seconds, fmt_duration
 from .folders import make_null_run
 from .settings import router_budgets, router_methods, router_mixtures, skip_count, validate_study
@@ -212,6 +214,10 @@ class Study:
             out += self.stage1_stages(c["train"] / self.cfg.train.steps)
         for seed in self.seeds():
             out.append(self.seed_stage(seed, sum(c.values())))
+        own = scale.own_size(self.cfg)
+        for size in scale.sizes(self.cfg):
+            if size != own:  # FLOPs grow about as width squared times steps
+                out.append(self.scale_stage(size, sum(c.values()) * (size.d_model / own.d_model) ** 2 * size.steps_multiple))
         out.append(Stage("report", "difficulty, figures, findings, report", 0.0, "report", lambda: {}, lambda: False,
                          lambda stale: self.report()))
         return out
@@ -303,6 +309,16 @@ class Study:
         what = f"k={k} of {self.L} (target {target:.2f})" if compared else f"big {target:.2f}, skip {skip_target:.2f}"
         return Stage(f"{prefix}router-{name}", f"{title}router {method} at {what}", cost, "router", key, complete, go)
 
+    def sub_study(self, folder: Path, cfg: RunConfig) -> None:
+        """The whole study with ``cfg`` in ``folder`` (a seed or a size), resumed where it stopped."""
+        if rundir.config_path(folder).is_file():
+            conflict = resume_conflict(load_config(str(rundir.config_path(folder)), saved=True), cfg)
+            if conflict:
+                raise ValueError(f"{folder} holds another run: {conflict}")
+        check_run_folder(cfg, folder, resume=rundir.has_run(folder))
+        with rundir.writing(folder, create=True):
+            Study(cfg, folder, self.log).run()
+
     def seed_stage(self, seed: int, cost: float) -> Stage:
         """The whole study once more with training seed ``seed`` (``study.seeds``), in its own folder."""
         folder = rundir.seed_dir(self.out, seed)
@@ -310,16 +326,20 @@ class Study:
         def go(stale: bool) -> None:
             cfg = copy.deepcopy(self.cfg)
             cfg.train.seed, cfg.study.seeds, cfg.study.null = seed, 1, False
-            if rundir.config_path(folder).is_file():
-                conflict = resume_conflict(load_config(str(rundir.config_path(folder)), saved=True), cfg)
-                if conflict:
-                    raise ValueError(f"{folder} holds another run: {conflict}")
-            check_run_folder(cfg, folder, resume=rundir.has_run(folder))
-            with rundir.writing(folder, create=True):
-                Study(cfg, folder, self.log).run()
+            cfg.study.widths, cfg.study.train_tokens = "", ""
+            self.sub_study(folder, cfg)
 
         return Stage(f"seed-{seed}", f"the study with training seed {seed} ({folder})", cost, "seed",
                      lambda: {"seed": seed}, lambda: False, go)
+
+    def scale_stage(self, size: scale.Size, cost: float) -> Stage:
+        """The whole study at another model size (``study.widths``, ``study.train_tokens``; study/scale.py)."""
+        folder = rundir.scale_dir(self.out, size.name)
+        cfg = scale.size_config(self.cfg, size)
+        m = cfg.model
+        return Stage(f"scale-{size.name}", f"the study at width {m.d_model} ({m.n_heads} heads, FFN {m.d_ff_big} / "
+                     f"{m.d_ff_small}), {cfg.train.steps} steps ({folder})", cost, "seed",
+                     lambda: {"size": size.name}, lambda: False, lambda stale: self.sub_study(folder, cfg))
 
     def stage1_stages(self, cost_per_step: float) -> list[Stage]:
         """The Stage-1 study (``stage1.py``): its models in training order, then their evaluation. A model

@@ -15,6 +15,7 @@ from ..model.routing import parse_routing
 from ..oracle.context import CONTEXTS
 from ..oracle.plan import DTYPES
 from ..routers.methods import METHODS
+from . import scale
 
 PAPER_MIXTURES = "0.3/0.7/0,0.5/0/0.5,0.5/0.3/0.2"  # big/small/skip of the paper's figs. 7 and 9
 
@@ -96,3 +97,4 @@ def validate_study(cfg: RunConfig) -> None:
     router_budgets(cfg)
     router_methods(cfg)
     router_mixtures(cfg)
+    scale.sizes(cfg)
