@@ -514,8 +514,8 @@ def test_intervals_of_fixed_patterns_come_from_their_exact_per_token_losses(mode
 
 
 def test_label_free_oracles_equal_brute_force(model, tmp_path):
-    """The confidence oracle (per token, the pattern with the highest top-1 probability) and the
-    previous-token oracle (token t takes token t-1's oracle pattern) from the tree's one pass equal
+    """The confidence oracle (per token, the pattern with the highest top-1 probability), the belief
+    oracle (the pattern whose distribution is closest, in KL, to all-big's) and the previous-token oracle (token t takes token t-1's oracle pattern) from the tree's one pass equal
     their definitions on the full loss matrix of one forward per pattern (ties: the first pattern in
     code order)."""
     from duollm.oracle.runner import compute_chunk
@@ -523,13 +523,17 @@ def test_label_free_oracles_equal_brute_force(model, tmp_path):
     idx, tgt = tokens(S=3, T=8)
     spec = build_spec(4, options="SB")
     plan = build_plan(spec)
-    loss_PN, doubt_PN = [], []
+    loss_PN, doubt_PN, logp_PNV = [], [], []
     with torch.no_grad():
         for route in plan.route_PL:
             logp_BTV = torch.log_softmax(model(idx, None, torch.as_tensor(route)).logits.float(), -1)
             loss_PN.append(-logp_BTV.gather(-1, tgt[..., None])[..., 0].reshape(-1))
             doubt_PN.append(-logp_BTV.amax(-1).reshape(-1))
+            logp_PNV.append(logp_BTV.reshape(-1, logp_BTV.shape[-1]))
     loss_PN, doubt_PN = torch.stack(loss_PN).numpy(), torch.stack(doubt_PN).numpy()
+    logp_PNV = torch.stack(logp_PNV).double()
+    big = logp_PNV[plan.all_big]  # the belief oracle: the pattern closest (KL) to all-big's distribution
+    kl_PN = (big.exp() * (big - logp_PNV)).sum(-1).numpy()
     res = compute_chunk(model, plan, idx, tgt, batch_tokens=idx.numel())
     N, T = idx.numel(), idx.shape[1]
     cols = np.arange(N)
@@ -537,6 +541,8 @@ def test_label_free_oracles_equal_brute_force(model, tmp_path):
         members = np.flatnonzero(plan.member_JP[j])  # in code order
         surest = members[doubt_PN[members].argmin(0)]
         np.testing.assert_allclose(res["confidence_loss_JN"][j], loss_PN[surest, cols], atol=1e-4)
+        closest = members[kl_PN[members].argmin(0)]
+        np.testing.assert_allclose(res["belief_loss_JN"][j], loss_PN[closest, cols], atol=1e-4)
         best = members[loss_PN[members].argmin(0)]
         later = cols[cols % T != 0]  # the previous token's best pattern, on the next token
         np.testing.assert_allclose(res["previous_loss_JN"][j][later], loss_PN[best[later - 1], later], atol=1e-4)
@@ -551,3 +557,5 @@ def test_label_free_oracles_equal_brute_force(model, tmp_path):
     table = pq.read_table(tmp_path / "o" / "per_token.parquet").to_pandas()
     assert table.loc[table.position == 0, "previous_token_loss_k2"].isna().all()
     np.testing.assert_allclose(table["confidence_loss_k2"].to_numpy(), res["confidence_loss_JN"][2], atol=1e-6)
+    np.testing.assert_allclose(table["belief_loss_k4"].to_numpy(), loss_PN[plan.all_big], atol=1e-4)  # all-big: KL 0
+    assert all(b["belief_oracle_ppl_lo"] <= b["belief_oracle_ppl"] <= b["belief_oracle_ppl_hi"] for b in s["budgets"])

@@ -229,22 +229,47 @@ class Head:
         self.model, self.rows, self.kernels = model, rows, kernels
         self.norm, self.w_VD = getattr(model, "fp32_head", (model.norm, model.lm_head.weight))
         self.buf_nV = None
+        self.reference = None  # (p_MV, negent_M): a distribution per token of the chunk (set_reference)
+
+    def set_reference(self, h_MD: torch.Tensor | None) -> None:
+        """The belief oracle's reference: the next-token distribution of the final hidden states ``h_MD`` (one
+        per token of the chunk, in the leaves' token order) through this head; with it, ``__call__(doubt=True)``
+        also returns each row's KL(reference || its distribution). None: no reference."""
+        if h_MD is None:
+            self.reference = None
+            return
+        logp_MV = torch.log_softmax(torch.nn.functional.linear(self.norm(h_MD.to(self.w_VD.dtype)), self.w_VD).float(), -1)
+        p_MV = logp_MV.exp()
+        self.reference = (p_MV, (p_MV * logp_MV).sum(-1))
 
     def __call__(self, h_XD: torch.Tensor, tgt_X: torch.Tensor, *, doubt: bool = False):
-        """``loss_X``; with ``doubt``, ``(loss_X, doubt_X)``: also -log of the top-1 probability."""
+        """``loss_X``; with ``doubt``, ``(loss_X, doubt_X)``: also -log of the top-1 probability, and with a
+        reference (``set_reference``) ``(loss_X, doubt_X, kl_X)``. Rows are blocks within one leaf's tokens, so
+        a block's reference rows are one slice."""
         shape = h_XD.shape[:-1]
         h_ND = h_XD.reshape(-1, h_XD.shape[-1]).to(self.w_VD.dtype)
         tgt_N = tgt_X.reshape(-1)
         out_N = torch.empty(h_ND.shape[0], dtype=torch.float32, device=h_ND.device)
         doubt_N = torch.empty_like(out_N) if doubt else None
+        ref = self.reference if doubt else None
+        kl_N = torch.empty_like(out_N) if ref is not None else None
+        M = ref[0].shape[0] if ref is not None else h_ND.shape[0]
+        assert h_ND.shape[0] % M == 0, "the reference has one row per token of a leaf"
         eager = not self.kernels.compile and self.w_VD.dtype == torch.float32
         if eager and self.buf_nV is None:
             self.buf_nV = torch.empty(self.rows, self.w_VD.shape[0], dtype=torch.float32, device=h_ND.device)
-        for a in range(0, h_ND.shape[0], self.rows):
-            n = min(self.rows, h_ND.shape[0] - a)
-            args = (h_ND[a : a + n], self.norm, self.w_VD, tgt_N[a : a + n])
-            loss_n, doubt_n = self.kernels(K.head_block, *args, *((self.buf_nV[:n],) if eager else ()))
-            out_N[a : a + n] = loss_n
-            if doubt:
-                doubt_N[a : a + n] = doubt_n
-        return (out_N.view(shape), doubt_N.view(shape)) if doubt else out_N.view(shape)
+        for r0 in range(0, h_ND.shape[0], M):
+            for a in range(r0, r0 + M, self.rows):
+                n = min(self.rows, r0 + M - a)
+                args = (h_ND[a : a + n], self.norm, self.w_VD, tgt_N[a : a + n], self.buf_nV[:n] if eager else None)
+                if ref is not None:
+                    args += (ref[0][a - r0 : a - r0 + n], ref[1][a - r0 : a - r0 + n])
+                out = self.kernels(K.head_block, *args)
+                out_N[a : a + n] = out[0]
+                if doubt:
+                    doubt_N[a : a + n] = out[1]
+                if ref is not None:
+                    kl_N[a : a + n] = out[2]
+        if not doubt:
+            return out_N.view(shape)
+        return (out_N.view(shape), doubt_N.view(shape)) + ((kl_N.view(shape),) if ref is not None else ())

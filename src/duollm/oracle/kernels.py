@@ -39,23 +39,30 @@ def ffn_residual(module, mid_XD, x_XD):
     return mid_XD + module(x_XD)
 
 
-def head_block(h_nD, norm, head_w_VD, tgt_n, logits_nV=None):
+def head_block(h_nD, norm, head_w_VD, tgt_n, logits_nV=None, ref_nV=None, ref_negent_n=None):
     """Final norm (the model's own module: RMSNorm, or LayerNorm for converted GPT-2), LM head,
     cross-entropy in float32 — one block of rows. ``logits_nV``: a float32 buffer the logits go to
     (eager: no allocation per block). The log-sum-exp runs in place: max, then exp and sum of the
     shifted logits, with no further [n, V] temporaries.
 
     Returns ``(loss_n, doubt_n)``: the loss, and -log of the top-1 probability (log-sum-exp minus the
-    largest logit; free here), the label-free confidence the confidence oracle minimises."""
+    largest logit; free here), the label-free confidence the confidence oracle minimises. With a reference
+    distribution ``ref_nV`` (probabilities; ``ref_negent_n`` = sum p log p), also ``kl_n`` = KL(ref || this
+    block's distribution) = sum p log p - p . logits + log-sum-exp, the belief oracle's criterion: one dot
+    product per row, taken before the logits are overwritten."""
     x_nD = norm(h_nD)
     if logits_nV is None:
         logits_nV = F.linear(x_nD, head_w_VD).float()
     else:
         torch.mm(x_nD, head_w_VD.t(), out=logits_nV)
     tgt_logit_n = logits_nV.gather(1, tgt_n[:, None]).squeeze(1)
+    dot_n = None if ref_nV is None else torch.linalg.vecdot(ref_nV, logits_nV)  # 3x faster than bmm on CPU
     max_n1 = logits_nV.amax(-1, keepdim=True)
     doubt_n = logits_nV.sub_(max_n1).exp_().sum(-1).log_()
-    return doubt_n + max_n1.squeeze(1) - tgt_logit_n, doubt_n
+    lse_n = doubt_n + max_n1.squeeze(1)
+    if ref_nV is None:
+        return lse_n - tgt_logit_n, doubt_n
+    return lse_n - tgt_logit_n, doubt_n, ref_negent_n - dot_n + lse_n
 
 
 _COMPILED: dict = {}  # one compiled wrapper per function and process: compiled code is shared

@@ -53,6 +53,10 @@ class ChunkReducer:
         # loss (lowest -log top-1 probability) and, at each token t, the loss of token t-1's best pattern
         # (running: updated whenever t-1's best changes; position 0 has no previous token and stays inf)
         self.doubt_GN = torch.full((G, N), inf, device=device)
+        # the belief oracle (issue 29): per group, the loss of the pattern whose distribution is closest (KL) to
+        # all-big's, the label-free ceiling of a router imitating all-big's beliefs
+        self.kl_GN = torch.full((G, N), inf, device=device)
+        self.kl_loss_GN = torch.full((G, N), inf, device=device)
         self.doubt_loss_GN = torch.full((G, N), inf, device=device)
         self.prev_loss_GN = torch.full((G, N), inf, device=device)
         self.sum_P = torch.zeros(P, dtype=torch.float64, device=device)
@@ -66,11 +70,14 @@ class ChunkReducer:
         self.samples_of = [np.flatnonzero(plan.sample_JP[:, p]) for p in range(P)]
         self.matrix_cb = matrix_cb
 
-    def consume(self, p_R: np.ndarray, loss_R: torch.Tensor, doubt_R: torch.Tensor | None = None) -> None:
+    def consume(self, p_R: np.ndarray, loss_R: torch.Tensor, doubt_R: torch.Tensor | None = None,
+                kl_R: torch.Tensor | None = None) -> None:
         """Leaves ``p_R``: their losses ``loss_R...`` and, for the confidence oracle, ``doubt_R...``
-        (-log top-1 probability, ``context.Head``); without it the label-free oracles stay empty."""
+        (-log top-1 probability, ``context.Head``); without it the label-free oracles stay empty. ``kl_R...``:
+        KL(all-big || the leaf), for the belief oracle (``Head.set_reference``)."""
         loss_RN = loss_R.reshape(len(p_R), -1)
         doubt_RN = None if doubt_R is None else doubt_R.reshape(len(p_R), -1)
+        kl_RN = None if kl_R is None else kl_R.reshape(len(p_R), -1)
         p_R_t = torch.as_tensor(p_R, device=loss_RN.device)
         self.sum_P.index_copy_(0, p_R_t, loss_RN.double().sum(1))
         loss_RBT = loss_RN.double().view(len(p_R), self.n_seq, -1)
@@ -86,6 +93,10 @@ class ChunkReducer:
                 self.arg_GN[g] = torch.where(better_N, p, self.arg_GN[g])
                 if doubt_RN is not None:
                     self._label_free(g, loss_N, doubt_RN[i], better_N)
+                if kl_RN is not None:
+                    closer_N = kl_RN[i] < self.kl_GN[g]  # strict: the first pattern in code order on ties
+                    self.kl_GN[g] = torch.where(closer_N, kl_RN[i], self.kl_GN[g])
+                    self.kl_loss_GN[g] = torch.where(closer_N, loss_N, self.kl_loss_GN[g])
             for j in self.samples_of[p]:
                 better_N = loss_N < self.sub_JN[j]
                 self.sub_JN[j] = torch.where(better_N, loss_N, self.sub_JN[j])
@@ -126,12 +137,13 @@ class ChunkReducer:
             extra["search_loss_JN"] = search_JN.float().cpu().numpy()
         else:
             bigs_G = plan.group_bigs
-            rows_loss, rows_code, rows_doubt, rows_prev = [], [], [], []
+            rows_loss, rows_code, rows_doubt, rows_prev, rows_kl = [], [], [], [], []
             B = self.n_seq
             for k in plan.budgets:
                 gs = [g for g, b in enumerate(bigs_G) if plan.in_budget(b, k)]
                 loss_N, arg_N = self.best_GN[gs[0]], self.arg_GN[gs[0]]
                 doubt_N, doubt_loss_N, prev_N = self.doubt_GN[gs[0]], self.doubt_loss_GN[gs[0]], self.prev_loss_GN[gs[0]]
+                kl_N, kl_loss_N = self.kl_GN[gs[0]], self.kl_loss_GN[gs[0]]
                 for g in gs[1:]:  # "at most k": best over the exact groups <= k, lower group on ties
                     better_N = self.best_GN[g] < loss_N
                     loss_N = torch.where(better_N, self.best_GN[g], loss_N)
@@ -139,6 +151,9 @@ class ChunkReducer:
                     surer_N = self.doubt_GN[g] < doubt_N
                     doubt_N = torch.where(surer_N, self.doubt_GN[g], doubt_N)
                     doubt_loss_N = torch.where(surer_N, self.doubt_loss_GN[g], doubt_loss_N)
+                    closer_N = self.kl_GN[g] < kl_N
+                    kl_N = torch.where(closer_N, self.kl_GN[g], kl_N)
+                    kl_loss_N = torch.where(closer_N, self.kl_loss_GN[g], kl_loss_N)
                     prev_BT = prev_N.view(B, -1).clone()  # token t follows the group of t-1's best
                     prev_BT[:, 1:] = torch.where(better_N.view(B, -1)[:, :-1], self.prev_loss_GN[g].view(B, -1)[:, 1:],
                                                  prev_BT[:, 1:])
@@ -147,10 +162,13 @@ class ChunkReducer:
                 rows_code.append(code_P[arg_N])
                 rows_doubt.append(doubt_loss_N)
                 rows_prev.append(prev_N)
+                rows_kl.append(kl_loss_N)
             best_JN, code_JN = torch.stack(rows_loss), torch.stack(rows_code)
             if bool(torch.isfinite(self.doubt_GN).any()):  # the leaves came with their confidence
                 extra["confidence_loss_JN"] = torch.stack(rows_doubt).float().cpu().numpy()
                 extra["previous_loss_JN"] = torch.stack(rows_prev).float().cpu().numpy()
+            if bool(torch.isfinite(self.kl_GN).any()):  # the leaves came with their KL to all-big
+                extra["belief_loss_JN"] = torch.stack(rows_kl).float().cpu().numpy()
         if plan.nulls is not None:  # per family: each token's best in a subset, averaged over the draws
             U, N = len(plan.nulls.families), self.min_XN.shape[1]
             extra["null_loss_UN"] = self.min_XN.view(U, DRAWS, N).double().mean(1).float().cpu().numpy()
@@ -174,7 +192,7 @@ def merge_chunks(results: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     per-sequence sums ``seq_loss_PB`` become ``seq_loss_PS``."""
     out = {}
     for key in ("best_loss_JN", "best_code_JN", "sub_loss_JN", "search_loss_JN", "random_loss_JB", "confidence_loss_JN",
-                "previous_loss_JN", "null_loss_UN"):
+                "previous_loss_JN", "belief_loss_JN", "null_loss_UN"):
         if key in results[0]:
             out[key] = np.concatenate([r[key] for r in results], axis=1)
     out["seq_loss_PS"] = np.concatenate([r["seq_loss_PB"] for r in results], axis=1)
@@ -336,7 +354,7 @@ def finalize(plan: Plan, merged: dict, position_N: np.ndarray, T: int, flop_mode
     return summary, usage_JRLT
 
 
-def label_free_entry(entry: dict, oracle_ST, confidence_ST, previous_ST, fixed_ST) -> None:
+def label_free_entry(entry: dict, oracle_ST, confidence_ST, previous_ST, fixed_ST, belief_ST=None) -> None:
     """The oracles that cannot see the next token (the oracle-router gap, decomposed): each one's
     perplexity and the share of the oracle's gain over fixed@k it recovers, with intervals. The
     previous-token oracle scores positions 1.. (the first token has no previous one): its share is
@@ -344,6 +362,7 @@ def label_free_entry(entry: dict, oracle_ST, confidence_ST, previous_ST, fixed_S
     for name, loss_ST, oracle_on, fixed_on in (
         ("confidence", confidence_ST, oracle_ST, fixed_ST),
         ("previous_token", previous_ST[:, 1:], oracle_ST[:, 1:], None if fixed_ST is None else fixed_ST[:, 1:]),
+        *((("belief", belief_ST, oracle_ST, fixed_ST),) if belief_ST is not None else ()),
     ):
         ci = ppl_interval(loss_ST)
         entry[f"{name}_oracle_ppl"], entry[f"{name}_oracle_ppl_lo"], entry[f"{name}_oracle_ppl_hi"] = (

@@ -59,10 +59,10 @@ from .reductions import ChunkReducer, finalize, label_free_entry, merge_chunks
 from .search import beam_search, max_children
 from .selection import DRAWS, chosen_counts, cross_fitted, null_entries
 from .space import code_strings, decode_codes
-from .tree import walk_tree
+from .tree import final_hidden, walk_tree
 
-ENGINE_VERSION = 4  # 2: random@k per sequence in each chunk's reductions; 3: the label-free oracles; 4: per-sequence
-# sums per pattern and the count-versus-compute nulls (selection.py)
+ENGINE_VERSION = 5  # 2: random@k per sequence in each chunk's reductions; 3: the label-free oracles; 4: per-sequence
+# sums per pattern and the count-versus-compute nulls (selection.py); 5: the belief oracle (KL to all-big)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -188,12 +188,16 @@ def compute_chunk(model: DuoModel, plan: Plan, idx_BT, tgt_BT, *, batch_tokens: 
     ctx = make_context(model, spec.context, idx_BT, spec.reference, kernels)
     red = ChunkReducer(plan, B * T, idx_BT.device, matrix_cb, n_seq=B)
 
-    def consume(p_R, loss_RBT, doubt_RBT):
-        red.consume(p_R, loss_RBT, doubt_RBT)
+    def consume(p_R, loss_RBT, doubt_RBT, kl_RBT=None):
+        red.consume(p_R, loss_RBT, doubt_RBT, kl_RBT)
         if on_leaves is not None:
             on_leaves(len(p_R))
 
-    walk_tree(model, ctx, plan.route_PL, model.embed(idx_BT).float(), tgt_BT, consume, head, doubt=True)
+    h0_BTD = model.embed(idx_BT).float()
+    # the belief oracle's reference: all-big's final hidden states from the engine's own path (KL 0 at its leaf)
+    head.set_reference(final_hidden(model, make_context(model, spec.context, idx_BT, spec.reference, kernels),
+                                    np.full((1, model.cfg.n_layers), BIG), h0_BTD, tgt_BT).reshape(B * T, -1))
+    walk_tree(model, ctx, plan.route_PL, h0_BTD, tgt_BT, consume, head, doubt=True)
     beam = None
     if spec.search == "beam":
         c_max = max_children(spec.space, spec.beam_width)
@@ -437,7 +441,8 @@ def _write_outputs(out_dir: Path, plan: Plan, merged: dict, idx_ST, tgt_ST, mode
                 entry[f"oracle_minus_{key}"] = paired_ppl_difference(oracle_ST, loss_ST)
         if "confidence_loss_JN" in merged:
             label_free_entry(entry, oracle_ST, merged["confidence_loss_JN"][j].reshape(S, T),
-                              merged["previous_loss_JN"][j].reshape(S, T), pattern_loss.get(entry.get("fixed_pattern")))
+                              merged["previous_loss_JN"][j].reshape(S, T), pattern_loss.get(entry.get("fixed_pattern")),
+                              merged["belief_loss_JN"][j].reshape(S, T) if "belief_loss_JN" in merged else None)
     summary = {
         "name": meta.get("name", spec.name()),
         **spec.describe(),
@@ -494,6 +499,8 @@ def _write_outputs(out_dir: Path, plan: Plan, merged: dict, idx_ST, tgt_ST, mode
             cols[f"confidence_loss_k{k}"] = merged["confidence_loss_JN"][j].astype(np.float32)
             cols[f"previous_token_loss_k{k}"] = pa.array(merged["previous_loss_JN"][j].astype(np.float32),
                                                          mask=position_N == 0)
+        if "belief_loss_JN" in merged:
+            cols[f"belief_loss_k{k}"] = merged["belief_loss_JN"][j].astype(np.float32)
     for j, k in enumerate(plan.budgets):
         strings = code_strings(merged["best_code_JN"][j], L)
         cols[f"best_pattern_k{k}"] = pa.array(strings.tolist(), type=pa.string()).dictionary_encode()

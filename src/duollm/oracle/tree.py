@@ -111,3 +111,17 @@ def tree_flops(route_PL: np.ndarray, flop_model: FlopModel, skip_mode: str = "ff
 def naive_flops(route_PL: np.ndarray, flop_model: FlopModel) -> float:
     """FLOPs per token of one full forward per pattern."""
     return float(sum(flop_model.pattern(r) for r in route_PL))
+
+
+def final_hidden(model: DuoModel, ctx, route_1L: np.ndarray, h0_BTD: torch.Tensor, tgt_BT: torch.Tensor) -> torch.Tensor:
+    """``h_BTD``: the final hidden states of one pattern on the engine's own path (the same numbers its leaf
+    reaches in a full walk), for the belief oracle's reference (``Head.set_reference``)."""
+    got = {}
+
+    def capture(h_RBTD, tgt_RBT, doubt=False):
+        got["h"] = h_RBTD[0]
+        return torch.zeros(h_RBTD.shape[:-1])
+
+    walk_tree(model, ctx, route_1L, h0_BTD, tgt_BT, lambda *_: None, capture)
+    return got["h"]
+
