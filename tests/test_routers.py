@@ -385,3 +385,76 @@ def test_a_router_method_registered_from_outside_runs_through_the_command_and_th
                                   "study.router_mixtures=", "study.router_steps=4"], log=lambda *a: None)
     res = json.loads((out / "report" / "results.json").read_text())
     assert [(r["name"], r["method"]) for r in res["routers"]] == [("budget-term-0.50", "budget-term")]
+
+
+def test_expected_benefit_targets_equal_one_forward_per_pattern(router_run, tmp_path):
+    """The target (labels.expected_benefit) from the kept loss matrix equals, token by token, the mean loss of
+    the budget's patterns with a layer small minus with it big, each pattern run as a whole forward."""
+    from itertools import product
+
+    from duollm.oracle.command import run_oracle_command
+    from duollm.oracle.naive import naive_losses
+    from duollm.routers.labels import expected_benefit, load_oracle_table
+
+    run = copy_trained(router_run, tmp_path / "run")
+    oracle = run_oracle_command(run, budgets="2", max_tokens=256, save_matrix=True, progress=False)
+    model, cfg = load_model(run)
+    idx_ST, tgt_ST = eval_tokens(run, cfg)
+    table = load_oracle_table(run, oracle, 2, idx_ST, tgt_ST, "SB")
+    got_LST = expected_benefit(table)
+    S = int(table.covered_ST.all(1).sum())
+    patterns = ["".join(p) for p in product("SB", repeat=4) if p.count("B") == 2]  # C(4,2) = 6
+    route_PL = np.array([[BIG if c == "B" else SMALL for c in p] for p in patterns])
+    loss_PST = torch.stack([loss for _, loss in naive_losses(model, idx_ST[:S], tgt_ST[:S], route_PL)]).double()
+    big_PL = torch.from_numpy(route_PL == BIG).double()
+    want_LST = torch.einsum("pl,pst->lst", 1 - big_PL, loss_PST) / 3 - torch.einsum("pl,pst->lst", big_PL, loss_PST) / 3
+    assert torch.allclose(got_LST[:, :S].double(), want_LST, atol=2e-5)
+    assert torch.isnan(got_LST[:, S:]).all()  # tokens the oracle did not score
+
+
+def test_expected_benefit_router_learns_which_layer_gains_and_meets_its_budget(router_run, tmp_path):
+    """On a table where layer 2 alone gains from big (a synthetic loss matrix), the router puts its one big
+    layer there; without a loss matrix it is refused in one line."""
+    run = copy_trained(router_run, tmp_path / "run")
+    folder = write_oracle(run, "benefit-SB", lambda tok: "SSBS", k=1)
+    with pytest.raises(ValueError, match="expected-benefit needs oracle benefit-SB's loss matrix"):
+        run_router_command(run, target=0.25, method="expected-benefit", steps=5, set=QUIET, log=lambda *a: None)
+    model, cfg = load_model(run)
+    idx_ST, _ = eval_tokens(run, cfg)
+    S, T = idx_ST.shape
+    patterns = ["".join(p) for p in ("BSSS", "SBSS", "SSBS", "SSSB")]
+    pq.write_table(pa.table({"pattern": patterns, "bigs": pa.array([1] * 4, pa.int16()), "skips": pa.array([0] * 4, pa.int16()),
+                             "candidate": [True] * 4, "mean_loss": [5.0, 5.0, 4.0, 5.0]}), folder / "patterns.parquet")
+    np.save(folder / "loss_matrix.npy", np.array([[5.0], [5.0], [4.0], [5.0]], np.float32).repeat(S * T, 1))
+    name = run_router_command(run, target=0.25, method="expected-benefit", steps=150,
+                              set=[*QUIET, "init=zero", "train.lr=0.05"], log=lambda *a: None)
+    ev = read_eval(run, name)
+    assert ev["per_layer_big"][2] > 0.9 and ev["big_fraction"] == pytest.approx(0.25, abs=0.05)
+
+
+def test_a_routers_share_splits_into_how_many_big_layers_and_which(tmp_path):
+    """count_vs_placement against a direct computation: 'how many' is the share of the per-token fixed pattern
+    of the router's own count (out of sample), 'which layers' the rest; the two add up to the router's share."""
+    from duollm.routers.evaluate import count_vs_placement
+    from duollm.routers.labels import OracleTable
+
+    rng = np.random.default_rng(3)
+    L, S, T, k = 2, 6, 5, 1
+    seq, pos = np.divmod(np.arange(S * T), T)
+    fixed = {j: rng.normal(5.0, 0.1, S * T) + 0.3 for j in range(L + 1)}
+    pq.write_table(pa.table({"sequence": seq, "position": pos,
+                             **{f"fixed_oos_loss_k{j}": f.astype(np.float32) for j, f in fixed.items()}}),
+                   tmp_path / "per_token.parquet")
+    oracle_ST = torch.from_numpy(rng.normal(5.0, 0.1, (S, T))).float()
+    table = OracleTable("t", k, {}, {}, torch.zeros(L, S, T, dtype=torch.long), torch.ones(S, T, dtype=torch.bool),
+                        oracle_ST, folder=tmp_path)
+    route_LST = torch.from_numpy(rng.choice([SMALL, BIG], (L, S, T))).long()
+    router_ST = torch.from_numpy(rng.normal(5.1, 0.1, (S, T))).float()
+    split = count_vs_placement({"route_LST": route_LST}, router_ST, table, torch.arange(S))
+    count_N = (route_LST == BIG).sum(0).flatten().numpy()
+    fixed_N = np.array([fixed[c][n] for n, c in enumerate(count_N)], np.float32).astype(np.float64)
+    f, o, r = fixed[k].astype(np.float32).mean(), oracle_ST.double().mean().item(), router_ST.double().mean().item()
+    assert split["how_many"]["value"] == pytest.approx((f - fixed_N.mean()) / (f - o), abs=1e-4)
+    assert split["router"]["value"] == pytest.approx((f - r) / (f - o), abs=1e-4)
+    assert split["how_many"]["value"] + split["which_layers"]["value"] == pytest.approx(split["router"]["value"], abs=1e-4)
+    assert count_vs_placement({"route_LST": torch.full((L, S, T), 0)}, router_ST, table, torch.arange(S)) is None  # skips

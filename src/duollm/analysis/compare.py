@@ -38,7 +38,8 @@ def rows_of(run: Path) -> list[dict]:
     for b in decomposition(rd):
         base = {"run": str(run), "k": b["k"], "tokens": b["tokens"], "oracle_ppl": b["oracle_ppl"], "fixed_ppl": b["fixed_ppl"]}
         for name, entry in (("count-matched null", b["count_null"]), ("confidence oracle", b["confidence"]),
-                            ("previous-token oracle", b["previous_token"]), ("sequential oracle", b["sequential"])):
+                            ("belief oracle", b["belief"]), ("previous-token oracle", b["previous_token"]),
+                            ("sequential oracle", b["sequential"])):
             if entry:
                 out.append({**base, "method": name, "ppl": entry["ppl"], "big_fraction": b["k"] / rd.n_layers,
                             "recovered": entry["recovered"], "recovered_matched": entry["recovered"]})

@@ -71,7 +71,7 @@ def decomposition(rd: RunData) -> list[dict]:
                "fixed_ppl": float(np.exp(fixed_ST.mean())), "fixed_in_sample_ppl": b.get("fixed_ppl"),
                "best_of_100_ppl": b.get("best_of_100_oos_ppl") or b.get("best_of_100_ppl"),
                "best_of_100_in_sample_ppl": b.get("best_of_100_ppl"),
-               "winners_curse": None, "count_null": None, "confidence": None, "previous_token": None,
+               "winners_curse": None, "count_null": None, "confidence": None, "previous_token": None, "belief": None,
                "sequential": None, "routers": []}
         if oos and v.has(f"fixed_loss_k{k}"):  # nats the in-sample baseline flatters the oracle's competitor
             ins, out = v.seq_loss(f"fixed_loss_k{k}"), v.seq_loss(base_col)
@@ -80,6 +80,8 @@ def decomposition(rd: RunData) -> list[dict]:
             row["count_null"] = _entry(v.loss(f"count_null_loss_k{k}"), oracle_ST, fixed_ST, v.groups)
         if v.has(f"confidence_loss_k{k}"):
             row["confidence"] = _entry(v.loss(f"confidence_loss_k{k}"), oracle_ST, fixed_ST, v.groups)
+        if v.has(f"belief_loss_k{k}"):  # the pattern closest (KL) to all-big's distribution: the label-free ceiling
+            row["belief"] = _entry(v.loss(f"belief_loss_k{k}"), oracle_ST, fixed_ST, v.groups)
         if v.has(f"previous_token_loss_k{k}"):  # defined from position 1 on: all three series there
             row["previous_token"] = _entry(v.loss(f"previous_token_loss_k{k}")[:, 1:], oracle_ST[:, 1:], fixed_ST[:, 1:],
                                            v.groups)
@@ -107,7 +109,9 @@ def decomposition(rd: RunData) -> list[dict]:
                 g_S = None if v.groups is None else v.groups[s]
                 entry.update(recovered=_share(recovered_share(loss_S1, oracle_S1, fixed_S1, groups_S=g_S)),
                              recovered_matched=None if matched is None else
-                             _share(recovered_share(loss_S1, *matched, groups_S=g_S)))
+                             _share(recovered_share(loss_S1, *matched, groups_S=g_S)),
+                             # its share split into its per-token counts and its choice of layers (routers/evaluate.py)
+                             count_vs_placement=o.get("count_vs_placement"))
             row["routers"].append(entry)
         rows.append(row)
     return rows
@@ -158,8 +162,9 @@ def made_of(rows: list[dict], n_layers: int) -> str | None:
         parts.append("the best of as many random sub-networks at one fixed compute (L/2 big layers) recovers "
                      f"{' and '.join(sides)} of the oracle's gain over fixed@k (over 100%: selection at L/2 beats the "
                      "oracle's own compute)")
-    label = [(n, pct(r[key])) for n, key in (("confidence", "confidence"), ("previous-token", "previous_token"),
-                                             ("sequential", "sequential")) if pct(r[key])]
+    label = [(n, pct(r.get(key))) for n, key in (("confidence", "confidence"), ("belief", "belief"),
+                                                 ("previous-token", "previous_token"), ("sequential", "sequential"))
+             if pct(r.get(key))]
     if label:
         parts.append("without the next token's label, " + ", ".join(f"the {n} oracle recovers {p}" for n, p in label))
     return "; ".join(parts) + "."
@@ -177,6 +182,10 @@ def _cell(entry: dict | None) -> str:
     m = (entry.get("recovered_matched") or {}).get("value")
     if m is not None:
         parts.append(f"{100 * m:.1f}% at its compute {entry['big_fraction']:.3f}")
+    split = entry.get("count_vs_placement") or {}
+    if (split.get("how_many") or {}).get("value") is not None and (split.get("which_layers") or {}).get("value") is not None:
+        parts.append(f"how many big {100 * split['how_many']['value']:.1f}%, which layers "
+                     f"{100 * split['which_layers']['value']:.1f}%")
     if entry.get("positions"):  # not all positions: the yardsticks on the same ones
         parts.append(f"positions {entry['positions']}: oracle {entry['oracle_ppl']:.2f}, fixed {entry['fixed_ppl']:.2f}")
     held = " on held-out sequences" if entry.get("heldout") else ""
@@ -191,11 +200,13 @@ def table(rows: list[dict]) -> list[tuple[str, list[str], list[list[str]]]]:
              f"recovered [paired 95%]) on the primary oracle's {rows[0]['tokens']:,} tokens; the count-matched null "
              "selects among as many candidates at one fixed compute; label-free oracles cannot see the next token",
              ["k", "oracle", "fixed (out of sample)", "fixed (in sample, optimistic)", "count-matched null",
-              "confidence oracle", "previous-token oracle (positions 1..)", "sequential oracle", "routers",
+              "confidence oracle", "belief oracle (closest to all-big)", "previous-token oracle (positions 1..)",
+              "sequential oracle", "routers",
               "best of 100"],
              [[str(r["k"]), f"{r['oracle_ppl']:.2f}", f"{r['fixed_ppl']:.2f}" + ("" if r["baseline"] == "out-of-sample"
                                                                                else " (in sample)"),
                "—" if r["fixed_in_sample_ppl"] is None else f"{r['fixed_in_sample_ppl']:.2f}",
-               _cell(r["count_null"]), _cell(r["confidence"]), _cell(r["previous_token"]), _cell(r["sequential"]),
+               _cell(r["count_null"]), _cell(r["confidence"]), _cell(r.get("belief")), _cell(r["previous_token"]),
+               _cell(r["sequential"]),
                "; ".join(f"{x['name']} {_cell(x)}" for x in r["routers"]) or "—",
                "—" if r["best_of_100_ppl"] is None else f"{r['best_of_100_ppl']:.2f}"] for r in rows])]

@@ -10,7 +10,7 @@ oracle, each with its 95% t-interval over sequences:
     oracle_gain       oracle@k's gain over the out-of-sample fixed@k, nats per token
     count_null_share  the share of oracle@k's gain the count-matched selection null recovers (selection, not
                       compute) at k = L/3 and 2L/3 (at L/2 it is the oracle itself: 1 by construction)
-    label_free_share  the best share a label-free oracle recovers (confidence, previous-token), and which
+    label_free_share  the best share a label-free oracle recovers (confidence, belief, previous-token), and which
     router_gain       the paper's router minus the out-of-sample fixed@k at its realised budget (relative ppl)
     placement         the big share's slopes over layers at k = L/3 and 2L/3
     rho               Spearman(raw loss, selection-free benefit): the difficulty finding's statistic
@@ -47,7 +47,7 @@ def size_row(rd: RunData, res: dict) -> dict:
     k = L // 2
     gaps = {g["k"]: g for g in res.get("gap") or []}
     gap = gaps.get(k)
-    label_free = [(name, gap[name]["recovered"]) for name in ("confidence", "previous_token")
+    label_free = [(name, gap[name]["recovered"]) for name in ("confidence", "belief", "previous_token")
                   if gap and gap.get(name) and (gap[name].get("recovered") or {}).get("value") is not None]
     best = max(label_free, key=lambda x: x[1]["value"], default=None)
     diff = _finding(res["findings"], "difficulty_not_raw_loss", primary)

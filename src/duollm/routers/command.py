@@ -19,7 +19,7 @@ from ..train.loop import train_loop
 from .calibrate import calibrate_budget
 from .config import ROUTER_RESUMABLE, RouterConfig, resolve_router_config
 from .evaluate import write_eval
-from .labels import find_oracle, holdout_split, load_oracle_table
+from .labels import expected_benefit, find_oracle, holdout_split, load_oracle_table
 from .methods import METHODS
 from .objectives import RouterTrainer, router_objective
 from .store import load_router_config, load_router_folder, save_router, write_router_yaml
@@ -64,7 +64,8 @@ def label_source(run: Path, cfg: RouterConfig, k: int) -> str | None:
 
 
 def _imitation_data(run: Path, run_cfg, cfg: RouterConfig, k: int, idx_ST, tgt_ST, oracle, log):
-    """``((idx_ST, tgt_ST, route_LST), train_tokens)``: the labelled sequences imitation learns from. A
+    """``((idx_ST, tgt_ST, route_LST, benefit_LST), train_tokens)``: the labelled sequences imitation learns from
+    (and, for a method with the "benefit" target, each layer's expected benefit of big: labels.py). A
     training-split oracle at budget k (``duollm oracle --split train``) keeps every validation sequence
     unseen; without one, every other sequence of the validation table (``holdout_every``)."""
     labels = find_oracle(run, cfg.options, k, split="train")
@@ -95,7 +96,14 @@ def _imitation_data(run: Path, run_cfg, cfg: RouterConfig, k: int, idx_ST, tgt_S
         train_tokens = torch.cat([idx_ST[train_seq].flatten(), tgt_ST[train_seq][-1, -1:]]).numpy()
         log(f"imitation: {len(train_seq)} oracle sequences ({oracle.name}, k={k}) to train on, "
             f"{len(oracle.sequences) - len(train_seq)} held out")
-    return (idx_ST[train_seq], tgt_ST[train_seq], table.route_LST[:, train_seq]), train_tokens
+    benefit_LST = None
+    if "benefit" in METHODS[cfg.method].targets:
+        benefit_LST = expected_benefit(table)
+        if benefit_LST is None:
+            raise ValueError(f"{cfg.method} needs oracle {table.name}'s loss matrix at 0 < k={k} < {table.route_LST.shape[0]} "
+                             f"(`duollm oracle --save-matrix`; the study's oracles keep it)")
+        benefit_LST = benefit_LST[:, train_seq]
+    return (idx_ST[train_seq], tgt_ST[train_seq], table.route_LST[:, train_seq], benefit_LST), train_tokens
 
 
 def _train_router(run: Path, out: Path, cfg: RouterConfig, model, idx_ST, tgt_ST, train_tokens, oracle,

@@ -14,7 +14,7 @@ from ..io import atomic_write_json
 from ..model.policy import Router
 from ..model.routing import BIG, SKIP
 from ..rundir import ROUTER_EVAL
-from ..stats import budget_weights, finite_round, paired_ppl_difference, ppl_interval, recovered_share
+from ..stats import budget_weights, finite_round, paired_ppl_difference, ppl_interval, ratio_estimate, recovered_share
 from ..train.evaluate import per_token_loss, summarize
 from .config import RouterConfig
 from .labels import OracleTable, holdout_split
@@ -134,6 +134,7 @@ def oracle_comparison(model, res: dict, idx_ST, tgt_ST, cfg: RouterConfig, oracl
         # budget k and at the compute it realised (fixed and oracle interpolated at its big fraction)
         comp["recovered"] = _recovered(router_ST, oracle.loss_ST[seq], fixed_ST)
         comp["recovered_matched"] = _recovered_matched(res, router_ST, oracle, seq, L=model.cfg.n_layers)
+        comp["count_vs_placement"] = count_vs_placement(res, router_ST, oracle, seq)
     _, held = holdout_split(seq, cfg.holdout_every)
     if len(held):
         mask_ST = torch.zeros_like(oracle.covered_ST)
@@ -163,6 +164,30 @@ def _recovered_matched(res: dict, router_ST, oracle: OracleTable, seq, L: int) -
         return None
     o0, o1, f0, f1 = (c[seq] for c in cols)
     return _recovered(router_ST, (1 - w) * o0 + w * o1, (1 - w) * f0 + w * f1)
+
+
+def count_vs_placement(res: dict, router_ST, oracle: OracleTable, seq) -> dict | None:
+    """The router's share of oracle@k's gain over the out-of-sample fixed@k, split (issue 29, item 3) into
+    ``how_many``: the share recovered by giving each token the out-of-sample fixed pattern of the number of big
+    layers the router gave it (its counts alone), and ``which_layers``: the rest, the router's choice of layers
+    for those counts (both shares with Fieller intervals; they add up to ``router``). None for a router that
+    skips or an oracle without the out-of-sample fixed@k at every count the router used."""
+    route_LST = res["route_LST"][:, seq]
+    if (route_LST == SKIP).any() or oracle.loss_ST is None:
+        return None
+    count_ST = (route_LST == BIG).sum(0)
+    fixed = {j: oracle.column_ST(f"fixed_oos_loss_k{j}") for j in {*count_ST.unique().tolist(), oracle.k}}
+    if any(c is None or torch.isnan(c[seq]).any() for c in fixed.values()):
+        return None
+    count_only_ST = torch.zeros_like(router_ST)
+    for j, c in fixed.items():
+        at = count_ST == j
+        count_only_ST[at] = c[seq][at].to(router_ST.dtype)
+    oracle_ST, fixed_ST = oracle.loss_ST[seq], fixed[oracle.k][seq]
+    as_np = lambda t: t.double().cpu().numpy().mean(1)
+    return {"router": _recovered(router_ST, oracle_ST, fixed_ST), "how_many": _recovered(count_only_ST, oracle_ST, fixed_ST),
+            "which_layers": finite_round(ratio_estimate(as_np(count_only_ST) - as_np(router_ST),
+                                                        as_np(fixed_ST) - as_np(oracle_ST)), 5)}
 
 
 def _recovered(router_ST, oracle_ST, fixed_ST) -> dict:

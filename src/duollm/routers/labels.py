@@ -128,6 +128,34 @@ def load_oracle_table(run: Path, name: str, k: int, idx_ST: torch.Tensor, tgt_ST
                        route_LST=route_LST, covered_ST=covered_ST, loss_ST=loss_ST, folder=folder)
 
 
+def expected_benefit(table: OracleTable) -> torch.Tensor | None:
+    """``benefit_LST``: per token and layer, the mean loss of the oracle's budget-k patterns (big/small, exactly
+    k big) with that layer small minus their mean with it big: the expected gain from big there, averaged over
+    the other layers' choices. An expectation over C(L,k) sub-networks, where the oracle's label is their
+    minimum, which rewards whatever keeps many lottery tickets open (issue 29). From the kept loss matrix
+    (``rundir.LOSS_MATRIX``: row p the pattern of row p of ``patterns.parquet``, column n the token of row n of
+    ``per_token.parquet``); NaN where the oracle did not score; None without the matrix or at k = 0, L."""
+    folder = table.folder
+    L, S, T = table.route_LST.shape
+    if folder is None or not 0 < table.k < L:
+        return None
+    matrix, patterns = folder / rundir.LOSS_MATRIX, folder / rundir.PATTERNS
+    if not matrix.is_file() or not patterns.is_file():
+        return None
+    t = read_table(patterns, columns=["pattern", "bigs", "skips"]).to_pydict()
+    rows = [i for i, (b, sk) in enumerate(zip(t["bigs"], t["skips"])) if b == table.k and sk == 0]
+    big_PL = torch.tensor([[c == "B" for c in t["pattern"][i]] for i in rows], dtype=torch.float64)
+    loss_PN = torch.from_numpy(np.asarray(np.load(matrix, mmap_mode="r")[rows], dtype=np.float64))
+    big_LN = big_PL.T @ loss_PN / big_PL.sum(0)[:, None]
+    small_LN = (1 - big_PL).T @ loss_PN / (1 - big_PL).sum(0)[:, None]
+    grid = read_table(folder / rundir.PER_TOKEN, columns=["sequence", "position"])
+    seq_N = torch.from_numpy(grid.column("sequence").to_numpy().astype(np.int64))
+    pos_N = torch.from_numpy(grid.column("position").to_numpy().astype(np.int64))
+    out_LST = torch.full((L, S, T), float("nan"))
+    out_LST[:, seq_N, pos_N] = (small_LN - big_LN).float()
+    return out_LST
+
+
 def holdout_split(seq_S: torch.Tensor, every: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(train, held-out) sequence indices: every ``every``-th sequence is held out (0: none)."""
     if every == 0:

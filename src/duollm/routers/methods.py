@@ -29,7 +29,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from ..model.routing import BIG, SKIP
+from ..model.routing import BIG, SKIP, SMALL
 
 DATA = ("lm", "labels", "values")
 
@@ -42,6 +42,7 @@ class RouterMethod:
     defaults: dict = field(default_factory=dict)
     requires: dict = field(default_factory=dict)
     requires_why: str = ""  # said when a config breaks ``requires``
+    targets: tuple[str, ...] = ()  # what a "labels" method needs beside the oracle's patterns: "benefit" (labels.py)
     summary: str = ""  # one line for `duollm router --help`
 
     def __post_init__(self):
@@ -111,6 +112,30 @@ def imitation_loss(trainer, mb: dict) -> torch.Tensor:
     return F.cross_entropy(logits_LBTO.flatten(0, 2), label_LBT.flatten())
 
 
+BENEFIT_SCALE = 10.0  # logits per nat: the expected benefits are 0.01-0.1 nats, a router's logits O(1)
+
+
+def expected_benefit_loss(trainer, mb: dict) -> torch.Tensor:
+    """Regression of each layer's big-minus-small logit on the expected benefit of big there (``labels.
+    expected_benefit``, x ``BENEFIT_SCALE``), on the states of the oracle's routes as imitation sees them. The
+    budget is met afterwards by one offset on the big logit (calibration): big goes where the predicted benefit
+    is largest."""
+    route_LBT = mb["route_BLT"].transpose(0, 1)
+    logits_L = []
+
+    def policy(layer, x_BTD):
+        logits_L.append(trainer.router.logits(layer, x_BTD))
+        return route_LBT[layer]
+
+    trainer.lm(mb["idx_BT"], None, policy, return_logits=False)
+    logits_LBTO = torch.stack(logits_L)
+    option_of_R = trainer.router.option_of_R
+    margin_LBT = logits_LBTO[..., option_of_R[BIG]] - logits_LBTO[..., option_of_R[SMALL]]
+    target_LBT = BENEFIT_SCALE * mb["benefit_BLT"].transpose(0, 1)
+    scored = torch.isfinite(target_LBT)
+    return F.mse_loss(margin_LBT[scored], target_LBT[scored])
+
+
 def value_loss(trainer, mb: dict, regret: bool = False) -> torch.Tensor:
     """On-policy targets (routers/value.py), on the states the router met; no LM forward.
 
@@ -147,6 +172,11 @@ register(RouterMethod("straight-through", partial(budget_loss, mode="straight-th
 # afterwards by one offset on the big logit (``calibrate_budget``).
 register(RouterMethod("imitation", imitation_loss, data="labels", defaults={"calibrate": True},
                       summary="supervised on the oracle's per-token patterns at the router's budget"))
+register(RouterMethod("expected-benefit", expected_benefit_loss, data="labels", defaults={"calibrate": True},
+                      requires={"options": "SB"}, requires_why="its target is the benefit of big over small",
+                      targets=("benefit",),
+                      summary="regresses each layer's expected gain from big (the mean over the budget's patterns, "
+                              "not the oracle's minimum)"))
 # the on-policy targets (routers/value.py) are the best loss reachable under exactly k bigs
 EXACT_K = "its targets assume exactly k bigs per token"
 register(RouterMethod("value", value_loss, data="values", defaults={"enforce": True}, requires={"enforce": True},

@@ -62,7 +62,7 @@ def router_objective(trainer: RouterTrainer, cfg: RouterConfig, val_idx_ST, val_
     ``make_batch`` is called by the loop exactly once per optimizer step on every process;
     it advances the checkpointed step counter and passes that step's beta with the batch.
     For imitation it replaces the loop's random windows by whole oracle-labelled sequences
-    (``imitation_data`` = idx_ST, tgt_ST, route_LST), drawn with the loop's per-step generator
+    (``imitation_data`` = idx_ST, tgt_ST, route_LST, benefit_LST or None), drawn with the loop's per-step generator
     so a resumed run sees the same batches. For the value methods it draws ``batch_size x seq_len``
     token rows of ``value_data`` (``value.collect_targets``, every round so far) the same way.
     """
@@ -72,9 +72,11 @@ def router_objective(trainer: RouterTrainer, cfg: RouterConfig, val_idx_ST, val_
         B = idx_BT.shape[0]
         batch = {"beta_B": torch.full((B,), beta_at(step, cfg))}
         if imitation_data is not None:
-            idx_ST, tgt_ST, route_LST = imitation_data
+            idx_ST, tgt_ST, route_LST, benefit_LST = imitation_data
             rows = torch.randint(0, idx_ST.shape[0], (B,), generator=gen)
             batch.update(idx_BT=idx_ST[rows], tgt_BT=tgt_ST[rows], route_BLT=route_LST[:, rows].transpose(0, 1))
+            if benefit_LST is not None:
+                batch["benefit_BLT"] = benefit_LST[:, rows].transpose(0, 1)
         if value_data is not None:
             T = idx_BT.shape[1]
             rows = torch.randint(0, value_data["x_NLD"].shape[0], (B, T), generator=gen)
