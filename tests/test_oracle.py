@@ -515,9 +515,9 @@ def test_intervals_of_fixed_patterns_come_from_their_exact_per_token_losses(mode
 
 def test_label_free_oracles_equal_brute_force(model, tmp_path):
     """The confidence oracle (per token, the pattern with the highest top-1 probability), the belief
-    oracle (the pattern whose distribution is closest, in KL, to all-big's) and the previous-token oracle (token t takes token t-1's oracle pattern) from the tree's one pass equal
-    their definitions on the full loss matrix of one forward per pattern (ties: the first pattern in
-    code order)."""
+    oracle (the pattern whose distribution is closest, in KL, to all-big's) and the previous-token
+    oracle (token t takes token t-1's oracle pattern) from the tree's one pass equal their definitions
+    on the full loss matrix of one forward per pattern (ties: the first pattern in code order)."""
     from duollm.oracle.runner import compute_chunk
 
     idx, tgt = tokens(S=3, T=8)
