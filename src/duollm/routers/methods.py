@@ -93,12 +93,10 @@ def budget_loss(trainer, mb: dict, mode: str = "soft") -> torch.Tensor:
     return out.loss + c.alpha * penalty
 
 
-def imitation_loss(trainer, mb: dict) -> torch.Tensor:
-    """Cross-entropy of each layer's router logits against the oracle's route (teacher forcing).
-
-    The model is routed by the oracle's patterns; the LM's weights are frozen and its
-    input needs no gradient, so no graph is built through it: only the router learns.
-    """
+def teacher_forced_logits(trainer, mb: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logits_LBTO, route_LBT)``: the router's logits at every layer with the model routed by the oracle's
+    patterns (teacher forcing). The LM's weights are frozen and its input needs no gradient, so no graph is
+    built through it: only the router learns."""
     route_LBT = mb["route_BLT"].transpose(0, 1)
     logits_L = []
 
@@ -107,7 +105,12 @@ def imitation_loss(trainer, mb: dict) -> torch.Tensor:
         return route_LBT[layer]
 
     trainer.lm(mb["idx_BT"], None, policy, return_logits=False)
-    logits_LBTO = torch.stack(logits_L)
+    return torch.stack(logits_L), route_LBT
+
+
+def imitation_loss(trainer, mb: dict) -> torch.Tensor:
+    """Cross-entropy of each layer's router logits against the oracle's route (teacher forcing)."""
+    logits_LBTO, route_LBT = teacher_forced_logits(trainer, mb)
     label_LBT = trainer.router.option_of_R[route_LBT]
     return F.cross_entropy(logits_LBTO.flatten(0, 2), label_LBT.flatten())
 
@@ -120,15 +123,7 @@ def expected_benefit_loss(trainer, mb: dict) -> torch.Tensor:
     expected_benefit``, x ``BENEFIT_SCALE``), on the states of the oracle's routes as imitation sees them. The
     budget is met afterwards by one offset on the big logit (calibration): big goes where the predicted benefit
     is largest."""
-    route_LBT = mb["route_BLT"].transpose(0, 1)
-    logits_L = []
-
-    def policy(layer, x_BTD):
-        logits_L.append(trainer.router.logits(layer, x_BTD))
-        return route_LBT[layer]
-
-    trainer.lm(mb["idx_BT"], None, policy, return_logits=False)
-    logits_LBTO = torch.stack(logits_L)
+    logits_LBTO, _ = teacher_forced_logits(trainer, mb)
     option_of_R = trainer.router.option_of_R
     margin_LBT = logits_LBTO[..., option_of_R[BIG]] - logits_LBTO[..., option_of_R[SMALL]]
     target_LBT = BENEFIT_SCALE * mb["benefit_BLT"].transpose(0, 1)
