@@ -231,13 +231,10 @@ class Head:
         self.buf_nV = None
         self.reference = None  # (p_MV, negent_M): a distribution per token of the chunk (set_reference)
 
-    def set_reference(self, h_MD: torch.Tensor | None) -> None:
+    def set_reference(self, h_MD: torch.Tensor) -> None:
         """The belief oracle's reference: the next-token distribution of the final hidden states ``h_MD`` (one
         per token of the chunk, in the leaves' token order) through this head; with it, ``__call__(doubt=True)``
-        also returns each row's KL(reference || its distribution). None: no reference."""
-        if h_MD is None:
-            self.reference = None
-            return
+        also returns each row's KL(reference || its distribution)."""
         logp_MV = torch.log_softmax(torch.nn.functional.linear(self.norm(h_MD.to(self.w_VD.dtype)), self.w_VD).float(), -1)
         p_MV = logp_MV.exp()
         self.reference = (p_MV, (p_MV * logp_MV).sum(-1))

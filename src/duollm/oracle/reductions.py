@@ -53,11 +53,11 @@ class ChunkReducer:
         # loss (lowest -log top-1 probability) and, at each token t, the loss of token t-1's best pattern
         # (running: updated whenever t-1's best changes; position 0 has no previous token and stays inf)
         self.doubt_GN = torch.full((G, N), inf, device=device)
+        self.doubt_loss_GN = torch.full((G, N), inf, device=device)
         # the belief oracle (issue 29): per group, the loss of the pattern whose distribution is closest (KL) to
         # all-big's, the label-free ceiling of a router imitating all-big's beliefs
         self.kl_GN = torch.full((G, N), inf, device=device)
         self.kl_loss_GN = torch.full((G, N), inf, device=device)
-        self.doubt_loss_GN = torch.full((G, N), inf, device=device)
         self.prev_loss_GN = torch.full((G, N), inf, device=device)
         self.sum_P = torch.zeros(P, dtype=torch.float64, device=device)
         self.seq_PB = torch.zeros(P, n_seq, dtype=torch.float64, device=device)  # cross-fitted fixed@k, best of 100
@@ -94,9 +94,7 @@ class ChunkReducer:
                 if doubt_RN is not None:
                     self._label_free(g, loss_N, doubt_RN[i], better_N)
                 if kl_RN is not None:
-                    closer_N = kl_RN[i] < self.kl_GN[g]  # strict: the first pattern in code order on ties
-                    self.kl_GN[g] = torch.where(closer_N, kl_RN[i], self.kl_GN[g])
-                    self.kl_loss_GN[g] = torch.where(closer_N, loss_N, self.kl_loss_GN[g])
+                    _keep_lower(self.kl_GN, self.kl_loss_GN, g, kl_RN[i], loss_N)
             for j in self.samples_of[p]:
                 better_N = loss_N < self.sub_JN[j]
                 self.sub_JN[j] = torch.where(better_N, loss_N, self.sub_JN[j])
@@ -111,9 +109,7 @@ class ChunkReducer:
             self.matrix_cb(p_R, loss_RN)
 
     def _label_free(self, g: int, loss_N, doubt_N, better_N) -> None:
-        surer_N = doubt_N < self.doubt_GN[g]  # strict, as the oracle: the first pattern in code order on ties
-        self.doubt_GN[g] = torch.where(surer_N, doubt_N, self.doubt_GN[g])
-        self.doubt_loss_GN[g] = torch.where(surer_N, loss_N, self.doubt_loss_GN[g])
+        _keep_lower(self.doubt_GN, self.doubt_loss_GN, g, doubt_N, loss_N)
         B = self.n_seq
         prev_BT, better_BT, loss_BT = self.prev_loss_GN[g].view(B, -1), better_N.view(B, -1), loss_N.view(B, -1)
         prev_BT[:, 1:] = torch.where(better_BT[:, :-1], loss_BT[:, 1:], prev_BT[:, 1:])
@@ -148,12 +144,8 @@ class ChunkReducer:
                     better_N = self.best_GN[g] < loss_N
                     loss_N = torch.where(better_N, self.best_GN[g], loss_N)
                     arg_N = torch.where(better_N, self.arg_GN[g], arg_N)
-                    surer_N = self.doubt_GN[g] < doubt_N
-                    doubt_N = torch.where(surer_N, self.doubt_GN[g], doubt_N)
-                    doubt_loss_N = torch.where(surer_N, self.doubt_loss_GN[g], doubt_loss_N)
-                    closer_N = self.kl_GN[g] < kl_N
-                    kl_N = torch.where(closer_N, self.kl_GN[g], kl_N)
-                    kl_loss_N = torch.where(closer_N, self.kl_loss_GN[g], kl_loss_N)
+                    doubt_N, doubt_loss_N = _lower(self.doubt_GN[g], self.doubt_loss_GN[g], doubt_N, doubt_loss_N)
+                    kl_N, kl_loss_N = _lower(self.kl_GN[g], self.kl_loss_GN[g], kl_N, kl_loss_N)
                     prev_BT = prev_N.view(B, -1).clone()  # token t follows the group of t-1's best
                     prev_BT[:, 1:] = torch.where(better_N.view(B, -1)[:, :-1], self.prev_loss_GN[g].view(B, -1)[:, 1:],
                                                  prev_BT[:, 1:])
@@ -184,6 +176,18 @@ class ChunkReducer:
             # mean over the budget's members of each sequence's mean loss: random@k per sequence
             "random_loss_JB": (self.rand_JB / self.member_JP.sum(1, keepdim=True).clamp(min=1)).cpu().numpy(),
         }
+
+
+def _lower(crit_N, loss_N, than_crit_N, than_loss_N):
+    """Per token, the (criterion, loss) pair of the lower criterion; ties keep ``than`` (the one seen first)."""
+    lower_N = crit_N < than_crit_N
+    return torch.where(lower_N, crit_N, than_crit_N), torch.where(lower_N, loss_N, than_loss_N)
+
+
+def _keep_lower(crit_GN, loss_GN, g: int, crit_N, loss_N) -> None:
+    """A label-free oracle's running choice in group ``g``: the leaf's loss where its criterion (confidence,
+    KL to all-big) is strictly lower, so the first pattern in code order wins ties, as the oracle's own."""
+    crit_GN[g], loss_GN[g] = _lower(crit_N, loss_N, crit_GN[g], loss_GN[g])
 
 
 def merge_chunks(results: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

@@ -194,9 +194,10 @@ def compute_chunk(model: DuoModel, plan: Plan, idx_BT, tgt_BT, *, batch_tokens: 
             on_leaves(len(p_R))
 
     h0_BTD = model.embed(idx_BT).float()
-    # the belief oracle's reference: all-big's final hidden states from the engine's own path (KL 0 at its leaf)
-    head.set_reference(final_hidden(model, make_context(model, spec.context, idx_BT, spec.reference, kernels),
-                                    np.full((1, model.cfg.n_layers), BIG), h0_BTD, tgt_BT).reshape(B * T, -1))
+    if spec.search != "beam":  # the label-free oracles are exhaustive-only (ChunkReducer.result)
+        # the belief oracle's reference: all-big's final hidden states from the engine's own path (KL 0 at its leaf)
+        head.set_reference(final_hidden(model, make_context(model, spec.context, idx_BT, spec.reference, kernels),
+                                        np.full((1, model.cfg.n_layers), BIG), h0_BTD, tgt_BT).reshape(B * T, -1))
     walk_tree(model, ctx, plan.route_PL, h0_BTD, tgt_BT, consume, head, doubt=True)
     beam = None
     if spec.search == "beam":
