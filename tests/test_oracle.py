@@ -543,6 +543,7 @@ def test_label_free_oracles_equal_brute_force(model, tmp_path):
         np.testing.assert_allclose(res["confidence_loss_JN"][j], loss_PN[surest, cols], atol=1e-4)
         closest = members[kl_PN[members].argmin(0)]
         np.testing.assert_allclose(res["belief_loss_JN"][j], loss_PN[closest, cols], atol=1e-4)
+        np.testing.assert_array_equal(res["belief_code_JN"][j], plan.code_P[closest])  # the consistency router's label
         best = members[loss_PN[members].argmin(0)]
         later = cols[cols % T != 0]  # the previous token's best pattern, on the next token
         np.testing.assert_allclose(res["previous_loss_JN"][j][later], loss_PN[best[later - 1], later], atol=1e-4)
@@ -558,4 +559,7 @@ def test_label_free_oracles_equal_brute_force(model, tmp_path):
     assert table.loc[table.position == 0, "previous_token_loss_k2"].isna().all()
     np.testing.assert_allclose(table["confidence_loss_k2"].to_numpy(), res["confidence_loss_JN"][2], atol=1e-6)
     np.testing.assert_allclose(table["belief_loss_k4"].to_numpy(), loss_PN[plan.all_big], atol=1e-4)  # all-big: KL 0
+    assert set(table["belief_pattern_k4"].astype(str)) == {"BBBB"}
+    np.testing.assert_array_equal(table["belief_pattern_k2"].astype(str).to_numpy(),
+                                  code_strings(res["belief_code_JN"][2], 4))
     assert all(b["belief_oracle_ppl_lo"] <= b["belief_oracle_ppl"] <= b["belief_oracle_ppl_hi"] for b in s["budgets"])

@@ -128,8 +128,9 @@ def test_language_model_stays_frozen(router_run, tmp_path):
     assert not any(k.startswith("_lm") or "embed" in k for k in trainer.state_dict())
 
 
-def write_oracle(run, name, pattern_of_token, k, options="SB"):
-    """An oracle folder in the format of ``duollm oracle``: per-token best patterns at budget k."""
+def write_oracle(run, name, pattern_of_token, k, options="SB", belief_of_token=None):
+    """An oracle folder in the format of ``duollm oracle``: per-token best patterns at budget k (and, with
+    ``belief_of_token``, the belief oracle's patterns)."""
     model, cfg = load_model(run)
     idx_ST, tgt_ST = eval_tokens(run, cfg)
     S, T = idx_ST.shape
@@ -139,9 +140,11 @@ def write_oracle(run, name, pattern_of_token, k, options="SB"):
     folder.mkdir(parents=True, exist_ok=True)
     fixed = pattern_of_token(0)
     loss_ST = per_token_loss(model, idx_ST, tgt_ST, fixed)["loss_ST"]
+    belief = {} if belief_of_token is None else {
+        f"belief_pattern_k{k}": pa.array([belief_of_token(int(t)) for t in idx_ST.flatten()]).dictionary_encode()}
     pq.write_table(pa.table({"sequence": seq, "position": pos, "token": idx_ST.flatten().numpy(),
                              "target": tgt_ST.flatten().numpy(), f"oracle_loss_k{k}": loss_ST.flatten().numpy(),
-                             f"best_pattern_k{k}": pa.array(patterns).dictionary_encode()}),
+                             f"best_pattern_k{k}": pa.array(patterns).dictionary_encode(), **belief}),
                    folder / "per_token.parquet")
     ppl = math.exp(loss_ST.double().mean().item())
     (folder / "summary.json").write_text(json.dumps({
@@ -175,6 +178,22 @@ def test_imitation_reproduces_a_constant_oracle_pattern(router_run):
         assert row["agreement"] == 1.0 and row["k"] == 2 and row["heldout_ppl"] == pytest.approx(held["ppl"], abs=1e-4)
     finally:
         shutil.rmtree(router_run / "oracle" / "const-SB")
+
+
+def test_consistency_imitates_the_belief_oracles_patterns_not_the_oracles(router_run, tmp_path):
+    """The consistency router learns the belief oracle's per-token pattern (``belief_pattern_k*``), here SBSB,
+    where the oracle's best is BSBS; an oracle table without the belief patterns is refused in one line."""
+    run = copy_trained(router_run, tmp_path / "run")
+    write_oracle(run, "plain-SB", lambda tok: "BSBS", k=2)
+    with pytest.raises(ValueError, match="no column belief_pattern_k2"):
+        run_router_command(run, target=0.5, method="consistency", steps=5, set=QUIET, log=lambda *a: None)
+    shutil.rmtree(run / "oracle" / "plain-SB")
+    write_oracle(run, "belief-SB", lambda tok: "BSBS", k=2, belief_of_token=lambda tok: "SBSB")
+    name = run_router_command(run, target=0.5, method="consistency", steps=200,
+                              set=[*QUIET, "init=zero", "train.lr=0.1", "train.weight_decay=1.0"], log=lambda *a: None)
+    ev = read_eval(run, name)
+    assert ev["method"] == "consistency" and ev["per_layer_big"] == [0.0, 1.0, 0.0, 1.0]
+    assert ev["oracle"]["agreement"] == 0.0  # measured against the oracle's own patterns, which it did not learn
 
 
 def test_save_load_round_trip_and_cli_plumbing(router_run):

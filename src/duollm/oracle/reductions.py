@@ -58,6 +58,7 @@ class ChunkReducer:
         # all-big's, the label-free ceiling of a router imitating all-big's beliefs
         self.kl_GN = torch.full((G, N), inf, device=device)
         self.kl_loss_GN = torch.full((G, N), inf, device=device)
+        self.kl_arg_GN = torch.full((G, N), -1, dtype=torch.long, device=device)  # its pattern: the consistency router's label
         self.prev_loss_GN = torch.full((G, N), inf, device=device)
         self.sum_P = torch.zeros(P, dtype=torch.float64, device=device)
         self.seq_PB = torch.zeros(P, n_seq, dtype=torch.float64, device=device)  # cross-fitted fixed@k, best of 100
@@ -94,7 +95,7 @@ class ChunkReducer:
                 if doubt_RN is not None:
                     self._label_free(g, loss_N, doubt_RN[i], better_N)
                 if kl_RN is not None:
-                    _keep_lower(self.kl_GN, self.kl_loss_GN, g, kl_RN[i], loss_N)
+                    _keep_lower(self.kl_GN, (self.kl_loss_GN, self.kl_arg_GN), g, kl_RN[i], (loss_N, p))
             for j in self.samples_of[p]:
                 better_N = loss_N < self.sub_JN[j]
                 self.sub_JN[j] = torch.where(better_N, loss_N, self.sub_JN[j])
@@ -109,7 +110,7 @@ class ChunkReducer:
             self.matrix_cb(p_R, loss_RN)
 
     def _label_free(self, g: int, loss_N, doubt_N, better_N) -> None:
-        _keep_lower(self.doubt_GN, self.doubt_loss_GN, g, doubt_N, loss_N)
+        _keep_lower(self.doubt_GN, (self.doubt_loss_GN,), g, doubt_N, (loss_N,))
         B = self.n_seq
         prev_BT, better_BT, loss_BT = self.prev_loss_GN[g].view(B, -1), better_N.view(B, -1), loss_N.view(B, -1)
         prev_BT[:, 1:] = torch.where(better_BT[:, :-1], loss_BT[:, 1:], prev_BT[:, 1:])
@@ -133,19 +134,20 @@ class ChunkReducer:
             extra["search_loss_JN"] = search_JN.float().cpu().numpy()
         else:
             bigs_G = plan.group_bigs
-            rows_loss, rows_code, rows_doubt, rows_prev, rows_kl = [], [], [], [], []
+            rows_loss, rows_code, rows_doubt, rows_prev, rows_kl, rows_kl_code = [], [], [], [], [], []
             B = self.n_seq
             for k in plan.budgets:
                 gs = [g for g, b in enumerate(bigs_G) if plan.in_budget(b, k)]
                 loss_N, arg_N = self.best_GN[gs[0]], self.arg_GN[gs[0]]
                 doubt_N, doubt_loss_N, prev_N = self.doubt_GN[gs[0]], self.doubt_loss_GN[gs[0]], self.prev_loss_GN[gs[0]]
-                kl_N, kl_loss_N = self.kl_GN[gs[0]], self.kl_loss_GN[gs[0]]
+                kl_N, kl_loss_N, kl_arg_N = self.kl_GN[gs[0]], self.kl_loss_GN[gs[0]], self.kl_arg_GN[gs[0]]
                 for g in gs[1:]:  # "at most k": best over the exact groups <= k, lower group on ties
                     better_N = self.best_GN[g] < loss_N
                     loss_N = torch.where(better_N, self.best_GN[g], loss_N)
                     arg_N = torch.where(better_N, self.arg_GN[g], arg_N)
-                    doubt_N, doubt_loss_N = _lower(self.doubt_GN[g], self.doubt_loss_GN[g], doubt_N, doubt_loss_N)
-                    kl_N, kl_loss_N = _lower(self.kl_GN[g], self.kl_loss_GN[g], kl_N, kl_loss_N)
+                    doubt_N, (doubt_loss_N,) = _lower(self.doubt_GN[g], (self.doubt_loss_GN[g],), doubt_N, (doubt_loss_N,))
+                    kl_N, (kl_loss_N, kl_arg_N) = _lower(self.kl_GN[g], (self.kl_loss_GN[g], self.kl_arg_GN[g]), kl_N,
+                                                         (kl_loss_N, kl_arg_N))
                     prev_BT = prev_N.view(B, -1).clone()  # token t follows the group of t-1's best
                     prev_BT[:, 1:] = torch.where(better_N.view(B, -1)[:, :-1], self.prev_loss_GN[g].view(B, -1)[:, 1:],
                                                  prev_BT[:, 1:])
@@ -155,12 +157,14 @@ class ChunkReducer:
                 rows_doubt.append(doubt_loss_N)
                 rows_prev.append(prev_N)
                 rows_kl.append(kl_loss_N)
+                rows_kl_code.append(code_P[kl_arg_N.clamp(min=0)])
             best_JN, code_JN = torch.stack(rows_loss), torch.stack(rows_code)
             if bool(torch.isfinite(self.doubt_GN).any()):  # the leaves came with their confidence
                 extra["confidence_loss_JN"] = torch.stack(rows_doubt).float().cpu().numpy()
                 extra["previous_loss_JN"] = torch.stack(rows_prev).float().cpu().numpy()
             if bool(torch.isfinite(self.kl_GN).any()):  # the leaves came with their KL to all-big
                 extra["belief_loss_JN"] = torch.stack(rows_kl).float().cpu().numpy()
+                extra["belief_code_JN"] = torch.stack(rows_kl_code).long().cpu().numpy()
         if plan.nulls is not None:  # per family: each token's best in a subset, averaged over the draws
             U, N = len(plan.nulls.families), self.min_XN.shape[1]
             extra["null_loss_UN"] = self.min_XN.view(U, DRAWS, N).double().mean(1).float().cpu().numpy()
@@ -178,16 +182,20 @@ class ChunkReducer:
         }
 
 
-def _lower(crit_N, loss_N, than_crit_N, than_loss_N):
-    """Per token, the (criterion, loss) pair of the lower criterion; ties keep ``than`` (the one seen first)."""
+def _lower(crit_N, values: tuple, than_crit_N, than_values: tuple):
+    """Per token, the criterion and the values (loss, pattern) of the lower criterion; ties keep ``than`` (the one
+    seen first)."""
     lower_N = crit_N < than_crit_N
-    return torch.where(lower_N, crit_N, than_crit_N), torch.where(lower_N, loss_N, than_loss_N)
+    return torch.where(lower_N, crit_N, than_crit_N), tuple(torch.where(lower_N, v, t) for v, t in zip(values, than_values))
 
 
-def _keep_lower(crit_GN, loss_GN, g: int, crit_N, loss_N) -> None:
-    """A label-free oracle's running choice in group ``g``: the leaf's loss where its criterion (confidence,
-    KL to all-big) is strictly lower, so the first pattern in code order wins ties, as the oracle's own."""
-    crit_GN[g], loss_GN[g] = _lower(crit_N, loss_N, crit_GN[g], loss_GN[g])
+def _keep_lower(crit_GN, kept_GN: tuple, g: int, crit_N, values_N: tuple) -> None:
+    """A label-free oracle's running choice in group ``g``: the leaf's values (its loss, its pattern) where its
+    criterion (confidence, KL to all-big) is strictly lower, so the first pattern in code order wins ties, as the
+    oracle's own."""
+    crit_GN[g], new = _lower(crit_N, values_N, crit_GN[g], tuple(k[g] for k in kept_GN))
+    for k, v in zip(kept_GN, new):
+        k[g] = v
 
 
 def merge_chunks(results: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -196,7 +204,7 @@ def merge_chunks(results: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     per-sequence sums ``seq_loss_PB`` become ``seq_loss_PS``."""
     out = {}
     for key in ("best_loss_JN", "best_code_JN", "sub_loss_JN", "search_loss_JN", "random_loss_JB", "confidence_loss_JN",
-                "previous_loss_JN", "belief_loss_JN", "null_loss_UN"):
+                "previous_loss_JN", "belief_loss_JN", "belief_code_JN", "null_loss_UN"):
         if key in results[0]:
             out[key] = np.concatenate([r[key] for r in results], axis=1)
     out["seq_loss_PS"] = np.concatenate([r["seq_loss_PB"] for r in results], axis=1)

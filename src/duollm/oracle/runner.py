@@ -61,8 +61,8 @@ from .selection import DRAWS, chosen_counts, cross_fitted, null_entries
 from .space import code_strings, decode_codes
 from .tree import final_hidden, walk_tree
 
-ENGINE_VERSION = 5  # 2: random@k per sequence in each chunk's reductions; 3: the label-free oracles; 4: per-sequence
-# sums per pattern and the count-versus-compute nulls (selection.py); 5: the belief oracle (KL to all-big)
+ENGINE_VERSION = 6  # 2: random@k per sequence in each chunk's reductions; 3: the label-free oracles; 4: per-sequence
+# sums per pattern and the count-versus-compute nulls (selection.py); 5: the belief oracle (KL to all-big); 6: its pattern
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -505,6 +505,9 @@ def _write_outputs(out_dir: Path, plan: Plan, merged: dict, idx_ST, tgt_ST, mode
     for j, k in enumerate(plan.budgets):
         strings = code_strings(merged["best_code_JN"][j], L)
         cols[f"best_pattern_k{k}"] = pa.array(strings.tolist(), type=pa.string()).dictionary_encode()
+        if "belief_code_JN" in merged:  # the belief oracle's pattern: the consistency router's label (routers/labels.py)
+            strings = code_strings(merged["belief_code_JN"][j], L)
+            cols[f"belief_pattern_k{k}"] = pa.array(strings.tolist(), type=pa.string()).dictionary_encode()
     write_table(out_dir / PER_TOKEN, {**cols, **oos_cols, **null_cols})
     route_PL = decode_codes(plan.code_P, L)
     N = S * T

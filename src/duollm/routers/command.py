@@ -68,17 +68,19 @@ def _imitation_data(run: Path, run_cfg, cfg: RouterConfig, k: int, idx_ST, tgt_S
     (and, for a method with the "benefit" target, each layer's expected benefit of big: labels.py). A
     training-split oracle at budget k (``duollm oracle --split train``) keeps every validation sequence
     unseen; without one, every other sequence of the validation table (``holdout_every``)."""
+    method = METHODS[cfg.method]
     labels = find_oracle(run, cfg.options, k, split="train")
     if labels is not None:
         n = rundir.oracle_summary(rundir.oracle_dir(run, labels))["tokens"]
         idx_ST, tgt_ST = eval_tokens(run, run_cfg, max_tokens=n, split="train")
-        table = load_oracle_table(run, labels, k, idx_ST, tgt_ST, cfg.options)
+        table = load_oracle_table(run, labels, k, idx_ST, tgt_ST, cfg.options, pattern=method.labels)
         train_seq = table.sequences
     elif oracle is None:
         raise ValueError(f"imitation needs an oracle with options {cfg.options} and budget k={k} in {run / rundir.ORACLE}; "
                          f"run `duollm oracle` first")
     else:
-        table = oracle
+        table = oracle if method.labels == "best" else load_oracle_table(run, oracle.name, k, idx_ST, tgt_ST, cfg.options,
+                                                                         pattern=method.labels)
         train_seq, _ = holdout_split(oracle.sequences, cfg.holdout_every)
     if cfg.train.seq_len != idx_ST.shape[1]:
         raise ValueError(f"imitation trains on whole oracle sequences of {idx_ST.shape[1]} tokens; "
@@ -97,7 +99,7 @@ def _imitation_data(run: Path, run_cfg, cfg: RouterConfig, k: int, idx_ST, tgt_S
         log(f"imitation: {len(train_seq)} oracle sequences ({oracle.name}, k={k}) to train on, "
             f"{len(oracle.sequences) - len(train_seq)} held out")
     benefit_LST = None
-    if "benefit" in METHODS[cfg.method].targets:
+    if "benefit" in method.targets:
         benefit_LST = expected_benefit(table)
         if benefit_LST is None:
             raise ValueError(f"{cfg.method} needs oracle {table.name}'s loss matrix at 0 < k={k} < {table.route_LST.shape[0]} "

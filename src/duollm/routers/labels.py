@@ -74,8 +74,10 @@ def find_oracle(run: Path, options: str, k: int, name: str = "", split: str = "v
 
 
 def load_oracle_table(run: Path, name: str, k: int, idx_ST: torch.Tensor, tgt_ST: torch.Tensor,
-                      options: str | None = None) -> OracleTable:
-    """Read ``RUN/oracle/<name>`` at budget ``k`` onto the evaluation grid of ``idx_ST``.
+                      options: str | None = None, pattern: str = "best") -> OracleTable:
+    """Read ``RUN/oracle/<name>`` at budget ``k`` onto the evaluation grid of ``idx_ST``. ``pattern``: whose
+    per-token patterns ``route_LST`` holds: ``best`` (the oracle's, least loss) or ``belief`` (the belief
+    oracle's: the pattern whose predictive distribution is closest in KL to all-big's, chosen without labels).
 
     The table's rows carry ``sequence`` and ``position`` in the canonical evaluation order
     (DESIGN 5) and ``token``; the tokens are checked against ``idx_ST`` (or ``tgt_ST``) so an
@@ -89,10 +91,11 @@ def load_oracle_table(run: Path, name: str, k: int, idx_ST: torch.Tensor, tgt_ST
     ks = [b.get("k") for b in summary.get("budgets", [])]
     if k not in ks:
         raise ValueError(f"oracle {name} has no budget k={k} (has {', '.join(map(str, ks))})")
-    column = f"best_pattern_k{k}"
+    column = f"{pattern}_pattern_k{k}"
     table = read_table(folder / rundir.PER_TOKEN)
     if column not in table.column_names:
-        raise ValueError(f"oracle {name}: per_token.parquet has no column {column}")
+        hint = " (the belief oracle's patterns come from an exhaustive oracle of duollm >= engine 6)" if pattern != "best" else ""
+        raise ValueError(f"oracle {name}: per_token.parquet has no column {column}{hint}")
     seq_N = torch.from_numpy(table.column("sequence").to_numpy().astype(np.int64))
     pos_N = torch.from_numpy(table.column("position").to_numpy().astype(np.int64))
     S, T = idx_ST.shape

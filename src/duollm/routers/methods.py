@@ -43,9 +43,12 @@ class RouterMethod:
     requires: dict = field(default_factory=dict)
     requires_why: str = ""  # said when a config breaks ``requires``
     targets: tuple[str, ...] = ()  # what a "labels" method needs beside the oracle's patterns: "benefit" (labels.py)
+    labels: str = "best"  # whose per-token patterns a "labels" method imitates: the oracle's, or "belief" (labels.py)
     summary: str = ""  # one line for `duollm router --help`
 
     def __post_init__(self):
+        if self.labels not in ("best", "belief"):
+            raise ValueError(f"router method {self.name!r}: labels must be best or belief; got {self.labels!r}")
         if self.data not in DATA:
             raise ValueError(f"router method {self.name!r}: data must be one of {', '.join(DATA)}; got {self.data!r}")
 
@@ -167,6 +170,12 @@ register(RouterMethod("straight-through", partial(budget_loss, mode="straight-th
 # afterwards by one offset on the big logit (``calibrate_budget``).
 register(RouterMethod("imitation", imitation_loss, data="labels", defaults={"calibrate": True},
                       summary="supervised on the oracle's per-token patterns at the router's budget"))
+# issue 29: the pattern whose predictive distribution is closest (KL) to all-big's, per token (the belief oracle):
+# a target that needs no labels, so it can be made on any text. Calibrated like imitation: the belief patterns are
+# minority-big where all-big's distribution is easy to match with small layers
+register(RouterMethod("consistency", imitation_loss, data="labels", defaults={"calibrate": True}, labels="belief",
+                      summary="imitates the belief oracle: per token the pattern whose distribution is closest (KL) "
+                              "to all-big's, a target made without labels"))
 register(RouterMethod("expected-benefit", expected_benefit_loss, data="labels", defaults={"calibrate": True},
                       requires={"options": "SB"}, requires_why="its target is the benefit of big over small",
                       targets=("benefit",),
