@@ -16,7 +16,7 @@ from duollm.routers.command import run_router_command
 from duollm.routers.config import resolve_router_config
 from duollm.routers.objectives import RouterTrainer
 from duollm.routers.store import load_router
-from duollm.routers.value import budget_patterns, collect_targets, prefix_values
+from duollm.routers.value import budget_patterns, collect_targets, prefix_values, rollout_targets
 
 QUIET = ["train.eval_every=1000", "train.save_every=1000", "train.log_every=1000", "train.batch_size=4",
          "value_tokens=256"]
@@ -77,6 +77,59 @@ def test_targets_equal_the_naive_minimum():
     assert torch.isfinite(data["value_NLO"].gather(-1, own.unsqueeze(-1))).all()
 
 
+def test_rollout_targets_equal_one_forward_per_deviation():
+    """Q_l(r) of the rollout method (the router's own continuation after taking r at layer l) equals, token by
+    token, the loss of one model forward in which that token alone follows the router up to l, takes r there
+    and the router (with its budget) after it, every other token following the router; inf where the budget
+    forbids the deviation."""
+    model = tiny_model()
+    L = model.cfg.n_layers
+    torch.manual_seed(1)
+    router = Router(L, model.cfg.d_model, "SB", budget_k=2)
+    for p in router.proj:
+        torch.nn.init.normal_(p.weight, std=2.0)  # choices that depend on the state
+    idx = torch.randint(0, model.cfg.vocab_size, (2, 6))
+    tgt = torch.randint(0, model.cfg.vocab_size, (2, 6))
+    data = rollout_targets(model, router, idx, tgt, batch_size=1)
+    own = model(idx, tgt, router, return_logits=False)
+    assert torch.equal(data["route_NL"], own.route_LBT.reshape(L, -1).T)
+    own_loss_N = own.loss_BT.reshape(-1)
+    chosen_NL = (data["route_NL"].unsqueeze(-1) == router.route_O).float().argmax(-1)
+    assert torch.allclose(data["value_NLO"].gather(-1, chosen_NL.unsqueeze(-1)).squeeze(-1),
+                          own_loss_N.unsqueeze(1).expand(-1, L), atol=1e-5)
+    T = idx.shape[1]
+    checked = 0
+    for n in range(idx.numel()):
+        s, t = divmod(n, T)
+        for layer in range(L):
+            route_L = data["route_NL"][n]
+            flip = SMALL if route_L[layer] == BIG else BIG
+            q = data["value_NLO"][n, layer, (router.route_O == flip).nonzero().item()].item()
+            used = int((route_L[:layer] == BIG).sum())
+            if (flip == BIG and used >= 2) or (flip == SMALL and 2 - used >= L - layer):
+                assert q == float("inf")
+                continue
+            spent = [0]
+
+            def policy(lay, x_BTD):  # token t deviates at `layer`, then the router decides for it alone
+                route_BT = own.route_LBT[lay, s : s + 1].clone()
+                if lay == layer:
+                    route_BT[0, t] = flip
+                elif lay > layer:
+                    logits = router.budget_logits(lay, x_BTD[:, t : t + 1], torch.tensor([[spent[0]]]))
+                    route_BT[0, t] = router.route_O[logits.argmax(-1)].item()
+                spent[0] += int(route_BT[0, t] == BIG)
+                return route_BT
+
+            want = model(idx[s : s + 1], tgt[s : s + 1], policy, return_logits=False).loss_BT[0, t].item()
+            assert q == pytest.approx(want, abs=1e-5), (n, layer)
+            variant_L = data["route_NML"][n, layer + 1]  # the deviation's routes: the router's before, k bigs in all
+            assert variant_L[layer] == flip and torch.equal(variant_L[:layer], route_L[:layer])
+            assert int((variant_L == BIG).sum()) == 2
+            checked += 1
+    assert checked > 20
+
+
 def test_value_losses_prefer_the_better_route():
     model = tiny_model()
     L, D = model.cfg.n_layers, model.cfg.d_model
@@ -120,6 +173,18 @@ def test_value_router_dagger_rounds_resume_and_eval(tiny_run, tmp_path):
     a = load_router(run, name).state_dict()
     b = load_router(again, name).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_rollout_router_trains_in_dagger_rounds_on_its_own_rollouts(tiny_run, tmp_path):
+    run = copy_trained(tiny_run, tmp_path / "run")
+    name = run_router_command(run, target=0.5, method="rollout", steps=10, set=QUIET + ["dagger_rounds=2"],
+                              log=lambda *a: None)
+    folder = run / "routers" / name
+    record = json.loads((folder / "dagger" / "dagger.json").read_text())
+    from safetensors.torch import load_file
+    first = load_file(str(folder / "dagger" / "round-0.safetensors"))
+    assert "route_NML" not in first and first["value_NLO"].shape[1:] == (4, 2)
+    assert record["rounds"] and json.loads((folder / "eval.json").read_text())["big_fraction"] == 0.5
 
 
 def test_value_router_rejects_other_options(tiny_run):

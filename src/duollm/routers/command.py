@@ -23,7 +23,7 @@ from .labels import expected_benefit, find_oracle, holdout_split, load_oracle_ta
 from .methods import METHODS
 from .objectives import RouterTrainer, router_objective
 from .store import load_router_config, load_router_folder, save_router, write_router_yaml
-from .value import dagger
+from .value import collect_targets, dagger, rollout_targets
 
 
 def train_router(run: Path, cfg: RouterConfig, *, resume: bool = False, log=print) -> str:
@@ -120,6 +120,7 @@ def _train_router(run: Path, out: Path, cfg: RouterConfig, model, idx_ST, tgt_ST
     write_router_yaml(out, router, cfg)  # the config of a router in training is on disk from the start
     if METHODS[cfg.method].data == "values":  # on-policy targets in DAgger rounds, each through train_loop
         dagger(model, trainer, cfg, out, train_tokens, device=device, resume=resume, log=log,
+               collect=rollout_targets if METHODS[cfg.method].values == "rollout" else collect_targets,
                make_objective=lambda rows: router_objective(trainer, cfg, idx_ST[:n_val], tgt_ST[:n_val], value_data=rows))
     else:
         objective = router_objective(trainer, cfg, idx_ST[:n_val], tgt_ST[:n_val], imitation_data)

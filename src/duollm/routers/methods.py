@@ -8,7 +8,8 @@ entry carries what the rest of duollm needs to know about it, so no other module
                          straight-through)
                "labels"  the oracle's per-token patterns at the router's budget (imitation: a training-split
                          oracle, else part of the validation table)
-               "values"  on-policy value targets of the tree engine, in DAgger rounds (routers/value.py);
+               "values"  on-policy value targets (the tree engine's best reachable loss, or the router's own
+                         rollouts), in DAgger rounds (routers/value.py);
                          a step needs no LM forward, so the study's router_steps and router_batch do not apply
     defaults   RouterConfig values the method needs unless ``--set`` says otherwise
     requires   RouterConfig values it cannot work without (a config that differs is refused), and why
@@ -44,9 +45,12 @@ class RouterMethod:
     requires_why: str = ""  # said when a config breaks ``requires``
     targets: tuple[str, ...] = ()  # what a "labels" method needs beside the oracle's patterns: "benefit" (labels.py)
     labels: str = "best"  # whose per-token patterns a "labels" method imitates: the oracle's, or "belief" (labels.py)
+    values: str = "best"  # a "values" method's targets: the best reachable loss, or "rollout": Q^pi (value.py)
     summary: str = ""  # one line for `duollm router --help`
 
     def __post_init__(self):
+        if self.values not in ("best", "rollout"):
+            raise ValueError(f"router method {self.name!r}: values must be best or rollout; got {self.values!r}")
         if self.labels not in ("best", "belief"):
             raise ValueError(f"router method {self.name!r}: labels must be best or belief; got {self.labels!r}")
         if self.data not in DATA:
@@ -137,7 +141,8 @@ def expected_benefit_loss(trainer, mb: dict) -> torch.Tensor:
 def value_loss(trainer, mb: dict, regret: bool = False) -> torch.Tensor:
     """On-policy targets (routers/value.py), on the states the router met; no LM forward.
 
-    ``value``: cross-entropy against the route of least V (the best reachable loss);
+    ``value``: cross-entropy against the route of least V (the best reachable loss); ``rollout`` the same
+    against Q^pi (the router's own continuation);
     ``expected-cost`` (``regret``): sum_r pi(r | x) (V(r) - min V), the expected regret in nats. Only
     decisions the budget leaves open count (forced ones have an infinite V on one side).
     """
@@ -188,3 +193,9 @@ register(RouterMethod("value", value_loss, data="values", defaults={"enforce": T
 register(RouterMethod("expected-cost", partial(value_loss, regret=True), data="values", defaults={"enforce": True},
                       requires={"enforce": True}, requires_why=EXACT_K,
                       summary="the expected regret of the router's choice, DAgger rounds"))
+# issue 29: the loss of the router's own continuation after a deviation (Q^pi), not the best reachable one: a
+# target that does not reward prefixes for keeping many good completions open
+register(RouterMethod("rollout", value_loss, data="values", defaults={"enforce": True}, requires={"enforce": True},
+                      requires_why=EXACT_K, values="rollout",
+                      summary="cross-entropy against the route whose rollout under the router itself (Q^pi) is "
+                              "best, DAgger rounds"))

@@ -10,7 +10,14 @@ target of route r is
     V_l(r) = min over patterns p with exactly k bigs, p[:l] = the router's routes, p[l] = r,
              of token t's loss under p (the context keeping the router's routes)
 
-— the best final loss still reachable from the router's prefix. One tree walk over the C(L, k)
+— the best final loss still reachable from the router's prefix. The ``rollout`` method (issue 29) replaces
+that minimum, which rewards prefixes that keep many good completions open, by the router's own
+continuation (Q^pi, ``rollout_targets``):
+
+    Q_l(r) = token t's loss when it follows the router up to layer l, takes r at l, and the router
+             (with its budget) from there on
+
+— one forward of L + 1 variants per token: the router's own trajectory and one deviation per layer. One tree walk over the C(L, k)
 exact-budget patterns gives every token's loss for every pattern (``walk_tree``); the minima
 over the prefix-consistent patterns follow by masking. A route the budget forbids has V = inf.
 
@@ -43,7 +50,8 @@ from ..io import atomic_write_json
 from ..model.model import DuoModel
 from ..model.policy import Router
 from ..model.routing import BIG, SMALL, format_pattern
-from ..oracle.context import FrozenContext
+from ..oracle import kernels as K
+from ..oracle.context import FrozenContext, Head
 from ..oracle.tree import walk_tree
 from ..rundir import DAGGER_RECORD, ROUTER_DAGGER
 from ..train.evaluate import per_token_loss
@@ -124,6 +132,79 @@ def collect_targets(model: DuoModel, router: Router, idx_ST: torch.Tensor, tgt_S
     return {**{key: torch.cat(v) for key, v in parts.items()}, "pattern_loss_P": pattern_loss_P}
 
 
+@torch.no_grad()
+def rollout_targets(model: DuoModel, router: Router, idx_ST: torch.Tensor, tgt_ST: torch.Tensor,
+                    batch_size: int = 8) -> dict[str, torch.Tensor]:
+    """The on-policy data of one DAgger round of the ``rollout`` method: ``collect_targets``'s rows, with
+    ``value_NLO`` = Q_l(r) (module docstring) instead of the best reachable loss; inf where the budget forbids
+    the deviation. Also ``route_NML``: every variant's routes (m = 0 the router's own, m = l + 1 its
+    deviation at layer l), for tests and inspection.
+
+    The context tokens follow the router (``FrozenContext``); each token carries its M = L + 1 variants
+    through the layers side by side, and at every layer past its deviation a variant takes the router's
+    choice on its own state, with its own count of bigs (the budget as the router enforces it)."""
+    assert router.budget_k is not None, "on-policy targets need a router with an enforced budget"
+    L, k = model.cfg.n_layers, router.budget_k
+    device = model.embed.weight.device
+    mode, training = router.mode, router.training
+    router.mode = "hard"
+    router.eval()
+    head = Head(model)
+    route_O = router.route_O
+    deviates_M = torch.tensor([L, *range(L)], device=device)  # the layer variant m deviates at (L: never)
+    parts = {"x_NLD": [], "used_NL": [], "value_NLO": [], "route_NL": [], "route_NML": []}
+    try:
+        for s0 in tqdm(range(0, idx_ST.shape[0], batch_size), desc=f"rollouts, {L + 1} variants per token",
+                       unit="chunk", dynamic_ncols=True, leave=False):
+            idx_BT, tgt_BT = idx_ST[s0 : s0 + batch_size].to(device), tgt_ST[s0 : s0 + batch_size].to(device)
+            B, T = idx_BT.shape
+            x_L = []
+
+            def recording(layer, x_BTD):
+                x_L.append(x_BTD.float().cpu())
+                return router(layer, x_BTD)
+
+            ctx = FrozenContext(model, idx_BT, recording)  # context tokens routed by the router itself
+            own_LBT = ctx.route_LBT
+            h_BTMD = model.embed(idx_BT).float().unsqueeze(2).expand(B, T, L + 1, -1).contiguous()
+            used_BTM = torch.zeros(B, T, L + 1, dtype=torch.long, device=device)
+            feasible_BTM = torch.ones(B, T, L + 1, dtype=torch.bool, device=device)
+            route_LBTM = torch.empty(L, B, T, L + 1, dtype=torch.long, device=device)
+            for layer, block in enumerate(model.layers):
+                mid_BTMD = ctx.residual(layer, h_BTMD)
+                x_BTMD = K.norm(block.ffn_norm, mid_BTMD)
+                own_BT1 = own_LBT[layer].unsqueeze(-1)
+                chosen_BTM = route_O[router.budget_logits(layer, x_BTMD, used_BTM).argmax(-1)]
+                flipped_BT1 = torch.where(own_BT1 == BIG, SMALL, BIG)
+                route_BTM = torch.where(deviates_M > layer, own_BT1, torch.where(deviates_M == layer, flipped_BT1, chosen_BTM))
+                # a deviation the budget forbids: big with none left, small where every layer left must go big
+                at_M = deviates_M == layer
+                forbidden_BT1 = torch.where(flipped_BT1 == BIG, used_BTM[..., layer + 1 : layer + 2] >= k,
+                                            k - used_BTM[..., layer + 1 : layer + 2] >= L - layer)
+                feasible_BTM[..., at_M] &= ~forbidden_BT1
+                big_BTMD = K.ffn_residual(block.ffn.big, mid_BTMD, x_BTMD)
+                small_BTMD = K.ffn_residual(block.ffn.small, mid_BTMD, x_BTMD)
+                h_BTMD = torch.where((route_BTM == BIG).unsqueeze(-1), big_BTMD, small_BTMD)
+                used_BTM = used_BTM + (route_BTM == BIG)
+                route_LBTM[layer] = route_BTM
+            loss_MBT = head(h_BTMD.permute(2, 0, 1, 3), tgt_BT.expand(L + 1, B, T))
+            loss_BTM = loss_MBT.permute(1, 2, 0).masked_fill(~feasible_BTM, float("inf")).float()
+            # Q of the router's own route at layer l: its own loss; of the other route: variant l + 1's
+            own_LBT1 = own_LBT.unsqueeze(-1)
+            q_LBTO = torch.where(own_LBT1 == route_O, loss_BTM[..., :1].unsqueeze(0),
+                                 loss_BTM[..., 1:].permute(2, 0, 1).unsqueeze(-1))
+            route_LN = own_LBT.reshape(L, -1).cpu()
+            parts["x_NLD"].append(torch.stack(x_L, 1).reshape(B * T, L, -1))
+            parts["used_NL"].append((torch.cumsum(route_LN == BIG, 0) - (route_LN == BIG).long()).T.contiguous())
+            parts["value_NLO"].append(q_LBTO.reshape(L, B * T, -1).transpose(0, 1).cpu().contiguous())
+            parts["route_NL"].append(route_LN.T.contiguous())
+            parts["route_NML"].append(route_LBTM.permute(1, 2, 3, 0).reshape(B * T, L + 1, L).cpu())
+    finally:
+        router.mode = mode
+        router.train(training)
+    return {key: torch.cat(v) for key, v in parts.items()}
+
+
 HELDOUT_TOKENS = 4096  # training-split tokens (after the collection's) that decide when the rounds stop
 
 
@@ -137,10 +218,11 @@ def regret(data: dict[str, torch.Tensor], route_O: torch.Tensor) -> float:
 
 
 def dagger(model: DuoModel, trainer, cfg, out, train_tokens: np.ndarray, make_objective, *, device,
-           resume: bool, log=print) -> dict:
+           resume: bool, log=print, collect=collect_targets) -> dict:
     """Train a value router in DAgger rounds (module docstring); returns the record (``dagger.json``).
 
-    Round r: collect targets along the current router's trajectory on ``cfg.value_tokens``
+    Round r: collect targets (``collect``: ``collect_targets`` or ``rollout_targets``) along the current
+    router's trajectory on ``cfg.value_tokens``
     training-split tokens (saved in ``dagger/round-<r>.safetensors``), train the router on every
     round's rows for ``cfg.train.steps`` more steps (``train_loop``, which checkpoints and resumes;
     its learning-rate schedule restarts each round), score it on held-out training-split sequences.
@@ -181,7 +263,8 @@ def dagger(model: DuoModel, trainer, cfg, out, train_tokens: np.ndarray, make_ob
         if path.is_file():  # collected before an interruption
             rows = load_file(str(path))
         else:
-            rows = collect_targets(model, router, idx_ST[:n], tgt_ST[:n], batch_size=max(1, 2048 // T))
+            rows = collect(model, router, idx_ST[:n], tgt_ST[:n], batch_size=max(1, 2048 // T))
+            rows.pop("route_NML", None)  # the rollouts' own routes: for inspection, not training
             save_tensors(path, rows)
         rows.pop("pattern_loss_P", None)
         data.append(rows)
