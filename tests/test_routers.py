@@ -451,6 +451,45 @@ def test_expected_benefit_router_learns_which_layer_gains_and_meets_its_budget(r
     assert ev["per_layer_big"][2] > 0.9 and ev["big_fraction"] == pytest.approx(0.25, abs=0.05)
 
 
+def test_peek_router_sees_the_small_ffn_and_pays_for_it(router_run, tmp_path):
+    """A peeking router's logits read the token's state and the small FFN's output on it (its own frozen copy of
+    the model's, saved and loaded with it); trained on the synthetic benefit table, it goes big at layer 2, at the
+    big fraction where its compute (small FFN everywhere + big where routed) is a plain router's at the target."""
+    from duollm.model.policy import compute_big_fraction, peek_big_fraction, peek_shape
+
+    model, cfg = load_model(router_run)
+    router = Router(4, cfg.model.d_model, "SB", peek=peek_shape(cfg.model))
+    router.copy_peek(model)
+    torch.nn.init.normal_(router.proj[1].weight)
+    x = torch.randn(2, 3, cfg.model.d_model)
+    want = router.proj[1](torch.cat([x, model.layers[1].ffn.small(x)], -1))
+    assert torch.allclose(router.logits(1, x), want, atol=1e-6)
+    assert not any(p.requires_grad for p in router.peek_ffn.parameters())
+    fm = model.flop_model
+    f = peek_big_fraction(0.25, fm)
+    assert f == pytest.approx(0.25 * (1 - cfg.model.d_ff_small / cfg.model.d_ff_big))
+    assert compute_big_fraction(f, fm, True) == pytest.approx(0.25) and compute_big_fraction(f, fm, False) == f
+
+    run = copy_trained(router_run, tmp_path / "run")
+    folder = write_oracle(run, "benefit-SB", lambda tok: "SSBS", k=1)
+    idx_ST, _ = eval_tokens(run, cfg)
+    S, T = idx_ST.shape
+    patterns = ["".join(p) for p in ("BSSS", "SBSS", "SSBS", "SSSB")]
+    pq.write_table(pa.table({"pattern": patterns, "bigs": pa.array([1] * 4, pa.int16()), "skips": pa.array([0] * 4, pa.int16()),
+                             "candidate": [True] * 4, "mean_loss": [5.0, 5.0, 4.0, 5.0]}), folder / "patterns.parquet")
+    np.save(folder / "loss_matrix.npy", np.array([[5.0], [5.0], [4.0], [5.0]], np.float32).repeat(S * T, 1))
+    name = run_router_command(run, target=0.25, method="peek", steps=150,
+                              set=[*QUIET, "init=zero", "train.lr=0.05"], log=lambda *a: None)
+    ev = read_eval(run, name)
+    assert ev["per_layer_big"][2] == max(ev["per_layer_big"]) and ev["big_fraction"] <= 0.25
+    assert ev["compute_big_fraction"] == pytest.approx(compute_big_fraction(ev["big_fraction"], fm, True))
+    plain = (4 * fm.attention + fm.head + 4 * fm.ffn[1] + ev["big_fraction"] * 4 * (fm.ffn[2] - fm.ffn[1])) / fm.all_big()
+    assert ev["compute"] == pytest.approx(plain + 4 * fm.ffn[1] / fm.all_big(), rel=1e-4)
+    again = load_router(run, name)  # the copy of the small FFNs travels with the router
+    assert again.peek == peek_shape(cfg.model)
+    assert torch.equal(again.peek_ffn[3].down_proj.weight, model.layers[3].ffn.small.down_proj.weight)
+
+
 def test_a_routers_share_splits_into_how_many_big_layers_and_which(tmp_path):
     """count_vs_placement against a direct computation: 'how many' is the share of the per-token fixed pattern
     of the router's own count (out of sample), 'which layers' the rest; the two add up to the router's share."""

@@ -105,7 +105,9 @@ def decomposition(rd: RunData) -> list[dict]:
                 entry.update(ppl=held.get("ppl", r.get("ppl")), recovered=o.get("recovered"),  # the held-out share
                              recovered_matched=None, heldout=True)
             else:
-                matched = _at_compute(v, r.get("big_fraction"), r.get("skip_fraction"), rd.n_layers, s)
+                # at its realised compute (a peeking router pays the small FFN everywhere: routers/evaluate.py)
+                matched = _at_compute(v, r.get("compute_big_fraction", r.get("big_fraction")), r.get("skip_fraction"),
+                                      rd.n_layers, s)
                 g_S = None if v.groups is None else v.groups[s]
                 entry.update(recovered=_share(recovered_share(loss_S1, oracle_S1, fixed_S1, groups_S=g_S)),
                              recovered_matched=None if matched is None else

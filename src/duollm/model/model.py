@@ -246,9 +246,14 @@ class GeluMLP(nn.Module):
 
 
 def make_mlp(cfg: ModelConfig, d_ff: int) -> nn.Module:
-    if cfg.mlp == "swiglu":
-        return SwiGLU(cfg.d_model, d_ff, cfg.bias)
-    return GeluMLP(cfg.d_model, d_ff, cfg.bias, "tanh" if cfg.mlp == "gelu_tanh" else "none")
+    return build_mlp(cfg.mlp, cfg.d_model, d_ff, cfg.bias)
+
+
+def build_mlp(kind: str, d_model: int, d_ff: int, bias: bool) -> nn.Module:
+    """An FFN of ``ModelConfig.mlp``'s kind (also a peeking router's copy of the small FFN: model/policy.py)."""
+    if kind == "swiglu":
+        return SwiGLU(d_model, d_ff, bias)
+    return GeluMLP(d_model, d_ff, bias, "tanh" if kind == "gelu_tanh" else "none")
 
 
 class DuoFFN(nn.Module):

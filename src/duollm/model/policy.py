@@ -10,7 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .routing import BIG, ROUTE_OF_LETTER, RandomPolicy, canonical_options, parse_routing
+from .model import build_mlp
+from .routing import BIG, ROUTE_OF_LETTER, SMALL, RandomPolicy, canonical_options, parse_routing
 
 MODES = ("hard", "soft", "straight-through")
 
@@ -26,10 +27,15 @@ class Router(nn.Module):
     ``budget_k`` of them per token: big is forced where the layers left are just enough for the
     bigs left, and refused once they are spent. Every token then has fixed@k's compute. The count
     is state carried through one forward (reset at layer 0; the model calls layers in order).
+
+    With ``peek`` (the small FFN's shape, ``peek_shape``) the router *peeks* (issue 29): at each layer it also
+    sees the small FFN's output on the token before deciding, from its own frozen copy of the model's small FFNs
+    (``copy_peek``), so it routes wherever it is loaded. Its compute is the small FFN at every layer plus the
+    big one where it routes big (``peek_big_fraction``).
     """
 
     def __init__(self, n_layers: int, d_model: int, options: str = "SB", *, mode: str = "hard", beta: float = 1.0,
-                 budget_k: int | None = None):
+                 budget_k: int | None = None, peek: dict | None = None):
         super().__init__()
         self.options = canonical_options(options)
         self.n_layers, self.d_model = n_layers, d_model
@@ -39,7 +45,12 @@ class Router(nn.Module):
         option_of_route = torch.full((3,), -1, dtype=torch.long)
         option_of_route[self.route_O] = torch.arange(len(route_O))
         self.register_buffer("option_of_R", option_of_route, persistent=False)
-        self.proj = nn.ModuleList(nn.Linear(d_model, len(route_O)) for _ in range(n_layers))
+        self.peek = peek
+        if peek is not None:
+            self.peek_ffn = nn.ModuleList(build_mlp(peek["mlp"], d_model, int(peek["d_ff"]), bool(peek["bias"]))
+                                          for _ in range(n_layers)).requires_grad_(False)
+        width = 2 * d_model if peek is not None else d_model
+        self.proj = nn.ModuleList(nn.Linear(width, len(route_O)) for _ in range(n_layers))
         # a constant added to the logits, set by budget calibration (``calibrate_budget``), not trained
         self.register_buffer("offset_O", torch.zeros(len(route_O)))
         for p in self.proj:  # start from the token-independent router; training adds the dependence
@@ -84,9 +95,17 @@ class Router(nn.Module):
         if not all(bool(torch.isfinite(t).all()) for t in self.state_dict().values()):
             raise ValueError(f"{source} holds non-finite weights (NaN or inf): train the router again")
 
+    def copy_peek(self, model) -> None:
+        """Take the model's small FFNs as the peek's (frozen) copy."""
+        with torch.no_grad():
+            for layer, block in enumerate(model.layers):
+                self.peek_ffn[layer].load_state_dict(block.ffn.small.state_dict())
+
     def logits(self, layer: int, x_BTD: torch.Tensor) -> torch.Tensor:
         """``logits_BTO`` in float32 (the softmax and its annealing are done in full precision)."""
         proj = self.proj[layer]
+        if self.peek is not None:  # the token's state and what the small FFN would add to it
+            x_BTD = torch.cat([x_BTD, self.peek_ffn[layer](x_BTD)], -1)
         return proj(x_BTD.to(proj.weight.dtype)).float() + self.offset_O
 
     def weights(self, logits_BTO: torch.Tensor, mode: str, beta: float = 1.0) -> torch.Tensor:
@@ -117,6 +136,27 @@ class Router(nn.Module):
         route_BT = self.weights(self.budget_logits(layer, x_BTD, self._used_BT), "hard")
         self._used_BT = self._used_BT + (route_BT == BIG)
         return route_BT
+
+
+def peek_shape(model_cfg) -> dict:
+    """What a peeking router needs to rebuild its copy of the small FFN (saved in ``router.yaml``)."""
+    return {"mlp": model_cfg.mlp, "d_ff": model_cfg.d_ff_small, "bias": model_cfg.bias}
+
+
+def peek_big_fraction(target: float, flop_model) -> float:
+    """The big fraction at which a peeking router costs what a plain router at ``target`` does: it pays the
+    small FFN at every layer: with FFN costs s < b per layer, s + f b = target b + (1 - target) s, so
+    f = target (1 - s / b)."""
+    small, big = flop_model.ffn[SMALL], flop_model.ffn[BIG]
+    return target * (1.0 - small / big)
+
+
+def compute_big_fraction(big_fraction: float, flop_model, peek: bool) -> float:
+    """The big fraction of a plain big/small router of the same FFN compute (``peek_big_fraction`` inverted)."""
+    if not peek:
+        return big_fraction
+    small, big = flop_model.ffn[SMALL], flop_model.ffn[BIG]
+    return big_fraction * big / (big - small)
 
 
 def policy_without_folder(spec, n_layers: int, seed: int = 0):

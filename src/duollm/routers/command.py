@@ -12,7 +12,7 @@ from ..checkpoint import latest_checkpoint, load_model
 from ..config import first_difference, load_run_config, to_dict
 from ..data.cache import eval_tokens, load_tokens
 from ..data.corpus import sequences
-from ..model.policy import Router
+from ..model.policy import Router, peek_big_fraction, peek_shape
 from ..model.routing import ROUTE_OF_LETTER
 from ..runtime.distributed import resolve_device
 from ..train.loop import train_loop
@@ -112,7 +112,11 @@ def _train_router(run: Path, out: Path, cfg: RouterConfig, model, idx_ST, tgt_ST
                   imitation_data, *, device, resume: bool, log) -> str:
     L, D = model.cfg.n_layers, model.cfg.d_model
     torch.manual_seed(cfg.train.seed)
-    router = Router(L, D, cfg.options, budget_k=cfg.budget_k(L) if cfg.enforce else None)
+    method = METHODS[cfg.method]
+    router = Router(L, D, cfg.options, budget_k=cfg.budget_k(L) if cfg.enforce else None,
+                    peek=peek_shape(model.cfg) if method.peek else None)
+    if method.peek:
+        router.copy_peek(model)
     if cfg.init == "target":
         router.init_bias(cfg.probs_R())
     trainer = RouterTrainer(router, model, cfg)
@@ -128,8 +132,10 @@ def _train_router(run: Path, out: Path, cfg: RouterConfig, model, idx_ST, tgt_ST
                    desc=f"router {cfg.name}", run_config=to_dict(cfg))
     if cfg.calibrate:  # on training-split tokens: the evaluation tokens stay unseen
         cal_idx, cal_tgt = sequences(load_tokens(run, "train"), idx_ST.shape[1], cfg.calibration_tokens)
-        delta, got = calibrate_budget(model, router, cal_idx, cal_tgt, cfg.target, batch_size=cfg.eval_batch)
-        log(f"calibration: big logit offset {delta:+.3f} gives a big fraction of {got:.3f} (target {cfg.target:.3f})")
+        # a peeking router pays the small FFN everywhere: fewer bigs for the compute of the target
+        big = peek_big_fraction(cfg.target, model.flop_model) if method.peek else cfg.target
+        delta, got = calibrate_budget(model, router, cal_idx, cal_tgt, big, batch_size=cfg.eval_batch)
+        log(f"calibration: big logit offset {delta:+.3f} gives a big fraction of {got:.3f} (target {big:.3f})")
     save_router(out, router, cfg)
     write_eval(out, model, router, idx_ST, tgt_ST, cfg, oracle, log, labels=label_source(run, cfg, cfg.budget_k(L)))
     return cfg.name

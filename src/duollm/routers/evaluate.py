@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 
 from ..io import atomic_write_json
-from ..model.policy import Router
-from ..model.routing import BIG, SKIP
+from ..model.policy import Router, compute_big_fraction
+from ..model.routing import BIG, SKIP, SMALL
 from ..rundir import ROUTER_EVAL
 from ..stats import budget_weights, finite_round, paired_ppl_difference, ppl_interval, ratio_estimate, recovered_share
 from ..train.evaluate import per_token_loss, summarize
@@ -74,6 +74,11 @@ def evaluate_router(model, router: Router, idx_ST, tgt_ST, cfg: RouterConfig, or
     L = model.cfg.n_layers
     res = run_router(model, router, idx_ST, tgt_ST, cfg.eval_batch)
     summary = summarize(res, model.flop_model.all_big())
+    if router.peek is not None:  # it ran the small FFN at every layer before deciding (model/policy.py)
+        fm = model.flop_model
+        summary["compute"] += L * fm.ffn[SMALL] / fm.all_big()
+    # the big fraction of a plain big/small router of the same compute: where its compute is matched (analysis/gap.py)
+    summary["compute_big_fraction"] = compute_big_fraction(summary["big_fraction"], model.flop_model, router.peek is not None)
     out = {
         "method": cfg.method,
         "target": cfg.target,
@@ -91,7 +96,7 @@ def evaluate_router(model, router: Router, idx_ST, tgt_ST, cfg: RouterConfig, or
         "example_routes": res["route_LST"][:, 0].tolist(),
     }
     if oracle is not None:
-        comp = out["oracle"] = oracle_comparison(model, res, idx_ST, tgt_ST, cfg, oracle)
+        comp = out["oracle"] = oracle_comparison(model, res, idx_ST, tgt_ST, cfg, oracle, peek=router.peek is not None)
         if labels == "validation" and "recovered" in comp:  # learned from some of these sequences: the headline
             # share is the held-out one, the share over every sequence stays beside it under its own name
             comp["recovered_all_sequences"] = comp.pop("recovered")
@@ -100,8 +105,9 @@ def evaluate_router(model, router: Router, idx_ST, tgt_ST, cfg: RouterConfig, or
     return out
 
 
-def oracle_comparison(model, res: dict, idx_ST, tgt_ST, cfg: RouterConfig, oracle: OracleTable) -> dict:
-    """Agreement with the oracle at the same budget, on all covered tokens and on the held-out sequences."""
+def oracle_comparison(model, res: dict, idx_ST, tgt_ST, cfg: RouterConfig, oracle: OracleTable, peek: bool = False) -> dict:
+    """Agreement with the oracle at the same budget, on all covered tokens and on the held-out sequences.
+    ``peek``: the router ran the small FFN at every layer (its realised compute counts it)."""
     b = oracle.budget
     comp = {
         "name": oracle.name,
@@ -133,7 +139,8 @@ def oracle_comparison(model, res: dict, idx_ST, tgt_ST, cfg: RouterConfig, oracl
         # the headline: the share of the oracle's gain over fixed@k the router recovers (analysis/gap.py), at its
         # budget k and at the compute it realised (fixed and oracle interpolated at its big fraction)
         comp["recovered"] = _recovered(router_ST, oracle.loss_ST[seq], fixed_ST)
-        comp["recovered_matched"] = _recovered_matched(res, router_ST, oracle, seq, L=model.cfg.n_layers)
+        comp["recovered_matched"] = _recovered_matched(res, router_ST, oracle, seq, L=model.cfg.n_layers,
+                                                       peek=model.flop_model if peek else None)
         comp["count_vs_placement"] = count_vs_placement(res, router_ST, oracle, seq)
     _, held = holdout_split(seq, cfg.holdout_every)
     if len(held):
@@ -153,12 +160,14 @@ def oracle_comparison(model, res: dict, idx_ST, tgt_ST, cfg: RouterConfig, oracl
     return comp
 
 
-def _recovered_matched(res: dict, router_ST, oracle: OracleTable, seq, L: int) -> dict | None:
-    """``recovered`` against the oracle and fixed curves at the router's realised big fraction
-    (``stats.budget_weights``); None for a router that skips or an oracle without those budgets."""
+def _recovered_matched(res: dict, router_ST, oracle: OracleTable, seq, L: int, peek=None) -> dict | None:
+    """``recovered`` against the oracle and fixed curves at the router's realised compute (its big fraction, or
+    for a peeking router, ``peek`` its flop model, the big fraction of the same compute: ``stats.budget_weights``);
+    None for a router that skips or an oracle without those budgets."""
     if (res["route_LST"] == SKIP).any():
         return None
-    k0, w = budget_weights((res["route_LST"][:, seq] == BIG).float().mean().item(), L)
+    big = (res["route_LST"][:, seq] == BIG).float().mean().item()
+    k0, w = budget_weights(compute_big_fraction(big, peek, True) if peek is not None else big, L)
     cols = [oracle.column_ST(f"{kind}_loss_k{k}") for kind in ("oracle", "fixed") for k in (k0, k0 + 1)]
     if any(c is None or torch.isnan(c[seq]).any() for c in cols):
         return None

@@ -46,6 +46,7 @@ class RouterMethod:
     targets: tuple[str, ...] = ()  # what a "labels" method needs beside the oracle's patterns: "benefit" (labels.py)
     labels: str = "best"  # whose per-token patterns a "labels" method imitates: the oracle's, or "belief" (labels.py)
     values: str = "best"  # a "values" method's targets: the best reachable loss, or "rollout": Q^pi (value.py)
+    peek: bool = False  # the router also sees the small FFN's output at each layer, its cost counted (model/policy.py)
     summary: str = ""  # one line for `duollm router --help`
 
     def __post_init__(self):
@@ -186,6 +187,15 @@ register(RouterMethod("expected-benefit", expected_benefit_loss, data="labels", 
                       targets=("benefit",),
                       summary="regresses each layer's expected gain from big (the mean over the budget's patterns, "
                               "not the oracle's minimum)"))
+# issue 29: a router that sees the small FFN's output before deciding (the signals that beat fixed patterns in the
+# literature read the token after some compute was spent on it). It learns the expected benefit of big, and pays
+# the small FFN at every layer: calibrated to the big fraction at which its compute equals fixed@k's
+register(RouterMethod("peek", expected_benefit_loss, data="labels", defaults={"calibrate": True},
+                      requires={"options": "SB", "enforce": False},
+                      requires_why="it weighs big against the small output it has seen, at a compute-matched big fraction",
+                      targets=("benefit",), peek=True,
+                      summary="expected-benefit with the small FFN's output seen at each layer before deciding; its "
+                              "compute (small everywhere + big where routed) matched to fixed@k's"))
 # the on-policy targets (routers/value.py) are the best loss reachable under exactly k bigs
 EXACT_K = "its targets assume exactly k bigs per token"
 register(RouterMethod("value", value_loss, data="values", defaults={"enforce": True}, requires={"enforce": True},

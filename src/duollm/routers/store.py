@@ -25,7 +25,7 @@ def save_router(folder: Path, router: Router, cfg: RouterConfig) -> None:
 
 def write_router_yaml(folder: Path, router: Router, cfg: RouterConfig) -> None:
     meta = {"n_layers": router.n_layers, "d_model": router.d_model, "options": router.options,
-            "config": to_dict(cfg)}
+            **({"peek": router.peek} if router.peek is not None else {}), "config": to_dict(cfg)}
     atomic_write_text(Path(folder) / rundir.ROUTER_YAML, yaml.safe_dump(meta, sort_keys=False))
 
 
@@ -49,7 +49,8 @@ def load_router_folder(folder: Path, device="cpu") -> tuple[Router, RouterConfig
     meta, cfg = _router_yaml(folder)
     try:
         L = int(meta["n_layers"])
-        router = Router(L, int(meta["d_model"]), meta["options"], budget_k=cfg.budget_k(L) if cfg.enforce else None)
+        router = Router(L, int(meta["d_model"]), meta["options"], budget_k=cfg.budget_k(L) if cfg.enforce else None,
+                        peek=meta.get("peek"))
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{folder / rundir.ROUTER_YAML} is corrupt: {type(e).__name__}") from None
     # routers saved before calibration existed lack the offset

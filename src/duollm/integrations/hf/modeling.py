@@ -62,7 +62,8 @@ def standalone_routing_policy(spec, n_layers: int, *, root=None, seed: int = 0, 
     cfg, L = meta["config"], int(meta["n_layers"])
     if L != n_layers:
         raise ValueError(f"router {r.router!r} has {L} layers but the model has {n_layers}")
-    router = Router(L, int(meta["d_model"]), meta["options"], budget_k=round(cfg["target"] * L) if cfg.get("enforce") else None)
+    router = Router(L, int(meta["d_model"]), meta["options"], budget_k=round(cfg["target"] * L) if cfg.get("enforce") else None,
+                    peek=meta.get("peek"))
     weights = folder / _LAYOUT["router_weights"]
     missing, unexpected = router.load_state_dict(load_file(str(weights)), strict=False)
     if set(missing) - {"offset_O"} or unexpected:  # routers saved before calibration existed lack the offset
