@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import cli
 
 import duollm.oracle.command
 import duollm.oracle.runner
@@ -178,12 +179,14 @@ def test_report_files_with_embedded_figures_and_findings(study):
     res = json.loads((report / "results.json").read_text())
     md = (report / "report.md").read_text()
     assert set(res["figures"]) == {"findings", "training", "ppl_vs_budget", "oracle_usage", "router_usage", "router_routes",
-                                   "position_budgets", "token_losses", "difficulty_ranking", "skip_vs_early_exit"}
+                                   "router_training", "position_budgets", "token_losses", "difficulty_ranking",
+                                   "skip_vs_early_exit"}
     images = html.split('src="data:image/png;base64,')[1:]
     assert len(images) == len(res["figures"])
     for img in images:
         assert base64.b64decode(img.split('"', 1)[0]).startswith(b"\x89PNG\r\n\x1a\n")
-    assert 'src="figures/' not in html and "<script" not in html  # self-contained
+    # self-contained: figures embedded, scripts inline, nothing fetched from anywhere
+    assert 'src="figures/' not in html and "<script src" not in html and "http://" not in html and "https://" not in html
     for name in res["figures"]:
         assert f"![{name}](figures/{name}.png)" in md and (report / "figures" / f"{name}.png").is_file()
     # model, data, tokens and context policy are stated
@@ -382,3 +385,97 @@ def test_info_lists_what_the_run_holds_and_whether_the_report_is_current(study):
         assert json.loads(cli("info", out, "--json").stdout)["run"]["report"] == "stale"
     finally:
         os.utime(ev, (before.st_atime, before.st_mtime))
+
+
+# ----------------------------------------------------------------------------- the page in a real browser (issue 30)
+
+
+def chromium_page(viewport=(1400, 900)):
+    """A Playwright page in Debian's chromium, and the errors the page reports; skips where there is none."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[dev]')")
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium; .ci/run installs it)")
+    return sync_api, exe, viewport
+
+
+def open_page(p, exe, viewport, path: Path):
+    browser = p.chromium.launch(executable_path=exe, args=["--no-sandbox"])
+    page = browser.new_page(viewport={"width": viewport[0], "height": viewport[1]})
+    errors = []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(path.resolve().as_uri())
+    return browser, page, errors
+
+
+def visible_rows(page, table_id: str) -> list[str]:
+    return page.eval_on_selector_all(f"#{table_id} tbody tr", "rs => rs.filter(r => !r.hidden).map(r => r.textContent)")
+
+
+def test_report_in_a_real_browser(study, tmp_path):
+    """The default page in headless chromium: no script errors; the verdict summary and the contents on the first
+    screen; every figure loaded, beside its tables; sorting and filtering change the visible rows; the token explorer
+    filters to the 20 hardest tokens with their oracle patterns. Screenshots go to $DUOLLM_SCREENSHOTS or tmp_path."""
+    import os
+
+    sync_api, exe, viewport = chromium_page()
+    shots = Path(os.environ.get("DUOLLM_SCREENSHOTS") or tmp_path)
+    shots.mkdir(parents=True, exist_ok=True)
+    with sync_api.sync_playwright() as p:
+        browser, page, errors = open_page(p, exe, viewport, study["out"] / "report" / "index.html")
+        page.screenshot(path=str(shots / "report-first-screen.png"))
+        for selector in ("#summary-table", "nav.toc"):
+            box = page.locator(selector).bounding_box()
+            assert box is not None and box["y"] < viewport[1], selector
+        assert page.evaluate("Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)")
+        n_images = page.evaluate("document.images.length")
+        assert n_images == len(json.loads((study["out"] / "report" / "results.json").read_text())["figures"])
+        for pair in page.locator(".pair").all():  # a figure and its tables side by side
+            fig, tables = pair.locator(".figs").bounding_box(), pair.locator(".tables").bounding_box()
+            assert fig["x"] + fig["width"] <= tables["x"] + 1 and fig["y"] < tables["y"] + tables["height"]
+        # sorting: the MDE column, ascending then descending
+        before = visible_rows(page, "summary-table")
+        page.locator("#summary-table th", has_text="MDE").click()
+        mde = page.eval_on_selector_all("#summary-table tbody tr", "rs => rs.map(r => parseFloat(r.cells[5].textContent))")
+        assert mde == sorted(mde) and visible_rows(page, "summary-table") != before
+        page.locator("#summary-table th", has_text="MDE").click()
+        assert page.eval_on_selector_all("#summary-table tbody tr", "rs => rs.map(r => parseFloat(r.cells[5].textContent))") \
+            == sorted(mde, reverse=True)
+        # filtering: only the rows that hold the text stay visible
+        page.locator('input[data-table="summary-table"]').fill("frozen")
+        rows = visible_rows(page, "summary-table")
+        assert 0 < len(rows) < len(before) and all("frozen" in r for r in rows)
+        # the token explorer: the 20 hardest tokens with their oracle patterns, the rest of the text dimmed
+        page.locator("#tx-hardest").click()
+        page.locator("#explorer").scroll_into_view_if_needed()
+        page.screenshot(path=str(shots / "report-token-explorer.png"))
+        rows = page.eval_on_selector_all("#tx-table tbody tr", "rs => rs.map(r => Array.from(r.cells, c => c.textContent))")
+        assert len(rows) == 20
+        L = load_run_config(study["out"]).model.n_layers
+        assert all(len(r[3]) == L and set(r[3]) <= set("SB") for r in rows)  # the oracle's pattern at the router's k
+        header = page.eval_on_selector_all("#tx-table thead th", "hs => hs.map(h => h.textContent)")
+        losses = [float(r[header.index("all-big")]) for r in rows]  # ranked by all-big's loss, highest first
+        assert page.locator("#tx-rank").input_value() == "all-big" and losses == sorted(losses, reverse=True)
+        n = page.evaluate("JSON.parse(document.getElementById('tx-data').textContent).n")
+        assert page.locator("#tx-text span.dim").count() == n - 20
+        page.locator("#tx-show").select_option("disagree")
+        assert page.locator("#tx-table tbody tr").count() > 0  # a trained router and the oracle disagree somewhere
+        assert errors == []
+        browser.close()
+
+
+def test_compare_html_puts_two_runs_side_by_side(study, tmp_path):
+    sync_api, exe, viewport = chromium_page()
+    out = tmp_path / "compare.html"
+    proc = cli("compare", study["out"], study["out"] / "null", "--html", out)
+    assert f"wrote {out}" in proc.stdout
+    with sync_api.sync_playwright() as p:
+        browser, page, errors = open_page(p, exe, viewport, out)
+        assert page.evaluate("Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)")
+        assert page.evaluate("document.images.length") == 2  # the findings and the shares, each run's intervals
+        header = page.eval_on_selector_all("#t1 thead th", "hs => hs.map(h => h.textContent)")
+        assert header[1:] == [f"{n}: {w}" for n in (study["out"].name, "null") for w in ("effect [95%]", "verdict")]
+        assert visible_rows(page, "summary-table")[0].startswith(study["out"].name)
+        assert errors == []
+        browser.close()

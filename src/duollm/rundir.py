@@ -60,6 +60,7 @@ LOSS_MATRIX = "loss_matrix.npy"
 PARTIAL_FINGERPRINT = "fingerprint.json"
 # inside RUN/routers/<name>/
 ROUTER_YAML, ROUTER_WEIGHTS, ROUTER_EVAL = "router.yaml", "router.safetensors", "eval.json"
+ROUTER_TOKENS = "per_token.parquet"  # beside eval.json: each evaluated token's loss and route (the report's explorer)
 ROUTER_DAGGER, DAGGER_RECORD = "dagger", "dagger.json"  # a value router's rounds (routers/value.py)
 # inside RUN/report/ (analysis/report.py)
 REPORT_HTML, REPORT_MD, REPORT_RESULTS, REPORT_FIGURES = "index.html", "report.md", "results.json", "figures"
@@ -165,6 +166,21 @@ def router_names(run: Path) -> list[str]:
     """Names of the routers of a run that finished (have an ``eval.json``)."""
     root = Path(run) / ROUTERS
     return sorted(p.name for p in root.iterdir() if (p / ROUTER_EVAL).is_file()) if root.is_dir() else []
+
+
+def study_router_tokens(run: Path, name: str) -> Path:
+    """Per-token loss and route of the study's evaluation of router ``name`` (beside its JSON)."""
+    return study_router_eval(run, name).with_suffix(".parquet")
+
+
+def router_tokens(run: Path, name: str) -> Path | None:
+    """The per-token table of the evaluation ``router_eval`` reads (None for a router evaluated before they
+    were kept)."""
+    for evaluation, tokens in ((study_router_eval(run, name), study_router_tokens(run, name)),
+                               (router_dir(run, name) / ROUTER_EVAL, router_dir(run, name) / ROUTER_TOKENS)):
+        if evaluation.is_file():
+            return tokens if tokens.is_file() else None
+    return None
 
 
 def router_eval(run: Path, name: str) -> dict | None:

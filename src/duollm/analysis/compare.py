@@ -10,7 +10,7 @@ sample (cross-fitted over sequences; ``gap.baseline_column``), on the primary or
 tokens and at the router's *realised* compute (fixed and oracle interpolated at its big fraction;
 ``gap._at_compute``). Beside it, per budget, the ceilings a router can be judged against: the
 count-matched selection null and the label-free oracles of ``gap.decomposition``. Read from the run
-folders alone; nothing is written.
+folders alone; ``--html OUT`` also writes the runs side by side as one page (``html_page``).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 
 from .. import rundir
-from ..io import read_json
+from ..io import atomic_write_text, read_json
 from .gap import decomposition
 from .rundata import RunData, inventory
 
@@ -88,6 +88,9 @@ def format_table(runs: list[dict], rows: list[dict]) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("runs", nargs="+", metavar="RUN", help="run folders with an oracle and routers")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
+    parser.add_argument("--html", metavar="OUT", default=None,
+                        help="also write the runs side by side as one self-contained page OUT (verdicts and effects per "
+                             "run, routers' shares, with figures)")
 
 
 def run_command(args: argparse.Namespace) -> str:
@@ -98,4 +101,89 @@ def run_command(args: argparse.Namespace) -> str:
             raise ValueError(f"{run} has no oracle with the gap decomposition (run `duollm oracle {run}` or `duollm run`)")
         rows += found
         runs.append(run_summary(run))
-    return json.dumps({"runs": runs, "routers": rows}, indent=1) if args.json else format_table(runs, rows)
+    if args.html:
+        out = Path(args.html)
+        if out.is_dir():
+            raise ValueError(f"--html {out} is a folder; give the page's file name, e.g. {out / 'compare.html'}")
+        atomic_write_text(out, html_page(list(map(Path, args.runs)), runs, rows))
+    text = json.dumps({"runs": runs, "routers": rows}, indent=1) if args.json else format_table(runs, rows)
+    return text + (f"\n\nwrote {args.html}" if args.html and not args.json else "")
+
+
+# ----------------------------------------------------------------------------- several runs on one page (issue 30)
+
+
+def _findings_of(run: Path) -> list[dict]:
+    """The findings of a run's report (``results.json``; empty where no report was written)."""
+    path = rundir.report_results(run)
+    return read_json(path).get("findings") or [] if path.is_file() else []
+
+
+def _effect_cell(f: dict | None) -> str:
+    e = (f or {}).get("effect") or {}
+    if e.get("value") is None:
+        return "—"
+    ci = f" [{e['lo']:+.3f}, {e['hi']:+.3f}]" if e.get("lo") is not None and e.get("hi") is not None else ""
+    return f"{e['value']:+.3f}{ci}"
+
+
+def _label(f: dict) -> str:
+    return f["claim"] + (f" [{f['context']}]" if f.get("context") else "")
+
+
+def html_page(run_dirs: list[Path], runs: list[dict], rows: list[dict]) -> str:
+    """The runs side by side: their headline numbers, every finding's verdict and effect per run, and every
+    router's and label-free oracle's share per run, with figures of the effects and shares and their intervals."""
+    from .figures import fig_compare_findings, fig_compare_shares
+    from .page import Section, Table, render_page
+    from .plotting import png_bytes
+
+    names = [r.name for r in run_dirs]
+    findings = {name: _findings_of(run) for name, run in zip(names, run_dirs)}
+    keys = list(dict.fromkeys((f["id"], f.get("context")) for fs in findings.values() for f in fs))
+    by = {name: {(f["id"], f.get("context")): f for f in fs} for name, fs in findings.items()}
+    finding_rows = []
+    for key in keys:
+        first = next(by[n][key] for n in names if key in by[n])
+        cells = [_label(first)]
+        for n in names:
+            f = by[n].get(key)
+            cells += [_effect_cell(f), (f or {}).get("verdict") or "not tested"]
+        finding_rows.append(cells)
+
+    def counts(v):
+        return "—" if not v else " / ".join(f"{v.get(k, 0)}" for k in ("reproduced", "contradicted", "inconclusive"))
+
+    num = lambda x, nd=3: "—" if x is None else f"{x:.{nd}f}"
+    summary = Table("The runs: headline numbers at k = L/2 and their verdict counts",
+                    ["run", "steps", "val loss all-big", "all-small", "tokens", "k", "oracle@k", "fixed@k (out of sample)",
+                     "reproduced / contradicted / inconclusive"],
+                    [[n, str(r["steps"]), num(r["val_all_big"]), num(r["val_all_small"]), str(r["tokens"]), str(r["k"]),
+                      num(r["oracle_ppl"], 2), num(r["fixed_ppl"], 2), counts(r["verdicts"])] for n, r in zip(names, runs)])
+    share_rows = [[Path(r["run"]).name, str(r["k"]), r["method"], f"{r['ppl']:.2f}", f"{r['big_fraction']:.3f}",
+                   _share(r["recovered"]), _share(r["recovered_matched"]), f"{r['oracle_ppl']:.2f}", f"{r['fixed_ppl']:.2f}"]
+                  for r in rows]
+    pngs = {}
+    fig = fig_compare_findings(names, [findings[n] for n in names])
+    if fig is not None:
+        pngs["findings"] = png_bytes(fig)
+    fig = fig_compare_shares(rows)
+    if fig is not None:
+        pngs["shares"] = png_bytes(fig)
+    captions = {"findings": "Each finding's effect minus its registry threshold in units of its own standard error, one "
+                            "point and 95% interval per run (paper's direction to the right).",
+                "shares": "Share of the oracle's gain over the out-of-sample fixed@k each router and label-free oracle "
+                          "recovers, with its paired 95% interval, per run and budget."}
+    sections = [
+        Section("findings", "Findings per run", "Each finding's verdict and effect [95% interval] in every run side by "
+                "side: a verdict that differs between seeds or corpora is a property of one model, not of the method.",
+                ["findings"], [Table("Findings: effect [95%] and verdict per run", ["finding"] + [
+                    x for n in names for x in (f"{n}: effect [95%]", f"{n}: verdict")], finding_rows)]),
+        Section("shares", "Routers and label-free oracles per run", "The share of the oracle's gain each policy "
+                "recovers, at its budget k and at the compute it realised.", ["shares"],
+                [Table("Shares of the oracle's gain over the out-of-sample fixed@k",
+                       ["run", "k", "method", "ppl", "big", "recovered at k [95%]", "at its compute [95%]", "oracle",
+                        "fixed (out of sample)"], share_rows)]),
+    ]
+    return render_page(f"duollm compare: {', '.join(names)}", [f"{len(names)} runs side by side: " + ", ".join(
+        str(r) for r in run_dirs) + "."], summary, sections, pngs, captions, [])

@@ -24,6 +24,7 @@ Array name legend: L layers, T positions, J budgets, R routes (skip, small, big)
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 from matplotlib.colors import ListedColormap
@@ -31,9 +32,10 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from .. import rundir
-from ..io import read_json_lines
+from ..io import read_json, read_json_lines
 from ..model.routing import BIG, SKIP
 from ..oracle.reductions import linear_schedule
+from ..stats import ppl_interval
 from .difficulty import rankdata, reference_k, summarize, token_table
 from .plotting import COLORS, as_rundata, heatmap, new_figure, png_bytes, styled, visible
 from .rundata import RunData, early_exit_pattern, reference_budgets
@@ -222,23 +224,77 @@ ROUTE_COLORS = ["#f2f2f2", "#9ecae1", "#08306b"]  # skip, small, big
 
 
 @styled
-def fig_router_routes(rd: RunData) -> Figure | None:
-    """Every layer's route for every token of one evaluation sequence, per router: skip, small or
-    big (paper fig. 7)."""
+def fig_router_routes(rd: RunData, n_tokens: int = 48) -> Figure | None:
+    """Every layer's route for the first ``n_tokens`` tokens of the first evaluation sequence, per router, under
+    the tokens' text: skip, small or big (paper fig. 7)."""
     routers = [r for r in rd.routers if r.get("example_routes")]
     if not routers:
         return None
-    fig = new_figure(7.5, 1.1 * len(routers) + 0.9)
-    axes = np.atleast_1d(fig.subplots(len(routers), 1, squeeze=False)[:, 0])
+    tab = token_table(rd)
+    labels = None
+    if tab is not None:  # the inputs of sequence 0 in position order: what each route was decided on
+        rows = np.flatnonzero(tab["sequence_N"] == 0)
+        rows = rows[np.argsort(tab["position_N"][rows])][:n_tokens]
+        labels = [visible(t) for t in rd.token_text(tab["token_N"][rows])]
+    fig = new_figure(9.0, 1.05 * len(routers) + 1.4)
+    axes = np.atleast_1d(fig.subplots(len(routers), 1, squeeze=False, sharex=True)[:, 0])
     for ax, r in zip(axes, routers):
-        route_LT = np.asarray(r["example_routes"])
+        route_LT = np.asarray(r["example_routes"])[:, :n_tokens]
         ax.imshow(route_LT, aspect="auto", origin="lower", cmap=ListedColormap(ROUTE_COLORS), vmin=-0.5, vmax=2.5,
-                  interpolation="nearest", extent=(0, route_LT.shape[1], 0.5, route_LT.shape[0] + 0.5))
-        ax.set_title(f"{r['name']} (big {r['big_fraction']:.2f}, skip {r['skip_fraction']:.2f})", loc="left")
-        ax.set_ylabel("layer")
-    axes[-1].set_xlabel("position in the first evaluation sequence")
+                  interpolation="nearest", extent=(-0.5, route_LT.shape[1] - 0.5, 0.5, route_LT.shape[0] + 0.5))
+        ax.set_title(f"{r['name']} (big {r['big_fraction']:.2f}, skip {r['skip_fraction']:.2f})", loc="left", fontsize=8)
+        ax.set_ylabel("layer", fontsize=7)
+    if labels:
+        axes[-1].set_xticks(range(len(labels)), labels, rotation=90, fontsize=6.5, family="monospace")
+    else:
+        axes[-1].set_xlabel("position in the first evaluation sequence")
     fig.legend(handles=[Patch(color=c, label=n) for c, n in zip(ROUTE_COLORS, ("skip", "small", "big"))],
                loc="upper right", ncol=3, frameon=False)
+    return fig
+
+
+@styled
+def fig_router_training(rd: RunData) -> Figure | None:
+    """How each router trained: its training loss by step (``metrics.jsonl``, one panel per method: the methods'
+    losses have their own units), and the DAgger routers' held-out loss by round (``dagger.json``)."""
+    curves: dict[str, list] = {}
+    rounds = []
+    for r in rd.routers:
+        folder = rundir.router_dir(rd.run, r["name"])
+        path = folder / "metrics.jsonl"
+        pts = [(x["step"], x["train/loss"]) for x in read_json_lines(path) if "train/loss" in x] if path.is_file() else []
+        if pts:
+            curves.setdefault(str(r.get("method")), []).append((r["name"], pts))
+        dagger = folder / rundir.ROUTER_DAGGER / rundir.DAGGER_RECORD
+        if dagger.is_file():
+            rec = read_json(dagger)
+            pts = [(-1, rec["start"]["heldout_loss"])] + [(x["round"], x["heldout_loss"]) for x in rec.get("rounds", [])]
+            rounds.append((r["name"], pts))
+    panels = len(curves) + bool(rounds)
+    if not panels:
+        return None
+    cols = min(4, panels)
+    rows_n = -(-panels // cols)
+    fig = new_figure(3.1 * cols, 2.6 * rows_n + 0.3)
+    axes = np.atleast_1d(fig.subplots(rows_n, cols, squeeze=False).ravel())
+    for ax, (method, lines) in zip(axes, sorted(curves.items())):
+        for name, pts in lines:
+            ax.plot(*zip(*pts), lw=1, label=name.removeprefix(method + "-"))
+        ax.set_title(f"{method}: training loss", fontsize=8)
+        ax.set_xlabel("step", fontsize=7)
+        ax.legend(frameon=False, fontsize=6, title="target", title_fontsize=6)
+    if rounds:
+        ax = axes[len(curves)]
+        for name, pts in rounds:
+            ax.plot(*zip(*pts), "o-", ms=3, lw=1, label=name)
+        ax.set_xticks(sorted({x for _, pts in rounds for x, _ in pts}))
+        ax.set_xticklabels(["start" if x < 0 else str(x) for x in ax.get_xticks()])
+        ax.set_title("DAgger: held-out loss by round", fontsize=8)
+        ax.set_xlabel("round", fontsize=7)
+        ax.set_ylabel("LM loss (nats)", fontsize=7)
+        ax.legend(frameon=False, fontsize=6)
+    for ax in axes[panels:]:
+        ax.set_axis_off()
     return fig
 
 
@@ -409,15 +465,27 @@ def fig_skip_vs_early_exit(rd: RunData) -> Figure | None:
     vals = {"oracle": b.get("oracle_ppl"), "best fixed": b.get("fixed_ppl"),
             "early exit": float(np.exp(losses[ee])) if ee in losses else None,
             "random": b.get("random_mean_ppl")}
+    # 95% t-intervals over sequences: the oracle's summary has them; early exit's from its per-token losses
+    cis = {"oracle": (b.get("oracle_ppl_lo"), b.get("oracle_ppl_hi")),
+           "best fixed": (b.get("fixed_ppl_lo"), b.get("fixed_ppl_hi")),
+           "random": (b.get("random_mean_ppl_lo"), b.get("random_mean_ppl_hi"))}
+    ee_N = skip.pattern_token_losses(ee)
+    if ee_N is not None and table is not None and len(ee_N) == table.num_rows:
+        ci = ppl_interval(ee_N.reshape(len(set(table.column("sequence").to_pylist())), -1))
+        cis["early exit"] = (ci["ppl_lo"], ci["ppl_hi"])
+    colors = {"oracle": COLORS["oracle"], "best fixed": COLORS["fixed"], "early exit": "black", "random": COLORS["random"]}
     vals = {k: v for k, v in vals.items() if v is not None}
-    # points, not bars, on an axis zoomed to the differences
-    ax_b.scatter(range(len(vals)), list(vals.values()), s=30, zorder=3,
-                 color=[COLORS["oracle"], COLORS["fixed"], "black", COLORS["random"]][: len(vals)])
-    for x, v in enumerate(vals.values()):
-        ax_b.annotate(f"{v:.2f}", (x, v), textcoords="offset points", xytext=(0, 6), fontsize=7, ha="center")
+    # points with their intervals, not bars, on an axis zoomed to the differences
+    for x, (name, v) in enumerate(vals.items()):
+        lo_, hi_ = cis.get(name, (None, None))
+        yerr = None if lo_ is None or hi_ is None else [[v - lo_], [hi_ - v]]
+        ax_b.errorbar([x], [v], yerr=yerr, fmt="o", ms=5, color=colors[name], capsize=3, lw=1, zorder=3)
+        ax_b.annotate(f"{v:.2f}", (x, v), textcoords="offset points", xytext=(8, 0), fontsize=7, va="center")
     ax_b.set_xticks(range(len(vals)), list(vals.keys()), rotation=20)
-    ax_b.set_ylabel("perplexity")
-    lo, hi = min(vals.values()), max(vals.values())
+    ax_b.set_xlim(-0.5, len(vals) - 0.2)
+    ax_b.set_ylabel("perplexity (95% interval)")
+    ends = [x for name, v in vals.items() for x in (v, *(c for c in cis.get(name, ()) if c is not None))]
+    lo, hi = min(ends), max(ends)
     ax_b.set_ylim(max(0.0, lo - 0.5 * (hi - lo) - 1e-3 * lo), hi + 0.25 * (hi - lo) + 1e-3 * hi)
     ax_b.set_title(f"fixed: {b.get('fixed_pattern')}", family="monospace", fontsize=8)
     return fig
@@ -462,12 +530,84 @@ def fig_findings(findings: list[dict]) -> Figure | None:
     return fig
 
 
+def _z(f: dict) -> tuple[float, float, float] | None:
+    """A finding's (lo, value, hi) as (effect - threshold) / se in the paper's direction (``fig_findings``)."""
+    e, t = f.get("effect") or {}, f.get("threshold") or {}
+    if not e.get("se") or e.get("lo") is None or not t:
+        return None
+    d, thr = e.get("direction", t.get("direction")), e.get("threshold", t.get("threshold"))
+    z = sorted(d * (x - thr) / e["se"] for x in (e["lo"], e["hi"]))
+    return z[0], d * (e["value"] - thr) / e["se"], z[1]
+
+
+def fig_compare_findings(names: list[str], findings: list[list[dict]]) -> Figure | None:
+    """Several runs' findings on the standardised axis of ``fig_findings``: one row per finding, one point and
+    95% interval per run (``duollm compare --html``)."""
+    keys = list(dict.fromkeys((f["id"], f.get("context")) for fs in findings for f in fs if _z(f)))
+    if not keys:
+        return None
+    fig = new_figure(8.5, 0.42 * len(keys) + 1.3)
+    ax = fig.subplots()
+    reach, width = 2.0, 0.7 / max(1, len(names))
+    for j, (name, fs) in enumerate(zip(names, findings)):
+        by = {(f["id"], f.get("context")): f for f in fs}
+        for i, key in enumerate(keys):
+            z = _z(by[key]) if key in by else None
+            if z is None:
+                continue
+            y = len(keys) - 1 - i + 0.35 - (j + 0.5) * width
+            reach = max(reach, abs(z[0]), abs(z[2]))
+            ax.errorbar([z[1]], [y], xerr=[[z[1] - z[0]], [z[2] - z[1]]], fmt="o", ms=3.5, lw=1.2, capsize=2,
+                        color=f"C{j}", label=name if i == 0 else None)
+    ax.axvline(0, color="k", lw=0.6)
+    ax.set_yticks(range(len(keys)), [k[0].replace("_", " ") + (f" [{k[1]}]" if k[1] else "") for k in reversed(keys)],
+                  fontsize=7)
+    ax.set_xlim(-1.1 * reach, 1.1 * reach)
+    ax.set_xscale("symlog", linthresh=4.0)
+    ax.set_xlabel("(effect − threshold) / standard error, paper's direction to the right (95% interval)")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncols=min(4, len(names)), frameon=False)
+    return fig
+
+
+def fig_compare_shares(rows: list[dict]) -> Figure | None:
+    """Each router's and label-free oracle's share of the oracle's gain [95%] per run, one panel per budget."""
+    rows = [r for r in rows if (r.get("recovered") or {}).get("value") is not None]
+    if not rows:
+        return None
+    ks = sorted({r["k"] for r in rows})
+    runs = list(dict.fromkeys(r["run"] for r in rows))
+    methods = {k: list(dict.fromkeys(r["method"] for r in rows if r["k"] == k)) for k in ks}
+    fig = new_figure(4.2 * len(ks), 0.3 * max(len(m) for m in methods.values()) + 1.6)
+    axes = np.atleast_1d(fig.subplots(1, len(ks), squeeze=False)[0])
+    width = 0.7 / len(runs)
+    for ax, k in zip(axes, ks):
+        ms = methods[k]
+        for j, run in enumerate(runs):
+            for i, m in enumerate(ms):
+                r = next((x for x in rows if x["k"] == k and x["run"] == run and x["method"] == m), None)
+                if r is None:
+                    continue
+                rec = r["recovered"]
+                v = 100 * rec["value"]
+                lo, hi = (100 * rec["lo"], 100 * rec["hi"]) if rec.get("lo") is not None else (v, v)
+                ax.errorbar([v], [len(ms) - 1 - i + 0.35 - (j + 0.5) * width], xerr=[[v - lo], [hi - v]], fmt="o",
+                            ms=3, lw=1, capsize=2, color=f"C{j}", label=Path(run).name if (ax is axes[0] and i == 0) else None)
+        ax.axvline(0, color="k", lw=0.6)
+        ax.axvline(100, color="0.7", lw=0.6, ls=":")
+        ax.set_yticks(range(len(ms)), list(reversed(ms)), fontsize=7)
+        ax.set_title(f"k = {k}", fontsize=8)
+        ax.set_xlabel("share of the oracle's gain (%)", fontsize=7)
+    fig.legend(loc="lower center", ncols=min(4, len(runs)), frameon=False, fontsize=7)
+    return fig
+
+
 FIGURES = {
     "training": fig_training,
     "ppl_vs_budget": fig_ppl_vs_budget,
     "oracle_usage": fig_oracle_usage,
     "router_usage": fig_router_usage,
     "router_routes": fig_router_routes,
+    "router_training": fig_router_training,
     "position_budgets": fig_position_budgets,
     "token_losses": fig_token_losses,
     "difficulty_ranking": fig_difficulty_ranking,

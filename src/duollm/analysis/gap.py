@@ -172,43 +172,56 @@ def made_of(rows: list[dict], n_layers: int) -> str | None:
     return "; ".join(parts) + "."
 
 
-def _cell(entry: dict | None) -> str:
-    """``ppl (share [lo, hi], share at its realised compute)``, whatever of it is defined."""
-    if not entry:
-        return "—"
-    parts = []
-    r = entry.get("recovered") or {}
-    if r.get("value") is not None:
-        parts.append(f"{100 * r['value']:.1f}%" + (f" [{100 * r['lo']:.1f}, {100 * r['hi']:.1f}]" if r.get("lo") is not None
-                                                   else ""))
-    m = (entry.get("recovered_matched") or {}).get("value")
-    if m is not None:
-        parts.append(f"{100 * m:.1f}% at its compute {entry['big_fraction']:.3f}")
+def _pct(d: dict | None) -> str:
+    return "—" if not d or d.get("value") is None else f"{100 * d['value']:.1f}%"
+
+
+def _interval(d: dict | None) -> str:
+    return "—" if not d or d.get("lo") is None or d.get("hi") is None else f"[{100 * d['lo']:.1f}, {100 * d['hi']:.1f}]"
+
+
+def _row(k: int, policy: str, entry: dict, note: str = "") -> list[str]:
+    """One policy at budget k: perplexity, the share of the oracle's gain it recovers with its interval, the share at
+    its realised compute, that share split into how many big layers and which, and what it was measured on."""
     split = entry.get("count_vs_placement") or {}
-    if (split.get("how_many") or {}).get("value") is not None and (split.get("which_layers") or {}).get("value") is not None:
-        parts.append(f"how many big {100 * split['how_many']['value']:.1f}%, which layers "
-                     f"{100 * split['which_layers']['value']:.1f}%")
+    notes = [note] if note else []
+    if entry.get("heldout"):
+        notes.append("held-out sequences (labels from the others)")
     if entry.get("positions"):  # not all positions: the yardsticks on the same ones
-        parts.append(f"positions {entry['positions']}: oracle {entry['oracle_ppl']:.2f}, fixed {entry['fixed_ppl']:.2f}")
-    held = " on held-out sequences" if entry.get("heldout") else ""
-    return f"{entry['ppl']:.2f}" + (f" ({', '.join(parts)}{held})" if parts else "")
+        notes.append(f"positions {entry['positions']}: oracle {entry['oracle_ppl']:.2f}, fixed {entry['fixed_ppl']:.2f}")
+    if entry.get("big_fraction") is not None:
+        notes.append(f"big fraction {entry['big_fraction']:.3f}")
+    return [str(k), policy, f"{entry['ppl']:.2f}", _pct(entry.get("recovered")), _interval(entry.get("recovered")),
+            _pct(entry.get("recovered_matched")), _pct(split.get("how_many")), _pct(split.get("which_layers")),
+            "; ".join(notes) or "—"]
+
+
+POLICIES = (("count_null", "count-matched null", "as many random candidates, all at L/2"),
+            ("confidence", "confidence oracle", "no label: the most confident pattern"),
+            ("belief", "belief oracle", "no label: the pattern closest (KL) to all-big's"),
+            ("previous_token", "previous-token oracle", "no label: token t-1's best pattern"),
+            ("sequential", "sequential oracle", "each token given its predecessors' own choices"))
 
 
 def table(rows: list[dict]) -> list[tuple[str, list[str], list[list[str]]]]:
-    """The report's table (title, header, rows); nothing when the oracle predates the decomposition."""
+    """The report's table (title, header, rows): one row per budget and policy, each number in its own column;
+    nothing when the oracle predates the decomposition."""
     if not rows:
         return []
-    return [("The oracle's gain, decomposed: perplexity (share of the oracle's gain over the out-of-sample fixed@k "
-             f"recovered [paired 95%]) on the primary oracle's {rows[0]['tokens']:,} tokens; the count-matched null "
-             "selects among as many candidates at one fixed compute; label-free oracles cannot see the next token",
-             ["k", "oracle", "fixed (out of sample)", "fixed (in sample, optimistic)", "count-matched null",
-              "confidence oracle", "belief oracle (closest to all-big)", "previous-token oracle (positions 1..)",
-              "sequential oracle", "routers",
-              "best of 100"],
-             [[str(r["k"]), f"{r['oracle_ppl']:.2f}", f"{r['fixed_ppl']:.2f}" + ("" if r["baseline"] == "out-of-sample"
-                                                                               else " (in sample)"),
-               "—" if r["fixed_in_sample_ppl"] is None else f"{r['fixed_in_sample_ppl']:.2f}",
-               _cell(r["count_null"]), _cell(r["confidence"]), _cell(r.get("belief")), _cell(r["previous_token"]),
-               _cell(r["sequential"]),
-               "; ".join(f"{x['name']} {_cell(x)}" for x in r["routers"]) or "—",
-               "—" if r["best_of_100_ppl"] is None else f"{r['best_of_100_ppl']:.2f}"] for r in rows])]
+    out = []
+    for r in rows:
+        k = str(r["k"])
+        fixed = "out of sample" if r["baseline"] == "out-of-sample" else "in sample"
+        out.append([k, "oracle", f"{r['oracle_ppl']:.2f}", "100.0%", "—", "—", "—", "—", "the yardstick's top"])
+        out.append([k, f"fixed ({fixed})", f"{r['fixed_ppl']:.2f}", "0.0%", "—", "—", "—", "—", "the yardstick's bottom"])
+        if r["fixed_in_sample_ppl"] is not None and r["baseline"] == "out-of-sample":
+            out.append([k, "fixed (in sample, optimistic)", f"{r['fixed_in_sample_ppl']:.2f}", "—", "—", "—", "—", "—",
+                        "chosen on the scored tokens"])
+        out += [_row(r["k"], name, r[key], note) for key, name, note in POLICIES if r.get(key)]
+        out += [_row(r["k"], f"router {x['name']}", x) for x in r["routers"]]
+        if r["best_of_100_ppl"] is not None:
+            out.append([k, "best of 100 random patterns", f"{r['best_of_100_ppl']:.2f}", "—", "—", "—", "—", "—", "—"])
+    return [("The oracle's gain, decomposed: each policy's perplexity and the share of the oracle's gain over the "
+             f"out-of-sample fixed@k it recovers [paired 95%], on the primary oracle's {rows[0]['tokens']:,} tokens",
+             ["k", "policy", "perplexity", "share recovered", "[95%]", "share at its realised compute",
+              "how many big layers", "which layers", "measured on"], out)]

@@ -15,7 +15,6 @@ so the same run folder gives byte-identical files on every regeneration.
 
 from __future__ import annotations
 
-import base64
 import html
 import json
 import math
@@ -28,13 +27,16 @@ from .. import rundir
 from ..data.cache import load_tokens
 from ..io import atomic_folder, atomic_write_bytes, atomic_write_text
 from ..model.model import DuoModel, param_counts
+from ..model.routing import BIG
 from ..rundir import writing
 from ..stats import finite_round
 from . import gap, scale, stage1, wallclock
 from .difficulty import difficulty_table, reference_k, token_table, write_difficulty
+from .explorer import explorer_data, explorer_html
 from .figures import render_all, sample_sequence, visible
 from .findings import CRITERIA, CRITERIA_VERSION, across_seeds, check_all, counts, criteria_fingerprint
-from .rundata import RunData
+from .page import Section, Table, render_page
+from .rundata import RunData, reference_budgets
 
 FIGURE_CAPTIONS = {
     "findings": "Each finding's effect minus its registry threshold, in units of its own standard error (so every "
@@ -105,6 +107,17 @@ def oracle_section(o) -> dict:
     }
 
 
+def usage_by_layer(rd: RunData) -> dict | None:
+    """The primary oracle's share of tokens taking big at each layer (mean over positions), at the small, middle
+    and large reference budgets (the heatmaps' numbers)."""
+    o = rd.primary
+    usage_JRLT = o.usage_JRLT() if o is not None else None
+    if usage_JRLT is None:
+        return None
+    return {str(k): _r(usage_JRLT[o.ks.index(k), BIG].mean(-1).tolist(), 4)
+            for k in reference_budgets(rd.n_layers).values() if k in o.ks}
+
+
 SMOKE_RATIO = 0.8  # all-big within 20% of the unigram model's perplexity (or worse): a smoke test
 
 
@@ -166,6 +179,7 @@ def results(rd: RunData, difficulty: dict | None, figures: list[str], findings: 
                        "text": "whole windows spread over the run's validation split (van der Corput order)",
                        "contexts": list(rd.sweeps)},
         "oracle": [oracle_section(o) for o in rd.sweeps.values()],  # a list: the primary context first
+        "oracle_usage_by_layer": usage_by_layer(rd),
         "skip_study": oracle_section(skip) | {"skips": skip.summary.get("skips"),
                                               "early_exit_share": _r(skip.budgets[0].get("oracle_early_exit_share"))}
         if skip is not None and skip.budgets else None,
@@ -236,27 +250,84 @@ def _threshold(f: dict) -> str:
     return "—" if thr is None else f"{'>' if d == 1 else '<'} {thr:g}"
 
 
-def _numbers(d: dict) -> str:
-    """Compact one-line rendering of a finding's numbers (nested lists of router rows shortened)."""
-    parts = []
-    for k, v in d.items():
-        if isinstance(v, list):
-            v = "; ".join(", ".join(f"{kk}={_fmt(vv)}" for kk, vv in item.items()
-                                    if kk in ("router", "verdict", "ppl", "oracle_ppl", "fixed_ppl", "realised_k"))
-                          if isinstance(item, dict) else _fmt(item) for item in v)
+def _number_rows(fid: str, context: str, numbers: dict) -> list[list[str]]:
+    """A finding's numbers, one per row in proper columns: finding, quantity, value, 95% interval."""
+    rows = []
+
+    def walk(prefix: str, v) -> None:
+        if isinstance(v, dict) and "value" in v and not any(isinstance(x, dict) for x in v.values()):
+            lo, hi = v.get("lo"), v.get("hi")
+            rows.append([fid, context, prefix, _fmt(v["value"], 4),
+                         "—" if lo is None or hi is None else f"[{_fmt(lo, 4)}, {_fmt(hi, 4)}]"])
         elif isinstance(v, dict):
-            v = ", ".join(f"{kk}={_fmt(vv) if not isinstance(vv, dict) else _numbers(vv)}" for kk, vv in v.items())
+            for kk, vv in v.items():
+                walk(f"{prefix}.{kk}" if prefix else str(kk), vv)
+        elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+            for i, item in enumerate(v):
+                walk(f"{prefix}[{item.get('router', item.get('name', i))}]", {kk: vv for kk, vv in item.items()
+                                                                               if kk not in ("router", "name")})
+        elif isinstance(v, list):
+            rows.append([fid, context, prefix, ", ".join(_fmt(x, 4) for x in v), "—"])
         else:
-            v = _fmt(v, 4 if isinstance(v, float) and abs(v) < 10 else 2)
-        parts.append(f"{k}: {v}")
-    return "; ".join(parts)
+            rows.append([fid, context, prefix, _fmt(v, 4 if isinstance(v, float) and abs(v) < 10 else 2), "—"])
+
+    walk("", numbers)
+    return rows
 
 
-def tables(res: dict) -> list[tuple[str, list[str], list[list[str]]]]:
-    """(title, header, rows) of every table, shared by the HTML and the Markdown."""
+def summary_table(res: dict) -> Table | None:
+    """The page's first table: one line per finding (claim, effect [interval], verdict, minimum detectable effect)."""
+    if not res["findings"]:
+        return None
+    return Table(f"Verdicts: {res['verdicts']['tested']} findings of the paper, each against its own null, "
+                 "Holm-corrected across them (details and criteria below)",
+                 ["claim", "context", "effect [95%]", "threshold", "verdict", "MDE"],
+                 [[f["claim"], f["context"] or "—", _effect(f["effect"]), _threshold(f),
+                   _verdict(f["verdict"]) + (f" ({f['power'].split(':')[0]})" if f["verdict"] == "inconclusive"
+                                             and f.get("power") else ""),
+                   _fmt(f["mde"], 4)] for f in res["findings"]])
+
+
+def _budget_reading(res: dict) -> str:
+    if not res["oracle"]:
+        return ""
+    o = res["oracle"][0]
+    mid = min(o["budgets"], key=lambda b: abs(b["k"] - res["model"]["n_layers"] / 2))
+    fixed = mid.get("fixed_oos_ppl") or mid.get("fixed_ppl")
+    return (f"How good per-token routing can get at each budget. At k = {mid['k']} the oracle reaches perplexity "
+            f"{_fmt(mid['oracle_ppl'])} against {_fmt(fixed)} for the best fixed pattern chosen out of sample; all-big "
+            f"is {_fmt(o['all_big_ppl'])}, all-small {_fmt(o['all_small_ppl'])}. The count-matched null shows how much "
+            "of the oracle's edge is selection among as many sub-networks at one fixed compute.")
+
+
+def sections(res: dict, tokens_html: str = "", explorer: str = "") -> list[Section]:
+    """The report's sections in reading order, each with its figures beside its tables (HTML and Markdown)."""
+    m, p = res["model"], res["model"]["params"]
     out = []
-    m = res["model"]
-    p = m["params"]
+    n = res["verdicts"]
+    out.append(Section(
+        "findings", "Findings", f"{n['tested']} claims of the paper, each tested against the null its claim needs with "
+        f"a criterion frozen in the registry before any result was seen: {n['reproduced']} reproduced, {n['contradicted']} "
+        f"contradicted, {n['inconclusive']} inconclusive. An inconclusive verdict says whether the run could have detected "
+        "the smallest effect of interest (powered) or not (underpowered).", ["findings"],
+        [Table("Findings, each against its own null (H0) with its registry criterion (version "
+               f"{res['criteria']['version']}); verdicts Holm-corrected across the study's findings; MDE: the smallest "
+               "distance from the threshold detected with 80% power",
+               ["finding", "context", "verdict (Holm)", "effect [95%]", "threshold", "p (Holm)", "unadjusted", "MDE",
+                "as the paper measured it [95%]", "H0", "power / limits"],
+               [[f["claim"], f["context"] or "—", _verdict(f["verdict"]), _effect(f["effect"]), _threshold(f),
+                 _fmt(f["p_adjusted"], 4), _verdict(f["unadjusted_verdict"]), _fmt(f["mde"], 4),
+                 _effect(f["numbers"].get("as_paper")), f["h0"], "; ".join(x for x in (f["power"], f["why"]) if x) or "—"]
+                for f in res["findings"]]),
+         Table(f"The registry's criteria (version {res['criteria']['version']}, fingerprint "
+               f"{res['criteria']['fingerprint']}), fixed before results are seen",
+               ["finding", "statistic", "threshold", "direction", "smallest effect of interest", "other"],
+               [[k, c["statistic"], _fmt(c["threshold"], 3), "above" if c["direction"] == 1 else "below",
+                 _fmt(c["sesoi"], 3), ", ".join(f"{kk} {_fmt(vv, 3)}" for kk, vv in c.items()
+                                                 if kk not in ("claim", "h0", "statistic", "threshold", "direction", "sesoi"))
+                 or "—"] for k, c in res["criteria"]["criteria"].items()]),
+         Table("Every number each finding's check computed", ["finding", "context", "quantity", "value", "[95%]"],
+               [row for f in res["findings"] for row in _number_rows(f["id"], f["context"] or "—", f["numbers"])])]))
     setup = [
         ["model", f"{m['preset']} preset: {m['n_layers']} layers, width {m['d_model']}, {m['n_heads']} heads, "
                   f"FFN big {m['d_ff_big']} / small {m['d_ff_small']}, vocab {m['vocab_size']}, context {m['seq_len']}"],
@@ -265,109 +336,142 @@ def tables(res: dict) -> list[tuple[str, list[str], list[list[str]]]]:
         ["data", f"{res['data']['spec']} ({_fmt(res['data']['train_tokens'])} training / "
                  f"{_fmt(res['data']['val_tokens'])} validation tokens, tokenizer {res['data']['tokenizer']})"],
         ["training", f"{res['training']['steps']:,} steps x {res['training']['batch_size']} sequences x "
-                     f"{res['training']['seq_len']} tokens, random routing p(big) = {res['training']['routing']['p_big']}"
-                     + "".join(f"; {k} {_fmt(v, 3)}" for k, v in res["training"]["final"].items())],
+                     f"{res['training']['seq_len']} tokens, random routing p(big) = {res['training']['routing']['p_big']}"],
+        *[[k, _fmt(v, 3)] for k, v in res["training"]["final"].items()],
         ["evaluation", f"{_fmt(res['evaluation']['tokens'])} tokens of {res['evaluation']['text']}"],
         ["context policies", ", ".join(res["evaluation"]["contexts"]) or "—"],
     ]
-    out.append(("Setup", ["", ""], setup))
-    out.append(("Findings of the paper, each tested against its own null (H0) with the criterion frozen in the registry "
-                f"(version {res['criteria']['version']}); effects with 95% t-intervals over sequences; verdicts corrected "
-                "across the study's findings (Holm); MDE: the smallest distance from the threshold detected with 80% power",
-                ["finding", "context", "verdict (Holm)", "effect [95%]", "threshold", "p (Holm)", "unadjusted", "MDE",
-                 "as the paper measured it [95%]", "H0", "power / limits"],
-                [[f["claim"], f["context"] or "—", _verdict(f["verdict"]), _effect(f["effect"]),
-                  _threshold(f), _fmt(f["p_adjusted"], 4), _verdict(f["unadjusted_verdict"]),
-                  _fmt(f["mde"], 4), _effect(f["numbers"].get("as_paper")), f["h0"],
-                  "; ".join(x for x in (f["power"], f["why"]) if x) or "—"]
-                 for f in res["findings"]]))
-    out.append((f"The registry's criteria (version {res['criteria']['version']}, fingerprint {res['criteria']['fingerprint']}): "
-                "fixed before results are seen, printed here so a reader can check them",
-                ["finding", "statistic", "threshold", "direction", "smallest effect of interest", "other"],
-                [[k, c["statistic"], _fmt(c["threshold"], 3), "above" if c["direction"] == 1 else "below",
-                  _fmt(c["sesoi"], 3), ", ".join(f"{kk} {_fmt(vv, 3)}" for kk, vv in c.items()
-                                                  if kk not in ("claim", "h0", "statistic", "threshold", "direction", "sesoi"))
-                  or "—"] for k, c in res["criteria"]["criteria"].items()]))
-    out.append(("Details of each finding (as the registry's check computed them)", ["finding", "context", "numbers"],
-                [[f["id"], f["context"] or "—", _numbers(f["numbers"])] for f in res["findings"]]))
+    out.append(Section("training", "Model and training", "The model every later stage freezes, trained with random "
+                       "routing (paper section 3.1) so that every pattern of big and small FFNs is a working network.",
+                       ["training"], [Table("Setup and final training metrics", ["", ""], setup)]))
+    budget_tables = []
     for o in res["oracle"]:
         ctx = o["context"]
         rows = [[str(b["k"]), _fmt(b["candidates"]), _ci(b, "oracle_ppl"), _ci(b, "fixed_oos_ppl"), _ci(b, "fixed_ppl"),
                  _diff(b.get("oracle_minus_fixed")), b["fixed_pattern"] or "—", _ci(b, "count_null_ppl"),
-                 ", ".join(f"n={n}: {_fmt(v)}" for n, v in (b.get("equal_count_ppl") or {}).items()) or "—",
+                 *[_fmt((b.get("equal_count_ppl") or {}).get(str(c))) for c in _equal_counts(res)],
                  _ci(b, "best_of_100_oos_ppl"), _ci(b, "best_of_100_ppl"), _fmt(b["best_of_100_per_token_ppl"]),
-                 _ci(b, "random_mean_ppl"), _fmt(b["oracle_compute"], 3)]
-                for b in o["budgets"]]
+                 _ci(b, "random_mean_ppl"), _fmt(b["oracle_compute"], 3)] for b in o["budgets"]]
         ref = f", context tokens {o['reference']}" if o["reference"] else ""
         small = "all-small (scored token only)" if o["reference"] else "all-small"
-        big, small_ppl = _ci(o, "all_big_ppl"), _ci(o, "all_small_ppl")
-        out.append((f"Oracle, {ctx} context{ref}: all-big {big}, {small} {small_ppl} "
-                    f"(compute {_fmt(o['all_small_compute'], 3)}), {_fmt(o['tokens'])} tokens",
-                    ["k", "candidates", "oracle [95% interval]", "fixed, out of sample [95%]",
-                     "fixed, in sample (optimistic) [95%]", "oracle − fixed in sample [paired 95%]", "fixed pattern (in sample)",
-                     "count-matched null [95%]", "oracle at equal count", "best of 100, out of sample [95%]",
-                     "best of 100, in sample [95%]", "best of 100 per token", "random [95%]", "compute"], rows))
-        out += position_table(o, f"{ctx} context")
-    out += gap.table(res.get("gap") or [])
+        budget_tables.append(Table(
+            f"Oracle, {ctx} context{ref}: all-big {_ci(o, 'all_big_ppl')}, {small} {_ci(o, 'all_small_ppl')} "
+            f"(compute {_fmt(o['all_small_compute'], 3)}), {_fmt(o['tokens'])} tokens",
+            ["k", "candidates", "oracle [95%]", "fixed, out of sample [95%]", "fixed, in sample (optimistic) [95%]",
+             "oracle − fixed in sample [paired 95%]", "fixed pattern (in sample)", "count-matched null [95%]",
+             *[f"oracle at equal count {c}" for c in _equal_counts(res)], "best of 100, out of sample [95%]",
+             "best of 100, in sample [95%]", "best of 100 per token", "random [95%]", "compute"], rows))
+    out.append(Section("budget", "Perplexity against budget", _budget_reading(res), ["ppl_vs_budget"], budget_tables))
+    usage = res.get("oracle_usage_by_layer") or {}
+    out.append(Section(
+        "usage", "Where the oracle spends its big layers", "Per layer and position, the share of tokens the oracle sends "
+        "to the big FFN at a small, middle and large budget (paper figs. 3-5); the table gives the per-layer means.",
+        ["oracle_usage"], [Table("Share of tokens taking big, per layer (first layer first)",
+                                 ["layer", *[f"k = {k}" for k in usage]],
+                                 [[str(i + 1), *[_fmt(v[i], 3) for v in usage.values()]]
+                                  for i in range(len(next(iter(usage.values()))))])] if usage else []))
+    out.append(Section("gap", "The oracle's gain, decomposed",
+                       res.get("gain_made_of") or "", [], [Table(*t) for t in gap.table(res.get("gap") or [])]))
+    router_tables = []
+    if res["routers"]:
+        router_tables.append(Table(
+            "Routers (hard routing) next to the oracle at their budget",
+            ["router", "method", "k", "ppl [95%]", "big", "compute", "oracle", "router − oracle [paired 95%]",
+             "fixed (in sample)", "router − fixed [paired 95%]", "best of 100", "random", "agreement", "layer profile",
+             "tokens"],
+            [[r["name"], r["method"] or "—", _fmt(r["k"]), _ci(r, "ppl"), _fmt(r["big_fraction"], 3), _fmt(r["compute"], 3),
+              _fmt(r["oracle_ppl"]), _diff(r.get("router_minus_oracle")), _fmt(r["fixed_ppl"]),
+              _diff(r.get("router_minus_fixed")), _fmt(r["best_of_100_ppl"]), _fmt(r["random_mean_ppl"]),
+              _fmt(r["agreement"], 3), r["layer_profile"] or "—", _fmt(r["tokens"])] for r in res["routers"]]))
+    out.append(Section("routers", "Trained routers", "Routers trained on the frozen model (paper section 3.3 and the "
+                       "methods beyond it), evaluated at hard routing; their shares of the oracle's gain are in the "
+                       "decomposition above. The route map shows each router's route at every layer for the first "
+                       "tokens of a sequence, under their text; the curves show how each trained.",
+                       ["router_usage", "router_routes", "router_training"], router_tables))
+    pos = []
+    for o in res["oracle"]:
+        pos += [Table(*t) for t in position_table(o, f"{o['context']} context")]
     if res.get("sequential"):
         q = res["sequential"]
-        out.append((f"Sequential oracle (each token chooses given its predecessors' own choices): all-big "
-                    f"{_ci(q, 'all_big_ppl')}, {_fmt(q['tokens'])} tokens",
-                    ["k", "candidates", "oracle [95% interval]", "compute"],
-                    [[str(b["k"]), _fmt(b["candidates"]), _ci(b, "oracle_ppl"), _fmt(b["oracle_compute"], 3)]
-                     for b in q["budgets"]]))
-        out += position_table(q, "sequential oracle")
-    n = res.get("null")
-    if n and res["oracle"]:
-        real, null = res["oracle"][0], n["oracle"]
-        by_k = {b["k"]: b for b in null["budgets"]}
-        gain = lambda b, o: None if b.get("oracle_ppl") is None else 1.0 - b["oracle_ppl"] / o["all_big_ppl"]
-        out.append((f"Null control: the model at initialisation on the same tokens ({null['context']} context): "
-                    f"all-big {_ci(null, 'all_big_ppl')}, all-small {_ci(null, 'all_small_ppl')}",
-                    ["k", "oracle, null [95%]", "oracle gain over all-big, null", "oracle gain over all-big, trained"],
-                    [[str(b["k"]), _ci(by_k[b["k"]], "oracle_ppl"), _fmt(gain(by_k[b["k"]], null), 3),
-                      _fmt(gain(b, real), 3)] for b in real["budgets"] if b["k"] in by_k]))
-    sd = res.get("seeds")
-    if sd:
-        out.append((f"Across {len(sd['seeds'])} training seeds ({', '.join(map(str, sd['seeds']))}; all-big perplexity "
-                    + ", ".join(_fmt(m["all_big_ppl"]) for m in sd["models"]) + ")",
-                    ["finding", "context", "effect per seed [95%]", "mean ± sd over seeds", "verdicts"],
-                    [[r["claim"], r["context"] or "—", "; ".join(_effect(e) for e in r["effects"]),
-                      "—" if r["mean"] is None else f"{r['mean']:+.3f} ± {_fmt(r['sd'], 3)}",
-                      ", ".join(v or "not tested" for v in r["verdicts"])] for r in sd["findings"]]))
+        pos.append(Table(f"Sequential oracle (each token chooses given its predecessors' own choices): all-big "
+                         f"{_ci(q, 'all_big_ppl')}, {_fmt(q['tokens'])} tokens", ["k", "candidates", "oracle [95%]", "compute"],
+                         [[str(b["k"]), _fmt(b["candidates"]), _ci(b, "oracle_ppl"), _fmt(b["oracle_compute"], 3)]
+                          for b in q["budgets"]]))
+        pos += [Table(*t) for t in position_table(q, "sequential oracle")]
+    out.append(Section("position", "Budgets along the sequence", "Does a budget that falls or rises along the sequence "
+                       "beat a constant one of the same mean (paper section 4.2)? Measured against the per-token "
+                       "prediction from the oracle at constant budgets.", ["position_budgets"], pos))
     s = res["skip_study"]
     if s:
         b = s["budgets"][0]
-        out.append((f"Skip study: big or skip, exactly {s['skips']} skipped layers ({s['context']} context)",
-                    ["oracle", "fixed", "fixed pattern", "best of 100", "random", "tokens taking early exit"],
-                    [[_fmt(b["oracle_ppl"]), _fmt(b["fixed_ppl"]), b["fixed_pattern"] or "—", _fmt(b["best_of_100_ppl"]),
-                      _fmt(b["random_mean_ppl"]), _fmt(s["early_exit_share"], 3)]]))
-    if res["routers"]:
-        out.append(("Routers (hard routing) next to the oracle at their budget",
-                    ["router", "k", "ppl [95% interval]", "big", "oracle", "router − oracle [paired 95%]", "fixed",
-                     "router − fixed [paired 95%]", "best of 100", "random", "agreement", "layer profile", "tokens"],
-                    [[r["name"], _fmt(r["k"]), _ci(r, "ppl"),
-                      _fmt(r["big_fraction"], 3), _fmt(r["oracle_ppl"]), _diff(r.get("router_minus_oracle")),
-                      _fmt(r["fixed_ppl"]), _diff(r.get("router_minus_fixed")), _fmt(r["best_of_100_ppl"]),
-                      _fmt(r["random_mean_ppl"]), _fmt(r["agreement"], 3), r["layer_profile"] or "—", _fmt(r["tokens"])]
-                     for r in res["routers"]]))
+        out.append(Section("skip", "Skip study", f"Big or skip with exactly {s['skips']} layers skipped per token (paper "
+                           "section 4.3): which layers the oracle skips, and whether that is early exit.",
+                           ["skip_vs_early_exit"],
+                           [Table(f"Skip study ({s['context']} context)",
+                                  ["oracle [95%]", "fixed [95%]", "fixed pattern", "best of 100", "random [95%]",
+                                   "tokens taking early exit"],
+                                  [[_ci(b, "oracle_ppl"), _ci(b, "fixed_ppl"), b["fixed_pattern"] or "—",
+                                    _fmt(b["best_of_100_ppl"]), _ci(b, "random_mean_ppl"), _fmt(s["early_exit_share"], 3)]])]))
     d = res["difficulty"]
     if d:
-        out.append((f"Token difficulty (gap = all-small loss - oracle loss at k={d['k_ref']}, {d['context']} context)",
+        dt = [Table(f"Token difficulty (gap = all-small loss − oracle loss at k={d['k_ref']}, {d['context']} context)",
                     ["measure", "value"],
                     [["Spearman(all-small loss, gap)", _fmt(d["spearman_small_loss_vs_gap"], 3)],
-                     ["Spearman(all-small loss, all-small - all-big)", _fmt(d["spearman_small_loss_vs_big_gain"], 3)],
+                     ["Spearman(all-small loss, all-small − all-big)", _fmt(d["spearman_small_loss_vs_big_gain"], 3)],
                      ["high-loss tokens (top quarter) gaining little (gap below median)", _fmt(d["high_loss_low_gain_share"], 3)],
                      ["top tenth by loss also in top tenth by gap", _fmt(d["top_decile_overlap"], 3)],
-                     ["mean gap by loss quartile (low to high)", ", ".join(_fmt(x, 3) for x in d["mean_gap_by_loss_quartile"])],
-                     ["mean gain of all-big over all-small (nats)", _fmt(d["mean_gain_big"], 4)]]))
+                     *[[f"mean gap, loss quartile {i + 1} (low to high)", _fmt(x, 3)]
+                       for i, x in enumerate(d["mean_gap_by_loss_quartile"])],
+                     ["mean gain of all-big over all-small (nats)", _fmt(d["mean_gain_big"], 4)]])]
         for key, title in (("top_by_gap", "highest gap"), ("top_by_loss", "highest all-small loss")):
-            out.append((f"Tokens with the {title} (context [target])",
-                        ["text", "loss small", "loss big", "loss oracle", "gap", "rank by loss", "rank by gap"],
-                        [[visible(t["text"]), _fmt(t["loss_small"]), _fmt(t["loss_big"]), _fmt(t["loss_oracle"]), _fmt(t["gap"]),
-                          str(t["loss_rank"]), str(t["gap_rank"])] for t in d[key]]))
-    return (out + wallclock.tables(res.get("wallclock")) + stage1.tables(res.get("stage1"))
-            + scale.tables(res.get("scale")))
+            dt.append(Table(f"Tokens with the {title} (context [target])",
+                            ["text", "loss small", "loss big", "loss oracle", "gap", "rank by loss", "rank by gap"],
+                            [[visible(t["text"]), _fmt(t["loss_small"]), _fmt(t["loss_big"]), _fmt(t["loss_oracle"]),
+                              _fmt(t["gap"]), str(t["loss_rank"]), str(t["gap_rank"])] for t in d[key]]))
+        out.append(Section("difficulty", "Token difficulty", "A token's difficulty is its potential to gain from compute "
+                           "(all-small loss minus the oracle's), not its raw loss: the two rank tokens differently.",
+                           ["token_losses", "difficulty_ranking"], dt, tokens_html))
+    if explorer:
+        out.append(Section("explorer", "Token explorer", "Every scored token on its text, coloured by the loss you "
+                           "choose; hover a token for all its losses, its oracle patterns and the routers' routes. Show "
+                           "the hardest tokens, or those where a router and the oracle disagree; the table below the "
+                           "text lists them and sorts on any column.", html=explorer))
+    nul = res.get("null")
+    if nul and res["oracle"]:
+        real, null = res["oracle"][0], nul["oracle"]
+        by_k = {b["k"]: b for b in null["budgets"]}
+        gain = lambda b, o: None if b.get("oracle_ppl") is None else 1.0 - b["oracle_ppl"] / o["all_big_ppl"]
+        out.append(Section("null", "Null control", "The model at initialisation through the same stages on the same "
+                           "tokens: what a finding looks like when nothing was learned.", [],
+                           [Table(f"Null control ({null['context']} context): all-big {_ci(null, 'all_big_ppl')}, "
+                                  f"all-small {_ci(null, 'all_small_ppl')}",
+                                  ["k", "oracle, null [95%]", "oracle gain over all-big, null",
+                                   "oracle gain over all-big, trained"],
+                                  [[str(b["k"]), _ci(by_k[b["k"]], "oracle_ppl"), _fmt(gain(by_k[b["k"]], null), 3),
+                                    _fmt(gain(b, real), 3)] for b in real["budgets"] if b["k"] in by_k])]))
+    sd = res.get("seeds")
+    if sd:
+        out.append(Section("seeds", "Across training seeds", "The same study with other training seeds: a finding that "
+                           "changes its verdict between seeds is a property of one model, not of the method.", [],
+                           [Table(f"Across {len(sd['seeds'])} training seeds ({', '.join(map(str, sd['seeds']))}; all-big "
+                                  "perplexity " + ", ".join(_fmt(x["all_big_ppl"]) for x in sd["models"]) + ")",
+                                  ["finding", "context", "effect per seed [95%]", "mean ± sd over seeds", "verdicts"],
+                                  [[r["claim"], r["context"] or "—", "; ".join(_effect(e) for e in r["effects"]),
+                                    "—" if r["mean"] is None else f"{r['mean']:+.3f} ± {_fmt(r['sd'], 3)}",
+                                    ", ".join(v or "not tested" for v in r["verdicts"])] for r in sd["findings"]])]))
+    out.append(Section("scale", "Scale", "The study at each model size on the same tokens: which findings hold, grow, "
+                       "shrink or flip as the model grows (a rule frozen in the registry).", ["scale"],
+                       [Table(*t) for t in scale.tables(res.get("scale"))]))
+    out.append(Section("stage1", "Stage 1: Duo against FLOP-matched dense models (paper Fig. 8)", "", ["stage1"],
+                       [Table(*t) for t in stage1.tables(res.get("stage1"))]))
+    out.append(Section("wallclock", "Wall-clock speed of routed inference", "Measured by `duollm bench` on this machine.",
+                       [], [Table(*t) for t in wallclock.tables(res.get("wallclock"))]))
+    return out
+
+
+def _equal_counts(res: dict) -> list[str]:
+    """The candidate counts the oracle at equal count was measured at (one column each)."""
+    return sorted({c for o in res["oracle"][:1] for b in o["budgets"] for c in (b.get("equal_count_ppl") or {})}, key=int)
 
 
 def position_table(o: dict, label: str) -> list:
@@ -438,46 +542,31 @@ def smoke_banner(res: dict) -> str | None:
 
 # ----------------------------------------------------------------------------- HTML and Markdown
 
-CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
-table{border-collapse:collapse;margin:0.5em 0 1.5em;font-size:0.88em}td,th{border:1px solid #ccc;padding:3px 7px;
-vertical-align:top}th{background:#f3f3f3}img{max-width:100%}figure{margin:1em 0 2em}figcaption{font-size:0.9em;color:#555}
-.toks{font-family:monospace;white-space:pre-wrap;line-height:1.7;margin:0.3em 0}.toks b{display:inline-block;width:7em}
-.reproduced{color:#1a7f37;font-weight:600}.contradicted{color:#b42318;font-weight:600}.inconclusive{color:#9a6700}
-.not-tested{color:#777}.banner{color:#b42318;font-weight:600}"""
+
+def links(rd: RunData, difficulty: bool) -> list[tuple[str, str]]:
+    """The data files the page links to, relative to ``RUN/report/``."""
+    out = [("results.json", rundir.REPORT_RESULTS), ("report.md", rundir.REPORT_MD),
+           ("figures/", rundir.REPORT_FIGURES + "/")]
+    if difficulty:
+        out.append(("difficulty.parquet", "difficulty.parquet"))
+    for o in rd.oracles:
+        if (o.folder / rundir.PER_TOKEN).is_file():
+            out.append((f"oracle {o.name}: per_token.parquet", f"../{rundir.ORACLE}/{o.name}/{rundir.PER_TOKEN}"))
+    for r in rd.routers:
+        path = rundir.router_tokens(rd.run, r["name"])
+        if path is not None:
+            out.append((f"router {r['name']}: per-token", "../" + path.relative_to(rd.run).as_posix()))
+    return out
 
 
-def render_html(res: dict, pngs: dict[str, bytes], tokens_html: str) -> str:
-    e = html.escape
-    parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-             f"<title>duollm study: {e(res['run'])}</title><style>{CSS}</style></head><body>",
-             f"<h1>Duo-LLM study: {e(res['run'])}</h1>",
-             f"<p>{e(headline(res))}. Model {e(res['model']['preset'])}, data {e(res['data']['spec'])}, "
+def render_html(res: dict, pngs: dict[str, bytes], tokens_html: str = "", explorer: str = "",
+                data_links: list[tuple[str, str]] = ()) -> str:
+    intro = [f"{headline(res)}. Model {res['model']['preset']}, data {res['data']['spec']}, "
              f"{_fmt(res['evaluation']['tokens'])} evaluation tokens, context policies "
-             f"{e(', '.join(res['evaluation']['contexts']) or '—')}. Method: Alizadeh et al., arXiv 2410.10846.</p>"]
+             f"{', '.join(res['evaluation']['contexts']) or '—'}. Method: Alizadeh et al., arXiv 2410.10846."]
     banner = smoke_banner(res)
-    if banner:
-        parts.append(f'<p class="banner">{e(banner)}.</p>')
-    for title, header, rows in tables(res):
-        parts.append(f"<h2>{e(title)}</h2><table>")
-        if any(header):
-            parts.append("<tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>")
-        for row in rows:
-            cells = []
-            for cell in row:
-                cls = {"reproduced": "reproduced", "contradicted": "contradicted", "inconclusive": "inconclusive",
-                       "not tested": "not-tested"}.get(cell)
-                cells.append(f'<td class="{cls}">{e(cell)}</td>' if cls else f"<td>{e(cell)}</td>")
-            parts.append("<tr>" + "".join(cells) + "</tr>")
-        parts.append("</table>")
-    if tokens_html:
-        parts.append("<h2>Per-token loss on real text</h2>" + tokens_html)
-    parts.append("<h2>Figures</h2>")
-    for name, png in pngs.items():
-        b64 = base64.b64encode(png).decode("ascii")
-        parts.append(f'<figure id="{name}"><img alt="{name}" src="data:image/png;base64,{b64}">'
-                     f"<figcaption>{e(FIGURE_CAPTIONS.get(name, name))}</figcaption></figure>")
-    parts.append("</body></html>\n")
-    return "\n".join(parts)
+    return render_page(f"Duo-LLM study: {res['run']}", intro, summary_table(res), sections(res, tokens_html, explorer),
+                       pngs, FIGURE_CAPTIONS, list(data_links), banner + "." if banner else None)
 
 
 MD_SPECIAL = "\\`*_[]<>#|"
@@ -488,6 +577,11 @@ def _md_cell(s: str) -> str:
     return "".join("\\" + c if c in MD_SPECIAL else c for c in s.replace("\n", "\u21b5"))
 
 
+def _md_table(t: Table) -> list[str]:
+    return [f"### {t.title}", "", "| " + " | ".join(_md_cell(h) for h in t.header) + " |", "|" + "---|" * len(t.header),
+            *["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in t.rows], ""]
+
+
 def render_markdown(res: dict, pngs: dict[str, bytes]) -> str:
     lines = [f"# Duo-LLM study: {res['run']}", "",
              f"{headline(res)}. Model {res['model']['preset']}, data {_md_cell(res['data']['spec'])}, "
@@ -496,15 +590,18 @@ def render_markdown(res: dict, pngs: dict[str, bytes]) -> str:
     banner = smoke_banner(res)
     if banner:
         lines += [f"**{banner}.**", ""]
-    for title, header, rows in tables(res):
-        lines += [f"## {title}", ""]
-        lines.append("| " + " | ".join(_md_cell(h) for h in header) + " |")
-        lines.append("|" + "---|" * len(header))
-        lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
-        lines.append("")
-    lines += ["## Figures", ""]
-    for name in pngs:
-        lines += [f"![{name}](figures/{name}.png)", "", f"*{FIGURE_CAPTIONS.get(name, name)}*", ""]
+    summary = summary_table(res)
+    if summary:
+        lines += _md_table(summary)
+    for sec in sections(res):
+        figs = [name for name in sec.figures if name in pngs]
+        if not (sec.tables or figs):
+            continue
+        lines += [f"## {sec.title}", ""] + ([sec.reading, ""] if sec.reading else [])
+        for name in figs:
+            lines += [f"![{name}](figures/{name}.png)", "", f"*{FIGURE_CAPTIONS.get(name, name)}*", ""]
+        for t in sec.tables:
+            lines += _md_table(t)
     return "\n".join(lines)
 
 
@@ -530,7 +627,8 @@ def _write_report(run_dir: Path) -> Path:
         res |= {"scale": sc, "figures": list(pngs)}
     files = {rundir.REPORT_RESULTS: json.dumps(res, indent=2, sort_keys=True) + "\n",
              rundir.REPORT_MD: render_markdown(res, pngs),
-             rundir.REPORT_HTML: render_html(res, pngs, coloured_tokens_html(rd))}
+             rundir.REPORT_HTML: render_html(res, pngs, coloured_tokens_html(rd), explorer_html(explorer_data(rd)),
+                                             links(rd, difficulty is not None))}
     with atomic_folder(rundir.report_dir(rd.run)) as tmp:
         for name, png in pngs.items():
             atomic_write_bytes(tmp / rundir.REPORT_FIGURES / f"{name}.png", png)

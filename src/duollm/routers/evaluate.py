@@ -8,12 +8,13 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from ..io import atomic_write_json
+from ..io import atomic_write_json, write_table
 from ..model.policy import Router, compute_big_fraction
-from ..model.routing import BIG, SKIP, SMALL
-from ..rundir import ROUTER_EVAL
+from ..model.routing import BIG, LETTER_OF_ROUTE, SKIP, SMALL
+from ..rundir import ROUTER_EVAL, ROUTER_TOKENS
 from ..stats import budget_weights, finite_round, paired_ppl_difference, ppl_interval, ratio_estimate, recovered_share
 from ..train.evaluate import per_token_loss, summarize
 from .config import RouterConfig
@@ -68,11 +69,14 @@ def agreement(route_LST: torch.Tensor, oracle_LST: torch.Tensor, mask_ST: torch.
 
 
 def evaluate_router(model, router: Router, idx_ST, tgt_ST, cfg: RouterConfig, oracle: OracleTable | None = None,
-                    labels: str | None = None) -> dict:
+                    labels: str | None = None, tokens_path: Path | None = None) -> dict:
     """The router's ``eval.json``: hard routing on the evaluation tokens (DESIGN 4.3, 5). ``labels``:
-    where an imitation router's labels came from (``train`` or ``validation``; ``command.label_source``)."""
+    where an imitation router's labels came from (``train`` or ``validation``; ``command.label_source``).
+    ``tokens_path``: also write each token's loss and route there (``write_router_tokens``)."""
     L = model.cfg.n_layers
     res = run_router(model, router, idx_ST, tgt_ST, cfg.eval_batch)
+    if tokens_path is not None:
+        write_router_tokens(tokens_path, res)
     summary = summarize(res, model.flop_model.all_big())
     if router.peek is not None:  # it ran the small FFN at every layer before deciding (model/policy.py)
         fm = model.flop_model
@@ -224,10 +228,21 @@ def per_sequence(route_LST: torch.Tensor, router_ST, fixed_ST, oracle_ST, seq) -
     }
 
 
+def write_router_tokens(path: Path, res: dict) -> None:
+    """Each evaluated token's loss and route pattern (``sequence``, ``position`` in the canonical evaluation
+    order, as the oracle's ``per_token.parquet``): what the report's token explorer shows (issue 30)."""
+    L, S, T = res["route_LST"].shape
+    letters = np.array([LETTER_OF_ROUTE[r] for r in range(3)])  # route code -> pattern letter
+    pattern_N = ["".join(row) for row in letters[res["route_LST"].reshape(L, -1).T.cpu().numpy()]]
+    write_table(path, {"sequence": np.repeat(np.arange(S, dtype=np.int32), T),
+                       "position": np.tile(np.arange(T, dtype=np.int32), S),
+                       "loss": res["loss_ST"].reshape(-1).float().cpu().numpy(), "route": pattern_N})
+
+
 def write_eval(out: Path, model, router: Router, idx_ST, tgt_ST, cfg: RouterConfig, oracle, log=print,
                labels: str | None = None) -> dict:
-    """Evaluate at hard routing, write ``eval.json`` atomically and log a one-line summary."""
-    result = evaluate_router(model, router, idx_ST, tgt_ST, cfg, oracle, labels)
+    """Evaluate at hard routing, write ``eval.json`` (and the per-token table) atomically and log a one-line summary."""
+    result = evaluate_router(model, router, idx_ST, tgt_ST, cfg, oracle, labels, tokens_path=Path(out) / ROUTER_TOKENS)
     atomic_write_json(Path(out) / ROUTER_EVAL, result)
     line = (f"router {cfg.name}: ppl {result['ppl']:.3f}, big {result['big_fraction']:.3f} (target {cfg.target:.3f}), "
             f"skip {result['skip_fraction']:.3f}, layers {result['layer_profile']}")

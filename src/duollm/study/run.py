@@ -301,6 +301,7 @@ class Study:
                 self.evaluate_router_on_study_tokens(run_dir, name, k if compared else None)
             elif study_eval.is_file():
                 study_eval.unlink()
+                rundir.study_router_tokens(run_dir, name).unlink(missing_ok=True)
 
         key = lambda: {"step": trained_step(run_dir), "tokens": self.tokens(),
                        "steps": self.cfg.study.router_steps, "batch": self.cfg.study.router_batch,
@@ -391,7 +392,8 @@ class Study:
         oracle = None if k is None else load_oracle_table(run, self.oracle_name(self.primary_context), k, idx_ST, tgt_ST,
                                                           rcfg.options)
         labels = label_source(run, rcfg, rcfg.budget_k(self.L))
-        result = evaluate_router(model, router, idx_ST, tgt_ST, rcfg, oracle, labels)
+        result = evaluate_router(model, router, idx_ST, tgt_ST, rcfg, oracle, labels,
+                                 tokens_path=rundir.study_router_tokens(run, name))
         atomic_write_json(rundir.study_router_eval(run, name), result)
 
     def report(self) -> None:
