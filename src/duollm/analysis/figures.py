@@ -279,7 +279,7 @@ def fig_router_training(rd: RunData) -> Figure | None:
     axes = np.atleast_1d(fig.subplots(rows_n, cols, squeeze=False).ravel())
     for ax, (method, lines) in zip(axes, sorted(curves.items())):
         for name, pts in lines:
-            ax.plot(*zip(*pts), lw=1, label=name.removeprefix(method + "-"))
+            ax.plot(*zip(*pts), lw=1, marker="o" if len(pts) < 5 else None, ms=3, label=name.removeprefix(method + "-"))
         ax.set_title(f"{method}: training loss", fontsize=8)
         ax.set_xlabel("step", fontsize=7)
         ax.legend(frameon=False, fontsize=6, title="target", title_fontsize=6)
