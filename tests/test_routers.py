@@ -431,6 +431,15 @@ def test_expected_benefit_targets_equal_one_forward_per_pattern(router_run, tmp_
     assert torch.isnan(got_LST[:, S:]).all()  # tokens the oracle did not score
 
 
+def write_benefit_matrix(run, folder):
+    """A synthetic loss matrix at k = 1 of 4 where layer 2 alone gains from big (1 nat less loss)."""
+    idx_ST, _ = eval_tokens(run, load_model(run)[1])
+    patterns = ["".join(p) for p in ("BSSS", "SBSS", "SSBS", "SSSB")]
+    pq.write_table(pa.table({"pattern": patterns, "bigs": pa.array([1] * 4, pa.int16()), "skips": pa.array([0] * 4, pa.int16()),
+                             "candidate": [True] * 4, "mean_loss": [5.0, 5.0, 4.0, 5.0]}), folder / "patterns.parquet")
+    np.save(folder / "loss_matrix.npy", np.array([[5.0], [5.0], [4.0], [5.0]], np.float32).repeat(idx_ST.numel(), 1))
+
+
 def test_expected_benefit_router_learns_which_layer_gains_and_meets_its_budget(router_run, tmp_path):
     """On a table where layer 2 alone gains from big (a synthetic loss matrix), the router puts its one big
     layer there; without a loss matrix it is refused in one line."""
@@ -438,13 +447,7 @@ def test_expected_benefit_router_learns_which_layer_gains_and_meets_its_budget(r
     folder = write_oracle(run, "benefit-SB", lambda tok: "SSBS", k=1)
     with pytest.raises(ValueError, match="expected-benefit needs oracle benefit-SB's loss matrix"):
         run_router_command(run, target=0.25, method="expected-benefit", steps=5, set=QUIET, log=lambda *a: None)
-    model, cfg = load_model(run)
-    idx_ST, _ = eval_tokens(run, cfg)
-    S, T = idx_ST.shape
-    patterns = ["".join(p) for p in ("BSSS", "SBSS", "SSBS", "SSSB")]
-    pq.write_table(pa.table({"pattern": patterns, "bigs": pa.array([1] * 4, pa.int16()), "skips": pa.array([0] * 4, pa.int16()),
-                             "candidate": [True] * 4, "mean_loss": [5.0, 5.0, 4.0, 5.0]}), folder / "patterns.parquet")
-    np.save(folder / "loss_matrix.npy", np.array([[5.0], [5.0], [4.0], [5.0]], np.float32).repeat(S * T, 1))
+    write_benefit_matrix(run, folder)
     name = run_router_command(run, target=0.25, method="expected-benefit", steps=150,
                               set=[*QUIET, "init=zero", "train.lr=0.05"], log=lambda *a: None)
     ev = read_eval(run, name)
@@ -471,13 +474,7 @@ def test_peek_router_sees_the_small_ffn_and_pays_for_it(router_run, tmp_path):
     assert compute_big_fraction(f, fm, True) == pytest.approx(0.25) and compute_big_fraction(f, fm, False) == f
 
     run = copy_trained(router_run, tmp_path / "run")
-    folder = write_oracle(run, "benefit-SB", lambda tok: "SSBS", k=1)
-    idx_ST, _ = eval_tokens(run, cfg)
-    S, T = idx_ST.shape
-    patterns = ["".join(p) for p in ("BSSS", "SBSS", "SSBS", "SSSB")]
-    pq.write_table(pa.table({"pattern": patterns, "bigs": pa.array([1] * 4, pa.int16()), "skips": pa.array([0] * 4, pa.int16()),
-                             "candidate": [True] * 4, "mean_loss": [5.0, 5.0, 4.0, 5.0]}), folder / "patterns.parquet")
-    np.save(folder / "loss_matrix.npy", np.array([[5.0], [5.0], [4.0], [5.0]], np.float32).repeat(S * T, 1))
+    write_benefit_matrix(run, write_oracle(run, "benefit-SB", lambda tok: "SSBS", k=1))
     name = run_router_command(run, target=0.25, method="peek", steps=150,
                               set=[*QUIET, "init=zero", "train.lr=0.05"], log=lambda *a: None)
     ev = read_eval(run, name)

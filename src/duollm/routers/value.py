@@ -79,6 +79,37 @@ def prefix_values(loss_PN: torch.Tensor, route_PL: torch.Tensor, route_LN: torch
     return value_LNO
 
 
+def _trajectories(model: DuoModel, router: Router, idx_ST: torch.Tensor, tgt_ST: torch.Tensor, batch_size: int,
+                  desc: str):
+    """Chunk by chunk, the router's own trajectory at hard routing (its mode restored afterwards): yields
+    ``(idx_BT, tgt_BT, ctx, rows)``: ``ctx`` the frozen context whose tokens the router routed, ``rows`` the
+    chunk's ``x_NLD`` (the states entering each FFN), ``used_NL`` (bigs used before each layer) and ``route_NL``."""
+    assert router.budget_k is not None, "on-policy targets need a router with an enforced budget"
+    L = model.cfg.n_layers
+    device = model.embed.weight.device
+    mode, training = router.mode, router.training
+    router.mode = "hard"
+    router.eval()
+    try:
+        for s0 in tqdm(range(0, idx_ST.shape[0], batch_size), desc=desc, unit="chunk", dynamic_ncols=True, leave=False):
+            idx_BT, tgt_BT = idx_ST[s0 : s0 + batch_size].to(device), tgt_ST[s0 : s0 + batch_size].to(device)
+            B, T = idx_BT.shape
+            x_L = []
+
+            def recording(layer, x_BTD):
+                x_L.append(x_BTD.float().cpu())
+                return router(layer, x_BTD)
+
+            ctx = FrozenContext(model, idx_BT, recording)  # context tokens routed by the router itself
+            route_LN = ctx.route_LBT.reshape(L, -1).cpu()
+            used_LN = torch.cumsum(route_LN == BIG, 0) - (route_LN == BIG).long()
+            yield idx_BT, tgt_BT, ctx, {"x_NLD": torch.stack(x_L, 1).reshape(B * T, L, -1),
+                                        "used_NL": used_LN.T.contiguous(), "route_NL": route_LN.T.contiguous()}
+    finally:
+        router.mode = mode
+        router.train(training)
+
+
 @torch.no_grad()
 def collect_targets(model: DuoModel, router: Router, idx_ST: torch.Tensor, tgt_ST: torch.Tensor,
                     batch_size: int = 8) -> dict[str, torch.Tensor]:
@@ -90,45 +121,22 @@ def collect_targets(model: DuoModel, router: Router, idx_ST: torch.Tensor, tgt_S
     ``route_NL``   the route the router took
     ``pattern_loss_P``  each exact-budget pattern's summed loss (under the router's context)
     """
-    assert router.budget_k is not None, "on-policy targets need a router with an enforced budget"
-    L = model.cfg.n_layers
-    device = model.embed.weight.device
-    route_PL = budget_patterns(L, router.budget_k)
+    route_PL = budget_patterns(model.cfg.n_layers, router.budget_k)
     route_PL_t = torch.from_numpy(route_PL)
-    mode, training = router.mode, router.training
-    router.mode = "hard"
-    router.eval()
     parts = {"x_NLD": [], "used_NL": [], "value_NLO": [], "route_NL": []}
     pattern_loss_P = torch.zeros(len(route_PL), dtype=torch.float64)
-    try:
-        for s0 in tqdm(range(0, idx_ST.shape[0], batch_size), desc=f"on-policy targets, {len(route_PL)} patterns",
-                       unit="chunk", dynamic_ncols=True, leave=False):
-            idx_BT, tgt_BT = idx_ST[s0 : s0 + batch_size].to(device), tgt_ST[s0 : s0 + batch_size].to(device)
-            B, T = idx_BT.shape
-            x_L = []
+    for idx_BT, tgt_BT, ctx, rows in _trajectories(model, router, idx_ST, tgt_ST, batch_size,
+                                                   f"on-policy targets, {len(route_PL)} patterns"):
+        loss_PBT = torch.empty(len(route_PL), *idx_BT.shape)
 
-            def recording(layer, x_BTD):
-                x_L.append(x_BTD.float().cpu())
-                return router(layer, x_BTD)
+        def consume(p_R, loss_RBT):
+            loss_PBT[torch.from_numpy(p_R)] = loss_RBT.float().cpu()
 
-            ctx = FrozenContext(model, idx_BT, recording)  # context tokens routed by the router itself
-            loss_PBT = torch.empty(len(route_PL), B, T)
-
-            def consume(p_R, loss_RBT):
-                loss_PBT[torch.from_numpy(p_R)] = loss_RBT.float().cpu()
-
-            walk_tree(model, ctx, route_PL, model.embed(idx_BT).float(), tgt_BT, consume)
-            route_LN = ctx.route_LBT.reshape(L, -1).cpu()
-            used_LN = torch.cumsum(route_LN == BIG, 0) - (route_LN == BIG).long()
-            value_LNO = prefix_values(loss_PBT.reshape(len(route_PL), -1), route_PL_t, route_LN, router.route_O.cpu())
-            parts["x_NLD"].append(torch.stack(x_L, 1).reshape(B * T, L, -1))
-            parts["used_NL"].append(used_LN.T.contiguous())
-            parts["value_NLO"].append(value_LNO.transpose(0, 1).contiguous())
-            parts["route_NL"].append(route_LN.T.contiguous())
-            pattern_loss_P += loss_PBT.double().sum((1, 2))
-    finally:
-        router.mode = mode
-        router.train(training)
+        walk_tree(model, ctx, route_PL, model.embed(idx_BT).float(), tgt_BT, consume)
+        value_LNO = prefix_values(loss_PBT.reshape(len(route_PL), -1), route_PL_t, rows["route_NL"].T, router.route_O.cpu())
+        for key, v in {**rows, "value_NLO": value_LNO.transpose(0, 1).contiguous()}.items():
+            parts[key].append(v)
+        pattern_loss_P += loss_PBT.double().sum((1, 2))
     return {**{key: torch.cat(v) for key, v in parts.items()}, "pattern_loss_P": pattern_loss_P}
 
 
@@ -143,65 +151,45 @@ def rollout_targets(model: DuoModel, router: Router, idx_ST: torch.Tensor, tgt_S
     The context tokens follow the router (``FrozenContext``); each token carries its M = L + 1 variants
     through the layers side by side, and at every layer past its deviation a variant takes the router's
     choice on its own state, with its own count of bigs (the budget as the router enforces it)."""
-    assert router.budget_k is not None, "on-policy targets need a router with an enforced budget"
     L, k = model.cfg.n_layers, router.budget_k
     device = model.embed.weight.device
-    mode, training = router.mode, router.training
-    router.mode = "hard"
-    router.eval()
     head = Head(model)
     route_O = router.route_O
     deviates_M = torch.tensor([L, *range(L)], device=device)  # the layer variant m deviates at (L: never)
     parts = {"x_NLD": [], "used_NL": [], "value_NLO": [], "route_NL": [], "route_NML": []}
-    try:
-        for s0 in tqdm(range(0, idx_ST.shape[0], batch_size), desc=f"rollouts, {L + 1} variants per token",
-                       unit="chunk", dynamic_ncols=True, leave=False):
-            idx_BT, tgt_BT = idx_ST[s0 : s0 + batch_size].to(device), tgt_ST[s0 : s0 + batch_size].to(device)
-            B, T = idx_BT.shape
-            x_L = []
-
-            def recording(layer, x_BTD):
-                x_L.append(x_BTD.float().cpu())
-                return router(layer, x_BTD)
-
-            ctx = FrozenContext(model, idx_BT, recording)  # context tokens routed by the router itself
-            own_LBT = ctx.route_LBT
-            h_BTMD = model.embed(idx_BT).float().unsqueeze(2).expand(B, T, L + 1, -1).contiguous()
-            used_BTM = torch.zeros(B, T, L + 1, dtype=torch.long, device=device)
-            feasible_BTM = torch.ones(B, T, L + 1, dtype=torch.bool, device=device)
-            route_LBTM = torch.empty(L, B, T, L + 1, dtype=torch.long, device=device)
-            for layer, block in enumerate(model.layers):
-                mid_BTMD = ctx.residual(layer, h_BTMD)
-                x_BTMD = K.norm(block.ffn_norm, mid_BTMD)
-                own_BT1 = own_LBT[layer].unsqueeze(-1)
-                chosen_BTM = route_O[router.budget_logits(layer, x_BTMD, used_BTM).argmax(-1)]
-                flipped_BT1 = torch.where(own_BT1 == BIG, SMALL, BIG)
-                route_BTM = torch.where(deviates_M > layer, own_BT1, torch.where(deviates_M == layer, flipped_BT1, chosen_BTM))
-                # a deviation the budget forbids: big with none left, small where every layer left must go big
-                at_M = deviates_M == layer
-                forbidden_BT1 = torch.where(flipped_BT1 == BIG, used_BTM[..., layer + 1 : layer + 2] >= k,
-                                            k - used_BTM[..., layer + 1 : layer + 2] >= L - layer)
-                feasible_BTM[..., at_M] &= ~forbidden_BT1
-                big_BTMD = K.ffn_residual(block.ffn.big, mid_BTMD, x_BTMD)
-                small_BTMD = K.ffn_residual(block.ffn.small, mid_BTMD, x_BTMD)
-                h_BTMD = torch.where((route_BTM == BIG).unsqueeze(-1), big_BTMD, small_BTMD)
-                used_BTM = used_BTM + (route_BTM == BIG)
-                route_LBTM[layer] = route_BTM
-            loss_MBT = head(h_BTMD.permute(2, 0, 1, 3), tgt_BT.expand(L + 1, B, T))
-            loss_BTM = loss_MBT.permute(1, 2, 0).masked_fill(~feasible_BTM, float("inf")).float()
-            # Q of the router's own route at layer l: its own loss; of the other route: variant l + 1's
-            own_LBT1 = own_LBT.unsqueeze(-1)
-            q_LBTO = torch.where(own_LBT1 == route_O, loss_BTM[..., :1].unsqueeze(0),
-                                 loss_BTM[..., 1:].permute(2, 0, 1).unsqueeze(-1))
-            route_LN = own_LBT.reshape(L, -1).cpu()
-            parts["x_NLD"].append(torch.stack(x_L, 1).reshape(B * T, L, -1))
-            parts["used_NL"].append((torch.cumsum(route_LN == BIG, 0) - (route_LN == BIG).long()).T.contiguous())
-            parts["value_NLO"].append(q_LBTO.reshape(L, B * T, -1).transpose(0, 1).cpu().contiguous())
-            parts["route_NL"].append(route_LN.T.contiguous())
-            parts["route_NML"].append(route_LBTM.permute(1, 2, 3, 0).reshape(B * T, L + 1, L).cpu())
-    finally:
-        router.mode = mode
-        router.train(training)
+    for idx_BT, tgt_BT, ctx, rows in _trajectories(model, router, idx_ST, tgt_ST, batch_size,
+                                                   f"rollouts, {L + 1} variants per token"):
+        B, T = idx_BT.shape
+        own_LBT = ctx.route_LBT
+        h_BTMD = model.embed(idx_BT).float().unsqueeze(2).expand(B, T, L + 1, -1).contiguous()
+        used_BTM = torch.zeros(B, T, L + 1, dtype=torch.long, device=device)
+        feasible_BTM = torch.ones(B, T, L + 1, dtype=torch.bool, device=device)
+        route_LBTM = torch.empty(L, B, T, L + 1, dtype=torch.long, device=device)
+        for layer, block in enumerate(model.layers):
+            mid_BTMD = ctx.residual(layer, h_BTMD)
+            x_BTMD = K.norm(block.ffn_norm, mid_BTMD)
+            own_BT1 = own_LBT[layer].unsqueeze(-1)
+            chosen_BTM = route_O[router.budget_logits(layer, x_BTMD, used_BTM).argmax(-1)]
+            flipped_BT1 = torch.where(own_BT1 == BIG, SMALL, BIG)
+            route_BTM = torch.where(deviates_M > layer, own_BT1, torch.where(deviates_M == layer, flipped_BT1, chosen_BTM))
+            # a deviation the budget forbids: big with none left, small where every layer left must go big
+            at_M = deviates_M == layer
+            forbidden_BT1 = torch.where(flipped_BT1 == BIG, used_BTM[..., layer + 1 : layer + 2] >= k,
+                                        k - used_BTM[..., layer + 1 : layer + 2] >= L - layer)
+            feasible_BTM[..., at_M] &= ~forbidden_BT1
+            big_BTMD = K.ffn_residual(block.ffn.big, mid_BTMD, x_BTMD)
+            small_BTMD = K.ffn_residual(block.ffn.small, mid_BTMD, x_BTMD)
+            h_BTMD = torch.where((route_BTM == BIG).unsqueeze(-1), big_BTMD, small_BTMD)
+            used_BTM = used_BTM + (route_BTM == BIG)
+            route_LBTM[layer] = route_BTM
+        loss_MBT = head(h_BTMD.permute(2, 0, 1, 3), tgt_BT.expand(L + 1, B, T))
+        loss_BTM = loss_MBT.permute(1, 2, 0).masked_fill(~feasible_BTM, float("inf")).float()
+        # Q of the router's own route at layer l: its own loss; of the other route: variant l + 1's
+        q_LBTO = torch.where(own_LBT.unsqueeze(-1) == route_O, loss_BTM[..., :1].unsqueeze(0),
+                             loss_BTM[..., 1:].permute(2, 0, 1).unsqueeze(-1))
+        for key, v in {**rows, "value_NLO": q_LBTO.reshape(L, B * T, -1).transpose(0, 1).cpu().contiguous(),
+                       "route_NML": route_LBTM.permute(1, 2, 3, 0).reshape(B * T, L + 1, L).cpu()}.items():
+            parts[key].append(v)
     return {key: torch.cat(v) for key, v in parts.items()}
 
 
