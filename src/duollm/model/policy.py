@@ -104,8 +104,10 @@ class Router(nn.Module):
     def logits(self, layer: int, x_BTD: torch.Tensor) -> torch.Tensor:
         """``logits_BTO`` in float32 (the softmax and its annealing are done in full precision)."""
         proj = self.proj[layer]
-        if self.peek is not None:  # the token's state and what the small FFN would add to it
-            x_BTD = torch.cat([x_BTD, self.peek_ffn[layer](x_BTD)], -1)
+        if self.peek is not None:  # the token's state and what the small FFN would add to it (in the FFN's dtype)
+            ffn = self.peek_ffn[layer]
+            x_BTD = x_BTD.to(proj.weight.dtype)
+            x_BTD = torch.cat([x_BTD, ffn(x_BTD.to(ffn.up_proj.weight.dtype)).to(x_BTD.dtype)], -1)
         return proj(x_BTD.to(proj.weight.dtype)).float() + self.offset_O
 
     def weights(self, logits_BTO: torch.Tensor, mode: str, beta: float = 1.0) -> torch.Tensor:

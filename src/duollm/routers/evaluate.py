@@ -143,8 +143,9 @@ def oracle_comparison(model, res: dict, idx_ST, tgt_ST, cfg: RouterConfig, oracl
         # the headline: the share of the oracle's gain over fixed@k the router recovers (analysis/gap.py), at its
         # budget k and at the compute it realised (fixed and oracle interpolated at its big fraction)
         comp["recovered"] = _recovered(router_ST, oracle.loss_ST[seq], fixed_ST)
-        comp["recovered_matched"] = _recovered_matched(res, router_ST, oracle, seq, L=model.cfg.n_layers,
-                                                       peek=model.flop_model if peek else None)
+        # at its compute: a peeking router's big fraction counts the small FFN it ran everywhere
+        big = compute_big_fraction((res["route_LST"][:, seq] == BIG).float().mean().item(), model.flop_model, peek)
+        comp["recovered_matched"] = _recovered_matched(res, router_ST, oracle, seq, big, L=model.cfg.n_layers)
         comp["count_vs_placement"] = count_vs_placement(res, router_ST, oracle, seq)
     _, held = holdout_split(seq, cfg.holdout_every)
     if len(held):
@@ -164,14 +165,13 @@ def oracle_comparison(model, res: dict, idx_ST, tgt_ST, cfg: RouterConfig, oracl
     return comp
 
 
-def _recovered_matched(res: dict, router_ST, oracle: OracleTable, seq, L: int, peek=None) -> dict | None:
-    """``recovered`` against the oracle and fixed curves at the router's realised compute (its big fraction, or
-    for a peeking router, ``peek`` its flop model, the big fraction of the same compute: ``stats.budget_weights``);
-    None for a router that skips or an oracle without those budgets."""
+def _recovered_matched(res: dict, router_ST, oracle: OracleTable, seq, big_fraction: float, L: int) -> dict | None:
+    """``recovered`` against the oracle and fixed curves at the router's realised compute, ``big_fraction`` (the big
+    fraction of a plain router of that compute: ``stats.budget_weights``); None for a router that skips or an
+    oracle without those budgets."""
     if (res["route_LST"] == SKIP).any():
         return None
-    big = (res["route_LST"][:, seq] == BIG).float().mean().item()
-    k0, w = budget_weights(compute_big_fraction(big, peek, True) if peek is not None else big, L)
+    k0, w = budget_weights(big_fraction, L)
     cols = [oracle.column_ST(f"{kind}_loss_k{k}") for kind in ("oracle", "fixed") for k in (k0, k0 + 1)]
     if any(c is None or torch.isnan(c[seq]).any() for c in cols):
         return None
