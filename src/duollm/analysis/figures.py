@@ -26,6 +26,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+import matplotlib.ticker
 import numpy as np
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
@@ -520,14 +521,23 @@ def fig_findings(findings: list[dict]) -> Figure | None:
     ax.axvline(0, color="k", lw=0.6)
     ax.set_yticks(range(len(rows)), [f["id"].replace("_", " ") + (f" [{f['context']}]" if f["context"] else "")
                                      for f in reversed(rows)], fontsize=7)
-    ax.set_xlim(-1.1 * reach, 1.1 * reach)
-    ax.set_xscale("symlog", linthresh=4.0)  # linear where verdicts are decided (|z| ~ 2), compressed beyond
+    _z_axis(ax, reach)
     for z in (-2.1, 2.1):  # about where a 95% interval starts to exclude the threshold (t, 15 df)
         ax.axvline(z, color="0.8", lw=0.6, ls=":")
     ax.set_xlabel("(effect − threshold) / standard error, paper's direction to the right (95% t-interval; "
                   "symmetric log beyond ±4)")
     ax.set_title("Findings against their registry thresholds")
     return fig
+
+
+def _z_axis(ax, reach: float) -> None:
+    """The standardised effect axis: linear where verdicts are decided (|z| ~ 2), compressed beyond ±4 (symmetric
+    log), with a margin so no point sits on the frame, and ticks that never crowd at zero."""
+    ax.set_xscale("symlog", linthresh=4.0)
+    ax.set_xlim(-1.6 * reach, 1.6 * reach)
+    ticks = [t for t in (-1000, -100, -10, -4, -2, 0, 2, 4, 10, 100, 1000) if abs(t) <= 1.6 * reach]
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
 
 
 def _z(f: dict) -> tuple[float, float, float] | None:
@@ -562,8 +572,7 @@ def fig_compare_findings(names: list[str], findings: list[list[dict]]) -> Figure
     ax.axvline(0, color="k", lw=0.6)
     ax.set_yticks(range(len(keys)), [k[0].replace("_", " ") + (f" [{k[1]}]" if k[1] else "") for k in reversed(keys)],
                   fontsize=7)
-    ax.set_xlim(-1.1 * reach, 1.1 * reach)
-    ax.set_xscale("symlog", linthresh=4.0)
+    _z_axis(ax, reach)
     ax.set_xlabel("(effect − threshold) / standard error, paper's direction to the right (95% interval)")
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncols=min(4, len(names)), frameon=False)
     return fig
