@@ -556,6 +556,9 @@ def links(rd: RunData, difficulty: bool) -> list[tuple[str, str]]:
         path = rundir.router_tokens(rd.run, r["name"])
         if path is not None:
             out.append((f"router {r['name']}: per-token", "../" + path.relative_to(rd.run).as_posix()))
+    for sub in rundir.seed_dirs(rd.run) + rundir.scale_dirs(rd.run):  # the other seeds' and sizes' own pages
+        if rundir.report_html(sub).is_file():
+            out.append((f"{sub.name}: report", "../" + rundir.report_html(sub).relative_to(rd.run).as_posix()))
     return out
 
 
