@@ -118,7 +118,7 @@ def render_page(title: str, intro: list[str], summary: Table | None, sections: l
                 captions: dict[str, str], links: list[tuple[str, str]], banner: str | None = None) -> str:
     """The whole page. ``intro``: paragraphs of plain text; ``links``: (label, relative path) of the data files."""
     e = html.escape
-    sections = [s for s in sections if s.tables or s.figures or s.html]
+    sections = [s for s in sections if s.tables or s.html or any(name in pngs for name in s.figures)]
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
              '<meta name="viewport" content="width=device-width, initial-scale=1">',
              f"<title>{e(title)}</title><style>{CSS}</style></head><body>", f"<h1>{e(title)}</h1>"]
