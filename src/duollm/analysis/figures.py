@@ -262,7 +262,7 @@ def fig_router_training(rd: RunData) -> Figure | None:
     rounds = []
     for r in rd.routers:
         folder = rundir.router_dir(rd.run, r["name"])
-        path = folder / "metrics.jsonl"
+        path = rundir.metrics_path(folder)  # the training loop's, in the router's folder
         pts = [(x["step"], x["train/loss"]) for x in read_json_lines(path) if "train/loss" in x] if path.is_file() else []
         if pts:
             curves.setdefault(str(r.get("method")), []).append((r["name"], pts))

@@ -545,10 +545,10 @@ def smoke_banner(res: dict) -> str | None:
 
 def links(rd: RunData, difficulty: bool) -> list[tuple[str, str]]:
     """The data files the page links to, relative to ``RUN/report/``."""
-    out = [("results.json", rundir.REPORT_RESULTS), ("report.md", rundir.REPORT_MD),
-           ("figures/", rundir.REPORT_FIGURES + "/")]
+    out = [(rundir.REPORT_RESULTS, rundir.REPORT_RESULTS), (rundir.REPORT_MD, rundir.REPORT_MD),
+           (rundir.REPORT_FIGURES + "/", rundir.REPORT_FIGURES + "/")]
     if difficulty:
-        out.append(("difficulty.parquet", "difficulty.parquet"))
+        out.append((rundir.DIFFICULTY_TABLE, rundir.DIFFICULTY_TABLE))
     for o in rd.oracles:
         if (o.folder / rundir.PER_TOKEN).is_file():
             out.append((f"oracle {o.name}: per_token.parquet", f"../{rundir.ORACLE}/{o.name}/{rundir.PER_TOKEN}"))
