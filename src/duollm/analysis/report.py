@@ -51,8 +51,13 @@ FIGURE_CAPTIONS = {
                     "the oracle at a small, middle and large budget; last panel: share skipped in the skip study.",
     "router_usage": "The same for each trained router, under the oracle at the router's budget (a router that may "
                     "skip: its share skipped too).",
-    "router_routes": "Every layer's route (skip, small, big) for every token of the first evaluation sequence, per "
-                     "router.",
+    "router_routes": "Every layer's route (skip, small, big) for the first 48 tokens of the first evaluation sequence, "
+                     "per router, under the tokens' text (paper fig. 7).",
+    "router_training": "How each router trained: its training loss by step, one panel per method (the methods' losses "
+                       "have their own units), and the DAgger routers' held-out language-model loss by round (start: "
+                       "the fixed pattern they begin from; the best round is kept).",
+    "stage1": "Stage 1 (paper Fig. 8): perplexity, top-1 and multiple-choice accuracy against compute for Duo and the "
+              "dense models, with 95% intervals; the Fig. 8c bars.",
     "position_budgets": "Budgets that fall or rise along the sequence vs a constant one with the same mean, per "
                         "context and for the sequential oracle; bars: 95% intervals; dots: the per-token prediction "
                         "Σ w_k·oracle@k (under shared/frozen the measured value is that prediction).",
