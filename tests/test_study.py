@@ -400,7 +400,7 @@ def chromium_page(viewport=(1400, 900)):
 
 
 def open_page(p, exe, viewport, path: Path):
-    browser = p.chromium.launch(executable_path=exe, args=["--no-sandbox"])
+    browser = p.chromium.launch(executable_path=exe, args=["--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"])
     page = browser.new_page(viewport={"width": viewport[0], "height": viewport[1]})
     errors = []
     page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
