@@ -173,22 +173,27 @@ def study_router_tokens(run: Path, name: str) -> Path:
     return study_router_eval(run, name).with_suffix(".parquet")
 
 
-def router_tokens(run: Path, name: str) -> Path | None:
-    """The per-token table of the evaluation ``router_eval`` reads (None for a router evaluated before they
-    were kept)."""
+def _router_evaluation(run: Path, name: str) -> tuple[Path, Path] | None:
+    """``(evaluation JSON, its per-token table)`` of router ``name``: the study's (on the oracle's tokens) when
+    present, else ``eval.json``; None for a router not evaluated."""
     for evaluation, tokens in ((study_router_eval(run, name), study_router_tokens(run, name)),
                                (router_dir(run, name) / ROUTER_EVAL, router_dir(run, name) / ROUTER_TOKENS)):
         if evaluation.is_file():
-            return tokens if tokens.is_file() else None
+            return evaluation, tokens
     return None
+
+
+def router_tokens(run: Path, name: str) -> Path | None:
+    """The per-token table of the evaluation ``router_eval`` reads (None for a router evaluated before they
+    were kept)."""
+    found = _router_evaluation(run, name)
+    return found[1] if found and found[1].is_file() else None
 
 
 def router_eval(run: Path, name: str) -> dict | None:
     """A router's evaluation: the study's (on the oracle's tokens) when present, else ``eval.json``."""
-    for path in (study_router_eval(run, name), router_dir(run, name) / ROUTER_EVAL):
-        if path.is_file():
-            return read_json(path)
-    return None
+    found = _router_evaluation(run, name)
+    return read_json(found[0]) if found else None
 
 
 # ----------------------------------------------------------------------------- study and report

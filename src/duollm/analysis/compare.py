@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .. import rundir
 from ..io import atomic_write_text, read_json
-from .gap import decomposition
+from .gap import POLICIES, decomposition
 from .rundata import RunData, inventory
 
 
@@ -37,9 +37,8 @@ def rows_of(run: Path) -> list[dict]:
     out, rd = [], RunData(run)
     for b in decomposition(rd):
         base = {"run": str(run), "k": b["k"], "tokens": b["tokens"], "oracle_ppl": b["oracle_ppl"], "fixed_ppl": b["fixed_ppl"]}
-        for name, entry in (("count-matched null", b["count_null"]), ("confidence oracle", b["confidence"]),
-                            ("belief oracle", b["belief"]), ("previous-token oracle", b["previous_token"]),
-                            ("sequential oracle", b["sequential"])):
+        for key, name, _ in POLICIES:  # the decomposition's label-free oracles and the count null
+            entry = b[key]
             if entry:
                 out.append({**base, "method": name, "ppl": entry["ppl"], "big_fraction": b["k"] / rd.n_layers,
                             "recovered": entry["recovered"], "recovered_matched": entry["recovered"]})
@@ -66,23 +65,35 @@ def _table(header: list[str], body: list[list[str]]) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, body)])
 
 
-def format_table(runs: list[dict], rows: list[dict]) -> str:
-    def num(x, nd=3):
-        return "—" if x is None else f"{x:.{nd}f}"
+def _num(x, nd: int = 3) -> str:
+    return "—" if x is None else f"{x:.{nd}f}"
 
-    def counts(v):
-        return "—" if not v else " / ".join(f"{v.get(k, 0)}" for k in ("reproduced", "contradicted", "inconclusive"))
 
-    top = _table(["run", "steps", "val loss all-big", "all-small", "tokens", "k", "oracle@k", "fixed@k (out of sample)",
-                  "reproduced / contradicted / inconclusive"],
-                 [[Path(r["run"]).name, str(r["steps"]), num(r["val_all_big"]), num(r["val_all_small"]), str(r["tokens"]),
-                   str(r["k"]), num(r["oracle_ppl"], 2), num(r["fixed_ppl"], 2), counts(r["verdicts"])] for r in runs])
-    header = ["run", "k", "method", "ppl", "big", "recovered at k [95%]", "at its compute [95%]", "oracle",
-              "fixed (out of sample)"]
-    body = [[Path(r["run"]).name, str(r["k"]), r["method"], f"{r['ppl']:.2f}", f"{r['big_fraction']:.3f}",
+def _counts(v: dict | None) -> str:
+    return "—" if not v else " / ".join(f"{v.get(k, 0)}" for k in ("reproduced", "contradicted", "inconclusive"))
+
+
+RUN_HEADER = ["run", "steps", "val loss all-big", "all-small", "tokens", "k", "oracle@k", "fixed@k (out of sample)",
+              "reproduced / contradicted / inconclusive"]
+SHARE_HEADER = ["run", "k", "method", "ppl", "big", "recovered at k [95%]", "at its compute [95%]", "oracle",
+                "fixed (out of sample)"]
+
+
+def run_cells(runs: list[dict]) -> list[list[str]]:
+    """The run table's cells (terminal and page alike)."""
+    return [[Path(r["run"]).name, str(r["steps"]), _num(r["val_all_big"]), _num(r["val_all_small"]), str(r["tokens"]),
+             str(r["k"]), _num(r["oracle_ppl"], 2), _num(r["fixed_ppl"], 2), _counts(r["verdicts"])] for r in runs]
+
+
+def share_cells(rows: list[dict]) -> list[list[str]]:
+    """The shares table's cells (terminal and page alike)."""
+    return [[Path(r["run"]).name, str(r["k"]), r["method"], f"{r['ppl']:.2f}", f"{r['big_fraction']:.3f}",
              _share(r["recovered"]), _share(r["recovered_matched"]), f"{r['oracle_ppl']:.2f}", f"{r['fixed_ppl']:.2f}"]
             for r in rows]
-    return top + "\n\n" + _table(header, body)
+
+
+def format_table(runs: list[dict], rows: list[dict]) -> str:
+    return _table(RUN_HEADER, run_cells(runs)) + "\n\n" + _table(SHARE_HEADER, share_cells(rows))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -150,19 +161,7 @@ def html_page(run_dirs: list[Path], runs: list[dict], rows: list[dict]) -> str:
             f = by[n].get(key)
             cells += [_effect_cell(f), (f or {}).get("verdict") or "not tested"]
         finding_rows.append(cells)
-
-    def counts(v):
-        return "—" if not v else " / ".join(f"{v.get(k, 0)}" for k in ("reproduced", "contradicted", "inconclusive"))
-
-    num = lambda x, nd=3: "—" if x is None else f"{x:.{nd}f}"
-    summary = Table("The runs: headline numbers at k = L/2 and their verdict counts",
-                    ["run", "steps", "val loss all-big", "all-small", "tokens", "k", "oracle@k", "fixed@k (out of sample)",
-                     "reproduced / contradicted / inconclusive"],
-                    [[n, str(r["steps"]), num(r["val_all_big"]), num(r["val_all_small"]), str(r["tokens"]), str(r["k"]),
-                      num(r["oracle_ppl"], 2), num(r["fixed_ppl"], 2), counts(r["verdicts"])] for n, r in zip(names, runs)])
-    share_rows = [[Path(r["run"]).name, str(r["k"]), r["method"], f"{r['ppl']:.2f}", f"{r['big_fraction']:.3f}",
-                   _share(r["recovered"]), _share(r["recovered_matched"]), f"{r['oracle_ppl']:.2f}", f"{r['fixed_ppl']:.2f}"]
-                  for r in rows]
+    summary = Table("The runs: headline numbers at k = L/2 and their verdict counts", RUN_HEADER, run_cells(runs))
     pngs = {}
     fig = fig_compare_findings(names, [findings[n] for n in names])
     if fig is not None:
@@ -181,9 +180,7 @@ def html_page(run_dirs: list[Path], runs: list[dict], rows: list[dict]) -> str:
                     x for n in names for x in (f"{n}: effect [95%]", f"{n}: verdict")], finding_rows)]),
         Section("shares", "Routers and label-free oracles per run", "The share of the oracle's gain each policy "
                 "recovers, at its budget k and at the compute it realised.", ["shares"],
-                [Table("Shares of the oracle's gain over the out-of-sample fixed@k",
-                       ["run", "k", "method", "ppl", "big", "recovered at k [95%]", "at its compute [95%]", "oracle",
-                        "fixed (out of sample)"], share_rows)]),
+                [Table("Shares of the oracle's gain over the out-of-sample fixed@k", SHARE_HEADER, share_cells(rows))]),
     ]
     return render_page(f"duollm compare: {', '.join(names)}", [f"{len(names)} runs side by side: " + ", ".join(
         str(r) for r in run_dirs) + "."], summary, sections, pngs, captions, [])

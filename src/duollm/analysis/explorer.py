@@ -17,11 +17,11 @@ import numpy as np
 
 from .. import rundir
 from ..io import read_table
-from .difficulty import reference_k, token_table
+from .difficulty import context_text, reference_k, token_table
 from .page import json_script
 from .rundata import RunData
 
-CONTEXT_TOKENS = 6  # tokens of context shown before each token in the explorer's table
+CONTEXT_TOKENS = 6  # input tokens shown with each token in the explorer's table (``difficulty.context_text``)
 
 
 def _round(x_N: np.ndarray) -> list:
@@ -37,12 +37,8 @@ def explorer_data(rd: RunData) -> dict | None:
     cols = table.column_names
     seq_N, pos_N = tab["sequence_N"], tab["position_N"]
     text_N = rd.token_text(tab["target_N"])
-    input_N = rd.token_text(tab["token_N"])
+    context_N = [context_text(rd, tab, i, CONTEXT_TOKENS) for i in range(len(seq_N))]  # "...inputs [target]"
     row_of = {(int(s), int(p)): i for i, (s, p) in enumerate(zip(seq_N, pos_N))}
-    context_N = []
-    for i, (s, p) in enumerate(zip(seq_N, pos_N)):  # the inputs up to the token: its context as the model read it
-        rows = [row_of.get((int(s), int(p) - j)) for j in range(CONTEXT_TOKENS - 1, -1, -1)]
-        context_N.append("".join(input_N[r] for r in rows if r is not None))
     losses = {"all-small": tab["loss_small_N"], "all-big": tab["loss_big_N"]}
     k_ref = reference_k(tab["ks"], rd.n_layers)
     router_ks = sorted({int((r.get("oracle") or {}).get("k")) for r in rd.routers if (r.get("oracle") or {}).get("k")
@@ -119,7 +115,7 @@ var head=['sequence','position','context [token]',oname+' pattern',(r||'router')
 var t=$('tx-table');t.tHead.innerHTML='';t.tBodies[0].innerHTML='';var hr=t.tHead.insertRow();
 head.forEach(function(h){var th=document.createElement('th');th.textContent=h;hr.appendChild(th);});
 idx.slice(0,500).forEach(function(i){var tr=t.tBodies[0].insertRow();
-var cells=[D.sequence[i],D.position[i],D.context[i].replace(/\n/g,'\u21b5')+' ['+D.text[i].replace(/\n/g,'\u21b5')+']',
+var cells=[D.sequence[i],D.position[i],D.context[i].replace(/\n/g,'\u21b5'),
 pat(oname,i),r?pat(r,i):''].concat(cols.map(function(c){var x=col(c)[i];return x===null?'—':x.toFixed(3);}));
 cells.forEach(function(x,j){var td=tr.insertCell();td.textContent=x;td.className=j===3||j===4?'pat':j===2?'':'num';});
 tr.title=hover(i);});

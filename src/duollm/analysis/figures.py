@@ -494,12 +494,31 @@ def fig_skip_vs_early_exit(rd: RunData) -> Figure | None:
 
 # ----------------------------------------------------------------------------- all of them
 
+def _z_axis(ax, reach: float) -> None:
+    """The standardised effect axis: linear where verdicts are decided (|z| ~ 2), compressed beyond ±4 (symmetric
+    log), with a margin so no point sits on the frame, and ticks that never crowd at zero."""
+    ax.set_xscale("symlog", linthresh=4.0)
+    ax.set_xlim(-1.6 * reach, 1.6 * reach)
+    ticks = [t for t in (-1000, -100, -10, -4, -2, 0, 2, 4, 10, 100, 1000) if abs(t) <= 1.6 * reach]
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+
+
+def _z(f: dict) -> tuple[float, float, float] | None:
+    """A finding's (lo, value, hi) as (effect - threshold) / se in the paper's direction; None without an interval."""
+    e, t = f.get("effect") or {}, f.get("threshold") or {}
+    if not e.get("se") or e.get("lo") is None or not t:
+        return None
+    d, thr = e.get("direction", t.get("direction")), e.get("threshold", t.get("threshold"))
+    z = sorted(d * (x - thr) / e["se"] for x in (e["lo"], e["hi"]))
+    return z[0], d * (e["value"] - thr) / e["se"], z[1]
+
+
 def fig_findings(findings: list[dict]) -> Figure | None:
     """Every tested finding's effect minus its registry threshold in units of its own standard error, with
     its 95% t-interval (the effects have different units; standardised, every interval is visible on one
     axis); right of zero is the paper's direction. The effect in its own units is written at the right."""
-    rows = [f for f in findings if f.get("effect") and f["effect"].get("se") and f["effect"].get("lo") is not None
-            and f.get("threshold")]
+    rows = [f for f in findings if _z(f) is not None]
     if not rows:
         return None
     fig = new_figure(8.5, 0.34 * len(rows) + 1.1)
@@ -508,14 +527,13 @@ def fig_findings(findings: list[dict]) -> Figure | None:
     reach = 2.0
     for i, f in enumerate(rows):
         e = f["effect"]
-        d, thr, se = e.get("direction", f["threshold"]["direction"]), e.get("threshold", f["threshold"]["threshold"]), e["se"]
-        z = [d * (x - thr) / se for x in (e["lo"], e["value"], e["hi"])]
-        lo, hi = min(z[0], z[2]), max(z[0], z[2])
+        thr = e.get("threshold", f["threshold"]["threshold"])
+        lo, z, hi = _z(f)
         reach = max(reach, abs(lo), abs(hi))
         y = len(rows) - 1 - i
         c = colour.get(f["verdict"], "0.5")
         ax.plot([lo, hi], [y, y], color=c, lw=3, solid_capstyle="butt")
-        ax.plot([z[1]], [y], "o", color=c, markersize=4)
+        ax.plot([z], [y], "o", color=c, markersize=4)
         ax.text(1.01, y, f"{f['verdict']}: {e['value']:+.3g} [{e['lo']:+.3g}, {e['hi']:+.3g}], threshold {thr:g}",
                 va="center", fontsize=6.5, transform=ax.get_yaxis_transform())
     ax.axvline(0, color="k", lw=0.6)
@@ -528,26 +546,6 @@ def fig_findings(findings: list[dict]) -> Figure | None:
                   "symmetric log beyond ±4)")
     ax.set_title("Findings against their registry thresholds")
     return fig
-
-
-def _z_axis(ax, reach: float) -> None:
-    """The standardised effect axis: linear where verdicts are decided (|z| ~ 2), compressed beyond ±4 (symmetric
-    log), with a margin so no point sits on the frame, and ticks that never crowd at zero."""
-    ax.set_xscale("symlog", linthresh=4.0)
-    ax.set_xlim(-1.6 * reach, 1.6 * reach)
-    ticks = [t for t in (-1000, -100, -10, -4, -2, 0, 2, 4, 10, 100, 1000) if abs(t) <= 1.6 * reach]
-    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
-    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-
-
-def _z(f: dict) -> tuple[float, float, float] | None:
-    """A finding's (lo, value, hi) as (effect - threshold) / se in the paper's direction (``fig_findings``)."""
-    e, t = f.get("effect") or {}, f.get("threshold") or {}
-    if not e.get("se") or e.get("lo") is None or not t:
-        return None
-    d, thr = e.get("direction", t.get("direction")), e.get("threshold", t.get("threshold"))
-    z = sorted(d * (x - thr) / e["se"] for x in (e["lo"], e["hi"]))
-    return z[0], d * (e["value"] - thr) / e["se"], z[1]
 
 
 def fig_compare_findings(names: list[str], findings: list[list[dict]]) -> Figure | None:

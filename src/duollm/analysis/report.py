@@ -349,12 +349,12 @@ def sections(res: dict, tokens_html: str = "", explorer: str = "") -> list[Secti
     out.append(Section("training", "Model and training", "The model every later stage freezes, trained with random "
                        "routing (paper section 3.1) so that every pattern of big and small FFNs is a working network.",
                        ["training"], [Table("Setup and final training metrics", ["", ""], setup)]))
-    budget_tables = []
+    budget_tables, counts = [], _equal_counts(res)
     for o in res["oracle"]:
         ctx = o["context"]
         rows = [[str(b["k"]), _fmt(b["candidates"]), _ci(b, "oracle_ppl"), _ci(b, "fixed_oos_ppl"), _ci(b, "fixed_ppl"),
                  _diff(b.get("oracle_minus_fixed")), b["fixed_pattern"] or "—", _ci(b, "count_null_ppl"),
-                 *[_fmt((b.get("equal_count_ppl") or {}).get(str(c))) for c in _equal_counts(res)],
+                 *[_fmt((b.get("equal_count_ppl") or {}).get(str(c))) for c in counts],
                  _ci(b, "best_of_100_oos_ppl"), _ci(b, "best_of_100_ppl"), _fmt(b["best_of_100_per_token_ppl"]),
                  _ci(b, "random_mean_ppl"), _fmt(b["oracle_compute"], 3)] for b in o["budgets"]]
         ref = f", context tokens {o['reference']}" if o["reference"] else ""
@@ -364,7 +364,7 @@ def sections(res: dict, tokens_html: str = "", explorer: str = "") -> list[Secti
             f"(compute {_fmt(o['all_small_compute'], 3)}), {_fmt(o['tokens'])} tokens",
             ["k", "candidates", "oracle [95%]", "fixed, out of sample [95%]", "fixed, in sample (optimistic) [95%]",
              "oracle − fixed in sample [paired 95%]", "fixed pattern (in sample)", "count-matched null [95%]",
-             *[f"oracle at equal count {c}" for c in _equal_counts(res)], "best of 100, out of sample [95%]",
+             *[f"oracle at equal count {c}" for c in counts], "best of 100, out of sample [95%]",
              "best of 100, in sample [95%]", "best of 100 per token", "random [95%]", "compute"], rows))
     out.append(Section("budget", "Perplexity against budget", _budget_reading(res), ["ppl_vs_budget"], budget_tables))
     usage = res.get("oracle_usage_by_layer") or {}
